@@ -1,0 +1,62 @@
+//! The REST API (axum): the only layer that knows HTTP.
+
+pub mod error;
+mod routes;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Extension, Router};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::trace::TraceLayer;
+
+use crate::app::Context;
+use error::{ApiError, BodyLimit};
+
+/// Every route, with its state.
+pub fn router(ctx: Context) -> Router {
+    let limit = ctx.settings.server.body_limit_bytes;
+    Router::new()
+        .route("/health", get(routes::health::health))
+        .route("/ready", get(routes::health::ready))
+        .route("/v1/events", post(routes::events::post_event))
+        .route(
+            "/v1/notifications/{id}",
+            get(routes::notifications::get_notification),
+        )
+        .route("/v1/deliveries", get(routes::notifications::list_deliveries))
+        .route(
+            "/v1/deliveries/{id}",
+            get(routes::notifications::get_delivery),
+        )
+        .route(
+            "/v1/users/{id}",
+            get(routes::users::get_user)
+                .put(routes::users::put_user)
+                .delete(routes::users::delete_user),
+        )
+        .route(
+            "/v1/groups/{id}",
+            get(routes::groups::get_group)
+                .put(routes::groups::put_group)
+                .delete(routes::groups::delete_group),
+        )
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+        })
+        // Bodies are read (and bounded) by our extractors so every refusal has our shape.
+        .layer(DefaultBodyLimit::disable())
+        .layer(Extension(BodyLimit(limit)))
+        .layer(TraceLayer::new_for_http())
+        .with_state(ctx)
+}
+
+/// Serves the API on an already-bound listener until `cancel`, then drains requests.
+pub async fn serve(ctx: Context, listener: TcpListener, cancel: CancellationToken) -> anyhow::Result<()> {
+    tracing::info!(addr = %listener.local_addr()?, "API listening");
+    axum::serve(listener, router(ctx))
+        .with_graceful_shutdown(async move { cancel.cancelled().await })
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,93 @@
+//! `PUT/GET/DELETE /v1/groups/{group_id}`: named audiences.
+
+use std::collections::BTreeSet;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::rfc3339;
+use crate::api::error::{ApiError, JsonBody};
+use crate::app::Context;
+use crate::domain::{FieldError, GroupId, UserId};
+use crate::store::GroupDoc;
+
+/// Members shown by `GET`; the full membership is streamed only for fan-out.
+const SHOWN_MEMBERS: i64 = 1000;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupBody {
+    name: String,
+    user_ids: Vec<String>,
+}
+
+fn group_json(g: &GroupDoc, members: Vec<String>) -> Value {
+    json!({
+        "group_id": g.id,
+        "name": g.name,
+        "member_count": g.member_count,
+        "user_ids": members,
+        "created_at": rfc3339(g.created_at),
+        "updated_at": rfc3339(g.updated_at),
+    })
+}
+
+pub async fn put_group(
+    State(ctx): State<Context>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<GroupBody>,
+) -> Result<Response, ApiError> {
+    let mut errors = Vec::new();
+    if let Err(e) = GroupId::parse(&id) {
+        errors.push(FieldError::new("group_id", e));
+    }
+    if body.name.trim().is_empty() || body.name.chars().count() > 200 {
+        errors.push(FieldError::new("name", "must be 1-200 characters"));
+    }
+    let mut members = BTreeSet::new();
+    for u in &body.user_ids {
+        match UserId::parse(u) {
+            Ok(u) => {
+                members.insert(u.to_string());
+            }
+            Err(e) => errors.push(FieldError::new("user_ids", e)),
+        }
+    }
+    if !errors.is_empty() {
+        errors.truncate(20);
+        return Err(ApiError::validation(errors));
+    }
+    let members: Vec<String> = members.into_iter().collect();
+    let (group, created) = ctx.store.put_group(&id, body.name.trim(), &members).await?;
+    let shown = members.into_iter().take(SHOWN_MEMBERS as usize).collect();
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(group_json(&group, shown))).into_response())
+}
+
+pub async fn get_group(
+    State(ctx): State<Context>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let g = ctx
+        .store
+        .get_group(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("group", &id))?;
+    let members = ctx.store.group_member_ids(&id, SHOWN_MEMBERS).await?;
+    Ok(Json(group_json(&g, members)))
+}
+
+pub async fn delete_group(
+    State(ctx): State<Context>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if ctx.store.delete_group(&id).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found("group", &id))
+    }
+}

@@ -1,0 +1,72 @@
+//! The shared context every role runs with, built once from settings.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::sync::Notify;
+
+use crate::channels::Channels;
+use crate::config::Settings;
+use crate::domain::event::EventLimits;
+use crate::queue::Broker;
+use crate::store::Store;
+use crate::templates::Templates;
+
+/// Clients and shared state, built once at start and cloned cheaply (everything is behind `Arc`).
+#[derive(Clone)]
+pub struct Context {
+    pub settings: Arc<Settings>,
+    pub store: Store,
+    pub broker: Arc<Broker>,
+    pub templates: Arc<Templates>,
+    pub channels: Channels,
+    /// Wakes this process's outbox relay right after an accept commits.
+    pub outbox_wake: Arc<Notify>,
+    /// Names this process in delivery claims (host:pid:random).
+    pub instance: String,
+}
+
+impl Context {
+    /// Builds every client. Neither MongoDB nor RabbitMQ needs to be up yet: both
+    /// connect lazily, so an API can accept events while RabbitMQ is down.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let store = Store::connect(&settings.mongodb).await?;
+        let broker = Arc::new(Broker::new(&settings.amqp));
+        let templates = Templates::load(&settings.templates.dir)
+            .with_context(|| format!("loading templates from {}", settings.templates.dir.display()))?;
+        let channels = Channels::from_settings(&settings)?;
+        let instance = format!(
+            "{}:{}:{}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "local".to_owned()),
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        Ok(Self {
+            settings: Arc::new(settings),
+            store,
+            broker,
+            templates: Arc::new(templates),
+            channels,
+            outbox_wake: Arc::new(Notify::new()),
+            instance,
+        })
+    }
+
+    pub fn event_limits(&self) -> EventLimits {
+        EventLimits {
+            max_payload_bytes: self.settings.events.max_payload_bytes,
+            max_inline_recipients: self.settings.events.max_inline_recipients,
+        }
+    }
+
+    /// Creates indexes when configured to; waits for MongoDB rather than failing at once.
+    pub async fn prepare_store(&self) -> anyhow::Result<()> {
+        if self.settings.mongodb.auto_migrate {
+            self.store
+                .migrate()
+                .await
+                .context("creating collections and indexes")?;
+        }
+        Ok(())
+    }
+}

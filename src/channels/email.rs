@@ -1,0 +1,156 @@
+//! Email through lettre: a pooled SMTP transport, or one `.eml` file per message.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use lettre::message::{header::ContentType, Mailbox, MultiPart, SinglePart};
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::{Tls, TlsParameters};
+use lettre::transport::smtp::PoolConfig;
+use lettre::{AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use mongodb::bson::doc;
+
+use super::{DeliveryError, Destination, OutboundMessage, Provider, Receipt};
+use crate::config::{EmailSettings, EmailTransportKind, SmtpSecurity};
+use crate::templates::Rendered;
+
+pub fn build(settings: &EmailSettings) -> anyhow::Result<Arc<dyn Provider>> {
+    let from: Mailbox = settings.from.parse().context("email.from")?;
+    Ok(match settings.transport {
+        EmailTransportKind::File => {
+            std::fs::create_dir_all(&settings.file_dir).with_context(|| {
+                format!("creating email.file_dir {}", settings.file_dir.display())
+            })?;
+            Arc::new(FileEmail {
+                from,
+                dir: settings.file_dir.display().to_string(),
+                transport: AsyncFileTransport::new(&settings.file_dir),
+            })
+        }
+        EmailTransportKind::Smtp => {
+            let s = &settings.smtp;
+            let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&s.host)
+                .port(s.port)
+                .timeout(Some(Duration::from_secs(s.timeout_secs)))
+                .pool_config(PoolConfig::new().max_size(s.pool_max_size));
+            let tls = || TlsParameters::new(s.host.clone()).context("email.smtp.host: TLS setup");
+            builder = match s.security {
+                SmtpSecurity::None => builder.tls(Tls::None),
+                SmtpSecurity::Starttls => builder.tls(Tls::Required(tls()?)),
+                SmtpSecurity::Tls => builder.tls(Tls::Wrapper(tls()?)),
+            };
+            if !s.username.is_empty() {
+                builder = builder.credentials(Credentials::new(
+                    s.username.clone(),
+                    s.password.expose().to_owned(),
+                ));
+            }
+            Arc::new(SmtpEmail {
+                from,
+                transport: builder.build(),
+            })
+        }
+    })
+}
+
+/// Builds the MIME message: multipart/alternative when there are both text and HTML.
+fn compose(from: &Mailbox, message: &OutboundMessage, provider: &str) -> Result<Message, DeliveryError> {
+    let permanent = |m: String| DeliveryError::Permanent {
+        provider: provider.to_owned(),
+        message: m,
+    };
+    let Destination::Email { address, name } = &message.destination else {
+        return Err(permanent("email provider given a non-email destination".into()));
+    };
+    let Rendered::Email { subject, html, text } = &message.content else {
+        return Err(permanent("email provider given a non-email message".into()));
+    };
+    let to = Mailbox::new(
+        name.clone(),
+        address
+            .parse()
+            .map_err(|e| permanent(format!("invalid recipient address: {e}")))?,
+    );
+    let builder = Message::builder()
+        .from(from.clone())
+        .to(to)
+        .subject(subject.as_str());
+    let built = match (text, html) {
+        (Some(t), Some(h)) => builder.multipart(MultiPart::alternative_plain_html(t.clone(), h.clone())),
+        (Some(t), None) => builder.singlepart(SinglePart::plain(t.clone())),
+        (None, Some(h)) => builder.singlepart(
+            SinglePart::builder()
+                .header(ContentType::TEXT_HTML)
+                .body(h.clone()),
+        ),
+        (None, None) => return Err(permanent("email without a body".into())),
+    };
+    built.map_err(|e| permanent(format!("building the message: {e}")))
+}
+
+/// Pooled SMTP.
+pub struct SmtpEmail {
+    from: Mailbox,
+    transport: AsyncSmtpTransport<Tokio1Executor>,
+}
+
+#[async_trait]
+impl Provider for SmtpEmail {
+    fn name(&self) -> &str {
+        "smtp"
+    }
+
+    async fn send(&self, message: &OutboundMessage) -> Result<Receipt, DeliveryError> {
+        let email = compose(&self.from, message, self.name())?;
+        match self.transport.send(email).await {
+            Ok(response) => Ok(Receipt {
+                provider: self.name().to_owned(),
+                response: doc! {
+                    "smtp_code": response.code().to_string(),
+                    "smtp_message": response.message().collect::<Vec<_>>().join(" "),
+                },
+            }),
+            // 5xx replies will fail again; everything else (4xx, timeouts, I/O) may not.
+            Err(e) if e.is_permanent() => Err(DeliveryError::Permanent {
+                provider: self.name().to_owned(),
+                message: e.to_string(),
+            }),
+            Err(e) => Err(DeliveryError::Transient {
+                provider: self.name().to_owned(),
+                message: e.to_string(),
+            }),
+        }
+    }
+}
+
+/// One `.eml` file per message (the embedded default: look in `var/outbox/email`).
+pub struct FileEmail {
+    from: Mailbox,
+    dir: String,
+    transport: AsyncFileTransport<Tokio1Executor>,
+}
+
+#[async_trait]
+impl Provider for FileEmail {
+    fn name(&self) -> &str {
+        "file"
+    }
+
+    async fn send(&self, message: &OutboundMessage) -> Result<Receipt, DeliveryError> {
+        let email = compose(&self.from, message, self.name())?;
+        let id = self
+            .transport
+            .send(email)
+            .await
+            .map_err(|e| DeliveryError::Transient {
+                provider: self.name().to_owned(),
+                message: e.to_string(),
+            })?;
+        Ok(Receipt {
+            provider: self.name().to_owned(),
+            response: doc! {"file": format!("{}/{id}.eml", self.dir)},
+        })
+    }
+}

@@ -1,0 +1,329 @@
+//! Typed settings: embedded `config/default.toml` -> `config/<env>.toml` -> `HERALD__*` env.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use serde::Deserialize;
+
+/// The defaults every binary carries, so `herald` runs from any directory.
+const DEFAULTS: &str = include_str!("../config/default.toml");
+
+/// A value that never appears in logs or `Debug` output (passwords, URIs with credentials).
+#[derive(Clone, Deserialize, Default)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The real value; call only where it is handed to a client library.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub environment: String,
+    pub server: ServerSettings,
+    pub log: LogSettings,
+    pub mongodb: MongoSettings,
+    pub amqp: AmqpSettings,
+    pub events: EventSettings,
+    pub outbox: OutboxSettings,
+    pub worker: WorkerSettings,
+    pub templates: TemplateSettings,
+    pub email: EmailSettings,
+    pub sms: RecordChannelSettings,
+    pub push: RecordChannelSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    pub bind: SocketAddr,
+    pub body_limit_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MongoSettings {
+    pub uri: Secret,
+    pub database: String,
+    pub auto_migrate: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpSettings {
+    pub url: Secret,
+    pub prefix: String,
+    pub reconnect_max_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventSettings {
+    pub max_payload_bytes: usize,
+    pub max_inline_recipients: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxSettings {
+    pub poll_interval_ms: u64,
+    pub batch_size: i64,
+    pub lease_secs: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSettings {
+    pub high_concurrency: u16,
+    pub normal_concurrency: u16,
+    pub low_concurrency: u16,
+    pub claim_timeout_secs: i64,
+    pub commit_batch_max: usize,
+    pub fanout_batch_size: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateSettings {
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum EmailTransportKind {
+    File,
+    Smtp,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailSettings {
+    pub transport: EmailTransportKind,
+    pub from: String,
+    pub file_dir: PathBuf,
+    pub smtp: SmtpSettings,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SmtpSecurity {
+    None,
+    Starttls,
+    Tls,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmtpSettings {
+    pub host: String,
+    pub port: u16,
+    pub security: SmtpSecurity,
+    pub username: String,
+    pub password: Secret,
+    pub pool_max_size: u32,
+    pub timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordTransportKind {
+    Record,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordChannelSettings {
+    pub transport: RecordTransportKind,
+    pub record_dir: PathBuf,
+}
+
+impl Settings {
+    /// Loads settings from the process environment and `config_dir` (may be absent).
+    pub fn load(config_dir: &Path) -> anyhow::Result<Self> {
+        let vars: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_from(config_dir, &vars)
+    }
+
+    /// Loads settings from an explicit environment, so tests need no global state.
+    pub fn load_from(config_dir: &Path, vars: &[(String, String)]) -> anyhow::Result<Self> {
+        let var = |name: &str| {
+            vars.iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        let env = var("HERALD_ENV").unwrap_or_else(|| "development".to_owned());
+        let env_map: config::Map<String, String> = vars
+            .iter()
+            .filter(|(k, _)| k.starts_with("HERALD__"))
+            .cloned()
+            .collect();
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
+            .add_source(config::File::from(config_dir.join(format!("{env}.toml"))).required(false))
+            .add_source(
+                config::Environment::with_prefix("HERALD")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .source(Some(env_map))
+                    .try_parsing(true),
+            );
+        if let Some(uri) = var("MONGODB_URI").filter(|v| !v.is_empty()) {
+            builder = builder.set_override("mongodb.uri", uri)?;
+        }
+        if let Some(url) = var("AMQP_URL").filter(|v| !v.is_empty()) {
+            builder = builder.set_override("amqp.url", url)?;
+        }
+        let settings: Settings = builder
+            .build()
+            .context("reading configuration")?
+            .try_deserialize()
+            .context("invalid configuration")?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks the rules serde cannot express; each message names its key.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let bad = |key: &str, why: &str| Err(anyhow::anyhow!("invalid configuration: {key}: {why}"));
+        if !self.mongodb.uri.expose().starts_with("mongodb") {
+            return bad("mongodb.uri", "must be a mongodb:// or mongodb+srv:// URI");
+        }
+        if self.mongodb.database.is_empty() || self.mongodb.database.contains(['/', '.', ' ']) {
+            return bad("mongodb.database", "must be a plain database name");
+        }
+        if !self.amqp.url.expose().starts_with("amqp") {
+            return bad("amqp.url", "must be an amqp:// or amqps:// URL");
+        }
+        if self.amqp.prefix.is_empty() {
+            return bad("amqp.prefix", "must not be empty");
+        }
+        for (key, value) in [
+            ("worker.high_concurrency", self.worker.high_concurrency),
+            ("worker.normal_concurrency", self.worker.normal_concurrency),
+            ("worker.low_concurrency", self.worker.low_concurrency),
+        ] {
+            if value == 0 {
+                return bad(key, "must be at least 1");
+            }
+        }
+        if self.worker.commit_batch_max == 0 || self.worker.fanout_batch_size == 0 {
+            return bad("worker.commit_batch_max / worker.fanout_batch_size", "must be at least 1");
+        }
+        if self.outbox.batch_size <= 0 || self.outbox.lease_secs <= 0 {
+            return bad("outbox.batch_size / outbox.lease_secs", "must be positive");
+        }
+        if self
+            .email
+            .from
+            .parse::<lettre::message::Mailbox>()
+            .is_err()
+        {
+            return bad("email.from", "must be a mailbox such as `herald <herald@example.com>`");
+        }
+        if self.events.max_payload_bytes == 0
+            || self.events.max_payload_bytes > self.server.body_limit_bytes
+        {
+            return bad(
+                "events.max_payload_bytes",
+                "must be positive and no larger than server.body_limit_bytes",
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn embedded_defaults_load_without_any_file() {
+        let s = Settings::load_from(Path::new("/nonexistent"), &[]).expect("defaults load");
+        assert_eq!(s.amqp.prefix, "herald");
+        assert_eq!(s.email.transport, EmailTransportKind::File);
+    }
+
+    #[test]
+    fn environment_overrides_nested_keys_and_shortcuts() {
+        let s = Settings::load_from(
+            Path::new("/nonexistent"),
+            &env(&[
+                ("HERALD__WORKER__HIGH_CONCURRENCY", "3"),
+                ("HERALD__EMAIL__SMTP__PASSWORD", "hunter2"),
+                ("MONGODB_URI", "mongodb://user:pw@db:27017/?replicaSet=rs0"),
+            ]),
+        )
+        .expect("loads");
+        assert_eq!(s.worker.high_concurrency, 3);
+        assert_eq!(s.email.smtp.password.expose(), "hunter2");
+        assert!(s.mongodb.uri.expose().contains("rs0"));
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let s = Settings::load_from(
+            Path::new("/nonexistent"),
+            &env(&[
+                ("HERALD__EMAIL__SMTP__PASSWORD", "hunter2"),
+                ("AMQP_URL", "amqp://u:topsecret@mq:5672/%2f"),
+            ]),
+        )
+        .expect("loads");
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("hunter2"));
+        assert!(!shown.contains("topsecret"));
+    }
+
+    #[test]
+    fn a_bad_value_fails_naming_its_key() {
+        let err = Settings::load_from(
+            Path::new("/nonexistent"),
+            &env(&[("HERALD__WORKER__HIGH_CONCURRENCY", "lots")]),
+        )
+        .expect_err("must fail");
+        assert!(format!("{err:#}").contains("high_concurrency"), "{err:#}");
+
+        let err = Settings::load_from(
+            Path::new("/nonexistent"),
+            &env(&[("HERALD__EMAIL__FROM", "not a mailbox")]),
+        )
+        .expect_err("must fail");
+        assert!(format!("{err:#}").contains("email.from"), "{err:#}");
+    }
+}

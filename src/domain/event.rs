@@ -1,0 +1,451 @@
+//! Parsing an incoming event (REST body or AMQP message, both formats) into a trusted `NewEvent`.
+
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::{truncate, Channel, EventType, FieldError, GroupId, Priority, UserId};
+
+/// Who receives a notification: inline user ids and/or a group.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recipients {
+    pub user_ids: Vec<UserId>,
+    pub group_id: Option<GroupId>,
+}
+
+/// The seed format's recurring schedule (`schedule` + `start_dt` + `timezone`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecurringSpec {
+    pub cron: String,
+    pub start_at: Option<DateTime<Utc>>,
+    pub timezone: Option<String>,
+}
+
+/// A validated event, ready to be accepted.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    /// The de-duplication key: `event_id`, else the `Idempotency-Key` header, else generated.
+    pub event_id: Option<String>,
+    pub event_type: EventType,
+    pub priority: Priority,
+    pub recipients: Recipients,
+    /// `None`: every channel the event type has a template for.
+    pub channels: Option<Vec<Channel>>,
+    pub payload: Map<String, Value>,
+    pub send_at: Option<DateTime<Utc>>,
+    pub upstream_created_at: Option<DateTime<Utc>>,
+    pub recurring: Option<RecurringSpec>,
+}
+
+/// Limits applied while parsing.
+#[derive(Debug, Clone, Copy)]
+pub struct EventLimits {
+    pub max_payload_bytes: usize,
+    pub max_inline_recipients: usize,
+}
+
+/// Why an event was refused; each maps to one stable error code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventError {
+    MalformedJson(String),
+    Invalid(Vec<FieldError>),
+    NoRecipients,
+    PayloadTooLarge { size: usize, limit: usize },
+}
+
+impl EventError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            EventError::MalformedJson(_) => "malformed_json",
+            EventError::Invalid(_) => "validation_failed",
+            EventError::NoRecipients => "no_recipients",
+            EventError::PayloadTooLarge { .. } => "payload_too_large",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            EventError::MalformedJson(why) => format!("the body is not valid JSON: {why}"),
+            EventError::Invalid(errors) => match errors.as_slice() {
+                [one] => format!("{}: {}", one.field, one.message),
+                _ => format!("{} fields are invalid", errors.len()),
+            },
+            EventError::NoRecipients => {
+                "the event names no recipients: give recipients.user_ids, recipients.group_id or payload.user".to_owned()
+            }
+            EventError::PayloadTooLarge { size, limit } => {
+                format!("payload is {size} bytes; the limit is {limit} bytes")
+            }
+        }
+    }
+}
+
+/// Both accepted shapes share one struct; every field is checked by hand so a
+/// client hears about every bad field at once, by name.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEvent {
+    event_id: Option<Value>,
+    event_type: Option<Value>,
+    priority: Option<Value>,
+    recipients: Option<Value>,
+    channels: Option<Value>,
+    payload: Option<Value>,
+    send_at: Option<Value>,
+    // The original notification design's fields.
+    created_dt: Option<Value>,
+    schedule: Option<Value>,
+    start_dt: Option<Value>,
+    timezone: Option<Value>,
+}
+
+/// Parses and validates an event body. `idempotency_key` is the REST header, if any.
+pub fn parse_event(
+    body: &[u8],
+    idempotency_key: Option<&str>,
+    limits: EventLimits,
+) -> Result<NewEvent, EventError> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| EventError::MalformedJson(e.to_string()))?;
+    if !value.is_object() {
+        return Err(EventError::Invalid(vec![FieldError::new(
+            "body",
+            "must be a JSON object",
+        )]));
+    }
+    let raw: RawEvent = serde_json::from_value(value).map_err(|e| {
+        EventError::Invalid(vec![FieldError::new("body", e.to_string())])
+    })?;
+    let mut errors = Vec::new();
+
+    let event_id = match (&raw.event_id, idempotency_key) {
+        (Some(Value::String(s)), _) => check_key("event_id", s, &mut errors),
+        (Some(Value::Null) | None, Some(key)) => check_key("Idempotency-Key", key, &mut errors),
+        (Some(Value::Null) | None, None) => None,
+        (Some(_), _) => {
+            errors.push(FieldError::new("event_id", "must be a string"));
+            None
+        }
+    };
+
+    let event_type = match &raw.event_type {
+        Some(Value::String(s)) => EventType::parse(s)
+            .map_err(|e| errors.push(FieldError::new("event_type", e)))
+            .ok(),
+        None | Some(Value::Null) => {
+            errors.push(FieldError::new("event_type", "is required"));
+            None
+        }
+        Some(_) => {
+            errors.push(FieldError::new("event_type", "must be a string"));
+            None
+        }
+    };
+
+    let priority = match &raw.priority {
+        None | Some(Value::Null) => Priority::Normal,
+        Some(v) => Priority::from_json(v).unwrap_or_else(|e| {
+            errors.push(FieldError::new("priority", e));
+            Priority::Normal
+        }),
+    };
+
+    let payload = match raw.payload {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(map)) => map,
+        Some(_) => {
+            errors.push(FieldError::new("payload", "must be a JSON object"));
+            Map::new()
+        }
+    };
+    let payload_size = serde_json::to_vec(&payload).map(|v| v.len()).unwrap_or(0);
+    if payload_size > limits.max_payload_bytes {
+        return Err(EventError::PayloadTooLarge {
+            size: payload_size,
+            limit: limits.max_payload_bytes,
+        });
+    }
+
+    let mut recipients = Recipients::default();
+    match &raw.recipients {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(r)) => {
+            for key in r.keys() {
+                if key != "user_ids" && key != "group_id" {
+                    errors.push(FieldError::new(
+                        format!("recipients.{}", truncate(key, 32)),
+                        "unknown field (user_ids, group_id)",
+                    ));
+                }
+            }
+            if let Some(ids) = r.get("user_ids") {
+                recipients.user_ids = parse_user_ids("recipients.user_ids", ids, &mut errors);
+            }
+            match r.get("group_id") {
+                None | Some(Value::Null) => {}
+                Some(Value::String(g)) => match GroupId::parse(g) {
+                    Ok(g) => recipients.group_id = Some(g),
+                    Err(e) => errors.push(FieldError::new("recipients.group_id", e)),
+                },
+                Some(_) => errors.push(FieldError::new("recipients.group_id", "must be a string")),
+            }
+        }
+        Some(_) => errors.push(FieldError::new("recipients", "must be an object")),
+    }
+    // The seed format names recipients in payload.user.
+    if let Some(users) = payload.get("user") {
+        let ids = parse_user_ids("payload.user", users, &mut errors);
+        recipients.user_ids.extend(ids);
+    }
+    let mut seen = BTreeSet::new();
+    recipients.user_ids.retain(|id| seen.insert(id.clone()));
+    if recipients.user_ids.len() > limits.max_inline_recipients {
+        errors.push(FieldError::new(
+            "recipients.user_ids",
+            format!(
+                "at most {} inline recipients; use a group for more",
+                limits.max_inline_recipients
+            ),
+        ));
+    }
+    if let Some(content) = payload.get("content") {
+        let ok = content
+            .as_array()
+            .is_some_and(|a| a.iter().all(|v| v.is_string() || v.is_number()));
+        if !ok {
+            errors.push(FieldError::new(
+                "payload.content",
+                "must be an array of content ids",
+            ));
+        }
+    }
+
+    let channels = match &raw.channels {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(items)) if items.is_empty() => {
+            errors.push(FieldError::new("channels", "must not be empty when given"));
+            None
+        }
+        Some(Value::Array(items)) => {
+            let mut out: Vec<Channel> = Vec::new();
+            for item in items {
+                match item.as_str().map(str::parse::<Channel>) {
+                    Some(Ok(c)) if !out.contains(&c) => out.push(c),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => errors.push(FieldError::new("channels", e)),
+                    None => errors.push(FieldError::new("channels", "must be an array of strings")),
+                }
+            }
+            Some(out)
+        }
+        Some(_) => {
+            errors.push(FieldError::new("channels", "must be an array of strings"));
+            None
+        }
+    };
+
+    let send_at = parse_time("send_at", raw.send_at.as_ref(), &mut errors);
+    let upstream_created_at = parse_time("created_dt", raw.created_dt.as_ref(), &mut errors);
+    let start_at = parse_time("start_dt", raw.start_dt.as_ref(), &mut errors);
+    let timezone = match &raw.timezone {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => {
+            errors.push(FieldError::new("timezone", "must be a string"));
+            None
+        }
+    };
+    let recurring = match &raw.schedule {
+        None | Some(Value::Null) => None,
+        Some(Value::String(cron)) => Some(RecurringSpec {
+            cron: cron.clone(),
+            start_at,
+            timezone,
+        }),
+        Some(_) => {
+            errors.push(FieldError::new("schedule", "must be a cron expression string"));
+            None
+        }
+    };
+    if recurring.is_some() && send_at.is_some() {
+        errors.push(FieldError::new(
+            "send_at",
+            "give either schedule (recurring) or send_at (one-off), not both",
+        ));
+    }
+
+    if !errors.is_empty() {
+        return Err(EventError::Invalid(errors));
+    }
+    if recipients.user_ids.is_empty() && recipients.group_id.is_none() {
+        return Err(EventError::NoRecipients);
+    }
+    Ok(NewEvent {
+        event_id,
+        // Present whenever `errors` is empty.
+        event_type: event_type.ok_or(EventError::Invalid(vec![]))?,
+        priority,
+        recipients,
+        channels,
+        payload,
+        send_at,
+        upstream_created_at,
+        recurring,
+    })
+}
+
+fn check_key(field: &str, key: &str, errors: &mut Vec<FieldError>) -> Option<String> {
+    if key.is_empty() || key.len() > 200 || key.chars().any(char::is_control) {
+        errors.push(FieldError::new(
+            field,
+            "must be 1-200 printable characters (a UUID is recommended)",
+        ));
+        return None;
+    }
+    Some(key.to_owned())
+}
+
+fn parse_user_ids(field: &str, v: &Value, errors: &mut Vec<FieldError>) -> Vec<UserId> {
+    let Some(items) = v.as_array() else {
+        errors.push(FieldError::new(field, "must be an array of user ids"));
+        return Vec::new();
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        // The seed format's ids may be integers.
+        let text = match item {
+            Value::String(s) => s.clone(),
+            Value::Number(n) if n.is_u64() || n.is_i64() => n.to_string(),
+            _ => {
+                errors.push(FieldError::new(field, "must contain strings"));
+                continue;
+            }
+        };
+        match UserId::parse(&text) {
+            Ok(id) => out.push(id),
+            Err(e) => errors.push(FieldError::new(field, e)),
+        }
+    }
+    out
+}
+
+/// Accepts RFC 3339, and the seed format's `YYYY-MM-DD HH:MM:SS` / `YYYY-MM-DD` (as UTC).
+pub fn parse_time(
+    field: &str,
+    v: Option<&Value>,
+    errors: &mut Vec<FieldError>,
+) -> Option<DateTime<Utc>> {
+    let s = match v {
+        None | Some(Value::Null) => return None,
+        Some(Value::String(s)) => s,
+        Some(_) => {
+            errors.push(FieldError::new(field, "must be an RFC 3339 timestamp string"));
+            return None;
+        }
+    };
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Some(t.with_timezone(&Utc));
+    }
+    for fmt in ["%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S"] {
+        if let Ok(t) = NaiveDateTime::parse_from_str(s, fmt) {
+            return Some(t.and_utc());
+        }
+    }
+    if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return d.and_hms_opt(0, 0, 0).map(|t| t.and_utc());
+    }
+    errors.push(FieldError::new(
+        field,
+        format!("`{}` is not an RFC 3339 timestamp", truncate(s, 40)),
+    ));
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const LIMITS: EventLimits = EventLimits {
+        max_payload_bytes: 1024,
+        max_inline_recipients: 10,
+    };
+
+    fn parse(v: Value) -> Result<NewEvent, EventError> {
+        parse_event(v.to_string().as_bytes(), None, LIMITS)
+    }
+
+    #[test]
+    fn the_contract_format_parses() {
+        let e = parse(json!({
+            "event_id": "1b4e28ba-2fa1-11d2-883f-0016d3cca427",
+            "event_type": "new_episode", "priority": "high",
+            "recipients": {"user_ids": ["u1", "u2", "u1"], "group_id": "g1"},
+            "channels": ["email", "sms"], "payload": {"content": ["m1"]},
+            "send_at": "2026-11-22T10:00:00Z"
+        }))
+        .expect("valid");
+        assert_eq!(e.priority, Priority::High);
+        assert_eq!(e.recipients.user_ids.len(), 2, "duplicates removed");
+        assert_eq!(e.channels, Some(vec![Channel::Email, Channel::Sms]));
+        assert!(e.send_at.is_some());
+    }
+
+    #[test]
+    fn the_seed_format_parses() {
+        let e = parse(json!({
+            "event_type": "new_episode", "created_dt": "2021-07-25 10:00:00",
+            "priority": 1, "payload": {"user": [1, "u2"], "content": ["m1"]}
+        }))
+        .expect("valid");
+        assert_eq!(e.priority, Priority::High);
+        assert_eq!(e.recipients.user_ids[0].as_str(), "1");
+        assert!(e.upstream_created_at.is_some());
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        let Err(EventError::Invalid(errs)) = parse(json!({
+            "event_type": "Bad Type", "priority": "urgent", "channels": ["fax"],
+            "recipients": {"user_ids": ["ok"]}
+        })) else {
+            panic!("must be invalid")
+        };
+        let fields: Vec<_> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["event_type", "priority", "channels"]);
+    }
+
+    #[test]
+    fn refusals_have_their_own_codes() {
+        assert_eq!(
+            parse_event(b"{nope", None, LIMITS).unwrap_err().code(),
+            "malformed_json"
+        );
+        assert_eq!(
+            parse(json!({"event_type": "x"})).unwrap_err().code(),
+            "no_recipients"
+        );
+        let big = "x".repeat(2000);
+        assert_eq!(
+            parse(json!({"event_type": "x", "recipients": {"user_ids": ["u"]}, "payload": {"b": big}}))
+                .unwrap_err()
+                .code(),
+            "payload_too_large"
+        );
+        assert_eq!(
+            parse(json!({"event_type": "x", "recipients": {"user_ids": ["u"]}, "colour": 1}))
+                .unwrap_err()
+                .code(),
+            "validation_failed"
+        );
+    }
+
+    #[test]
+    fn the_idempotency_key_stands_in_for_a_missing_event_id() {
+        let body = json!({"event_type": "x", "recipients": {"user_ids": ["u"]}}).to_string();
+        let e = parse_event(body.as_bytes(), Some("key-1"), LIMITS).expect("valid");
+        assert_eq!(e.event_id.as_deref(), Some("key-1"));
+    }
+}

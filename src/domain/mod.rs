@@ -1,0 +1,305 @@
+//! Domain types that parse at the edges and are trusted inside: ids, channels, priorities, statuses.
+
+pub mod event;
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// A field-level validation problem, reported to clients in `details`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// `field: message; field: message` for logs and AMQP reject headers.
+pub fn describe(errors: &[FieldError]) -> String {
+    errors
+        .iter()
+        .map(|e| format!("{}: {}", e.field, e.message))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn is_id_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '@' | '+')
+}
+
+/// An upstream system's user id: 1-128 characters of `[A-Za-z0-9-_.:@+]`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct UserId(String);
+
+impl UserId {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s.is_empty() || s.len() > 128 || !s.chars().all(is_id_char) {
+            return Err(format!(
+                "`{}` is not a user id (1-128 characters of letters, digits and -_.:@+)",
+                truncate(s, 64)
+            ));
+        }
+        Ok(Self(s.to_owned()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for UserId {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        Self::parse(&s)
+    }
+}
+
+impl From<UserId> for String {
+    fn from(id: UserId) -> String {
+        id.0
+    }
+}
+
+impl fmt::Display for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A group id follows the same rules as a user id.
+pub type GroupId = UserId;
+
+/// An event type names a template folder, so it is a safe path component:
+/// `[a-z0-9][a-z0-9_.-]{0,63}` without `..`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct EventType(String);
+
+impl EventType {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut chars = s.chars();
+        let first_ok = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+        let rest_ok = chars.all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-' | '.')
+        });
+        if !first_ok || !rest_ok || s.len() > 64 || s.contains("..") {
+            return Err(format!(
+                "`{}` is not an event type (1-64 characters of a-z, 0-9, _ - ., starting with a letter or digit)",
+                truncate(s, 64)
+            ));
+        }
+        Ok(Self(s.to_owned()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for EventType {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        Self::parse(&s)
+    }
+}
+
+impl From<EventType> for String {
+    fn from(t: EventType) -> String {
+        t.0
+    }
+}
+
+impl fmt::Display for EventType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A delivery channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Channel {
+    Email,
+    Sms,
+    Push,
+}
+
+impl Channel {
+    pub const ALL: [Channel; 3] = [Channel::Email, Channel::Sms, Channel::Push];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Email => "email",
+            Channel::Sms => "sms",
+            Channel::Push => "push",
+        }
+    }
+}
+
+impl FromStr for Channel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Channel::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown channel `{}` (email, sms, push)",
+                    truncate(s, 32)
+                )
+            })
+    }
+}
+
+impl fmt::Display for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A priority lane. `high` is never stuck behind `low`: each lane has its own queue and slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    High,
+    #[default]
+    Normal,
+    Low,
+}
+
+impl Priority {
+    pub const ALL: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::High => "high",
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        }
+    }
+
+    /// Parses the API's names and the seed format's integers (1 high, 2 normal, 3 low).
+    pub fn from_json(v: &serde_json::Value) -> Result<Self, String> {
+        match v {
+            serde_json::Value::String(s) => match s.as_str() {
+                "high" => Ok(Priority::High),
+                "normal" => Ok(Priority::Normal),
+                "low" => Ok(Priority::Low),
+                other => Err(format!(
+                    "unknown priority `{}` (high, normal, low or 1, 2, 3)",
+                    truncate(other, 32)
+                )),
+            },
+            serde_json::Value::Number(n) => match n.as_i64() {
+                Some(1) => Ok(Priority::High),
+                Some(2) => Ok(Priority::Normal),
+                Some(3) => Ok(Priority::Low),
+                _ => Err(format!("unknown priority {n} (high, normal, low or 1, 2, 3)")),
+            },
+            _ => Err("priority must be a string or an integer".to_owned()),
+        }
+    }
+}
+
+/// Where a notification stands as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotificationStatus {
+    Accepted,
+    Dispatching,
+    Completed,
+    PartiallyFailed,
+    Failed,
+    Scheduled,
+    Cancelled,
+}
+
+/// Where one delivery (recipient x channel) stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryStatus {
+    Queued,
+    Sending,
+    Sent,
+    Failed,
+    Retrying,
+    Dead,
+    Skipped,
+    Deferred,
+}
+
+impl DeliveryStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Queued => "queued",
+            DeliveryStatus::Sending => "sending",
+            DeliveryStatus::Sent => "sent",
+            DeliveryStatus::Failed => "failed",
+            DeliveryStatus::Retrying => "retrying",
+            DeliveryStatus::Dead => "dead",
+            DeliveryStatus::Skipped => "skipped",
+            DeliveryStatus::Deferred => "deferred",
+        }
+    }
+
+    /// Final statuses never change again without an explicit replay.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            DeliveryStatus::Sent
+                | DeliveryStatus::Failed
+                | DeliveryStatus::Dead
+                | DeliveryStatus::Skipped
+        )
+    }
+
+    /// The notification counter a delivery in this status is counted under;
+    /// `sending` is still counted where it came from (see the delivery's claim).
+    pub fn counter(self) -> Option<&'static str> {
+        match self {
+            DeliveryStatus::Sending => None,
+            other => Some(other.as_str()),
+        }
+    }
+}
+
+pub(crate) fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_owned()
+    } else {
+        let mut t: String = s.chars().take(max).collect();
+        t.push('…');
+        t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_types_are_safe_path_components() {
+        assert!(EventType::parse("new_episode").is_ok());
+        assert!(EventType::parse("billing.invoice-paid").is_ok());
+        for bad in ["", "../etc", "a..b", "Caps", "_x", "a/b", &"x".repeat(65)] {
+            assert!(EventType::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn priorities_accept_names_and_seed_integers() {
+        use serde_json::json;
+        assert_eq!(Priority::from_json(&json!(1)), Ok(Priority::High));
+        assert_eq!(Priority::from_json(&json!("low")), Ok(Priority::Low));
+        assert!(Priority::from_json(&json!(4)).is_err());
+        assert!(Priority::from_json(&json!("urgent")).is_err());
+    }
+}

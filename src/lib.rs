@@ -1,0 +1,36 @@
+//! herald: a notification delivery service — a worker pool with a scheduler.
+//!
+//! # Layout
+//! - `cli`        — the command line: a subcommand per role.
+//! - `config`     — typed settings: embedded defaults -> `config/<env>.toml` -> `HERALD__*`.
+//! - `telemetry`  — logging setup.
+//! - `shutdown`   — signals -> cancellation; draining with a deadline.
+//! - `app`        — the `Context` of clients every role shares.
+//! - `roles`      — `api`, `worker`, `scheduler`, `all` as library functions.
+//! - `domain`     — ids, channels, priorities, statuses; event parsing.
+//! - `ingest`     — accepting an event (REST and AMQP share it).
+//! - `store`      — MongoDB: collections, indexes, transactions (the only module naming collections).
+//! - `queue`      — RabbitMQ: topology, confirming publisher, consumers (the only module knowing AMQP).
+//! - `outbox`     — the relay from the outbox collection to RabbitMQ.
+//! - `worker`     — fan-out, delivery, and the batching outcome committer.
+//! - `channels`   — providers per channel (SMTP/file email, recorded SMS/push).
+//! - `templates`  — Handlebars templates, compiled once.
+//! - `api`        — axum routes and the error shape (the only layer knowing HTTP).
+//! - `seed`       — demo data.
+
+pub mod api;
+pub mod app;
+pub mod channels;
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod ingest;
+pub mod outbox;
+pub mod queue;
+pub mod roles;
+pub mod seed;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+pub mod templates;
+pub mod worker;

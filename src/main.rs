@@ -1,0 +1,44 @@
+//! herald's entry point: parse the command line, load settings, run one role.
+
+use anyhow::Context as _;
+use clap::Parser;
+
+use herald::cli::{Cli, Command};
+use herald::{app::Context, config::Settings, roles, seed, shutdown, telemetry};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let settings = Settings::load(&cli.config_dir)?;
+    telemetry::init(&settings.log);
+    let bind = settings.server.bind;
+    let ctx = Context::build(settings).await?;
+    let cancel = shutdown::on_signal();
+    let result = match cli.command {
+        Command::Api => roles::api(ctx, bind_listener(bind).await?, cancel).await,
+        Command::Worker => roles::worker(ctx, cancel).await,
+        Command::Scheduler => roles::scheduler(ctx, cancel).await,
+        Command::All => roles::all(ctx, bind_listener(bind).await?, cancel).await,
+        Command::Migrate => {
+            ctx.store.migrate().await?;
+            println!("migrated database `{}`", ctx.store.database_name());
+            Ok(())
+        }
+        Command::Seed => {
+            ctx.store.migrate().await?;
+            seed::seed(&ctx.store).await?;
+            println!("seeded demo data into `{}`", ctx.store.database_name());
+            Ok(())
+        }
+    };
+    if let Err(e) = &result {
+        tracing::error!(error = format!("{e:#}"), "herald stopped with an error");
+    }
+    result
+}
+
+async fn bind_listener(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding server.bind {addr}"))
+}

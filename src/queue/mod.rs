@@ -1,0 +1,457 @@
+//! RabbitMQ: the only module that knows AMQP — topology, a confirming publisher, consumers.
+
+pub mod messages;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::Mutex;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AmqpSettings;
+use crate::domain::Priority;
+
+/// Exchange and queue names, all under the configured prefix.
+#[derive(Debug, Clone)]
+pub struct Names {
+    /// Upstream systems publish events here (topic exchange).
+    pub events_exchange: String,
+    pub intake_queue: String,
+    /// Malformed events land here with the reason in headers.
+    pub rejected_queue: String,
+    /// Jobs are routed to lanes by priority (direct exchange).
+    pub jobs_exchange: String,
+    lanes: [String; 3],
+}
+
+impl Names {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            events_exchange: format!("{prefix}.events"),
+            intake_queue: format!("{prefix}.events.intake"),
+            rejected_queue: format!("{prefix}.events.rejected"),
+            jobs_exchange: format!("{prefix}.jobs"),
+            lanes: Priority::ALL.map(|p| format!("{prefix}.lane.{}", p.as_str())),
+        }
+    }
+
+    pub fn lane(&self, p: Priority) -> &str {
+        match p {
+            Priority::High => &self.lanes[0],
+            Priority::Normal => &self.lanes[1],
+            Priority::Low => &self.lanes[2],
+        }
+    }
+}
+
+/// A message to publish.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub exchange: String,
+    pub routing_key: String,
+    pub body: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+}
+
+/// A message handed to a handler: no AMQP types leak out of this module.
+#[derive(Debug)]
+pub struct Incoming {
+    pub body: Vec<u8>,
+    /// RabbitMQ delivered it before to a consumer that did not ack (it died or disconnected).
+    pub redelivered: bool,
+}
+
+/// What to do with a consumed message once its handler is done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disposition {
+    /// Done (its outcome is committed).
+    Ack,
+    /// Could not be handled now (a dependency is down): back to the queue.
+    Requeue,
+    /// Never acceptable: move it to the rejected queue with the reason, then ack.
+    Reject { code: String, message: String },
+}
+
+#[derive(Default)]
+struct Live {
+    conn: Option<Arc<Connection>>,
+    publisher: Option<Channel>,
+}
+
+/// One process's link to RabbitMQ: reconnects on demand, declares topology on every
+/// new connection, publishes with confirms.
+pub struct Broker {
+    url: crate::config::Secret,
+    names: Names,
+    reconnect_max: Duration,
+    live: Mutex<Live>,
+}
+
+impl Broker {
+    pub fn new(settings: &AmqpSettings) -> Self {
+        Self {
+            url: settings.url.clone(),
+            names: Names::new(&settings.prefix),
+            reconnect_max: Duration::from_millis(settings.reconnect_max_ms.max(50)),
+            live: Mutex::new(Live::default()),
+        }
+    }
+
+    pub fn names(&self) -> &Names {
+        &self.names
+    }
+
+    /// The longest pause between reconnection attempts.
+    pub fn reconnect_max(&self) -> Duration {
+        self.reconnect_max
+    }
+
+    /// The live connection, opening (and declaring topology on) a new one if needed.
+    async fn connection_locked(&self, live: &mut Live) -> anyhow::Result<Arc<Connection>> {
+        if let Some(conn) = &live.conn {
+            if conn.status().connected() {
+                return Ok(Arc::clone(conn));
+            }
+        }
+        live.conn = None;
+        live.publisher = None;
+        let props = ConnectionProperties::default()
+            .with_connection_name(LongString::from("herald"));
+        let conn = tokio::time::timeout(
+            Duration::from_secs(5),
+            Connection::connect(self.url.expose(), props),
+        )
+        .await
+        .context("connecting to RabbitMQ timed out")?
+        .context("connecting to RabbitMQ")?;
+        let channel = conn.create_channel().await?;
+        declare_topology(&channel, &self.names).await?;
+        let _ = channel.close(200, ShortString::from("topology declared")).await;
+        let conn = Arc::new(conn);
+        live.conn = Some(Arc::clone(&conn));
+        Ok(conn)
+    }
+
+    /// A new channel on the live connection.
+    pub async fn channel(&self) -> anyhow::Result<Channel> {
+        let conn = {
+            let mut live = self.live.lock().await;
+            self.connection_locked(&mut live).await?
+        };
+        Ok(conn.create_channel().await?)
+    }
+
+    /// True when a connection is open (or can be opened now).
+    pub async fn ready(&self) -> bool {
+        let mut live = self.live.lock().await;
+        self.connection_locked(&mut live).await.is_ok()
+    }
+
+    async fn publisher(&self) -> anyhow::Result<Channel> {
+        let mut live = self.live.lock().await;
+        if let Some(ch) = &live.publisher {
+            if ch.status().connected() {
+                return Ok(ch.clone());
+            }
+        }
+        let conn = self.connection_locked(&mut live).await?;
+        let ch = conn.create_channel().await?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        live.publisher = Some(ch.clone());
+        Ok(ch)
+    }
+
+    async fn forget_publisher(&self) {
+        self.live.lock().await.publisher = None;
+    }
+
+    /// Publishes persistent messages and returns once RabbitMQ confirmed every one of
+    /// them (pipelined, not one round trip each). Unroutable messages are an error.
+    pub async fn publish_confirmed(&self, messages: &[Outgoing]) -> anyhow::Result<()> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let result = self.publish_inner(messages).await;
+        if result.is_err() {
+            self.forget_publisher().await;
+        }
+        result
+    }
+
+    async fn publish_inner(&self, messages: &[Outgoing]) -> anyhow::Result<()> {
+        let ch = self.publisher().await?;
+        let mut confirms = Vec::with_capacity(messages.len());
+        for m in messages {
+            let mut props = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type(ShortString::from("application/json"));
+            if !m.headers.is_empty() {
+                let mut table = FieldTable::default();
+                for (k, v) in &m.headers {
+                    table.insert(
+                        ShortString::from(k.as_str()),
+                        AMQPValue::LongString(LongString::from(v.as_str())),
+                    );
+                }
+                props = props.with_headers(table);
+            }
+            let confirm = ch
+                .basic_publish(
+                    ShortString::from(m.exchange.as_str()),
+                    ShortString::from(m.routing_key.as_str()),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &m.body,
+                    props,
+                )
+                .await
+                .context("publishing to RabbitMQ")?;
+            confirms.push(confirm);
+        }
+        for confirm in confirms {
+            let c = confirm.await.context("waiting for a publisher confirm")?;
+            if !c.is_ack() {
+                anyhow::bail!("RabbitMQ refused (nacked) a message");
+            }
+            if c.take_message().is_some() {
+                anyhow::bail!("RabbitMQ returned an unroutable message");
+            }
+        }
+        Ok(())
+    }
+
+    /// Consumes `queue` until `cancel`, running `handler` on each message concurrently
+    /// (at most `prefetch` at once) and settling it as the handler says. Reconnects
+    /// with backoff; on cancel, waits for running handlers so nothing is cut mid-send.
+    pub async fn consume<H, F>(
+        self: Arc<Self>,
+        queue: String,
+        prefetch: u16,
+        cancel: CancellationToken,
+        handler: H,
+    ) where
+        H: Fn(Incoming) -> F + Send + Sync + Clone + 'static,
+        F: Future<Output = Disposition> + Send + 'static,
+    {
+        let mut backoff = Duration::from_millis(50);
+        while !cancel.is_cancelled() {
+            match self
+                .consume_session(&queue, prefetch, &cancel, handler.clone())
+                .await
+            {
+                Ok(()) => backoff = Duration::from_millis(50),
+                Err(e) => {
+                    tracing::warn!(queue = %queue, error = format!("{e:#}"), "consumer lost; reconnecting");
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(self.reconnect_max);
+        }
+    }
+
+    async fn consume_session<H, F>(
+        self: &Arc<Self>,
+        queue: &str,
+        prefetch: u16,
+        cancel: &CancellationToken,
+        handler: H,
+    ) -> anyhow::Result<()>
+    where
+        H: Fn(Incoming) -> F + Send + Sync + Clone + 'static,
+        F: Future<Output = Disposition> + Send + 'static,
+    {
+        let channel = self.channel().await?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        let mut consumer = channel
+            .basic_consume(
+                ShortString::from(queue),
+                ShortString::from(""),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("consuming {queue}"))?;
+        tracing::debug!(queue, prefetch, "consuming");
+        let mut running = JoinSet::new();
+        let outcome = loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break Ok(()),
+                Some(_) = running.join_next(), if !running.is_empty() => {}
+                next = consumer.next() => {
+                    let delivery = match next {
+                        Some(Ok(d)) => d,
+                        Some(Err(e)) => break Err(anyhow::Error::new(e).context("consumer failed")),
+                        None => break Err(anyhow::anyhow!("consumer stream ended")),
+                    };
+                    let handler = handler.clone();
+                    let broker = Arc::clone(self);
+                    running.spawn(async move {
+                        let incoming = Incoming {
+                            body: delivery.data.clone(),
+                            redelivered: delivery.redelivered,
+                        };
+                        let disposition = handler(incoming).await;
+                        let settled = match disposition {
+                            Disposition::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
+                            Disposition::Requeue => delivery
+                                .acker
+                                .nack(BasicNackOptions { requeue: true, ..Default::default() })
+                                .await,
+                            Disposition::Reject { code, message } => {
+                                match broker.reject(&delivery.data, &code, &message).await {
+                                    Ok(()) => delivery.acker.ack(BasicAckOptions::default()).await,
+                                    Err(e) => {
+                                        tracing::warn!(error = format!("{e:#}"), "could not park a rejected message; requeueing");
+                                        tokio::time::sleep(Duration::from_millis(500)).await;
+                                        delivery
+                                            .acker
+                                            .nack(BasicNackOptions { requeue: true, ..Default::default() })
+                                            .await
+                                    }
+                                }
+                            }
+                        };
+                        if let Err(e) = settled {
+                            // The channel is gone; RabbitMQ will redeliver the message.
+                            tracing::debug!(error = %e, "could not settle a message");
+                        }
+                    });
+                }
+            }
+        };
+        // Let in-flight handlers finish (they never stop mid-send) before leaving.
+        while running.join_next().await.is_some() {}
+        let _ = channel.close(200, ShortString::from("bye")).await;
+        outcome
+    }
+
+    /// Deletes every exchange and queue under this broker's prefix (test clean-up).
+    pub async fn delete_topology(&self) -> anyhow::Result<()> {
+        let ch = self.channel().await?;
+        let mut queues = vec![
+            self.names.intake_queue.clone(),
+            self.names.rejected_queue.clone(),
+        ];
+        queues.extend(self.names.lanes.iter().cloned());
+        for q in queues {
+            ch.queue_delete(ShortString::from(q.as_str()), QueueDeleteOptions::default())
+                .await?;
+        }
+        for ex in [&self.names.events_exchange, &self.names.jobs_exchange] {
+            ch.exchange_delete(ShortString::from(ex.as_str()), Default::default())
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Closes the connection (on shutdown).
+    pub async fn close(&self) {
+        let mut live = self.live.lock().await;
+        live.publisher = None;
+        if let Some(conn) = live.conn.take() {
+            let _ = conn.close(200, ShortString::from("shutdown")).await;
+        }
+    }
+}
+
+impl Broker {
+/// Parks a message in the rejected queue with its reason; it is never requeued forever
+/// nor dropped silently.
+async fn reject(&self, body: &[u8], code: &str, message: &str) -> anyhow::Result<()> {
+    let ch = self.publisher().await?;
+    let names = &self.names;
+    let mut headers = FieldTable::default();
+    headers.insert(
+        ShortString::from("x-herald-error-code"),
+        AMQPValue::LongString(LongString::from(code)),
+    );
+    headers.insert(
+        ShortString::from("x-herald-error-message"),
+        AMQPValue::LongString(LongString::from(message)),
+    );
+    let confirm = ch
+        .basic_publish(
+            ShortString::from(""),
+            ShortString::from(names.rejected_queue.as_str()),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_headers(headers),
+        )
+        .await?
+        .await?;
+    anyhow::ensure!(confirm.is_ack(), "RabbitMQ nacked a rejected message");
+    Ok(())
+}
+}
+
+/// Declares every exchange, queue and binding; idempotent.
+async fn declare_topology(ch: &Channel, names: &Names) -> anyhow::Result<()> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let queue = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.exchange_declare(
+        ShortString::from(names.events_exchange.as_str()),
+        ExchangeKind::Topic,
+        durable,
+        FieldTable::default(),
+    )
+    .await?;
+    ch.exchange_declare(
+        ShortString::from(names.jobs_exchange.as_str()),
+        ExchangeKind::Direct,
+        durable,
+        FieldTable::default(),
+    )
+    .await?;
+    for q in [&names.intake_queue, &names.rejected_queue] {
+        ch.queue_declare(ShortString::from(q.as_str()), queue, FieldTable::default())
+            .await?;
+    }
+    ch.queue_bind(
+        ShortString::from(names.intake_queue.as_str()),
+        ShortString::from(names.events_exchange.as_str()),
+        ShortString::from("#"),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    for p in Priority::ALL {
+        let lane = names.lane(p);
+        ch.queue_declare(ShortString::from(lane), queue, FieldTable::default())
+            .await?;
+        ch.queue_bind(
+            ShortString::from(lane),
+            ShortString::from(names.jobs_exchange.as_str()),
+            ShortString::from(p.as_str()),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    }
+    Ok(())
+}

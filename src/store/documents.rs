@@ -1,0 +1,155 @@
+//! Typed MongoDB documents: the shape of every record herald stores.
+
+use mongodb::bson::{DateTime, Document};
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{Channel, DeliveryStatus, NotificationStatus, Priority};
+
+/// Per-status delivery counters on a notification.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Counts {
+    pub total: i64,
+    pub queued: i64,
+    pub sent: i64,
+    pub failed: i64,
+    pub skipped: i64,
+    pub deferred: i64,
+    pub retrying: i64,
+    pub dead: i64,
+}
+
+impl Counts {
+    /// Deliveries that may still change without an operator's replay.
+    pub fn pending(&self) -> i64 {
+        self.queued + self.retrying + self.deferred
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RecipientsDoc {
+    pub user_ids: Vec<String>,
+    pub group_id: Option<String>,
+}
+
+/// One accepted event.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NotificationDoc {
+    #[serde(rename = "_id")]
+    pub id: String,
+    pub event_id: String,
+    pub event_type: String,
+    pub priority: Priority,
+    pub status: NotificationStatus,
+    pub recipients: RecipientsDoc,
+    /// `None`: every channel the event type has a template for.
+    pub channels: Option<Vec<Channel>>,
+    pub payload: Document,
+    /// Where the event came from: `api` or `amqp`.
+    pub source: String,
+    pub send_at: Option<DateTime>,
+    pub upstream_created_at: Option<DateTime>,
+    pub created_at: DateTime,
+    pub updated_at: DateTime,
+    pub counts: Counts,
+    /// Set once every recipient has a delivery record; only then can the notification finish.
+    pub fanout_done: bool,
+}
+
+/// Work waiting to be published to RabbitMQ; written in the same transaction as its cause.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OutboxDoc {
+    #[serde(rename = "_id")]
+    pub id: String,
+    pub notification_id: String,
+    pub lane: Priority,
+    /// Not published before this instant (`send_at` for delayed sends).
+    pub due_at: DateTime,
+    /// A relay holds the entry until then; an expired lease means the relay died.
+    pub lease_until: DateTime,
+    pub lease_token: Option<String>,
+    pub created_at: DateTime,
+}
+
+/// A recipient's profile.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct UserDoc {
+    #[serde(rename = "_id")]
+    pub id: String,
+    pub email: Option<String>,
+    pub phone: Option<String>,
+    #[serde(default)]
+    pub push_tokens: Vec<String>,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub birthday_date: Option<String>,
+    pub locale: Option<String>,
+    pub timezone: Option<String>,
+    #[serde(default)]
+    pub preferences: Document,
+    pub created_at: Option<DateTime>,
+    pub updated_at: Option<DateTime>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupDoc {
+    #[serde(rename = "_id")]
+    pub id: String,
+    pub name: String,
+    pub member_count: i64,
+    pub created_at: DateTime,
+    pub updated_at: DateTime,
+}
+
+/// The claim a worker puts on a delivery before it calls the provider.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClaimDoc {
+    pub attempt_id: String,
+    /// The status the delivery had before the claim; its counter still holds it.
+    pub from: DeliveryStatus,
+    pub claimed_at: DateTime,
+    pub worker: String,
+}
+
+/// One provider call (or the decision not to make one).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AttemptDoc {
+    pub attempt_id: String,
+    pub provider: Option<String>,
+    pub started_at: DateTime,
+    pub finished_at: DateTime,
+    pub duration_ms: i64,
+    pub status: DeliveryStatus,
+    pub error: Option<String>,
+    /// What the provider answered (message id, recorded text, SMTP reply).
+    pub response: Option<Document>,
+}
+
+/// One recipient x channel of a notification.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeliveryDoc {
+    #[serde(rename = "_id")]
+    pub id: String,
+    pub notification_id: String,
+    pub event_type: String,
+    pub user_id: String,
+    pub channel: Channel,
+    pub priority: Priority,
+    pub status: DeliveryStatus,
+    pub reason: Option<String>,
+    pub provider: Option<String>,
+    pub attempt_count: i32,
+    pub attempts: Vec<AttemptDoc>,
+    pub last_error: Option<String>,
+    pub claim: Option<ClaimDoc>,
+    pub created_at: DateTime,
+    pub updated_at: DateTime,
+    pub sent_at: Option<DateTime>,
+}
+
+/// A delivery job to publish: enough to route and find the record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedDelivery {
+    pub delivery_id: String,
+    pub notification_id: String,
+    pub lane: Priority,
+}

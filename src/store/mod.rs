@@ -1,0 +1,843 @@
+//! MongoDB: the only module that knows collection names, indexes and transactions.
+
+pub mod documents;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures::{FutureExt, Stream, TryStreamExt};
+use mongodb::bson::{self, doc, DateTime, Document};
+use mongodb::error::{ErrorKind, WriteFailure};
+use mongodb::options::{ClientOptions, IndexOptions, ReturnDocument};
+use mongodb::{Client, Collection, Database, IndexModel};
+
+use crate::config::MongoSettings;
+use crate::domain::{DeliveryStatus, NotificationStatus};
+pub use documents::*;
+
+const NOTIFICATIONS: &str = "notifications";
+const OUTBOX: &str = "outbox";
+const DELIVERIES: &str = "deliveries";
+const USERS: &str = "users";
+const GROUPS: &str = "groups";
+const GROUP_MEMBERS: &str = "group_members";
+const CONTENTS: &str = "contents";
+
+/// Handles to herald's database.
+#[derive(Clone)]
+pub struct Store {
+    client: Client,
+    db: Database,
+}
+
+/// The result of accepting an event.
+#[derive(Debug)]
+pub enum Accepted {
+    New(Box<NotificationDoc>),
+    /// The event id was seen before: the original notification.
+    Duplicate(Box<NotificationDoc>),
+}
+
+/// What must hold for an outcome to be written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Precondition {
+    /// Decided before any provider call: the delivery must still be waiting.
+    Unclaimed,
+    /// After a provider call: the delivery must still carry this attempt's claim.
+    Claimed { attempt_id: String },
+}
+
+/// A delivery's outcome, committed with its attempt and the notification counters.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub delivery_id: String,
+    pub notification_id: String,
+    pub precondition: Precondition,
+    pub status: DeliveryStatus,
+    pub reason: Option<String>,
+    pub provider: Option<String>,
+    pub attempt: Option<AttemptDoc>,
+}
+
+/// Delivery-log filters (each one backed by an index).
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryFilter {
+    pub notification_id: Option<String>,
+    pub user_id: Option<String>,
+    pub status: Option<DeliveryStatus>,
+    pub channel: Option<crate::domain::Channel>,
+}
+
+pub fn now() -> DateTime {
+    DateTime::now()
+}
+
+/// True when a write failed on a unique index.
+pub fn is_duplicate_key(err: &mongodb::error::Error) -> bool {
+    const DUPLICATE_KEY: i32 = 11000;
+    match err.kind.as_ref() {
+        ErrorKind::Write(WriteFailure::WriteError(e)) => e.code == DUPLICATE_KEY,
+        ErrorKind::Command(e) => e.code == DUPLICATE_KEY,
+        ErrorKind::InsertMany(e) => e
+            .write_errors
+            .as_ref()
+            .is_some_and(|errs| errs.iter().any(|w| w.code == DUPLICATE_KEY)),
+        _ => false,
+    }
+}
+
+impl Store {
+    /// Builds the client; the driver connects lazily, so this succeeds while MongoDB is down.
+    pub async fn connect(settings: &MongoSettings) -> anyhow::Result<Self> {
+        let mut options = ClientOptions::parse(settings.uri.expose())
+            .await
+            .context("parsing mongodb.uri")?;
+        options.app_name = Some("herald".to_owned());
+        options
+            .server_selection_timeout
+            .get_or_insert(Duration::from_secs(5));
+        let client = Client::with_options(options).context("building the MongoDB client")?;
+        let db = client.database(&settings.database);
+        Ok(Self { client, db })
+    }
+
+    pub fn database_name(&self) -> &str {
+        self.db.name()
+    }
+
+    fn notifications(&self) -> Collection<NotificationDoc> {
+        self.db.collection(NOTIFICATIONS)
+    }
+    fn outbox(&self) -> Collection<OutboxDoc> {
+        self.db.collection(OUTBOX)
+    }
+    fn deliveries(&self) -> Collection<DeliveryDoc> {
+        self.db.collection(DELIVERIES)
+    }
+    fn users(&self) -> Collection<UserDoc> {
+        self.db.collection(USERS)
+    }
+    fn groups(&self) -> Collection<GroupDoc> {
+        self.db.collection(GROUPS)
+    }
+    fn members(&self) -> Collection<Document> {
+        self.db.collection(GROUP_MEMBERS)
+    }
+
+    /// Answers when MongoDB does.
+    pub async fn ping(&self) -> anyhow::Result<()> {
+        self.db.run_command(doc! {"ping": 1}).await?;
+        Ok(())
+    }
+
+    /// Creates collections and indexes; safe to run any number of times.
+    pub async fn migrate(&self) -> anyhow::Result<()> {
+        let existing: HashSet<String> = self
+            .db
+            .list_collection_names()
+            .await
+            .context("listing collections")?
+            .into_iter()
+            .collect();
+        // Collections must exist before a transaction writes to them.
+        for name in [NOTIFICATIONS, OUTBOX, DELIVERIES, USERS, GROUPS, GROUP_MEMBERS, CONTENTS] {
+            if !existing.contains(name) {
+                if let Err(e) = self.db.create_collection(name).await {
+                    // Another instance may have created it meanwhile (NamespaceExists).
+                    if !matches!(e.kind.as_ref(), ErrorKind::Command(c) if c.code == 48) {
+                        return Err(e).context(format!("creating collection {name}"));
+                    }
+                }
+            }
+        }
+        let unique = |keys: Document, name: &str| {
+            IndexModel::builder()
+                .keys(keys)
+                .options(
+                    IndexOptions::builder()
+                        .unique(true)
+                        .name(name.to_owned())
+                        .build(),
+                )
+                .build()
+        };
+        let plain = |keys: Document, name: &str| {
+            IndexModel::builder()
+                .keys(keys)
+                .options(IndexOptions::builder().name(name.to_owned()).build())
+                .build()
+        };
+        self.notifications()
+            .create_indexes([
+                unique(doc! {"event_id": 1}, "event_id_unique"),
+                plain(doc! {"created_at": -1}, "created_at"),
+            ])
+            .await
+            .context("indexing notifications")?;
+        self.outbox()
+            .create_indexes([
+                plain(doc! {"due_at": 1}, "due_at"),
+                plain(doc! {"lease_token": 1}, "lease_token"),
+            ])
+            .await
+            .context("indexing outbox")?;
+        self.deliveries()
+            .create_indexes([
+                unique(
+                    doc! {"notification_id": 1, "user_id": 1, "channel": 1},
+                    "notification_user_channel_unique",
+                ),
+                plain(doc! {"notification_id": 1, "created_at": -1}, "notification_created"),
+                plain(doc! {"user_id": 1, "created_at": -1}, "user_created"),
+                plain(doc! {"status": 1, "created_at": -1}, "status_created"),
+            ])
+            .await
+            .context("indexing deliveries")?;
+        self.members()
+            .create_indexes([
+                unique(doc! {"group_id": 1, "user_id": 1}, "group_user_unique"),
+            ])
+            .await
+            .context("indexing group_members")?;
+        Ok(())
+    }
+
+    // ---- notifications -------------------------------------------------------------------
+
+    pub async fn find_notification_by_event_id(
+        &self,
+        event_id: &str,
+    ) -> anyhow::Result<Option<NotificationDoc>> {
+        Ok(self
+            .notifications()
+            .find_one(doc! {"event_id": event_id})
+            .await?)
+    }
+
+    pub async fn get_notification(&self, id: &str) -> anyhow::Result<Option<NotificationDoc>> {
+        Ok(self.notifications().find_one(doc! {"_id": id}).await?)
+    }
+
+    /// Writes the notification and its outbox entry in one transaction; a repeated
+    /// event id returns the original instead.
+    pub async fn accept(
+        &self,
+        notification: NotificationDoc,
+        outbox: OutboxDoc,
+    ) -> anyhow::Result<Accepted> {
+        if let Some(existing) = self
+            .find_notification_by_event_id(&notification.event_id)
+            .await?
+        {
+            return Ok(Accepted::Duplicate(Box::new(existing)));
+        }
+        let mut session = self.client.start_session().await?;
+        let result = session
+            .start_transaction()
+            .and_run(
+                (self.notifications(), self.outbox(), &notification, &outbox),
+                |s, (notifications, outbox_coll, n, o)| {
+                    async move {
+                        notifications.insert_one(&**n).session(&mut *s).await?;
+                        outbox_coll.insert_one(&**o).session(&mut *s).await?;
+                        Ok(())
+                    }
+                    .boxed()
+                },
+            )
+            .await;
+        match result {
+            Ok(()) => Ok(Accepted::New(Box::new(notification))),
+            Err(e) if is_duplicate_key(&e) => {
+                let existing = self
+                    .find_notification_by_event_id(&notification.event_id)
+                    .await?
+                    .context("event id conflicted but the original is gone")?;
+                Ok(Accepted::Duplicate(Box::new(existing)))
+            }
+            Err(e) => Err(anyhow::Error::new(e).context("accepting a notification")),
+        }
+    }
+
+    /// Moves an accepted notification to `dispatching` (idempotent).
+    pub async fn mark_dispatching(&self, id: &str) -> anyhow::Result<()> {
+        self.notifications()
+            .update_one(
+                doc! {"_id": id, "status": {"$in": ["accepted", "scheduled"]}},
+                doc! {"$set": {"status": "dispatching", "updated_at": now()}},
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Records that every recipient now has a delivery, then finishes the notification if it can.
+    pub async fn mark_fanout_done(&self, id: &str) -> anyhow::Result<()> {
+        self.notifications()
+            .update_one(
+                doc! {"_id": id},
+                doc! {"$set": {"fanout_done": true, "updated_at": now()}},
+            )
+            .await?;
+        self.finalize_notification(id).await
+    }
+
+    /// Sets the final status once nothing is pending; guarded so it can run any number of times.
+    pub async fn finalize_notification(&self, id: &str) -> anyhow::Result<()> {
+        let Some(n) = self.get_notification(id).await? else {
+            return Ok(());
+        };
+        if !n.fanout_done
+            || n.counts.pending() > 0
+            || n.status != NotificationStatus::Dispatching
+        {
+            return Ok(());
+        }
+        let c = n.counts;
+        let status = if c.failed + c.dead == 0 {
+            "completed"
+        } else if c.sent > 0 || c.skipped > 0 {
+            "partially_failed"
+        } else {
+            "failed"
+        };
+        self.notifications()
+            .update_one(
+                doc! {"_id": id, "status": "dispatching", "fanout_done": true,
+                      "counts.queued": 0, "counts.retrying": 0, "counts.deferred": 0},
+                doc! {"$set": {"status": status, "updated_at": now()}},
+            )
+            .await?;
+        Ok(())
+    }
+
+    // ---- outbox --------------------------------------------------------------------------
+
+    /// Leases up to `limit` due entries to this relay; other relays skip leased ones.
+    pub async fn claim_outbox(
+        &self,
+        limit: i64,
+        lease: Duration,
+    ) -> anyhow::Result<Vec<OutboxDoc>> {
+        let now = now();
+        let due = doc! {"due_at": {"$lte": now}, "lease_until": {"$lte": now}};
+        let ids: Vec<String> = self
+            .outbox()
+            .clone_with_type::<Document>()
+            .find(due.clone())
+            .sort(doc! {"due_at": 1})
+            .limit(limit)
+            .projection(doc! {"_id": 1})
+            .await?
+            .try_collect::<Vec<_>>()
+            .await?
+            .iter()
+            .filter_map(|d| d.get_str("_id").ok().map(str::to_owned))
+            .collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let token = uuid::Uuid::new_v4().to_string();
+        let until = DateTime::from_millis(now.timestamp_millis() + lease.as_millis() as i64);
+        let mut filter = due;
+        filter.insert("_id", doc! {"$in": &ids});
+        self.outbox()
+            .update_many(
+                filter,
+                doc! {"$set": {"lease_until": until, "lease_token": &token}},
+            )
+            .await?;
+        Ok(self
+            .outbox()
+            .find(doc! {"lease_token": &token})
+            .await?
+            .try_collect()
+            .await?)
+    }
+
+    /// Removes entries whose publication RabbitMQ confirmed.
+    pub async fn complete_outbox(&self, ids: &[String]) -> anyhow::Result<()> {
+        if !ids.is_empty() {
+            self.outbox()
+                .delete_many(doc! {"_id": {"$in": ids}})
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Hands entries back at once (publishing failed) instead of waiting for the lease.
+    pub async fn release_outbox(&self, ids: &[String]) -> anyhow::Result<()> {
+        if !ids.is_empty() {
+            self.outbox()
+                .update_many(
+                    doc! {"_id": {"$in": ids}},
+                    doc! {"$set": {"lease_until": now(), "lease_token": null}},
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    pub async fn outbox_backlog(&self) -> anyhow::Result<u64> {
+        Ok(self.outbox().count_documents(doc! {}).await?)
+    }
+
+    // ---- users, groups, content ----------------------------------------------------------
+
+    /// Creates or replaces a user; returns true when it was created.
+    pub async fn put_user(&self, mut user: UserDoc) -> anyhow::Result<bool> {
+        let now = now();
+        let existing = self
+            .users()
+            .clone_with_type::<Document>()
+            .find_one(doc! {"_id": &user.id})
+            .projection(doc! {"created_at": 1})
+            .await?;
+        user.created_at = Some(
+            existing
+                .as_ref()
+                .and_then(|u| u.get_datetime("created_at").ok().copied())
+                .unwrap_or(now),
+        );
+        user.updated_at = Some(now);
+        self.users()
+            .replace_one(doc! {"_id": &user.id}, &user)
+            .upsert(true)
+            .await?;
+        Ok(existing.is_none())
+    }
+
+    pub async fn get_user(&self, id: &str) -> anyhow::Result<Option<UserDoc>> {
+        Ok(self.users().find_one(doc! {"_id": id}).await?)
+    }
+
+    pub async fn delete_user(&self, id: &str) -> anyhow::Result<bool> {
+        Ok(self
+            .users()
+            .delete_one(doc! {"_id": id})
+            .await?
+            .deleted_count
+            > 0)
+    }
+
+    /// Users by id, in one query.
+    pub async fn get_users(&self, ids: &[String]) -> anyhow::Result<HashMap<String, UserDoc>> {
+        Ok(self
+            .users()
+            .find(doc! {"_id": {"$in": ids}})
+            .await?
+            .try_collect::<Vec<_>>()
+            .await?
+            .into_iter()
+            .map(|u| (u.id.clone(), u))
+            .collect())
+    }
+
+    /// Creates or replaces a group and its whole membership, atomically.
+    pub async fn put_group(
+        &self,
+        id: &str,
+        name: &str,
+        user_ids: &[String],
+    ) -> anyhow::Result<(GroupDoc, bool)> {
+        let now = now();
+        let existing = self.get_group(id).await?;
+        let group = GroupDoc {
+            id: id.to_owned(),
+            name: name.to_owned(),
+            member_count: user_ids.len() as i64,
+            created_at: existing.as_ref().map(|g| g.created_at).unwrap_or(now),
+            updated_at: now,
+        };
+        let members: Vec<Document> = user_ids
+            .iter()
+            .map(|u| doc! {"group_id": id, "user_id": u})
+            .collect();
+        let mut session = self.client.start_session().await?;
+        session
+            .start_transaction()
+            .and_run(
+                (self.groups(), self.members(), &group, &members),
+                |s, (groups, members_coll, group, members)| {
+                    async move {
+                        groups
+                            .replace_one(doc! {"_id": &group.id}, &**group)
+                            .upsert(true)
+                            .session(&mut *s)
+                            .await?;
+                        members_coll
+                            .delete_many(doc! {"group_id": &group.id})
+                            .session(&mut *s)
+                            .await?;
+                        if !members.is_empty() {
+                            members_coll
+                                .insert_many(members.iter())
+                                .session(&mut *s)
+                                .await?;
+                        }
+                        Ok(())
+                    }
+                    .boxed()
+                },
+            )
+            .await
+            .context("writing a group")?;
+        Ok((group, existing.is_none()))
+    }
+
+    pub async fn get_group(&self, id: &str) -> anyhow::Result<Option<GroupDoc>> {
+        Ok(self.groups().find_one(doc! {"_id": id}).await?)
+    }
+
+    /// A group's member ids, sorted; for display, bounded by `limit`.
+    pub async fn group_member_ids(&self, id: &str, limit: i64) -> anyhow::Result<Vec<String>> {
+        let docs: Vec<Document> = self
+            .members()
+            .find(doc! {"group_id": id})
+            .sort(doc! {"user_id": 1})
+            .limit(limit)
+            .await?
+            .try_collect()
+            .await?;
+        Ok(docs
+            .iter()
+            .filter_map(|d| d.get_str("user_id").ok().map(str::to_owned))
+            .collect())
+    }
+
+    /// Streams a group's members with a cursor; a large audience is never loaded whole.
+    pub async fn stream_group_members(
+        &self,
+        id: &str,
+    ) -> anyhow::Result<impl Stream<Item = anyhow::Result<String>> + Send + use<>> {
+        let cursor = self
+            .members()
+            .find(doc! {"group_id": id})
+            .sort(doc! {"user_id": 1})
+            .projection(doc! {"user_id": 1, "_id": 0})
+            .batch_size(1000)
+            .await?;
+        Ok(cursor.map_err(anyhow::Error::from).and_then(|d| async move {
+            d.get_str("user_id")
+                .map(str::to_owned)
+                .context("group member without user_id")
+        }))
+    }
+
+    pub async fn delete_group(&self, id: &str) -> anyhow::Result<bool> {
+        let mut session = self.client.start_session().await?;
+        let deleted = session
+            .start_transaction()
+            .and_run((self.groups(), self.members()), |s, (groups, members)| {
+                let id = id.to_owned();
+                async move {
+                    let r = groups.delete_one(doc! {"_id": &id}).session(&mut *s).await?;
+                    members
+                        .delete_many(doc! {"group_id": &id})
+                        .session(&mut *s)
+                        .await?;
+                    Ok(r.deleted_count > 0)
+                }
+                .boxed()
+            })
+            .await?;
+        Ok(deleted)
+    }
+
+    /// Content records for `payload.content` ids, in the order asked; unknown ids
+    /// stand as `{content_id}` so templates can still name them.
+    pub async fn get_contents(&self, ids: &[String]) -> anyhow::Result<Vec<Document>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let found: HashMap<String, Document> = self
+            .db
+            .collection::<Document>(CONTENTS)
+            .find(doc! {"_id": {"$in": ids}})
+            .await?
+            .try_collect::<Vec<_>>()
+            .await?
+            .into_iter()
+            .filter_map(|mut d| {
+                let id = d.get_str("_id").ok()?.to_owned();
+                d.remove("_id");
+                d.insert("content_id", &id);
+                Some((id, d))
+            })
+            .collect();
+        Ok(ids
+            .iter()
+            .map(|id| {
+                found
+                    .get(id)
+                    .cloned()
+                    .unwrap_or_else(|| doc! {"content_id": id})
+            })
+            .collect())
+    }
+
+    /// Creates or replaces a content record (demo data and tests).
+    pub async fn put_content(&self, id: &str, mut fields: Document) -> anyhow::Result<()> {
+        fields.insert("_id", id);
+        self.db
+            .collection::<Document>(CONTENTS)
+            .replace_one(doc! {"_id": id}, fields)
+            .upsert(true)
+            .await?;
+        Ok(())
+    }
+
+    // ---- deliveries ----------------------------------------------------------------------
+
+    pub async fn get_delivery(&self, id: &str) -> anyhow::Result<Option<DeliveryDoc>> {
+        Ok(self.deliveries().find_one(doc! {"_id": id}).await?)
+    }
+
+    /// The delivery log, newest first.
+    pub async fn find_deliveries(
+        &self,
+        f: &DeliveryFilter,
+        limit: i64,
+    ) -> anyhow::Result<Vec<DeliveryDoc>> {
+        let mut filter = Document::new();
+        if let Some(n) = &f.notification_id {
+            filter.insert("notification_id", n);
+        }
+        if let Some(u) = &f.user_id {
+            filter.insert("user_id", u);
+        }
+        if let Some(s) = f.status {
+            filter.insert("status", s.as_str());
+        }
+        if let Some(c) = f.channel {
+            filter.insert("channel", c.as_str());
+        }
+        Ok(self
+            .deliveries()
+            .find(filter)
+            .sort(doc! {"created_at": -1, "_id": -1})
+            .limit(limit)
+            .await?
+            .try_collect()
+            .await?)
+    }
+
+    /// A notification's deliveries, oldest first (bounded).
+    pub async fn deliveries_of(
+        &self,
+        notification_id: &str,
+        limit: i64,
+    ) -> anyhow::Result<Vec<DeliveryDoc>> {
+        Ok(self
+            .deliveries()
+            .find(doc! {"notification_id": notification_id})
+            .sort(doc! {"created_at": 1, "_id": 1})
+            .limit(limit)
+            .await?
+            .try_collect()
+            .await?)
+    }
+
+    /// Writes the missing deliveries of one fan-out batch and counts them on the
+    /// notification, in one transaction; returns every delivery of the batch still
+    /// `queued` (new or left by an earlier, interrupted fan-out) for publishing.
+    pub async fn insert_delivery_batch(
+        &self,
+        notification_id: &str,
+        planned: Vec<DeliveryDoc>,
+    ) -> anyhow::Result<Vec<QueuedDelivery>> {
+        if planned.is_empty() {
+            return Ok(Vec::new());
+        }
+        let user_ids: Vec<&str> = planned
+            .iter()
+            .map(|d| d.user_id.as_str())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let mut session = self.client.start_session().await?;
+        session
+            .start_transaction()
+            .and_run(
+                (self.deliveries(), self.notifications(), &planned, &user_ids),
+                |s, (deliveries, notifications, planned, user_ids)| {
+                    async move {
+                        let existing: Vec<DeliveryDoc> = deliveries
+                            .find(doc! {"notification_id": notification_id,
+                                        "user_id": {"$in": &**user_ids}})
+                            .session(&mut *s)
+                            .await?
+                            .stream(&mut *s)
+                            .try_collect()
+                            .await?;
+                        let have: HashSet<(&str, _)> = existing
+                            .iter()
+                            .map(|d| (d.user_id.as_str(), d.channel))
+                            .collect();
+                        let fresh: Vec<&DeliveryDoc> = planned
+                            .iter()
+                            .filter(|d| !have.contains(&(d.user_id.as_str(), d.channel)))
+                            .collect();
+                        if !fresh.is_empty() {
+                            deliveries
+                                .insert_many(fresh.iter().copied())
+                                .session(&mut *s)
+                                .await?;
+                            let n = fresh.len() as i64;
+                            notifications
+                                .update_one(
+                                    doc! {"_id": notification_id},
+                                    doc! {"$inc": {"counts.total": n, "counts.queued": n},
+                                          "$set": {"updated_at": now()}},
+                                )
+                                .session(&mut *s)
+                                .await?;
+                        }
+                        Ok(existing
+                            .iter()
+                            .filter(|d| d.status == DeliveryStatus::Queued)
+                            .chain(fresh.iter().copied())
+                            .map(|d| QueuedDelivery {
+                                delivery_id: d.id.clone(),
+                                notification_id: d.notification_id.clone(),
+                                lane: d.priority,
+                            })
+                            .collect())
+                    }
+                    .boxed()
+                },
+            )
+            .await
+            .context("writing a fan-out batch")
+    }
+
+    /// Claims a waiting delivery for one attempt; false when another worker holds it
+    /// or it is no longer waiting.
+    pub async fn claim_delivery(
+        &self,
+        id: &str,
+        from: DeliveryStatus,
+        attempt_id: &str,
+        worker: &str,
+    ) -> anyhow::Result<bool> {
+        let claim = ClaimDoc {
+            attempt_id: attempt_id.to_owned(),
+            from,
+            claimed_at: now(),
+            worker: worker.to_owned(),
+        };
+        let r = self
+            .deliveries()
+            .update_one(
+                doc! {"_id": id, "status": from.as_str()},
+                doc! {"$set": {"status": "sending", "claim": bson::to_bson(&claim)?,
+                               "updated_at": now()}},
+            )
+            .await?;
+        Ok(r.modified_count == 1)
+    }
+
+    /// Writes a batch of outcomes — each delivery's status and attempt, and every
+    /// touched notification's counters once — in ONE transaction (retried on transient
+    /// errors), then finishes notifications that have nothing pending.
+    pub async fn commit_outcomes(&self, outcomes: &[Outcome]) -> anyhow::Result<()> {
+        if outcomes.is_empty() {
+            return Ok(());
+        }
+        let mut session = self.client.start_session().await?;
+        let touched: Vec<String> = session
+            .start_transaction()
+            .and_run(
+                (self.deliveries(), self.notifications(), outcomes),
+                |s, (deliveries, notifications, outcomes)| {
+                    async move {
+                        let mut incs: BTreeMap<String, BTreeMap<&'static str, i64>> =
+                            BTreeMap::new();
+                        for o in outcomes.iter() {
+                            let mut filter = doc! {"_id": &o.delivery_id};
+                            match &o.precondition {
+                                Precondition::Unclaimed => {
+                                    filter.insert("status", doc! {"$in": ["queued", "retrying"]});
+                                }
+                                Precondition::Claimed { attempt_id } => {
+                                    filter.insert("claim.attempt_id", attempt_id);
+                                }
+                            }
+                            let now = now();
+                            let mut set = doc! {
+                                "status": o.status.as_str(),
+                                "reason": o.reason.as_deref(),
+                                "updated_at": now,
+                            };
+                            if let Some(p) = &o.provider {
+                                set.insert("provider", p);
+                            }
+                            if o.status == DeliveryStatus::Sent {
+                                set.insert("sent_at", now);
+                            }
+                            let mut update = doc! {};
+                            if let Some(a) = &o.attempt {
+                                set.insert("last_error", a.error.as_deref());
+                                update.insert("$push", doc! {"attempts": bson::to_bson(a)
+                                    .map_err(mongodb::error::Error::custom)?});
+                                update.insert("$inc", doc! {"attempt_count": 1});
+                            }
+                            update.insert("$set", set);
+                            let before = deliveries
+                                .find_one_and_update(filter, update)
+                                .return_document(ReturnDocument::Before)
+                                .session(&mut *s)
+                                .await?;
+                            let Some(before) = before else { continue };
+                            let from = match (before.status, &before.claim) {
+                                (DeliveryStatus::Sending, Some(c)) => c.from,
+                                (status, _) => status,
+                            };
+                            if from == o.status {
+                                continue;
+                            }
+                            let entry = incs.entry(o.notification_id.clone()).or_default();
+                            if let Some(old) = from.counter() {
+                                *entry.entry(old).or_default() -= 1;
+                            }
+                            if let Some(new) = o.status.counter() {
+                                *entry.entry(new).or_default() += 1;
+                            }
+                        }
+                        for (id, counters) in &incs {
+                            let mut inc = Document::new();
+                            for (name, delta) in counters {
+                                if *delta != 0 {
+                                    inc.insert(format!("counts.{name}"), *delta);
+                                }
+                            }
+                            if inc.is_empty() {
+                                continue;
+                            }
+                            notifications
+                                .update_one(
+                                    doc! {"_id": id},
+                                    doc! {"$inc": inc, "$set": {"updated_at": now()}},
+                                )
+                                .session(&mut *s)
+                                .await?;
+                        }
+                        Ok(incs.into_keys().collect())
+                    }
+                    .boxed()
+                },
+            )
+            .await
+            .context("committing delivery outcomes")?;
+        for id in touched {
+            self.finalize_notification(&id).await?;
+        }
+        Ok(())
+    }
+
+    /// Drops the whole database (tests clean up with this).
+    pub async fn drop_database(&self) -> anyhow::Result<()> {
+        self.db.drop().await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,295 @@
+//! One delivery: enrich, render, claim, send, and hand the outcome to the committer.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use mongodb::bson::{self, DateTime, Document};
+use serde_json::{json, Value};
+use tracing::instrument;
+
+use super::committer::Committer;
+use crate::app::Context;
+use crate::channels::{Destination, OutboundMessage};
+use crate::domain::{Channel, DeliveryStatus};
+use crate::store::{AttemptDoc, DeliveryDoc, NotificationDoc, Outcome, Precondition, UserDoc};
+
+/// What a delivery shares with every other delivery of its notification, loaded once.
+pub struct NotificationContext {
+    pub event_type: String,
+    pub payload: Value,
+    pub content: Value,
+}
+
+/// A small bounded cache: a 100,000-recipient campaign loads its payload and content once.
+#[derive(Default)]
+pub struct NotificationCache {
+    entries: Mutex<HashMap<String, Arc<NotificationContext>>>,
+}
+
+const CACHE_MAX: usize = 256;
+
+impl NotificationCache {
+    async fn get(&self, ctx: &Context, id: &str) -> anyhow::Result<Option<Arc<NotificationContext>>> {
+        if let Some(hit) = self.lock().get(id) {
+            return Ok(Some(Arc::clone(hit)));
+        }
+        let Some(n) = ctx.store.get_notification(id).await? else {
+            return Ok(None);
+        };
+        let loaded = Arc::new(load_context(ctx, &n).await?);
+        let mut entries = self.lock();
+        if entries.len() >= CACHE_MAX {
+            entries.clear();
+        }
+        entries.insert(id.to_owned(), Arc::clone(&loaded));
+        Ok(Some(loaded))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<NotificationContext>>> {
+        // A poisoned cache only loses cached values.
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+async fn load_context(ctx: &Context, n: &NotificationDoc) -> anyhow::Result<NotificationContext> {
+    let content_ids: Vec<String> = n
+        .payload
+        .get_array("content")
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| match v {
+                    bson::Bson::String(s) => Some(s.clone()),
+                    bson::Bson::Int32(i) => Some(i.to_string()),
+                    bson::Bson::Int64(i) => Some(i.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let contents = ctx.store.get_contents(&content_ids).await?;
+    Ok(NotificationContext {
+        event_type: n.event_type.clone(),
+        payload: to_json(&n.payload),
+        content: Value::Array(contents.iter().map(to_json).collect()),
+    })
+}
+
+fn to_json(d: &Document) -> Value {
+    bson::Bson::Document(d.clone()).into_relaxed_extjson()
+}
+
+fn user_json(u: &UserDoc) -> Value {
+    json!({
+        "user_id": u.id, "email": u.email, "phone": u.phone,
+        "first_name": u.first_name, "last_name": u.last_name,
+        "birthday_date": u.birthday_date, "locale": u.locale, "timezone": u.timezone,
+    })
+}
+
+fn destination(channel: Channel, u: &UserDoc) -> Option<Destination> {
+    let present = |s: &Option<String>| s.as_ref().filter(|v| !v.trim().is_empty()).cloned();
+    match channel {
+        Channel::Email => present(&u.email).map(|address| Destination::Email {
+            address,
+            name: match (&u.first_name, &u.last_name) {
+                (Some(f), Some(l)) => Some(format!("{f} {l}")),
+                (Some(f), None) => Some(f.clone()),
+                _ => None,
+            },
+        }),
+        Channel::Sms => present(&u.phone).map(Destination::Phone),
+        Channel::Push => (!u.push_tokens.is_empty()).then(|| Destination::PushTokens(u.push_tokens.clone())),
+    }
+}
+
+fn millis_since(t: DateTime) -> i64 {
+    DateTime::now().timestamp_millis() - t.timestamp_millis()
+}
+
+/// Processes one delivery job. Returns once the outcome is committed (or nothing needs
+/// committing); the caller acks only then.
+#[instrument(skip_all, fields(delivery_id = %delivery_id, notification_id = tracing::field::Empty))]
+pub async fn deliver(
+    ctx: &Context,
+    cache: &NotificationCache,
+    committer: &Committer,
+    delivery_id: &str,
+    redelivered: bool,
+) -> anyhow::Result<()> {
+    let Some(d) = ctx.store.get_delivery(delivery_id).await? else {
+        tracing::warn!("job for an unknown delivery; dropping it");
+        return Ok(());
+    };
+    tracing::Span::current().record("notification_id", d.notification_id.as_str());
+    let from = match d.status {
+        s if s.is_final() => {
+            tracing::debug!(status = s.as_str(), "already final; acking without sending");
+            return Ok(());
+        }
+        DeliveryStatus::Sending => return resolve_sending(ctx, committer, &d, redelivered).await,
+        other => other,
+    };
+    let outcome = |status, reason: &str, attempt| Outcome {
+        delivery_id: d.id.clone(),
+        notification_id: d.notification_id.clone(),
+        precondition: Precondition::Unclaimed,
+        status,
+        reason: Some(reason.to_owned()),
+        provider: None,
+        attempt,
+    };
+
+    let Some(n) = cache.get(ctx, &d.notification_id).await? else {
+        tracing::warn!("delivery of an unknown notification; dropping it");
+        return Ok(());
+    };
+    let Some(user) = ctx.store.get_user(&d.user_id).await? else {
+        return committer
+            .commit(outcome(DeliveryStatus::Skipped, "unknown_user", None))
+            .await;
+    };
+    let Some(dest) = destination(d.channel, &user) else {
+        return committer
+            .commit(outcome(DeliveryStatus::Skipped, "no_address", None))
+            .await;
+    };
+    let render_ctx = json!({
+        "user": user_json(&user),
+        "payload": n.payload,
+        "content": n.content,
+        "event_type": n.event_type,
+        "notification_id": d.notification_id,
+    });
+    let content = match ctx
+        .templates
+        .render(&d.event_type, d.channel, user.locale.as_deref(), &render_ctx)
+    {
+        Ok(c) => c,
+        Err(e) => {
+            let now = DateTime::now();
+            let attempt = AttemptDoc {
+                attempt_id: uuid::Uuid::new_v4().to_string(),
+                provider: None,
+                started_at: now,
+                finished_at: now,
+                duration_ms: 0,
+                status: DeliveryStatus::Failed,
+                error: Some(e.to_string()),
+                response: None,
+            };
+            return committer
+                .commit(outcome(DeliveryStatus::Failed, e.reason(), Some(attempt)))
+                .await;
+        }
+    };
+
+    let attempt_id = uuid::Uuid::new_v4().to_string();
+    if !ctx
+        .store
+        .claim_delivery(&d.id, from, &attempt_id, &ctx.instance)
+        .await?
+    {
+        tracing::debug!("another worker holds this delivery");
+        return Ok(());
+    }
+    let provider = ctx.channels.provider(d.channel);
+    let started_at = DateTime::now();
+    let clock = Instant::now();
+    let result = provider
+        .send(&OutboundMessage {
+            delivery_id: d.id.clone(),
+            destination: dest,
+            content,
+        })
+        .await;
+    let duration_ms = clock.elapsed().as_millis() as i64;
+    let (status, reason, provider_name, error, response) = match result {
+        Ok(r) => (DeliveryStatus::Sent, None, r.provider, None, Some(r.response)),
+        Err(e) => {
+            tracing::warn!(error = %e, "provider failed");
+            let reason = if e.is_transient() {
+                "provider_unavailable"
+            } else {
+                "provider_rejected"
+            };
+            (
+                DeliveryStatus::Failed,
+                Some(reason.to_owned()),
+                e.provider().to_owned(),
+                Some(e.message().to_owned()),
+                None,
+            )
+        }
+    };
+    committer
+        .commit(Outcome {
+            delivery_id: d.id.clone(),
+            notification_id: d.notification_id.clone(),
+            precondition: Precondition::Claimed {
+                attempt_id: attempt_id.clone(),
+            },
+            status,
+            reason,
+            provider: Some(provider_name.clone()),
+            attempt: Some(AttemptDoc {
+                attempt_id,
+                provider: Some(provider_name),
+                started_at,
+                finished_at: DateTime::now(),
+                duration_ms,
+                status,
+                error,
+                response,
+            }),
+        })
+        .await
+}
+
+/// A delivery found `sending`: its worker may have died between the provider call and
+/// the commit. Re-sending blindly could send twice, so it is recorded `failed` with
+/// `outcome_unknown` (visible, replayable) — when the job was redelivered by RabbitMQ
+/// (its consumer died) or the claim is older than the claim timeout. Otherwise another
+/// live worker holds it, and this copy of the job is dropped.
+async fn resolve_sending(
+    ctx: &Context,
+    committer: &Committer,
+    d: &DeliveryDoc,
+    redelivered: bool,
+) -> anyhow::Result<()> {
+    let Some(claim) = &d.claim else {
+        return Ok(());
+    };
+    let stale = millis_since(claim.claimed_at) > ctx.settings.worker.claim_timeout_secs * 1000;
+    if !redelivered && !stale {
+        tracing::debug!("delivery is being sent by another worker");
+        return Ok(());
+    }
+    tracing::warn!(worker = %claim.worker, "delivery left `sending` by a stopped worker; recording outcome_unknown");
+    let now = DateTime::now();
+    committer
+        .commit(Outcome {
+            delivery_id: d.id.clone(),
+            notification_id: d.notification_id.clone(),
+            precondition: Precondition::Claimed {
+                attempt_id: claim.attempt_id.clone(),
+            },
+            status: DeliveryStatus::Failed,
+            reason: Some("outcome_unknown".to_owned()),
+            provider: None,
+            attempt: Some(AttemptDoc {
+                attempt_id: claim.attempt_id.clone(),
+                provider: None,
+                started_at: claim.claimed_at,
+                finished_at: now,
+                duration_ms: millis_since(claim.claimed_at),
+                status: DeliveryStatus::Failed,
+                error: Some(
+                    "the worker stopped between the provider call and recording its outcome; not re-sent"
+                        .to_owned(),
+                ),
+                response: None,
+            }),
+        })
+        .await
+}

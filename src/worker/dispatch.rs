@@ -1,0 +1,118 @@
+//! Fan-out: expands a notification's audience into one delivery per recipient x channel.
+
+use std::collections::HashSet;
+
+use futures::{StreamExt, TryStreamExt};
+use mongodb::bson::DateTime;
+use tracing::instrument;
+
+use crate::app::Context;
+use crate::domain::{Channel, DeliveryStatus, NotificationStatus};
+use crate::queue::messages::Job;
+use crate::queue::Outgoing;
+use crate::store::{DeliveryDoc, NotificationDoc, QueuedDelivery};
+
+/// The channels a notification goes out on: the event's own list, else every channel
+/// with a template; with neither, email, so the missing template shows on the delivery.
+pub fn channels_of(ctx: &Context, n: &NotificationDoc) -> Vec<Channel> {
+    if let Some(c) = &n.channels {
+        return c.clone();
+    }
+    let found = ctx.templates.channels_for(&n.event_type);
+    if found.is_empty() {
+        vec![Channel::Email]
+    } else {
+        found
+    }
+}
+
+/// Writes and publishes the deliveries of one notification. Idempotent: a redelivered
+/// dispatch job writes only what is missing and republishes what is still queued.
+#[instrument(skip_all, fields(notification_id = %notification_id))]
+pub async fn dispatch(ctx: &Context, notification_id: &str) -> anyhow::Result<()> {
+    let Some(n) = ctx.store.get_notification(notification_id).await? else {
+        tracing::warn!("dispatch job for an unknown notification; dropping it");
+        return Ok(());
+    };
+    if matches!(
+        n.status,
+        NotificationStatus::Completed
+            | NotificationStatus::PartiallyFailed
+            | NotificationStatus::Failed
+            | NotificationStatus::Cancelled
+    ) {
+        return Ok(());
+    }
+    ctx.store.mark_dispatching(notification_id).await?;
+    let channels = channels_of(ctx, &n);
+    let batch_size = ctx.settings.worker.fanout_batch_size;
+
+    let inline: HashSet<String> = n.recipients.user_ids.iter().cloned().collect();
+    let inline_stream = futures::stream::iter(n.recipients.user_ids.clone().into_iter().map(Ok));
+    let group_stream = match &n.recipients.group_id {
+        Some(g) => ctx
+            .store
+            .stream_group_members(g)
+            .await?
+            .try_filter(move |u| futures::future::ready(!inline.contains(u)))
+            .boxed(),
+        None => futures::stream::empty().boxed(),
+    };
+    let mut audience = inline_stream.chain(group_stream).try_chunks(batch_size);
+    let mut total = 0usize;
+    while let Some(users) = audience.try_next().await.map_err(|e| e.1)? {
+        let now = DateTime::now();
+        let n = &n;
+        let planned: Vec<DeliveryDoc> = users
+            .iter()
+            .flat_map(|user| {
+                channels.iter().map(move |channel| DeliveryDoc {
+                    id: uuid::Uuid::now_v7().to_string(),
+                    notification_id: n.id.clone(),
+                    event_type: n.event_type.clone(),
+                    user_id: user.clone(),
+                    channel: *channel,
+                    priority: n.priority,
+                    status: DeliveryStatus::Queued,
+                    reason: None,
+                    provider: None,
+                    attempt_count: 0,
+                    attempts: Vec::new(),
+                    last_error: None,
+                    claim: None,
+                    created_at: now,
+                    updated_at: now,
+                    sent_at: None,
+                })
+            })
+            .collect();
+        total += planned.len();
+        let queued = ctx
+            .store
+            .insert_delivery_batch(notification_id, planned)
+            .await?;
+        publish(ctx, &queued).await?;
+    }
+    ctx.store.mark_fanout_done(notification_id).await?;
+    tracing::info!(deliveries = total, "fan-out done");
+    Ok(())
+}
+
+/// Publishes delivery jobs to their lane and waits for RabbitMQ's confirms.
+pub async fn publish(ctx: &Context, queued: &[QueuedDelivery]) -> anyhow::Result<()> {
+    let exchange = &ctx.broker.names().jobs_exchange;
+    let messages: Vec<Outgoing> = queued
+        .iter()
+        .map(|q| Outgoing {
+            exchange: exchange.clone(),
+            routing_key: q.lane.as_str().to_owned(),
+            body: Job::Deliver {
+                delivery_id: q.delivery_id.clone(),
+                notification_id: q.notification_id.clone(),
+            }
+            .encode(),
+            headers: Vec::new(),
+        })
+        .collect();
+    ctx.broker.publish_confirmed(&messages).await
+}
