@@ -32,8 +32,12 @@ impl Context {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let store = Store::connect(&settings.mongodb).await?;
         let broker = Arc::new(Broker::new(&settings.amqp));
-        let templates = Templates::load(&settings.templates.dir)
-            .with_context(|| format!("loading templates from {}", settings.templates.dir.display()))?;
+        let templates = Templates::load(&settings.templates.dir).with_context(|| {
+            format!(
+                "loading templates from {}",
+                settings.templates.dir.display()
+            )
+        })?;
         let channels = Channels::from_settings(&settings)?;
         let instance = format!(
             "{}:{}:{}",

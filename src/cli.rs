@@ -5,10 +5,19 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "herald", version, about = "Notification delivery: intake, campaigns, worker pool, delivery log")]
+#[command(
+    name = "herald",
+    version,
+    about = "Notification delivery: intake, campaigns, worker pool, delivery log"
+)]
 pub struct Cli {
     /// Folder holding `<HERALD_ENV>.toml` overrides (the defaults are built in).
-    #[arg(long, env = "HERALD_CONFIG_DIR", default_value = "config", global = true)]
+    #[arg(
+        long,
+        env = "HERALD_CONFIG_DIR",
+        default_value = "config",
+        global = true
+    )]
     pub config_dir: PathBuf,
 
     #[command(subcommand)]

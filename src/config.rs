@@ -175,11 +175,7 @@ impl Settings {
 
     /// Loads settings from an explicit environment, so tests need no global state.
     pub fn load_from(config_dir: &Path, vars: &[(String, String)]) -> anyhow::Result<Self> {
-        let var = |name: &str| {
-            vars.iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
-        };
+        let var = |name: &str| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
         let env = var("HERALD_ENV").unwrap_or_else(|| "development".to_owned());
         let env_map: config::Map<String, String> = vars
             .iter()
@@ -213,7 +209,8 @@ impl Settings {
 
     /// Checks the rules serde cannot express; each message names its key.
     pub fn validate(&self) -> anyhow::Result<()> {
-        let bad = |key: &str, why: &str| Err(anyhow::anyhow!("invalid configuration: {key}: {why}"));
+        let bad =
+            |key: &str, why: &str| Err(anyhow::anyhow!("invalid configuration: {key}: {why}"));
         if !self.mongodb.uri.expose().starts_with("mongodb") {
             return bad("mongodb.uri", "must be a mongodb:// or mongodb+srv:// URI");
         }
@@ -236,18 +233,19 @@ impl Settings {
             }
         }
         if self.worker.commit_batch_max == 0 || self.worker.fanout_batch_size == 0 {
-            return bad("worker.commit_batch_max / worker.fanout_batch_size", "must be at least 1");
+            return bad(
+                "worker.commit_batch_max / worker.fanout_batch_size",
+                "must be at least 1",
+            );
         }
         if self.outbox.batch_size <= 0 || self.outbox.lease_secs <= 0 {
             return bad("outbox.batch_size / outbox.lease_secs", "must be positive");
         }
-        if self
-            .email
-            .from
-            .parse::<lettre::message::Mailbox>()
-            .is_err()
-        {
-            return bad("email.from", "must be a mailbox such as `herald <herald@example.com>`");
+        if self.email.from.parse::<lettre::message::Mailbox>().is_err() {
+            return bad(
+                "email.from",
+                "must be a mailbox such as `herald <herald@example.com>`",
+            );
         }
         if self.events.max_payload_bytes == 0
             || self.events.max_payload_bytes > self.server.body_limit_bytes

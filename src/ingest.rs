@@ -37,13 +37,11 @@ impl AcceptError {
 
 /// Accepts a validated event: checks references, then writes the notification and its
 /// outbox entry in one transaction. Only after that commit may the caller answer 2xx.
-pub async fn accept(
-    ctx: &Context,
-    event: NewEvent,
-    source: &str,
-) -> Result<Accepted, AcceptError> {
+pub async fn accept(ctx: &Context, event: NewEvent, source: &str) -> Result<Accepted, AcceptError> {
     if event.recurring.is_some() {
-        return Err(AcceptError::NotImplemented("a recurring `schedule` on an event"));
+        return Err(AcceptError::NotImplemented(
+            "a recurring `schedule` on an event",
+        ));
     }
     if let Some(event_id) = &event.event_id {
         // A repeat is answered before anything else is checked or written.
@@ -143,7 +141,10 @@ pub async fn handle_amqp_event(ctx: Context, message: Incoming) -> Disposition {
             Disposition::Ack
         }
         Err(AcceptError::Store(e)) => {
-            tracing::warn!(error = format!("{e:#}"), "could not accept an event from the exchange; requeueing");
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "could not accept an event from the exchange; requeueing"
+            );
             tokio::time::sleep(Duration::from_secs(1)).await;
             Disposition::Requeue
         }

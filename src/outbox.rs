@@ -36,7 +36,10 @@ pub async fn relay_once(ctx: &Context) -> anyhow::Result<usize> {
     let ids: Vec<String> = entries.into_iter().map(|e| e.id).collect();
     if let Err(e) = ctx.broker.publish_confirmed(&messages).await {
         if let Err(release) = ctx.store.release_outbox(&ids).await {
-            tracing::warn!(error = format!("{release:#}"), "could not release outbox entries; they wait for their lease");
+            tracing::warn!(
+                error = format!("{release:#}"),
+                "could not release outbox entries; they wait for their lease"
+            );
         }
         return Err(e);
     }
@@ -54,7 +57,10 @@ pub async fn run(ctx: Context, cancel: CancellationToken) -> anyhow::Result<()> 
             Ok(n) if n as i64 >= ctx.settings.outbox.batch_size => continue,
             Ok(_) => backoff = poll,
             Err(e) => {
-                tracing::warn!(error = format!("{e:#}"), "outbox relay failed; entries wait");
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "outbox relay failed; entries wait"
+                );
                 backoff = (backoff * 2).min(ctx.broker.reconnect_max().max(poll));
             }
         }

@@ -27,7 +27,11 @@ async fn intake(ctx: Context, cancel: CancellationToken) -> anyhow::Result<()> {
 }
 
 /// The edge: REST API, the `herald.events` intake, and an outbox relay woken by accepts.
-pub async fn api(ctx: Context, listener: TcpListener, cancel: CancellationToken) -> anyhow::Result<()> {
+pub async fn api(
+    ctx: Context,
+    listener: TcpListener,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
     ctx.prepare_store().await?;
     let work = async {
         tokio::try_join!(
@@ -45,7 +49,12 @@ pub async fn api(ctx: Context, listener: TcpListener, cancel: CancellationToken)
 /// The worker pool: dispatch and delivery on every lane.
 pub async fn worker(ctx: Context, cancel: CancellationToken) -> anyhow::Result<()> {
     ctx.prepare_store().await?;
-    let r = shutdown::drain(worker::run(ctx.clone(), cancel.clone()), cancel.clone(), DRAIN).await;
+    let r = shutdown::drain(
+        worker::run(ctx.clone(), cancel.clone()),
+        cancel.clone(),
+        DRAIN,
+    )
+    .await;
     ctx.broker.close().await;
     r
 }
@@ -54,13 +63,22 @@ pub async fn worker(ctx: Context, cancel: CancellationToken) -> anyhow::Result<(
 pub async fn scheduler(ctx: Context, cancel: CancellationToken) -> anyhow::Result<()> {
     ctx.prepare_store().await?;
     tracing::warn!("cron campaigns are not built yet; this role runs the outbox relay only");
-    let r = shutdown::drain(outbox::run(ctx.clone(), cancel.clone()), cancel.clone(), DRAIN).await;
+    let r = shutdown::drain(
+        outbox::run(ctx.clone(), cancel.clone()),
+        cancel.clone(),
+        DRAIN,
+    )
+    .await;
     ctx.broker.close().await;
     r
 }
 
 /// Every role in one process (the default for a single machine).
-pub async fn all(ctx: Context, listener: TcpListener, cancel: CancellationToken) -> anyhow::Result<()> {
+pub async fn all(
+    ctx: Context,
+    listener: TcpListener,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
     ctx.prepare_store().await?;
     let work = async {
         tokio::try_join!(

@@ -43,10 +43,16 @@ pub async fn seed(store: &Store) -> anyhow::Result<()> {
     }
     store.put_group("demo", "Demo audience", &ids).await?;
     store
-        .put_content("m1", doc! {"title": "The Long Night", "show": "Northern Lights", "season": 2, "episode": 5})
+        .put_content(
+            "m1",
+            doc! {"title": "The Long Night", "show": "Northern Lights", "season": 2, "episode": 5},
+        )
         .await?;
     store
-        .put_content("m2", doc! {"title": "Dawn", "show": "Northern Lights", "season": 2, "episode": 6})
+        .put_content(
+            "m2",
+            doc! {"title": "Dawn", "show": "Northern Lights", "season": 2, "episode": 6},
+        )
         .await?;
     tracing::info!(users = ids.len(), group = "demo", "demo data written");
     Ok(())

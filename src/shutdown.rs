@@ -50,7 +50,10 @@ where
     match tokio::time::timeout(deadline, work).await {
         Ok(r) => r,
         Err(_) => {
-            tracing::warn!(?deadline, "shutdown deadline passed; leaving the rest to redelivery");
+            tracing::warn!(
+                ?deadline,
+                "shutdown deadline passed; leaving the rest to redelivery"
+            );
             Ok(())
         }
     }

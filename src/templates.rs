@@ -40,7 +40,10 @@ pub enum Rendered {
 pub enum TemplateError {
     /// No usable template: recorded as `template_missing`.
     #[error("no {channel} template for event type `{event_type}`")]
-    Missing { event_type: String, channel: Channel },
+    Missing {
+        event_type: String,
+        channel: Channel,
+    },
     /// The template failed on this context (strict mode: a missing variable is an error).
     #[error("rendering {name} failed: {reason}")]
     Render { name: String, reason: String },
@@ -72,7 +75,9 @@ fn valid_locale(s: &str) -> bool {
     let lang_ok = pieces
         .next()
         .is_some_and(|l| (2..=3).contains(&l.len()) && l.chars().all(|c| c.is_ascii_alphabetic()));
-    lang_ok && pieces.all(|p| !p.is_empty() && p.len() <= 8 && p.chars().all(|c| c.is_ascii_alphanumeric()))
+    lang_ok
+        && pieces
+            .all(|p| !p.is_empty() && p.len() <= 8 && p.chars().all(|c| c.is_ascii_alphanumeric()))
 }
 
 /// `pt-BR` -> [`pt-BR`, `pt`, default].
@@ -185,7 +190,9 @@ impl Templates {
             .filter(|c| match c {
                 Channel::Email => self.has(event_type, "email.subject"),
                 Channel::Sms => self.has(event_type, "sms"),
-                Channel::Push => self.has(event_type, "push.title") || self.has(event_type, "push.body"),
+                Channel::Push => {
+                    self.has(event_type, "push.title") || self.has(event_type, "push.body")
+                }
             })
             .collect()
     }
@@ -277,10 +284,19 @@ mod tests {
 
     fn sample() -> Templates {
         let mut t = Templates::empty();
-        t.add("welcome", "email.subject", None, "Hi {{user.first_name}}").expect("ok");
-        t.add("welcome", "email.subject", Some("pt"), "Olá {{user.first_name}}").expect("ok");
-        t.add("welcome", "email.html", None, "<p>{{payload.note}}</p>").expect("ok");
-        t.add("welcome", "email.txt", None, "{{payload.note}}").expect("ok");
+        t.add("welcome", "email.subject", None, "Hi {{user.first_name}}")
+            .expect("ok");
+        t.add(
+            "welcome",
+            "email.subject",
+            Some("pt"),
+            "Olá {{user.first_name}}",
+        )
+        .expect("ok");
+        t.add("welcome", "email.html", None, "<p>{{payload.note}}</p>")
+            .expect("ok");
+        t.add("welcome", "email.txt", None, "{{payload.note}}")
+            .expect("ok");
         t
     }
 
@@ -301,7 +317,9 @@ mod tests {
     fn html_is_escaped_and_text_is_not() {
         let t = sample();
         let ctx = json!({"user": {"first_name": "A"}, "payload": {"note": "<b>&</b>"}});
-        let Ok(Rendered::Email { html, text, .. }) = t.render("welcome", Channel::Email, None, &ctx) else {
+        let Ok(Rendered::Email { html, text, .. }) =
+            t.render("welcome", Channel::Email, None, &ctx)
+        else {
             panic!("renders")
         };
         assert_eq!(html.as_deref(), Some("<p>&lt;b&gt;&amp;&lt;/b&gt;</p>"));
@@ -312,7 +330,12 @@ mod tests {
     fn a_missing_variable_is_an_error_not_a_blank() {
         let t = sample();
         let err = t
-            .render("welcome", Channel::Email, None, &json!({"user": {}, "payload": {"note": "x"}}))
+            .render(
+                "welcome",
+                Channel::Email,
+                None,
+                &json!({"user": {}, "payload": {"note": "x"}}),
+            )
             .expect_err("strict");
         assert_eq!(err.reason(), "template_error");
     }
@@ -320,7 +343,9 @@ mod tests {
     #[test]
     fn an_unknown_event_type_or_channel_is_missing() {
         let t = sample();
-        let err = t.render("nope", Channel::Email, None, &json!({})).expect_err("missing");
+        let err = t
+            .render("nope", Channel::Email, None, &json!({}))
+            .expect_err("missing");
         assert_eq!(err.reason(), "template_missing");
         assert_eq!(t.channels_for("welcome"), vec![Channel::Email]);
         assert!(t.channels_for("nope").is_empty());

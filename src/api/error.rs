@@ -35,7 +35,10 @@ impl ApiError {
         Self::new(
             StatusCode::NOT_FOUND,
             "not_found",
-            format!("{what} `{}` does not exist", crate::domain::truncate(id, 64)),
+            format!(
+                "{what} `{}` does not exist",
+                crate::domain::truncate(id, 64)
+            ),
         )
     }
 
@@ -46,7 +49,11 @@ impl ApiError {
         };
         Self {
             details,
-            ..Self::new(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", message)
+            ..Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "validation_failed",
+                message,
+            )
         }
     }
 
@@ -98,7 +105,11 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if let Some(cause) = &self.cause {
             // The one place an API failure is logged, with its whole cause chain.
-            tracing::error!(code = self.code, error = format!("{cause:#}"), "request failed");
+            tracing::error!(
+                code = self.code,
+                error = format!("{cause:#}"),
+                "request failed"
+            );
         }
         let mut body = json!({"error": {"code": self.code, "message": self.message}});
         if !self.details.is_empty() {
@@ -116,13 +127,15 @@ impl IntoResponse for ApiError {
 
 /// Reads the whole body (bounded) so that every body error has herald's error shape.
 pub async fn read_body(req: Request, limit: usize) -> Result<axum::body::Bytes, ApiError> {
-    axum::body::to_bytes(req.into_body(), limit).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!("the request body is over {limit} bytes"),
-        )
-    })
+    axum::body::to_bytes(req.into_body(), limit)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("the request body is over {limit} bytes"),
+            )
+        })
 }
 
 /// A JSON body whose every rejection is an `ApiError` (malformed JSON, wrong shape, too big).

@@ -25,7 +25,10 @@ pub fn router(ctx: Context) -> Router {
             "/v1/notifications/{id}",
             get(routes::notifications::get_notification),
         )
-        .route("/v1/deliveries", get(routes::notifications::list_deliveries))
+        .route(
+            "/v1/deliveries",
+            get(routes::notifications::list_deliveries),
+        )
         .route(
             "/v1/deliveries/{id}",
             get(routes::notifications::get_delivery),
@@ -42,9 +45,7 @@ pub fn router(ctx: Context) -> Router {
                 .put(routes::groups::put_group)
                 .delete(routes::groups::delete_group),
         )
-        .fallback(|| async {
-            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
-        })
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         // Bodies are read (and bounded) by our extractors so every refusal has our shape.
         .layer(DefaultBodyLimit::disable())
         .layer(Extension(BodyLimit(limit)))
@@ -53,7 +54,11 @@ pub fn router(ctx: Context) -> Router {
 }
 
 /// Serves the API on an already-bound listener until `cancel`, then drains requests.
-pub async fn serve(ctx: Context, listener: TcpListener, cancel: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve(
+    ctx: Context,
+    listener: TcpListener,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "API listening");
     axum::serve(listener, router(ctx))
         .with_graceful_shutdown(async move { cancel.cancelled().await })

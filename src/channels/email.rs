@@ -56,15 +56,26 @@ pub fn build(settings: &EmailSettings) -> anyhow::Result<Arc<dyn Provider>> {
 }
 
 /// Builds the MIME message: multipart/alternative when there are both text and HTML.
-fn compose(from: &Mailbox, message: &OutboundMessage, provider: &str) -> Result<Message, DeliveryError> {
+fn compose(
+    from: &Mailbox,
+    message: &OutboundMessage,
+    provider: &str,
+) -> Result<Message, DeliveryError> {
     let permanent = |m: String| DeliveryError::Permanent {
         provider: provider.to_owned(),
         message: m,
     };
     let Destination::Email { address, name } = &message.destination else {
-        return Err(permanent("email provider given a non-email destination".into()));
+        return Err(permanent(
+            "email provider given a non-email destination".into(),
+        ));
     };
-    let Rendered::Email { subject, html, text } = &message.content else {
+    let Rendered::Email {
+        subject,
+        html,
+        text,
+    } = &message.content
+    else {
         return Err(permanent("email provider given a non-email message".into()));
     };
     let to = Mailbox::new(
@@ -78,7 +89,9 @@ fn compose(from: &Mailbox, message: &OutboundMessage, provider: &str) -> Result<
         .to(to)
         .subject(subject.as_str());
     let built = match (text, html) {
-        (Some(t), Some(h)) => builder.multipart(MultiPart::alternative_plain_html(t.clone(), h.clone())),
+        (Some(t), Some(h)) => {
+            builder.multipart(MultiPart::alternative_plain_html(t.clone(), h.clone()))
+        }
         (Some(t), None) => builder.singlepart(SinglePart::plain(t.clone())),
         (None, Some(h)) => builder.singlepart(
             SinglePart::builder()

@@ -15,7 +15,10 @@ use crate::templates::Rendered;
 /// Where a message goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Destination {
-    Email { address: String, name: Option<String> },
+    Email {
+        address: String,
+        name: Option<String>,
+    },
     Phone(String),
     PushTokens(Vec<String>),
 }
@@ -50,9 +53,8 @@ pub enum DeliveryError {
 impl DeliveryError {
     pub fn provider(&self) -> &str {
         match self {
-            DeliveryError::Transient { provider, .. } | DeliveryError::Permanent { provider, .. } => {
-                provider
-            }
+            DeliveryError::Transient { provider, .. }
+            | DeliveryError::Permanent { provider, .. } => provider,
         }
     }
     pub fn message(&self) -> &str {
@@ -86,8 +88,14 @@ impl Channels {
     pub fn from_settings(settings: &Settings) -> anyhow::Result<Self> {
         Ok(Self {
             email: email::build(&settings.email)?,
-            sms: Arc::new(record::RecordProvider::new(Channel::Sms, &settings.sms.record_dir)?),
-            push: Arc::new(record::RecordProvider::new(Channel::Push, &settings.push.record_dir)?),
+            sms: Arc::new(record::RecordProvider::new(
+                Channel::Sms,
+                &settings.sms.record_dir,
+            )?),
+            push: Arc::new(record::RecordProvider::new(
+                Channel::Push,
+                &settings.push.record_dir,
+            )?),
         })
     }
 

@@ -115,9 +115,8 @@ pub fn parse_event(
             "must be a JSON object",
         )]));
     }
-    let raw: RawEvent = serde_json::from_value(value).map_err(|e| {
-        EventError::Invalid(vec![FieldError::new("body", e.to_string())])
-    })?;
+    let raw: RawEvent = serde_json::from_value(value)
+        .map_err(|e| EventError::Invalid(vec![FieldError::new("body", e.to_string())]))?;
     let mut errors = Vec::new();
 
     let event_id = match (&raw.event_id, idempotency_key) {
@@ -265,7 +264,10 @@ pub fn parse_event(
             timezone,
         }),
         Some(_) => {
-            errors.push(FieldError::new("schedule", "must be a cron expression string"));
+            errors.push(FieldError::new(
+                "schedule",
+                "must be a cron expression string",
+            ));
             None
         }
     };
@@ -341,7 +343,10 @@ pub fn parse_time(
         None | Some(Value::Null) => return None,
         Some(Value::String(s)) => s,
         Some(_) => {
-            errors.push(FieldError::new(field, "must be an RFC 3339 timestamp string"));
+            errors.push(FieldError::new(
+                field,
+                "must be an RFC 3339 timestamp string",
+            ));
             return None;
         }
     };
@@ -420,23 +425,29 @@ mod tests {
     #[test]
     fn refusals_have_their_own_codes() {
         assert_eq!(
-            parse_event(b"{nope", None, LIMITS).unwrap_err().code(),
+            parse_event(b"{nope", None, LIMITS)
+                .expect_err("refused")
+                .code(),
             "malformed_json"
         );
         assert_eq!(
-            parse(json!({"event_type": "x"})).unwrap_err().code(),
+            parse(json!({"event_type": "x"}))
+                .expect_err("refused")
+                .code(),
             "no_recipients"
         );
         let big = "x".repeat(2000);
         assert_eq!(
-            parse(json!({"event_type": "x", "recipients": {"user_ids": ["u"]}, "payload": {"b": big}}))
-                .unwrap_err()
-                .code(),
+            parse(
+                json!({"event_type": "x", "recipients": {"user_ids": ["u"]}, "payload": {"b": big}})
+            )
+            .expect_err("refused")
+            .code(),
             "payload_too_large"
         );
         assert_eq!(
             parse(json!({"event_type": "x", "recipients": {"user_ids": ["u"]}, "colour": 1}))
-                .unwrap_err()
+                .expect_err("refused")
                 .code(),
             "validation_failed"
         );

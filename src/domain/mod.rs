@@ -90,9 +90,8 @@ impl EventType {
         let first_ok = chars
             .next()
             .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-        let rest_ok = chars.all(|c| {
-            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-' | '.')
-        });
+        let rest_ok = chars
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-' | '.'));
         if !first_ok || !rest_ok || s.len() > 64 || s.contains("..") {
             return Err(format!(
                 "`{}` is not an event type (1-64 characters of a-z, 0-9, _ - ., starting with a letter or digit)",
@@ -151,12 +150,7 @@ impl FromStr for Channel {
         Channel::ALL
             .into_iter()
             .find(|c| c.as_str() == s)
-            .ok_or_else(|| {
-                format!(
-                    "unknown channel `{}` (email, sms, push)",
-                    truncate(s, 32)
-                )
-            })
+            .ok_or_else(|| format!("unknown channel `{}` (email, sms, push)", truncate(s, 32)))
     }
 }
 
@@ -202,7 +196,9 @@ impl Priority {
                 Some(1) => Ok(Priority::High),
                 Some(2) => Ok(Priority::Normal),
                 Some(3) => Ok(Priority::Low),
-                _ => Err(format!("unknown priority {n} (high, normal, low or 1, 2, 3)")),
+                _ => Err(format!(
+                    "unknown priority {n} (high, normal, low or 1, 2, 3)"
+                )),
             },
             _ => Err("priority must be a string or an integer".to_owned()),
         }

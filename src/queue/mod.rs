@@ -126,8 +126,8 @@ impl Broker {
         }
         live.conn = None;
         live.publisher = None;
-        let props = ConnectionProperties::default()
-            .with_connection_name(LongString::from("herald"));
+        let props =
+            ConnectionProperties::default().with_connection_name(LongString::from("herald"));
         let conn = tokio::time::timeout(
             Duration::from_secs(5),
             Connection::connect(self.url.expose(), props),
@@ -137,7 +137,9 @@ impl Broker {
         .context("connecting to RabbitMQ")?;
         let channel = conn.create_channel().await?;
         declare_topology(&channel, &self.names).await?;
-        let _ = channel.close(200, ShortString::from("topology declared")).await;
+        let _ = channel
+            .close(200, ShortString::from("topology declared"))
+            .await;
         let conn = Arc::new(conn);
         live.conn = Some(Arc::clone(&conn));
         Ok(conn)
@@ -373,35 +375,35 @@ impl Broker {
 }
 
 impl Broker {
-/// Parks a message in the rejected queue with its reason; it is never requeued forever
-/// nor dropped silently.
-async fn reject(&self, body: &[u8], code: &str, message: &str) -> anyhow::Result<()> {
-    let ch = self.publisher().await?;
-    let names = &self.names;
-    let mut headers = FieldTable::default();
-    headers.insert(
-        ShortString::from("x-herald-error-code"),
-        AMQPValue::LongString(LongString::from(code)),
-    );
-    headers.insert(
-        ShortString::from("x-herald-error-message"),
-        AMQPValue::LongString(LongString::from(message)),
-    );
-    let confirm = ch
-        .basic_publish(
-            ShortString::from(""),
-            ShortString::from(names.rejected_queue.as_str()),
-            BasicPublishOptions::default(),
-            body,
-            BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_headers(headers),
-        )
-        .await?
-        .await?;
-    anyhow::ensure!(confirm.is_ack(), "RabbitMQ nacked a rejected message");
-    Ok(())
-}
+    /// Parks a message in the rejected queue with its reason; it is never requeued forever
+    /// nor dropped silently.
+    async fn reject(&self, body: &[u8], code: &str, message: &str) -> anyhow::Result<()> {
+        let ch = self.publisher().await?;
+        let names = &self.names;
+        let mut headers = FieldTable::default();
+        headers.insert(
+            ShortString::from("x-herald-error-code"),
+            AMQPValue::LongString(LongString::from(code)),
+        );
+        headers.insert(
+            ShortString::from("x-herald-error-message"),
+            AMQPValue::LongString(LongString::from(message)),
+        );
+        let confirm = ch
+            .basic_publish(
+                ShortString::from(""),
+                ShortString::from(names.rejected_queue.as_str()),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_headers(headers),
+            )
+            .await?
+            .await?;
+        anyhow::ensure!(confirm.is_ack(), "RabbitMQ nacked a rejected message");
+        Ok(())
+    }
 }
 
 /// Declares every exchange, queue and binding; idempotent.

@@ -141,7 +141,15 @@ impl Store {
             .into_iter()
             .collect();
         // Collections must exist before a transaction writes to them.
-        for name in [NOTIFICATIONS, OUTBOX, DELIVERIES, USERS, GROUPS, GROUP_MEMBERS, CONTENTS] {
+        for name in [
+            NOTIFICATIONS,
+            OUTBOX,
+            DELIVERIES,
+            USERS,
+            GROUPS,
+            GROUP_MEMBERS,
+            CONTENTS,
+        ] {
             if !existing.contains(name) {
                 if let Err(e) = self.db.create_collection(name).await {
                     // Another instance may have created it meanwhile (NamespaceExists).
@@ -188,16 +196,20 @@ impl Store {
                     doc! {"notification_id": 1, "user_id": 1, "channel": 1},
                     "notification_user_channel_unique",
                 ),
-                plain(doc! {"notification_id": 1, "created_at": -1}, "notification_created"),
+                plain(
+                    doc! {"notification_id": 1, "created_at": -1},
+                    "notification_created",
+                ),
                 plain(doc! {"user_id": 1, "created_at": -1}, "user_created"),
                 plain(doc! {"status": 1, "created_at": -1}, "status_created"),
             ])
             .await
             .context("indexing deliveries")?;
         self.members()
-            .create_indexes([
-                unique(doc! {"group_id": 1, "user_id": 1}, "group_user_unique"),
-            ])
+            .create_indexes([unique(
+                doc! {"group_id": 1, "user_id": 1},
+                "group_user_unique",
+            )])
             .await
             .context("indexing group_members")?;
         Ok(())
@@ -287,10 +299,7 @@ impl Store {
         let Some(n) = self.get_notification(id).await? else {
             return Ok(());
         };
-        if !n.fanout_done
-            || n.counts.pending() > 0
-            || n.status != NotificationStatus::Dispatching
-        {
+        if !n.fanout_done || n.counts.pending() > 0 || n.status != NotificationStatus::Dispatching {
             return Ok(());
         }
         let c = n.counts;
@@ -304,7 +313,7 @@ impl Store {
         self.notifications()
             .update_one(
                 doc! {"_id": id, "status": "dispatching", "fanout_done": true,
-                      "counts.queued": 0, "counts.retrying": 0, "counts.deferred": 0},
+                "counts.queued": 0, "counts.retrying": 0, "counts.deferred": 0},
                 doc! {"$set": {"status": status, "updated_at": now()}},
             )
             .await?;
@@ -517,11 +526,13 @@ impl Store {
             .projection(doc! {"user_id": 1, "_id": 0})
             .batch_size(1000)
             .await?;
-        Ok(cursor.map_err(anyhow::Error::from).and_then(|d| async move {
-            d.get_str("user_id")
-                .map(str::to_owned)
-                .context("group member without user_id")
-        }))
+        Ok(cursor
+            .map_err(anyhow::Error::from)
+            .and_then(|d| async move {
+                d.get_str("user_id")
+                    .map(str::to_owned)
+                    .context("group member without user_id")
+            }))
     }
 
     pub async fn delete_group(&self, id: &str) -> anyhow::Result<bool> {
@@ -531,7 +542,10 @@ impl Store {
             .and_run((self.groups(), self.members()), |s, (groups, members)| {
                 let id = id.to_owned();
                 async move {
-                    let r = groups.delete_one(doc! {"_id": &id}).session(&mut *s).await?;
+                    let r = groups
+                        .delete_one(doc! {"_id": &id})
+                        .session(&mut *s)
+                        .await?;
                     members
                         .delete_many(doc! {"group_id": &id})
                         .session(&mut *s)
@@ -664,7 +678,7 @@ impl Store {
                     async move {
                         let existing: Vec<DeliveryDoc> = deliveries
                             .find(doc! {"notification_id": notification_id,
-                                        "user_id": {"$in": &**user_ids}})
+                            "user_id": {"$in": &**user_ids}})
                             .session(&mut *s)
                             .await?
                             .stream(&mut *s)
@@ -688,7 +702,7 @@ impl Store {
                                 .update_one(
                                     doc! {"_id": notification_id},
                                     doc! {"$inc": {"counts.total": n, "counts.queued": n},
-                                          "$set": {"updated_at": now()}},
+                                    "$set": {"updated_at": now()}},
                                 )
                                 .session(&mut *s)
                                 .await?;
@@ -731,7 +745,7 @@ impl Store {
             .update_one(
                 doc! {"_id": id, "status": from.as_str()},
                 doc! {"$set": {"status": "sending", "claim": bson::to_bson(&claim)?,
-                               "updated_at": now()}},
+                "updated_at": now()}},
             )
             .await?;
         Ok(r.modified_count == 1)
@@ -778,8 +792,11 @@ impl Store {
                             let mut update = doc! {};
                             if let Some(a) = &o.attempt {
                                 set.insert("last_error", a.error.as_deref());
-                                update.insert("$push", doc! {"attempts": bson::to_bson(a)
-                                    .map_err(mongodb::error::Error::custom)?});
+                                update.insert(
+                                    "$push",
+                                    doc! {"attempts": bson::to_bson(a)
+                                    .map_err(mongodb::error::Error::custom)?},
+                                );
                                 update.insert("$inc", doc! {"attempt_count": 1});
                             }
                             update.insert("$set", set);

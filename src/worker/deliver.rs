@@ -30,7 +30,11 @@ pub struct NotificationCache {
 const CACHE_MAX: usize = 256;
 
 impl NotificationCache {
-    async fn get(&self, ctx: &Context, id: &str) -> anyhow::Result<Option<Arc<NotificationContext>>> {
+    async fn get(
+        &self,
+        ctx: &Context,
+        id: &str,
+    ) -> anyhow::Result<Option<Arc<NotificationContext>>> {
         if let Some(hit) = self.lock().get(id) {
             return Ok(Some(Arc::clone(hit)));
         }
@@ -99,7 +103,9 @@ fn destination(channel: Channel, u: &UserDoc) -> Option<Destination> {
             },
         }),
         Channel::Sms => present(&u.phone).map(Destination::Phone),
-        Channel::Push => (!u.push_tokens.is_empty()).then(|| Destination::PushTokens(u.push_tokens.clone())),
+        Channel::Push => {
+            (!u.push_tokens.is_empty()).then(|| Destination::PushTokens(u.push_tokens.clone()))
+        }
     }
 }
 
@@ -161,10 +167,12 @@ pub async fn deliver(
         "event_type": n.event_type,
         "notification_id": d.notification_id,
     });
-    let content = match ctx
-        .templates
-        .render(&d.event_type, d.channel, user.locale.as_deref(), &render_ctx)
-    {
+    let content = match ctx.templates.render(
+        &d.event_type,
+        d.channel,
+        user.locale.as_deref(),
+        &render_ctx,
+    ) {
         Ok(c) => c,
         Err(e) => {
             let now = DateTime::now();
@@ -205,7 +213,13 @@ pub async fn deliver(
         .await;
     let duration_ms = clock.elapsed().as_millis() as i64;
     let (status, reason, provider_name, error, response) = match result {
-        Ok(r) => (DeliveryStatus::Sent, None, r.provider, None, Some(r.response)),
+        Ok(r) => (
+            DeliveryStatus::Sent,
+            None,
+            r.provider,
+            None,
+            Some(r.response),
+        ),
         Err(e) => {
             tracing::warn!(error = %e, "provider failed");
             let reason = if e.is_transient() {

@@ -64,7 +64,11 @@ pub async fn put_group(
     let members: Vec<String> = members.into_iter().collect();
     let (group, created) = ctx.store.put_group(&id, body.name.trim(), &members).await?;
     let shown = members.into_iter().take(SHOWN_MEMBERS as usize).collect();
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json(group_json(&group, shown))).into_response())
 }
 

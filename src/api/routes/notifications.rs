@@ -65,8 +65,8 @@ pub async fn list_deliveries(
     State(ctx): State<Context>,
     query: Result<Query<DeliveryQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(q) = query
-        .map_err(|e| ApiError::validation(vec![FieldError::new("query", e.body_text())]))?;
+    let Query(q) =
+        query.map_err(|e| ApiError::validation(vec![FieldError::new("query", e.body_text())]))?;
     let mut errors = Vec::new();
     let status = q.status.as_deref().and_then(|s| {
         serde_json::from_value::<DeliveryStatus>(json!(s))

@@ -64,27 +64,45 @@ impl UserBody {
         }
         if let Some(p) = &self.phone {
             if !valid_phone(p) {
-                errors.push(FieldError::new("phone", "must be an E.164 number such as +4915112345678"));
+                errors.push(FieldError::new(
+                    "phone",
+                    "must be an E.164 number such as +4915112345678",
+                ));
             }
         }
         if self.push_tokens.len() > 20
-            || self.push_tokens.iter().any(|t| t.is_empty() || t.len() > 4096)
+            || self
+                .push_tokens
+                .iter()
+                .any(|t| t.is_empty() || t.len() > 4096)
         {
-            errors.push(FieldError::new("push_tokens", "at most 20 non-empty tokens of up to 4096 bytes"));
+            errors.push(FieldError::new(
+                "push_tokens",
+                "at most 20 non-empty tokens of up to 4096 bytes",
+            ));
         }
         if let Some(l) = &self.locale {
             if !valid_locale(l) {
-                errors.push(FieldError::new("locale", "must be a language tag such as pt-BR"));
+                errors.push(FieldError::new(
+                    "locale",
+                    "must be a language tag such as pt-BR",
+                ));
             }
         }
         if let Some(tz) = &self.timezone {
             if tz.parse::<chrono_tz::Tz>().is_err() {
-                errors.push(FieldError::new("timezone", "must be an IANA time zone such as Europe/Berlin"));
+                errors.push(FieldError::new(
+                    "timezone",
+                    "must be an IANA time zone such as Europe/Berlin",
+                ));
             }
         }
         if let Some(b) = &self.birthday_date {
             if chrono::NaiveDate::parse_from_str(b, "%Y-%m-%d").is_err() {
-                errors.push(FieldError::new("birthday_date", "must be a date YYYY-MM-DD"));
+                errors.push(FieldError::new(
+                    "birthday_date",
+                    "must be a date YYYY-MM-DD",
+                ));
             }
         }
         let preferences = bson::to_document(&self.preferences).map_err(|e| {
@@ -140,7 +158,11 @@ pub async fn put_user(
         .get_user(id.as_str())
         .await?
         .ok_or_else(|| ApiError::not_found("user", id.as_str()))?;
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json(user_json(&stored))).into_response())
 }
 

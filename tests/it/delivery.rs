@@ -1,0 +1,352 @@
+//! Delivery outcomes: every recipient is accounted for, and nothing is sent twice.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use herald::domain::DeliveryStatus;
+use herald::queue::messages::Job;
+use herald::queue::Outgoing;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use mongodb::bson::{doc, DateTime, Document};
+use serde_json::json;
+
+use crate::helpers::{spawn_app, spawn_app_with, Roles, TestOptions};
+
+#[tokio::test]
+async fn recipients_without_address_or_template_are_accounted_for_with_a_reason() {
+    let app = spawn_app().await;
+    app.put_user(
+        "has-mail",
+        json!({"email": "a@example.com", "first_name": "A"}),
+    )
+    .await;
+    app.put_user(
+        "no-mail",
+        json!({"phone": "+4915112345678", "first_name": "B"}),
+    )
+    .await;
+    let (status, body) = app
+        .post_event(&json!({
+            "event_type": "greeting", "channels": ["email"],
+            "recipients": {"user_ids": ["has-mail", "no-mail", "ghost"]},
+            "payload": {"note": "hi"}
+        }))
+        .await;
+    assert_eq!(status, 202);
+    let id = body["notification_id"].as_str().expect("id");
+    let n = app.wait_finished(id, 20).await;
+    assert_eq!(n["status"], "completed");
+    assert_eq!(n["counts"]["sent"], 1);
+    assert_eq!(n["counts"]["skipped"], 2);
+    let reasons: Vec<(String, String)> = app
+        .deliveries(id)
+        .await
+        .iter()
+        .map(|d| {
+            (
+                d["user_id"].as_str().unwrap_or_default().to_owned(),
+                d["reason"].as_str().unwrap_or("-").to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        reasons.contains(&("no-mail".into(), "no_address".into())),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.contains(&("ghost".into(), "unknown_user".into())),
+        "{reasons:?}"
+    );
+
+    // An event type without templates is accepted; each delivery fails visibly.
+    let (status, body) = app
+        .post_event(
+            &json!({"event_type": "never-templated", "recipients": {"user_ids": ["has-mail"]}}),
+        )
+        .await;
+    assert_eq!(status, 202);
+    let id = body["notification_id"].as_str().expect("id");
+    let n = app.wait_finished(id, 20).await;
+    assert_eq!(n["status"], "failed");
+    let d = &app.deliveries(id).await[0];
+    assert_eq!(d["status"], "failed");
+    assert_eq!(d["reason"], "template_missing");
+    assert!(d["last_error"]
+        .as_str()
+        .is_some_and(|e| e.contains("never-templated")));
+
+    // A template that fails in strict mode is an error on the delivery, not a blank.
+    let (_, body) = app
+        .post_event(&json!({"event_type": "greeting", "channels": ["email"], "recipients": {"user_ids": ["has-mail"]}}))
+        .await;
+    let id = body["notification_id"].as_str().expect("id");
+    app.wait_finished(id, 20).await;
+    assert_eq!(app.deliveries(id).await[0]["reason"], "template_error");
+    assert_eq!(
+        app.smtp.mails().len(),
+        1,
+        "only the deliverable one was sent"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_group_and_inline_recipients_fan_out_once_per_user_and_channel() {
+    let app = spawn_app().await;
+    for i in 0..5 {
+        app.put_user(&format!("m{i}"), json!({"email": format!("m{i}@example.com"), "phone": "+15550000000", "first_name": "M"}))
+            .await;
+    }
+    let (status, _) = app
+        .put(
+            "/v1/groups/team",
+            &json!({"name": "Team", "user_ids": ["m0", "m1", "m2", "m3"]}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let (_, body) = app
+        .post_event(&json!({
+            "event_type": "greeting", "channels": ["email", "sms"],
+            "recipients": {"group_id": "team", "user_ids": ["m3", "m4"]},
+            "payload": {"note": "hello"}
+        }))
+        .await;
+    let id = body["notification_id"].as_str().expect("id");
+    let n = app.wait_finished(id, 20).await;
+    assert_eq!(n["counts"]["total"], 10, "5 distinct users x 2 channels");
+    assert_eq!(n["counts"]["sent"], 10);
+    assert_eq!(app.smtp.wait_for(5, 5).await.len(), 5);
+    // SMS goes to the recording transport, and its text is in the delivery log.
+    let sms: Vec<_> = app
+        .deliveries(id)
+        .await
+        .into_iter()
+        .filter(|d| d["channel"] == "sms")
+        .collect();
+    assert_eq!(sms.len(), 5);
+    let (_, detail) = app
+        .get(&format!(
+            "/v1/deliveries/{}",
+            sms[0]["delivery_id"].as_str().expect("id")
+        ))
+        .await;
+    assert_eq!(
+        detail["attempt_log"][0]["response"]["text"],
+        "SMS for M: hello"
+    );
+    let recorded = std::fs::read_to_string(app.files.join("sms.ndjson")).expect("sms recorded");
+    assert_eq!(recorded.lines().count(), 5);
+    app.stop().await;
+}
+
+async fn one_sent_delivery(app: &crate::helpers::TestApp) -> (String, String) {
+    app.put_user(
+        "u1",
+        json!({"email": "one@example.com", "first_name": "Ana"}),
+    )
+    .await;
+    let (_, body) = app
+        .post_event(&json!({"event_type": "greeting", "channels": ["email"],
+                            "recipients": {"user_ids": ["u1"]}, "payload": {"note": "x"}}))
+        .await;
+    let id = body["notification_id"].as_str().expect("id").to_owned();
+    app.wait_finished(&id, 20).await;
+    let delivery = app.deliveries(&id).await[0]["delivery_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    (id, delivery)
+}
+
+async fn republish(app: &crate::helpers::TestApp, notification_id: &str, delivery_id: &str) {
+    app.ctx
+        .broker
+        .publish_confirmed(&[Outgoing {
+            exchange: app.ctx.broker.names().jobs_exchange.clone(),
+            routing_key: "normal".into(),
+            body: Job::Deliver {
+                delivery_id: delivery_id.to_owned(),
+                notification_id: notification_id.to_owned(),
+            }
+            .encode(),
+            headers: vec![],
+        }])
+        .await
+        .expect("publish");
+}
+
+#[tokio::test]
+async fn a_redelivered_job_whose_delivery_is_sent_is_acked_without_sending() {
+    let app = spawn_app().await;
+    let (nid, did) = one_sent_delivery(&app).await;
+    assert_eq!(app.smtp.wait_for(1, 5).await.len(), 1);
+    // The worker committed, then died before its ack: RabbitMQ hands the job out again.
+    republish(&app, &nid, &did).await;
+    republish(&app, &nid, &did).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(app.smtp.mails().len(), 1, "no second email");
+    let (_, d) = app.get(&format!("/v1/deliveries/{did}")).await;
+    assert_eq!(d["status"], "sent");
+    assert_eq!(d["attempts"], 1);
+    let (_, n) = app.get(&format!("/v1/notifications/{nid}")).await;
+    assert_eq!(n["counts"]["sent"], 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_delivery_left_sending_by_a_dead_worker_is_failed_outcome_unknown_not_resent() {
+    let app = spawn_app().await;
+    let (nid, did) = one_sent_delivery(&app).await;
+    assert_eq!(app.smtp.wait_for(1, 5).await.len(), 1);
+    // Rewind the record to what a worker leaves when it dies between the provider call
+    // and the commit: `sending`, claimed long ago, counted as queued.
+    let old = DateTime::from_millis(DateTime::now().timestamp_millis() - 3_600_000);
+    app.db
+        .collection::<Document>("deliveries")
+        .update_one(
+            doc! {"_id": &did},
+            doc! {"$set": {"status": "sending", "claim": {"attempt_id": "lost-attempt", "from": "queued", "claimed_at": old, "worker": "dead-worker"}}},
+        )
+        .await
+        .expect("rewind");
+    app.db
+        .collection::<Document>("notifications")
+        .update_one(doc! {"_id": &nid}, doc! {"$set": {"status": "dispatching"}, "$inc": {"counts.sent": -1, "counts.queued": 1}})
+        .await
+        .expect("rewind counts");
+    republish(&app, &nid, &did).await;
+    let n = app.wait_finished(&nid, 20).await;
+    assert_eq!(n["status"], "failed");
+    assert_eq!(n["counts"]["failed"], 1);
+    assert_eq!(n["counts"]["queued"], 0);
+    let (_, d) = app.get(&format!("/v1/deliveries/{did}")).await;
+    assert_eq!(d["status"], "failed");
+    assert_eq!(d["reason"], "outcome_unknown");
+    assert_eq!(app.smtp.mails().len(), 1, "not re-sent blindly");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_job_redelivered_after_its_worker_died_mid_send_is_not_sent_again() {
+    // Only the API runs; this test plays the worker that dies.
+    let app = spawn_app_with(TestOptions {
+        roles: Roles::ApiOnly,
+        ..Default::default()
+    })
+    .await;
+    app.put_user(
+        "u1",
+        json!({"email": "one@example.com", "first_name": "Ana"}),
+    )
+    .await;
+    let (_, body) = app
+        .post_event(&json!({"event_type": "greeting", "channels": ["email"],
+                            "recipients": {"user_ids": ["u1"]}, "payload": {"note": "x"}}))
+        .await;
+    let nid = body["notification_id"].as_str().expect("id").to_owned();
+
+    let lane = app
+        .ctx
+        .broker
+        .names()
+        .lane(herald::domain::Priority::Normal)
+        .to_owned();
+    let channel = app.ctx.broker.channel().await.expect("channel");
+    channel
+        .basic_qos(10, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut consumer = channel
+        .basic_consume(
+            lane.as_str().into(),
+            "doomed".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut delivery_id = None;
+    while delivery_id.is_none() {
+        let m = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .expect("a job")
+            .expect("stream")
+            .expect("delivery");
+        match Job::decode(&m.data).expect("job") {
+            Job::Dispatch { notification_id } => {
+                herald::worker::dispatch::dispatch(&app.ctx, &notification_id)
+                    .await
+                    .expect("dispatch");
+                m.acker.ack(Default::default()).await.expect("ack");
+            }
+            Job::Deliver { delivery_id: d, .. } => {
+                // The doomed worker claims the delivery (as before a provider call) ...
+                assert!(app
+                    .ctx
+                    .store
+                    .claim_delivery(&d, DeliveryStatus::Queued, "doomed-attempt", "doomed")
+                    .await
+                    .expect("claim"));
+                delivery_id = Some(d);
+            }
+        }
+    }
+    // ... and dies without acking: RabbitMQ requeues the job as redelivered.
+    channel
+        .basic_cancel("doomed".into(), BasicCancelOptions::default())
+        .await
+        .expect("cancel");
+    channel.close(200, "dead".into()).await.expect("close");
+
+    let worker_cancel = tokio_util::sync::CancellationToken::new();
+    let worker = tokio::spawn(herald::roles::worker(
+        app.ctx.clone(),
+        worker_cancel.clone(),
+    ));
+    let n = app.wait_finished(&nid, 20).await;
+    worker_cancel.cancel();
+    let _ = worker.await;
+    assert_eq!(n["counts"]["failed"], 1);
+    let (_, d) = app
+        .get(&format!("/v1/deliveries/{}", delivery_id.expect("id")))
+        .await;
+    assert_eq!(d["reason"], "outcome_unknown", "{d}");
+    assert!(app.smtp.mails().is_empty(), "never sent blindly");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_embedded_defaults_write_each_email_as_an_eml_file() {
+    // The run command's settings: file transport; only the database, prefix and folder differ.
+    let app = spawn_app_with(TestOptions {
+        env: vec![("HERALD__EMAIL__TRANSPORT".into(), "file".into())],
+        ..Default::default()
+    })
+    .await;
+    app.put_user(
+        "u1",
+        json!({"email": "one@example.com", "first_name": "Ana"}),
+    )
+    .await;
+    let (_, body) = app
+        .post_event(&json!({"event_type": "greeting", "recipients": {"user_ids": ["u1"]}, "payload": {"note": "file me"}}))
+        .await;
+    let id = body["notification_id"].as_str().expect("id");
+    let n = app.wait_finished(id, 20).await;
+    assert_eq!(n["status"], "completed");
+    let files: Vec<_> = std::fs::read_dir(app.files.join("email"))
+        .expect("email dir")
+        .filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "eml"))
+        .collect();
+    assert_eq!(files.len(), 1);
+    let eml = std::fs::read_to_string(files[0].path()).expect("read");
+    assert!(eml.contains("Subject: Hello Ana"), "{eml}");
+    assert!(eml.contains("file me"));
+    let d = &app.deliveries(id).await;
+    assert!(d
+        .iter()
+        .any(|d| d["channel"] == "email" && d["provider"] == "file"));
+    app.stop().await;
+}

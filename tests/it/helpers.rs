@@ -1,0 +1,484 @@
+//! `spawn_app()` and the real servers tests talk to: an SMTP server that records what it
+//! receives, and a TCP proxy that can cut herald off from RabbitMQ.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use herald::app::Context;
+use herald::config::Settings;
+use mongodb::bson::{doc, Document};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub fn mongodb_uri() -> String {
+    std::env::var("MONGODB_URI")
+        .unwrap_or_else(|_| "mongodb://127.0.0.1:47017/?directConnection=true".to_owned())
+}
+
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+fn init_logs() {
+    if std::env::var("TEST_LOG").is_ok() {
+        herald::telemetry::init(&herald::config::LogSettings {
+            format: herald::config::LogFormat::Pretty,
+            level: "debug".to_owned(),
+        });
+    }
+}
+
+// ---- SMTP --------------------------------------------------------------------------------
+
+/// A message as the SMTP server received it.
+#[derive(Debug, Clone)]
+pub struct Mail {
+    pub from: String,
+    pub to: Vec<String>,
+    pub data: String,
+}
+
+impl Mail {
+    pub fn subject(&self) -> String {
+        self.parsed(|m| m.subject().unwrap_or_default().to_owned())
+    }
+    pub fn text(&self) -> String {
+        self.parsed(|m| m.body_text(0).unwrap_or_default().into_owned())
+    }
+    pub fn html(&self) -> String {
+        self.parsed(|m| m.body_html(0).unwrap_or_default().into_owned())
+    }
+    fn parsed<T>(&self, f: impl FnOnce(&mail_parser::Message<'_>) -> T) -> T {
+        let m = mail_parser::MessageParser::default()
+            .parse(self.data.as_bytes())
+            .expect("a parseable message");
+        f(&m)
+    }
+}
+
+/// A real SMTP server on loopback (RFC 5321 subset lettre uses) that records every message.
+#[derive(Clone)]
+pub struct SmtpServer {
+    pub port: u16,
+    mails: Arc<Mutex<Vec<Mail>>>,
+    arrived: Arc<Notify>,
+}
+
+impl SmtpServer {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind smtp");
+        let server = Self {
+            port: listener.local_addr().expect("addr").port(),
+            mails: Arc::default(),
+            arrived: Arc::default(),
+        };
+        let s = server.clone();
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let _ = s.session(sock).await;
+                });
+            }
+        });
+        server
+    }
+
+    async fn session(&self, sock: TcpStream) -> std::io::Result<()> {
+        let (r, mut w) = sock.into_split();
+        let mut lines = BufReader::new(r);
+        w.write_all(b"220 herald-test ESMTP\r\n").await?;
+        let (mut from, mut to) = (String::new(), Vec::new());
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if lines.read_line(&mut line).await? == 0 {
+                return Ok(());
+            }
+            let cmd = line.trim_end().to_owned();
+            let upper = cmd.to_ascii_uppercase();
+            let reply: &[u8] = if upper.starts_with("EHLO") {
+                b"250-herald-test\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+            } else if upper.starts_with("HELO") || upper.starts_with("NOOP") {
+                b"250 OK\r\n"
+            } else if upper.starts_with("MAIL FROM:") {
+                from = cmd[10..].trim().trim_matches(['<', '>']).to_owned();
+                to.clear();
+                b"250 OK\r\n"
+            } else if upper.starts_with("RCPT TO:") {
+                to.push(cmd[8..].trim().trim_matches(['<', '>']).to_owned());
+                b"250 OK\r\n"
+            } else if upper == "DATA" {
+                w.write_all(b"354 end with .\r\n").await?;
+                let mut data = String::new();
+                loop {
+                    line.clear();
+                    if lines.read_line(&mut line).await? == 0 {
+                        return Ok(());
+                    }
+                    if line == ".\r\n" || line == ".\n" {
+                        break;
+                    }
+                    data.push_str(line.strip_prefix('.').unwrap_or(&line));
+                }
+                self.mails.lock().expect("lock").push(Mail {
+                    from: from.clone(),
+                    to: std::mem::take(&mut to),
+                    data,
+                });
+                self.arrived.notify_waiters();
+                b"250 OK queued\r\n"
+            } else if upper == "RSET" {
+                to.clear();
+                b"250 OK\r\n"
+            } else if upper == "QUIT" {
+                w.write_all(b"221 bye\r\n").await?;
+                return Ok(());
+            } else {
+                b"502 command not implemented\r\n"
+            };
+            w.write_all(reply).await?;
+        }
+    }
+
+    pub fn mails(&self) -> Vec<Mail> {
+        self.mails.lock().expect("lock").clone()
+    }
+
+    /// Waits until at least `n` messages arrived (or panics after `secs`).
+    pub async fn wait_for(&self, n: usize, secs: u64) -> Vec<Mail> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let notified = self.arrived.notified();
+            let mails = self.mails();
+            if mails.len() >= n {
+                return mails;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                panic!(
+                    "expected {n} emails within {secs}s, got {}",
+                    self.mails().len()
+                );
+            }
+        }
+    }
+}
+
+// ---- a TCP proxy that can be cut ----------------------------------------------------------
+
+/// Forwards loopback connections to `target` while up; when down, refuses new
+/// connections and cuts the open ones — RabbitMQ as seen from a partitioned herald.
+#[derive(Clone)]
+pub struct TcpProxy {
+    pub port: u16,
+    up: Arc<Mutex<(bool, CancellationToken)>>,
+}
+
+impl TcpProxy {
+    pub async fn start(target: String, up: bool) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let proxy = Self {
+            port: listener.local_addr().expect("addr").port(),
+            up: Arc::new(Mutex::new((up, CancellationToken::new()))),
+        };
+        let p = proxy.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let (is_up, cut) = {
+                    let g = p.up.lock().expect("lock");
+                    (g.0, g.1.clone())
+                };
+                if !is_up {
+                    drop(inbound);
+                    continue;
+                }
+                let target = target.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.cancelled() => {}
+                    }
+                });
+            }
+        });
+        proxy
+    }
+
+    pub fn set_up(&self, up: bool) {
+        let mut g = self.up.lock().expect("lock");
+        if !up {
+            g.1.cancel();
+            g.1 = CancellationToken::new();
+        }
+        g.0 = up;
+    }
+}
+
+/// `host:port` of the broker in `amqp_url()`.
+pub fn amqp_host_port() -> String {
+    let url = amqp_url();
+    let after_at = url.rsplit('@').next().unwrap_or("127.0.0.1:5672");
+    after_at
+        .split('/')
+        .next()
+        .unwrap_or("127.0.0.1:5672")
+        .to_owned()
+}
+
+// ---- the app ---------------------------------------------------------------------------
+
+/// Which roles a test runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Roles {
+    All,
+    ApiOnly,
+}
+
+pub struct TestOptions {
+    pub roles: Roles,
+    /// Point herald's AMQP connection somewhere else (a proxy).
+    pub amqp_url: Option<String>,
+    /// Extra `HERALD__*` variables.
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for TestOptions {
+    fn default() -> Self {
+        Self {
+            roles: Roles::All,
+            amqp_url: None,
+            env: Vec::new(),
+        }
+    }
+}
+
+pub struct TestApp {
+    pub address: String,
+    pub http: reqwest::Client,
+    pub ctx: Context,
+    pub smtp: SmtpServer,
+    pub db: mongodb::Database,
+    pub files: PathBuf,
+    cancel: CancellationToken,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(TestOptions::default()).await
+}
+
+pub async fn spawn_app_with(options: TestOptions) -> TestApp {
+    init_logs();
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let smtp = SmtpServer::start().await;
+    let files = std::env::temp_dir().join(format!("herald-test-{id}"));
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut vars: Vec<(String, String)> = vec![
+        ("MONGODB_URI".into(), mongodb_uri()),
+        (
+            "AMQP_URL".into(),
+            options.amqp_url.clone().unwrap_or_else(amqp_url),
+        ),
+        (
+            "HERALD__MONGODB__DATABASE".into(),
+            format!("herald_test_{}", &id[..16]),
+        ),
+        (
+            "HERALD__AMQP__PREFIX".into(),
+            format!("herald-test-{}", &id[..12]),
+        ),
+        ("HERALD__AMQP__RECONNECT_MAX_MS".into(), "300".into()),
+        ("HERALD__OUTBOX__POLL_INTERVAL_MS".into(), "100".into()),
+        ("HERALD__EMAIL__TRANSPORT".into(), "smtp".into()),
+        ("HERALD__EMAIL__SMTP__PORT".into(), smtp.port.to_string()),
+        (
+            "HERALD__EMAIL__FILE_DIR".into(),
+            files.join("email").display().to_string(),
+        ),
+        (
+            "HERALD__SMS__RECORD_DIR".into(),
+            files.display().to_string(),
+        ),
+        (
+            "HERALD__PUSH__RECORD_DIR".into(),
+            files.display().to_string(),
+        ),
+        (
+            "HERALD__TEMPLATES__DIR".into(),
+            manifest
+                .join("tests/fixtures/templates")
+                .display()
+                .to_string(),
+        ),
+    ];
+    vars.extend(options.env);
+    let settings = Settings::load_from(&manifest.join("config"), &vars).expect("test settings");
+    let ctx = Context::build(settings.clone()).await.expect("context");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind api");
+    let address = format!("http://{}", listener.local_addr().expect("addr"));
+    let cancel = CancellationToken::new();
+    let task = match options.roles {
+        Roles::All => tokio::spawn(herald::roles::all(ctx.clone(), listener, cancel.clone())),
+        Roles::ApiOnly => tokio::spawn(herald::roles::api(ctx.clone(), listener, cancel.clone())),
+    };
+    let db = mongodb::Client::with_uri_str(mongodb_uri())
+        .await
+        .expect("mongo client")
+        .database(&settings.mongodb.database);
+    let app = TestApp {
+        address,
+        http: reqwest::Client::new(),
+        ctx,
+        smtp,
+        db,
+        files,
+        cancel,
+        task: Some(task),
+    };
+    app.wait_until_serving().await;
+    app
+}
+
+impl TestApp {
+    async fn wait_until_serving(&self) {
+        for _ in 0..100 {
+            if let Ok(r) = self
+                .http
+                .get(format!("{}/health", self.address))
+                .send()
+                .await
+            {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("herald did not start serving");
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+
+    pub async fn post_event(&self, body: &Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(self.url("/v1/events"))
+            .json(body)
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post_raw(&self, body: impl Into<reqwest::Body>) -> (u16, Value) {
+        let r = self
+            .http
+            .post(self.url("/v1/events"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self.http.get(self.url(path)).send().await.expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn put(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = self
+            .http
+            .put(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn delete(&self, path: &str) -> u16 {
+        self.http
+            .delete(self.url(path))
+            .send()
+            .await
+            .expect("request")
+            .status()
+            .as_u16()
+    }
+
+    pub async fn put_user(&self, id: &str, body: Value) {
+        let (status, body) = self.put(&format!("/v1/users/{id}"), &body).await;
+        assert!(status == 201 || status == 200, "{status} {body}");
+    }
+
+    /// Waits until the notification reaches a final status; returns its JSON.
+    pub async fn wait_finished(&self, notification_id: &str, secs: u64) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let (_, n) = self
+                .get(&format!("/v1/notifications/{notification_id}"))
+                .await;
+            let status = n["status"].as_str().unwrap_or_default();
+            if ["completed", "partially_failed", "failed"].contains(&status) {
+                return n;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("notification {notification_id} did not finish within {secs}s: {n}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The delivery log of a notification.
+    pub async fn deliveries(&self, notification_id: &str) -> Vec<Value> {
+        let (status, body) = self
+            .get(&format!("/v1/deliveries?notification_id={notification_id}"))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body["items"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Documents in a collection (tests read the database directly to prove nothing was written).
+    pub async fn count(&self, collection: &str) -> u64 {
+        self.db
+            .collection::<Document>(collection)
+            .count_documents(doc! {})
+            .await
+            .expect("count")
+    }
+
+    /// Stops herald, then removes its database, queues and files.
+    pub async fn stop(mut self) {
+        self.cancel.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(20), task).await;
+        }
+        let _ = self.ctx.broker.delete_topology().await;
+        self.ctx.broker.close().await;
+        let _ = self.db.drop().await;
+        let _ = std::fs::remove_dir_all(&self.files);
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        // A failed test still stops its background roles.
+        self.cancel.cancel();
+    }
+}

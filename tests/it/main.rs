@@ -1,0 +1,9 @@
+//! herald's integration tests: each test runs herald against real MongoDB, RabbitMQ and SMTP.
+
+mod helpers;
+
+mod delivery;
+mod events;
+mod intake;
+mod outages;
+mod recipients;

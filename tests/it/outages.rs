@@ -1,0 +1,61 @@
+//! RabbitMQ unreachable: events are still accepted, and delivered once it is back.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::helpers::{amqp_host_port, spawn_app_with, TcpProxy, TestOptions};
+
+#[tokio::test]
+async fn an_event_accepted_while_rabbitmq_is_down_is_delivered_when_it_is_back() {
+    let proxy = TcpProxy::start(amqp_host_port(), false).await;
+    let app = spawn_app_with(TestOptions {
+        amqp_url: Some(format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port)),
+        ..Default::default()
+    })
+    .await;
+    app.put_user(
+        "u1",
+        json!({"email": "one@example.com", "first_name": "Ana"}),
+    )
+    .await;
+
+    let (status, body) = app
+        .post_event(&json!({"event_type": "greeting", "channels": ["email"],
+                            "recipients": {"user_ids": ["u1"]}, "payload": {"note": "patience"}}))
+        .await;
+    assert_eq!(status, 202, "accepted on MongoDB alone: {body}");
+    let id = body["notification_id"].as_str().expect("id");
+    let (ready, why) = app.get("/ready").await;
+    assert_eq!(ready, 503);
+    assert_eq!(why["checks"]["rabbitmq"], "unreachable");
+    assert_eq!(why["checks"]["mongodb"], "ok");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(app.smtp.mails().is_empty());
+    assert_eq!(app.count("outbox").await, 1, "waiting in the outbox");
+
+    proxy.set_up(true);
+    let n = app.wait_finished(id, 30).await;
+    assert_eq!(n["counts"]["sent"], 1);
+    assert_eq!(
+        app.smtp.wait_for(1, 5).await[0].text().trim(),
+        "Hi Ana, patience"
+    );
+    assert_eq!(app.count("outbox").await, 0);
+    let (ready, _) = app.get("/ready").await;
+    assert_eq!(ready, 200);
+
+    // Cut again mid-life: the consumers reconnect and the next event still arrives.
+    proxy.set_up(false);
+    let (status, body) = app
+        .post_event(&json!({"event_type": "greeting", "channels": ["email"],
+                            "recipients": {"user_ids": ["u1"]}, "payload": {"note": "again"}}))
+        .await;
+    assert_eq!(status, 202);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.set_up(true);
+    app.wait_finished(body["notification_id"].as_str().expect("id"), 30)
+        .await;
+    assert_eq!(app.smtp.wait_for(2, 5).await.len(), 2);
+    app.stop().await;
+}
