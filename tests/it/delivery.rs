@@ -184,7 +184,8 @@ async fn a_redelivered_job_whose_delivery_is_sent_is_acked_without_sending() {
     // The worker committed, then died before its ack: RabbitMQ hands the job out again.
     republish(&app, &nid, &did).await;
     republish(&app, &nid, &did).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    app.wait_lane_drained(herald::domain::Priority::Normal)
+        .await;
     assert_eq!(app.smtp.mails().len(), 1, "no second email");
     let (_, d) = app.get(&format!("/v1/deliveries/{did}")).await;
     assert_eq!(d["status"], "sent");

@@ -454,6 +454,36 @@ impl TestApp {
         body["items"].as_array().cloned().unwrap_or_default()
     }
 
+    /// Messages ready (not yet handed to a consumer) on a priority lane.
+    pub async fn lane_depth(&self, lane: herald::domain::Priority) -> u32 {
+        let ch = self.ctx.broker.channel().await.expect("channel");
+        let q = ch
+            .queue_declare(
+                self.ctx.broker.names().lane(lane).into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .expect("passive declare");
+        let _ = ch.close(200, "done".into()).await;
+        q.message_count()
+    }
+
+    /// Waits until a lane has handed out every message, then lets handlers finish.
+    pub async fn wait_lane_drained(&self, lane: herald::domain::Priority) {
+        for _ in 0..200 {
+            if self.lane_depth(lane).await == 0 {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("lane {lane:?} was not drained");
+    }
+
     /// Documents in a collection (tests read the database directly to prove nothing was written).
     pub async fn count(&self, collection: &str) -> u64 {
         self.db
