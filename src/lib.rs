@@ -28,6 +28,7 @@ pub mod ingest;
 pub mod outbox;
 pub mod queue;
 pub mod roles;
+pub mod scheduler;
 pub mod seed;
 pub mod shutdown;
 pub mod store;
