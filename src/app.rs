@@ -22,6 +22,8 @@ pub struct Context {
     pub channels: Channels,
     /// Wakes this process's outbox relay right after an accept commits.
     pub outbox_wake: Arc<Notify>,
+    /// Wakes this process's scheduler when a schedule changes here.
+    pub schedule_wake: Arc<Notify>,
     /// Names this process in delivery claims (host:pid:random).
     pub instance: String,
 }
@@ -52,6 +54,7 @@ impl Context {
             templates: Arc::new(templates),
             channels,
             outbox_wake: Arc::new(Notify::new()),
+            schedule_wake: Arc::new(Notify::new()),
             instance,
         })
     }

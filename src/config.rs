@@ -42,6 +42,7 @@ pub struct Settings {
     pub events: EventSettings,
     pub outbox: OutboxSettings,
     pub worker: WorkerSettings,
+    pub scheduler: SchedulerSettings,
     pub templates: TemplateSettings,
     pub email: EmailSettings,
     pub sms: RecordChannelSettings,
@@ -109,6 +110,16 @@ pub struct WorkerSettings {
     pub claim_timeout_secs: i64,
     pub commit_batch_max: usize,
     pub fanout_batch_size: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerSettings {
+    pub poll_interval_ms: u64,
+    pub misfire_grace_secs: i64,
+    pub max_catch_up: usize,
+    pub batch_size: i64,
+    pub concurrency: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -237,6 +248,12 @@ impl Settings {
                 "worker.commit_batch_max / worker.fanout_batch_size",
                 "must be at least 1",
             );
+        }
+        if self.scheduler.batch_size <= 0 || self.scheduler.concurrency == 0 {
+            return bad("scheduler.batch_size / scheduler.concurrency", "must be positive");
+        }
+        if self.scheduler.misfire_grace_secs < 0 {
+            return bad("scheduler.misfire_grace_secs", "must not be negative");
         }
         if self.outbox.batch_size <= 0 || self.outbox.lease_secs <= 0 {
             return bad("outbox.batch_size / outbox.lease_secs", "must be positive");

@@ -3,13 +3,14 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use mongodb::bson::{self, DateTime};
+use mongodb::bson::{self, DateTime, Document};
 
 use crate::app::Context;
 use crate::domain::event::{parse_event, EventError, NewEvent};
-use crate::domain::{FieldError, NotificationStatus};
+use crate::domain::{Channel, FieldError, NotificationStatus, Priority};
 use crate::queue::{Disposition, Incoming};
-use crate::store::{Accepted, Counts, NotificationDoc, OutboxDoc, RecipientsDoc};
+use crate::scheduler::definition::{self, ScheduleError};
+use crate::store::{Accepted, Counts, NotificationDoc, OutboxDoc, RecipientsDoc, ScheduleDoc};
 
 /// Why an otherwise well-formed event was refused.
 #[derive(Debug, thiserror::Error)]
@@ -18,8 +19,8 @@ pub enum AcceptError {
     UnknownGroup(String),
     #[error("{}", crate::domain::describe(.0))]
     Invalid(Vec<FieldError>),
-    #[error("{0} is not available yet")]
-    NotImplemented(&'static str),
+    #[error(transparent)]
+    Schedule(#[from] ScheduleError),
     #[error(transparent)]
     Store(#[from] anyhow::Error),
 }
@@ -29,20 +30,56 @@ impl AcceptError {
         match self {
             AcceptError::UnknownGroup(_) => "unknown_group",
             AcceptError::Invalid(_) => "validation_failed",
-            AcceptError::NotImplemented(_) => "not_implemented",
+            AcceptError::Schedule(e) => e.code(),
             AcceptError::Store(_) => "internal_error",
         }
     }
 }
 
-/// Accepts a validated event: checks references, then writes the notification and its
-/// outbox entry in one transaction. Only after that commit may the caller answer 2xx.
-pub async fn accept(ctx: &Context, event: NewEvent, source: &str) -> Result<Accepted, AcceptError> {
-    if event.recurring.is_some() {
-        return Err(AcceptError::NotImplemented(
-            "a recurring `schedule` on an event",
-        ));
+/// What an accepted event became.
+#[derive(Debug)]
+pub enum Intake {
+    Notification(Accepted),
+    /// The seed format's `schedule`: a recurring campaign (`created` false for a repeat).
+    Schedule {
+        schedule: Box<ScheduleDoc>,
+        created: bool,
+    },
+}
+
+/// Accepts a validated event: a recurring one becomes a schedule; any other is written
+/// as a notification with its outbox entry in one transaction. Only after that commit
+/// may the caller answer 2xx.
+pub async fn accept_event(ctx: &Context, event: NewEvent, source: &str) -> Result<Intake, AcceptError> {
+    let Some(spec) = &event.recurring else {
+        return Ok(Intake::Notification(accept(ctx, event, source).await?));
+    };
+    if let Some(id) = &event.event_id {
+        if let Some(s) = ctx.store.schedule_by_event_id(id).await? {
+            return Ok(Intake::Schedule { schedule: Box::new(s), created: false });
+        }
     }
+    let input = definition::from_event(
+        spec,
+        &event.event_type,
+        event.priority,
+        &event.recipients,
+        &event.channels,
+        &event.payload,
+    )?;
+    definition::check_references(ctx, &input).await?;
+    let doc = definition::to_document(&input, None, event.event_id.clone(), Utc::now())?;
+    Ok(match ctx.store.insert_schedule(&doc).await? {
+        Some(original) => Intake::Schedule { schedule: Box::new(original), created: false },
+        None => {
+            ctx.schedule_wake.notify_one();
+            Intake::Schedule { schedule: Box::new(doc), created: true }
+        }
+    })
+}
+
+/// Accepts a one-off event (`send_at` delays it): notification + outbox in one transaction.
+pub async fn accept(ctx: &Context, event: NewEvent, source: &str) -> Result<Accepted, AcceptError> {
     if let Some(event_id) = &event.event_id {
         // A repeat is answered before anything else is checked or written.
         if let Some(existing) = ctx.store.find_notification_by_event_id(event_id).await? {
@@ -54,48 +91,80 @@ pub async fn accept(ctx: &Context, event: NewEvent, source: &str) -> Result<Acce
             return Err(AcceptError::UnknownGroup(group.to_string()));
         }
     }
-    let payload = bson::to_document(&event.payload).map_err(|e| {
-        AcceptError::Invalid(vec![FieldError::new(
-            "payload",
-            format!("cannot be stored: {e}"),
-        )])
-    })?;
+    let payload = payload_document(&event.payload)?;
+    let due_at = event.send_at.filter(|t| *t > Utc::now());
+    let (notification, outbox) = new_notification(
+        NotificationSpec {
+            event_id: event.event_id,
+            event_type: event.event_type.to_string(),
+            priority: event.priority,
+            recipients: RecipientsDoc::from(&event.recipients),
+            channels: event.channels,
+            payload,
+            source: source.to_owned(),
+            schedule_id: None,
+            upstream_created_at: event.upstream_created_at,
+        },
+        due_at,
+    );
+    let accepted = ctx.store.accept(notification, outbox).await?;
+    if matches!(accepted, Accepted::New(_)) {
+        ctx.outbox_wake.notify_one();
+    }
+    Ok(accepted)
+}
+
+/// Converts a JSON payload to a storable document.
+pub fn payload_document(payload: &serde_json::Map<String, serde_json::Value>) -> Result<Document, AcceptError> {
+    bson::to_document(payload).map_err(|e| {
+        AcceptError::Invalid(vec![FieldError::new("payload", format!("cannot be stored: {e}"))])
+    })
+}
+
+/// What a new notification is made of (from an event or a schedule's fire).
+pub struct NotificationSpec {
+    /// `None`: a generated id.
+    pub event_id: Option<String>,
+    pub event_type: String,
+    pub priority: Priority,
+    pub recipients: RecipientsDoc,
+    pub channels: Option<Vec<Channel>>,
+    pub payload: Document,
+    pub source: String,
+    pub schedule_id: Option<String>,
+    pub upstream_created_at: Option<chrono::DateTime<Utc>>,
+}
+
+fn bson_time(t: chrono::DateTime<Utc>) -> DateTime {
+    DateTime::from_millis(t.timestamp_millis())
+}
+
+/// Builds a notification and the outbox entry that will dispatch it at `due_at` (now if `None`).
+pub fn new_notification(
+    spec: NotificationSpec,
+    due_at: Option<chrono::DateTime<Utc>>,
+) -> (NotificationDoc, OutboxDoc) {
     let now = DateTime::now();
-    let due_at = event
-        .send_at
-        .filter(|t| *t > Utc::now())
-        .map(|t| DateTime::from_millis(t.timestamp_millis()));
     let id = uuid::Uuid::now_v7().to_string();
     let notification = NotificationDoc {
         id: id.clone(),
-        event_id: event
+        event_id: spec
             .event_id
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
-        event_type: event.event_type.to_string(),
-        priority: event.priority,
+        event_type: spec.event_type,
+        priority: spec.priority,
         status: if due_at.is_some() {
             NotificationStatus::Scheduled
         } else {
             NotificationStatus::Accepted
         },
-        recipients: RecipientsDoc {
-            user_ids: event
-                .recipients
-                .user_ids
-                .iter()
-                .map(|u| u.to_string())
-                .collect(),
-            group_id: event.recipients.group_id.map(|g| g.to_string()),
-        },
-        channels: event.channels,
-        payload,
-        source: source.to_owned(),
-        send_at: event
-            .send_at
-            .map(|t| DateTime::from_millis(t.timestamp_millis())),
-        upstream_created_at: event
-            .upstream_created_at
-            .map(|t| DateTime::from_millis(t.timestamp_millis())),
+        recipients: spec.recipients,
+        channels: spec.channels,
+        payload: spec.payload,
+        source: spec.source,
+        schedule_id: spec.schedule_id,
+        send_at: due_at.map(bson_time),
+        upstream_created_at: spec.upstream_created_at.map(bson_time),
         created_at: now,
         updated_at: now,
         counts: Counts::default(),
@@ -104,17 +173,13 @@ pub async fn accept(ctx: &Context, event: NewEvent, source: &str) -> Result<Acce
     let outbox = OutboxDoc {
         id: uuid::Uuid::now_v7().to_string(),
         notification_id: id,
-        lane: event.priority,
-        due_at: due_at.unwrap_or(now),
+        lane: spec.priority,
+        due_at: due_at.map_or(now, bson_time),
         lease_until: now,
         lease_token: None,
         created_at: now,
     };
-    let accepted = ctx.store.accept(notification, outbox).await?;
-    if matches!(accepted, Accepted::New(_)) {
-        ctx.outbox_wake.notify_one();
-    }
-    Ok(accepted)
+    (notification, outbox)
 }
 
 /// Handles one message from the `herald.events` exchange: the same parsing and accept
@@ -131,13 +196,17 @@ pub async fn handle_amqp_event(ctx: Context, message: Incoming) -> Disposition {
                 .to_owned(),
         };
     }
-    match accept(&ctx, event, "amqp").await {
-        Ok(Accepted::New(n)) => {
+    match accept_event(&ctx, event, "amqp").await {
+        Ok(Intake::Notification(Accepted::New(n))) => {
             tracing::info!(notification_id = %n.id, "event accepted from the exchange");
             Disposition::Ack
         }
-        Ok(Accepted::Duplicate(n)) => {
+        Ok(Intake::Notification(Accepted::Duplicate(n))) => {
             tracing::debug!(notification_id = %n.id, "repeated event from the exchange");
+            Disposition::Ack
+        }
+        Ok(Intake::Schedule { schedule, .. }) => {
+            tracing::info!(schedule_id = %schedule.id, "schedule created from the exchange");
             Disposition::Ack
         }
         Err(AcceptError::Store(e)) => {

@@ -6,7 +6,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::Context;
-use crate::{api, ingest, outbox, shutdown, worker};
+use crate::{api, ingest, outbox, scheduler, shutdown, worker};
 
 /// How long in-flight work gets after a shutdown signal.
 const DRAIN: Duration = Duration::from_secs(15);
@@ -85,6 +85,7 @@ pub async fn all(
             api::serve(ctx.clone(), listener, cancel.clone()),
             intake(ctx.clone(), cancel.clone()),
             outbox::run(ctx.clone(), cancel.clone()),
+            scheduler::run(ctx.clone(), cancel.clone()),
             worker::run(ctx.clone(), cancel.clone()),
         )?;
         Ok(())

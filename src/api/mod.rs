@@ -45,6 +45,21 @@ pub fn router(ctx: Context) -> Router {
                 .put(routes::groups::put_group)
                 .delete(routes::groups::delete_group),
         )
+        .route(
+            "/v1/schedules",
+            get(routes::schedules::list).post(routes::schedules::create),
+        )
+        .route(
+            "/v1/schedules/{id}",
+            get(routes::schedules::get)
+                .patch(routes::schedules::patch)
+                .delete(routes::schedules::delete),
+        )
+        .route("/v1/schedules/{id}/pause", post(routes::schedules::pause))
+        .route("/v1/schedules/{id}/resume", post(routes::schedules::resume))
+        .route("/v1/schedules/{id}/trigger", post(routes::schedules::trigger))
+        .route("/v1/schedules/{id}/runs", get(routes::schedules::runs))
+        .route("/v1/schedules/{id}/next", get(routes::schedules::next))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         // Bodies are read (and bounded) by our extractors so every refusal has our shape.
         .layer(DefaultBodyLimit::disable())

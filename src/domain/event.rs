@@ -8,11 +8,25 @@ use serde_json::{Map, Value};
 
 use super::{truncate, Channel, EventType, FieldError, GroupId, Priority, UserId};
 
-/// Who receives a notification: inline user ids and/or a group.
+/// Who receives a notification: inline user ids, a group and/or a segment of all users.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Recipients {
     pub user_ids: Vec<UserId>,
     pub group_id: Option<GroupId>,
+    pub segment: Option<Segment>,
+}
+
+impl Recipients {
+    pub fn is_empty(&self) -> bool {
+        self.user_ids.is_empty() && self.group_id.is_none() && self.segment.is_none()
+    }
+}
+
+/// Users matching every given filter; no filter (`{"all": true}`) means every user.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Segment {
+    pub locale: Option<String>,
+    pub tag: Option<String>,
 }
 
 /// The seed format's recurring schedule (`schedule` + `start_dt` + `timezone`).
@@ -73,7 +87,7 @@ impl EventError {
                 _ => format!("{} fields are invalid", errors.len()),
             },
             EventError::NoRecipients => {
-                "the event names no recipients: give recipients.user_ids, recipients.group_id or payload.user".to_owned()
+                "the event names no recipients: give recipients.user_ids, recipients.group_id, recipients.segment or payload.user".to_owned()
             }
             EventError::PayloadTooLarge { size, limit } => {
                 format!("payload is {size} bytes; the limit is {limit} bytes")
@@ -167,32 +181,7 @@ pub fn parse_event(
         });
     }
 
-    let mut recipients = Recipients::default();
-    match &raw.recipients {
-        None | Some(Value::Null) => {}
-        Some(Value::Object(r)) => {
-            for key in r.keys() {
-                if key != "user_ids" && key != "group_id" {
-                    errors.push(FieldError::new(
-                        format!("recipients.{}", truncate(key, 32)),
-                        "unknown field (user_ids, group_id)",
-                    ));
-                }
-            }
-            if let Some(ids) = r.get("user_ids") {
-                recipients.user_ids = parse_user_ids("recipients.user_ids", ids, &mut errors);
-            }
-            match r.get("group_id") {
-                None | Some(Value::Null) => {}
-                Some(Value::String(g)) => match GroupId::parse(g) {
-                    Ok(g) => recipients.group_id = Some(g),
-                    Err(e) => errors.push(FieldError::new("recipients.group_id", e)),
-                },
-                Some(_) => errors.push(FieldError::new("recipients.group_id", "must be a string")),
-            }
-        }
-        Some(_) => errors.push(FieldError::new("recipients", "must be an object")),
-    }
+    let mut recipients = parse_recipients(raw.recipients.as_ref(), &mut errors);
     // The seed format names recipients in payload.user.
     if let Some(users) = payload.get("user") {
         let ids = parse_user_ids("payload.user", users, &mut errors);
@@ -221,29 +210,7 @@ pub fn parse_event(
         }
     }
 
-    let channels = match &raw.channels {
-        None | Some(Value::Null) => None,
-        Some(Value::Array(items)) if items.is_empty() => {
-            errors.push(FieldError::new("channels", "must not be empty when given"));
-            None
-        }
-        Some(Value::Array(items)) => {
-            let mut out: Vec<Channel> = Vec::new();
-            for item in items {
-                match item.as_str().map(str::parse::<Channel>) {
-                    Some(Ok(c)) if !out.contains(&c) => out.push(c),
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => errors.push(FieldError::new("channels", e)),
-                    None => errors.push(FieldError::new("channels", "must be an array of strings")),
-                }
-            }
-            Some(out)
-        }
-        Some(_) => {
-            errors.push(FieldError::new("channels", "must be an array of strings"));
-            None
-        }
-    };
+    let channels = parse_channels(raw.channels.as_ref(), &mut errors);
 
     let send_at = parse_time("send_at", raw.send_at.as_ref(), &mut errors);
     let upstream_created_at = parse_time("created_dt", raw.created_dt.as_ref(), &mut errors);
@@ -281,7 +248,7 @@ pub fn parse_event(
     if !errors.is_empty() {
         return Err(EventError::Invalid(errors));
     }
-    if recipients.user_ids.is_empty() && recipients.group_id.is_none() {
+    if recipients.is_empty() {
         return Err(EventError::NoRecipients);
     }
     Ok(NewEvent {
@@ -298,6 +265,101 @@ pub fn parse_event(
     })
 }
 
+/// `recipients`: `{"user_ids": [...], "group_id": "...", "segment": {...}}`.
+pub fn parse_recipients(v: Option<&Value>, errors: &mut Vec<FieldError>) -> Recipients {
+    let mut recipients = Recipients::default();
+    match v {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(r)) => {
+            for key in r.keys() {
+                if !["user_ids", "group_id", "segment"].contains(&key.as_str()) {
+                    errors.push(FieldError::new(
+                        format!("recipients.{}", truncate(key, 32)),
+                        "unknown field (user_ids, group_id, segment)",
+                    ));
+                }
+            }
+            if let Some(ids) = r.get("user_ids") {
+                recipients.user_ids = parse_user_ids("recipients.user_ids", ids, errors);
+            }
+            match r.get("group_id") {
+                None | Some(Value::Null) => {}
+                Some(Value::String(g)) => match GroupId::parse(g) {
+                    Ok(g) => recipients.group_id = Some(g),
+                    Err(e) => errors.push(FieldError::new("recipients.group_id", e)),
+                },
+                Some(_) => errors.push(FieldError::new("recipients.group_id", "must be a string")),
+            }
+            match r.get("segment") {
+                None | Some(Value::Null) => {}
+                Some(seg) => recipients.segment = parse_segment(seg, errors),
+            }
+        }
+        Some(_) => errors.push(FieldError::new("recipients", "must be an object")),
+    }
+    recipients
+}
+
+fn parse_segment(v: &Value, errors: &mut Vec<FieldError>) -> Option<Segment> {
+    let field = "recipients.segment";
+    let Some(obj) = v.as_object() else {
+        errors.push(FieldError::new(field, "must be an object such as {\"all\": true} or {\"locale\": \"pt-BR\"}"));
+        return None;
+    };
+    let mut seg = Segment::default();
+    let mut all = false;
+    for (k, v) in obj {
+        match (k.as_str(), v) {
+            ("all", Value::Bool(b)) => all = *b,
+            ("locale", Value::String(s)) if !s.is_empty() && s.len() <= 35 => seg.locale = Some(s.clone()),
+            ("tag", Value::String(s)) if !s.is_empty() && s.len() <= 64 => seg.tag = Some(s.clone()),
+            ("all" | "locale" | "tag", _) => {
+                errors.push(FieldError::new(format!("{field}.{k}"), "has the wrong type or length"));
+                return None;
+            }
+            _ => {
+                errors.push(FieldError::new(
+                    format!("{field}.{}", truncate(k, 32)),
+                    "unknown field (all, locale, tag)",
+                ));
+                return None;
+            }
+        }
+    }
+    if !all && seg.locale.is_none() && seg.tag.is_none() {
+        errors.push(FieldError::new(field, "give all: true, a locale or a tag"));
+        return None;
+    }
+    Some(seg)
+}
+
+/// `channels`: a non-empty list of channel names; `None` means every templated channel.
+pub fn parse_channels(v: Option<&Value>, errors: &mut Vec<FieldError>) -> Option<Vec<Channel>> {
+    match v {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(items)) if items.is_empty() => {
+            errors.push(FieldError::new("channels", "must not be empty when given"));
+            None
+        }
+        Some(Value::Array(items)) => {
+            let mut out: Vec<Channel> = Vec::new();
+            for item in items {
+                match item.as_str().map(str::parse::<Channel>) {
+                    Some(Ok(c)) if !out.contains(&c) => out.push(c),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => errors.push(FieldError::new("channels", e)),
+                    None => errors.push(FieldError::new("channels", "must be an array of strings")),
+                }
+            }
+            Some(out)
+        }
+        Some(_) => {
+            errors.push(FieldError::new("channels", "must be an array of strings"));
+            None
+        }
+    }
+}
+
 fn check_key(field: &str, key: &str, errors: &mut Vec<FieldError>) -> Option<String> {
     if key.is_empty() || key.len() > 200 || key.chars().any(char::is_control) {
         errors.push(FieldError::new(
@@ -309,7 +371,7 @@ fn check_key(field: &str, key: &str, errors: &mut Vec<FieldError>) -> Option<Str
     Some(key.to_owned())
 }
 
-fn parse_user_ids(field: &str, v: &Value, errors: &mut Vec<FieldError>) -> Vec<UserId> {
+pub fn parse_user_ids(field: &str, v: &Value, errors: &mut Vec<FieldError>) -> Vec<UserId> {
     let Some(items) = v.as_array() else {
         errors.push(FieldError::new(field, "must be an array of user ids"));
         return Vec::new();

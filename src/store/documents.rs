@@ -29,6 +29,28 @@ impl Counts {
 pub struct RecipientsDoc {
     pub user_ids: Vec<String>,
     pub group_id: Option<String>,
+    #[serde(default)]
+    pub segment: Option<SegmentDoc>,
+}
+
+/// Users matching every given field; none given means every user.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SegmentDoc {
+    pub locale: Option<String>,
+    pub tag: Option<String>,
+}
+
+impl From<&crate::domain::event::Recipients> for RecipientsDoc {
+    fn from(r: &crate::domain::event::Recipients) -> Self {
+        Self {
+            user_ids: r.user_ids.iter().map(|u| u.to_string()).collect(),
+            group_id: r.group_id.as_ref().map(|g| g.to_string()),
+            segment: r.segment.as_ref().map(|s| SegmentDoc {
+                locale: s.locale.clone(),
+                tag: s.tag.clone(),
+            }),
+        }
+    }
 }
 
 /// One accepted event.
@@ -44,8 +66,11 @@ pub struct NotificationDoc {
     /// `None`: every channel the event type has a template for.
     pub channels: Option<Vec<Channel>>,
     pub payload: Document,
-    /// Where the event came from: `api` or `amqp`.
+    /// Where the event came from: `api`, `amqp` or `schedule`.
     pub source: String,
+    /// The campaign that fired it, if any.
+    #[serde(default)]
+    pub schedule_id: Option<String>,
     pub send_at: Option<DateTime>,
     pub upstream_created_at: Option<DateTime>,
     pub created_at: DateTime,
@@ -79,6 +104,9 @@ pub struct UserDoc {
     pub phone: Option<String>,
     #[serde(default)]
     pub push_tokens: Vec<String>,
+    /// Free-form labels segments can select on.
+    #[serde(default)]
+    pub tags: Vec<String>,
     pub first_name: Option<String>,
     pub last_name: Option<String>,
     pub birthday_date: Option<String>,
@@ -134,6 +162,8 @@ pub struct DeliveryDoc {
     pub user_id: String,
     pub channel: Channel,
     pub priority: Priority,
+    #[serde(default)]
+    pub schedule_id: Option<String>,
     pub status: DeliveryStatus,
     pub reason: Option<String>,
     pub provider: Option<String>,

@@ -1,6 +1,7 @@
 //! MongoDB: the only module that knows collection names, indexes and transactions.
 
 pub mod documents;
+pub mod schedules;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
@@ -15,6 +16,7 @@ use mongodb::{Client, Collection, Database, IndexModel};
 use crate::config::MongoSettings;
 use crate::domain::{DeliveryStatus, NotificationStatus};
 pub use documents::*;
+pub use schedules::*;
 
 const NOTIFICATIONS: &str = "notifications";
 const OUTBOX: &str = "outbox";
@@ -205,6 +207,13 @@ impl Store {
             ])
             .await
             .context("indexing deliveries")?;
+        self.users()
+            .create_indexes([
+                plain(doc! {"locale": 1}, "locale"),
+                plain(doc! {"tags": 1}, "tags"),
+            ])
+            .await
+            .context("indexing users")?;
         self.members()
             .create_indexes([unique(
                 doc! {"group_id": 1, "user_id": 1},
@@ -212,6 +221,9 @@ impl Store {
             )])
             .await
             .context("indexing group_members")?;
+        self.index_schedules()
+            .await
+            .context("indexing schedules")?;
         Ok(())
     }
 
@@ -533,6 +545,39 @@ impl Store {
                     .map(str::to_owned)
                     .context("group member without user_id")
             }))
+    }
+
+    /// Streams the ids of users in a segment with a cursor (index-backed on locale and tags).
+    pub async fn stream_segment(
+        &self,
+        segment: &SegmentDoc,
+    ) -> anyhow::Result<impl Stream<Item = anyhow::Result<String>> + Send + use<>> {
+        let mut filter = Document::new();
+        if let Some(l) = &segment.locale {
+            filter.insert("locale", l);
+        }
+        if let Some(t) = &segment.tag {
+            filter.insert("tags", t);
+        }
+        let cursor = self
+            .users()
+            .clone_with_type::<Document>()
+            .find(filter)
+            .projection(doc! {"_id": 1})
+            .batch_size(1000)
+            .await?;
+        Ok(cursor.map_err(anyhow::Error::from).and_then(|d| async move {
+            d.get_str("_id")
+                .map(str::to_owned)
+                .context("user without _id")
+        }))
+    }
+
+    /// True when a segment selects at least one user.
+    pub async fn segment_has_users(&self, segment: &SegmentDoc) -> anyhow::Result<bool> {
+        use futures::StreamExt;
+        let mut s = Box::pin(self.stream_segment(segment).await?);
+        Ok(s.next().await.transpose()?.is_some())
     }
 
     pub async fn delete_group(&self, id: &str) -> anyhow::Result<bool> {

@@ -47,20 +47,26 @@ pub async fn dispatch(ctx: &Context, notification_id: &str) -> anyhow::Result<()
     let channels = channels_of(ctx, &n);
     let batch_size = ctx.settings.worker.fanout_batch_size;
 
+    // Inline users first, then the group, then the segment, each streamed with a cursor.
+    // A user in several of them gets one delivery per channel (unique index + dedupe).
     let inline: HashSet<String> = n.recipients.user_ids.iter().cloned().collect();
+    let not_inline = move |u: &String| futures::future::ready(!inline.contains(u));
     let inline_stream = futures::stream::iter(n.recipients.user_ids.clone().into_iter().map(Ok));
     let group_stream = match &n.recipients.group_id {
-        Some(g) => ctx
-            .store
-            .stream_group_members(g)
-            .await?
-            .try_filter(move |u| futures::future::ready(!inline.contains(u)))
-            .boxed(),
+        Some(g) => ctx.store.stream_group_members(g).await?.boxed(),
         None => futures::stream::empty().boxed(),
     };
-    let mut audience = inline_stream.chain(group_stream).try_chunks(batch_size);
+    let segment_stream = match &n.recipients.segment {
+        Some(seg) => ctx.store.stream_segment(seg).await?.boxed(),
+        None => futures::stream::empty().boxed(),
+    };
+    let mut audience = inline_stream
+        .chain(group_stream.chain(segment_stream).try_filter(not_inline))
+        .try_chunks(batch_size);
     let mut total = 0usize;
-    while let Some(users) = audience.try_next().await.map_err(|e| e.1)? {
+    while let Some(mut users) = audience.try_next().await.map_err(|e| e.1)? {
+        let mut seen = HashSet::with_capacity(users.len());
+        users.retain(|u| seen.insert(u.clone()));
         let now = DateTime::now();
         let n = &n;
         let planned: Vec<DeliveryDoc> = users
@@ -73,6 +79,7 @@ pub async fn dispatch(ctx: &Context, notification_id: &str) -> anyhow::Result<()
                     user_id: user.clone(),
                     channel: *channel,
                     priority: n.priority,
+                    schedule_id: n.schedule_id.clone(),
                     status: DeliveryStatus::Queued,
                     reason: None,
                     provider: None,

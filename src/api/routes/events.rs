@@ -9,7 +9,7 @@ use serde_json::json;
 use crate::api::error::{read_body, ApiError, BodyLimit};
 use crate::app::Context;
 use crate::domain::event::{parse_event, EventError};
-use crate::ingest::{accept, AcceptError};
+use crate::ingest::{accept_event, AcceptError, Intake};
 use crate::store::Accepted;
 
 impl From<EventError> for ApiError {
@@ -33,9 +33,7 @@ impl From<AcceptError> for ApiError {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.code(), e.to_string())
             }
             AcceptError::Invalid(details) => ApiError::validation(details),
-            AcceptError::NotImplemented(_) => {
-                ApiError::new(StatusCode::NOT_IMPLEMENTED, e.code(), e.to_string())
-            }
+            AcceptError::Schedule(e) => ApiError::from(e),
             AcceptError::Store(cause) => ApiError::from(cause),
         }
     }
@@ -60,9 +58,20 @@ pub async fn post_event(
     let key = key.map(str::to_owned);
     let body = read_body(req, limit.0).await?;
     let event = parse_event(&body, key.as_deref(), ctx.event_limits())?;
-    let (status, n) = match accept(&ctx, event, "api").await? {
-        Accepted::New(n) => (StatusCode::ACCEPTED, n),
-        Accepted::Duplicate(n) => (StatusCode::OK, n),
+    let (status, n) = match accept_event(&ctx, event, "api").await? {
+        Intake::Notification(Accepted::New(n)) => (StatusCode::ACCEPTED, n),
+        Intake::Notification(Accepted::Duplicate(n)) => (StatusCode::OK, n),
+        Intake::Schedule { schedule, created } => {
+            let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+            return Ok((
+                status,
+                Json(json!({
+                    "schedule_id": schedule.id,
+                    "next_fire_at": schedule.next_fire_at.map(super::rfc3339),
+                })),
+            )
+                .into_response());
+        }
     };
     Ok((
         status,

@@ -4,6 +4,7 @@ pub mod events;
 pub mod groups;
 pub mod health;
 pub mod notifications;
+pub mod schedules;
 pub mod users;
 
 use mongodb::bson::DateTime;

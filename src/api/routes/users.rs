@@ -21,6 +21,8 @@ pub struct UserBody {
     phone: Option<String>,
     #[serde(default)]
     push_tokens: Vec<String>,
+    #[serde(default)]
+    tags: Vec<String>,
     first_name: Option<String>,
     last_name: Option<String>,
     birthday_date: Option<String>,
@@ -81,6 +83,9 @@ impl UserBody {
                 "at most 20 non-empty tokens of up to 4096 bytes",
             ));
         }
+        if self.tags.len() > 50 || self.tags.iter().any(|t| t.is_empty() || t.len() > 64) {
+            errors.push(FieldError::new("tags", "at most 50 non-empty tags of up to 64 bytes"));
+        }
         if let Some(l) = &self.locale {
             if !valid_locale(l) {
                 errors.push(FieldError::new(
@@ -116,6 +121,7 @@ impl UserBody {
             email: self.email,
             phone: self.phone,
             push_tokens: self.push_tokens,
+            tags: self.tags,
             first_name: self.first_name,
             last_name: self.last_name,
             birthday_date: self.birthday_date,
@@ -134,6 +140,7 @@ fn user_json(u: &UserDoc) -> Value {
         "email": u.email,
         "phone": u.phone,
         "push_tokens": u.push_tokens,
+        "tags": u.tags,
         "first_name": u.first_name,
         "last_name": u.last_name,
         "birthday_date": u.birthday_date,
