@@ -250,7 +250,10 @@ impl Settings {
             );
         }
         if self.scheduler.batch_size <= 0 || self.scheduler.concurrency == 0 {
-            return bad("scheduler.batch_size / scheduler.concurrency", "must be positive");
+            return bad(
+                "scheduler.batch_size / scheduler.concurrency",
+                "must be positive",
+            );
         }
         if self.scheduler.misfire_grace_secs < 0 {
             return bad("scheduler.misfire_grace_secs", "must not be negative");

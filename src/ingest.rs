@@ -50,13 +50,20 @@ pub enum Intake {
 /// Accepts a validated event: a recurring one becomes a schedule; any other is written
 /// as a notification with its outbox entry in one transaction. Only after that commit
 /// may the caller answer 2xx.
-pub async fn accept_event(ctx: &Context, event: NewEvent, source: &str) -> Result<Intake, AcceptError> {
+pub async fn accept_event(
+    ctx: &Context,
+    event: NewEvent,
+    source: &str,
+) -> Result<Intake, AcceptError> {
     let Some(spec) = &event.recurring else {
         return Ok(Intake::Notification(accept(ctx, event, source).await?));
     };
     if let Some(id) = &event.event_id {
         if let Some(s) = ctx.store.schedule_by_event_id(id).await? {
-            return Ok(Intake::Schedule { schedule: Box::new(s), created: false });
+            return Ok(Intake::Schedule {
+                schedule: Box::new(s),
+                created: false,
+            });
         }
     }
     let input = definition::from_event(
@@ -70,10 +77,16 @@ pub async fn accept_event(ctx: &Context, event: NewEvent, source: &str) -> Resul
     definition::check_references(ctx, &input).await?;
     let doc = definition::to_document(&input, None, event.event_id.clone(), Utc::now())?;
     Ok(match ctx.store.insert_schedule(&doc).await? {
-        Some(original) => Intake::Schedule { schedule: Box::new(original), created: false },
+        Some(original) => Intake::Schedule {
+            schedule: Box::new(original),
+            created: false,
+        },
         None => {
             ctx.schedule_wake.notify_one();
-            Intake::Schedule { schedule: Box::new(doc), created: true }
+            Intake::Schedule {
+                schedule: Box::new(doc),
+                created: true,
+            }
         }
     })
 }
@@ -115,9 +128,14 @@ pub async fn accept(ctx: &Context, event: NewEvent, source: &str) -> Result<Acce
 }
 
 /// Converts a JSON payload to a storable document.
-pub fn payload_document(payload: &serde_json::Map<String, serde_json::Value>) -> Result<Document, AcceptError> {
+pub fn payload_document(
+    payload: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Document, AcceptError> {
     bson::to_document(payload).map_err(|e| {
-        AcceptError::Invalid(vec![FieldError::new("payload", format!("cannot be stored: {e}"))])
+        AcceptError::Invalid(vec![FieldError::new(
+            "payload",
+            format!("cannot be stored: {e}"),
+        )])
     })
 }
 

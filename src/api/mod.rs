@@ -57,7 +57,10 @@ pub fn router(ctx: Context) -> Router {
         )
         .route("/v1/schedules/{id}/pause", post(routes::schedules::pause))
         .route("/v1/schedules/{id}/resume", post(routes::schedules::resume))
-        .route("/v1/schedules/{id}/trigger", post(routes::schedules::trigger))
+        .route(
+            "/v1/schedules/{id}/trigger",
+            post(routes::schedules::trigger),
+        )
         .route("/v1/schedules/{id}/runs", get(routes::schedules::runs))
         .route("/v1/schedules/{id}/next", get(routes::schedules::next))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })

@@ -303,7 +303,10 @@ pub fn parse_recipients(v: Option<&Value>, errors: &mut Vec<FieldError>) -> Reci
 fn parse_segment(v: &Value, errors: &mut Vec<FieldError>) -> Option<Segment> {
     let field = "recipients.segment";
     let Some(obj) = v.as_object() else {
-        errors.push(FieldError::new(field, "must be an object such as {\"all\": true} or {\"locale\": \"pt-BR\"}"));
+        errors.push(FieldError::new(
+            field,
+            "must be an object such as {\"all\": true} or {\"locale\": \"pt-BR\"}",
+        ));
         return None;
     };
     let mut seg = Segment::default();
@@ -311,10 +314,17 @@ fn parse_segment(v: &Value, errors: &mut Vec<FieldError>) -> Option<Segment> {
     for (k, v) in obj {
         match (k.as_str(), v) {
             ("all", Value::Bool(b)) => all = *b,
-            ("locale", Value::String(s)) if !s.is_empty() && s.len() <= 35 => seg.locale = Some(s.clone()),
-            ("tag", Value::String(s)) if !s.is_empty() && s.len() <= 64 => seg.tag = Some(s.clone()),
+            ("locale", Value::String(s)) if !s.is_empty() && s.len() <= 35 => {
+                seg.locale = Some(s.clone())
+            }
+            ("tag", Value::String(s)) if !s.is_empty() && s.len() <= 64 => {
+                seg.tag = Some(s.clone())
+            }
             ("all" | "locale" | "tag", _) => {
-                errors.push(FieldError::new(format!("{field}.{k}"), "has the wrong type or length"));
+                errors.push(FieldError::new(
+                    format!("{field}.{k}"),
+                    "has the wrong type or length",
+                ));
                 return None;
             }
             _ => {

@@ -39,7 +39,9 @@ fn weekday(token: &str) -> Result<u32, String> {
     match token.parse::<u32>() {
         Ok(n @ 0..=6) => Ok(n),
         Ok(7) => Ok(0),
-        _ => Err(format!("`{token}` is not a day of the week (0-7 or SUN-SAT)")),
+        _ => Err(format!(
+            "`{token}` is not a day of the week (0-7 or SUN-SAT)"
+        )),
     }
 }
 
@@ -250,13 +252,22 @@ mod tests {
             ["2026-11-23T09:00:00Z", "2026-11-30T09:00:00Z"],
             "1 is Monday"
         );
-        assert_eq!(fires("0 9 * * 7", "UTC", "2026-11-22T10:00:00Z", 1), ["2026-11-29T09:00:00Z"]);
-        assert_eq!(fires("0 9 * * SUN", "UTC", "2026-11-22T10:00:00Z", 1), ["2026-11-29T09:00:00Z"]);
+        assert_eq!(
+            fires("0 9 * * 7", "UTC", "2026-11-22T10:00:00Z", 1),
+            ["2026-11-29T09:00:00Z"]
+        );
+        assert_eq!(
+            fires("0 9 * * SUN", "UTC", "2026-11-22T10:00:00Z", 1),
+            ["2026-11-29T09:00:00Z"]
+        );
         assert_eq!(
             fires("30 4 * * 1-5", "UTC", "2026-11-20T05:00:00Z", 2), // Friday after 04:30
             ["2026-11-23T04:30:00Z", "2026-11-24T04:30:00Z"]
         );
-        assert_eq!(fires("@daily", "UTC", "2026-11-22T10:00:00Z", 1), ["2026-11-23T00:00:00Z"]);
+        assert_eq!(
+            fires("@daily", "UTC", "2026-11-22T10:00:00Z", 1),
+            ["2026-11-23T00:00:00Z"]
+        );
     }
 
     #[test]
@@ -264,13 +275,25 @@ mod tests {
         // The 1st of the month OR any Monday.
         assert_eq!(
             fires("0 0 1 * 1", "UTC", "2026-11-22T00:00:00Z", 3),
-            ["2026-11-23T00:00:00Z", "2026-11-30T00:00:00Z", "2026-12-01T00:00:00Z"]
+            [
+                "2026-11-23T00:00:00Z",
+                "2026-11-30T00:00:00Z",
+                "2026-12-01T00:00:00Z"
+            ]
         );
     }
 
     #[test]
     fn refusals_say_why() {
-        for bad in ["", "* * * *", "0 0 * * * *", "61 * * * *", "0 0 * * 8", "@sometimes", "a b c d e"] {
+        for bad in [
+            "",
+            "* * * *",
+            "0 0 * * * *",
+            "61 * * * *",
+            "0 0 * * 8",
+            "@sometimes",
+            "a b c d e",
+        ] {
             assert!(bad.parse::<CronSpec>().is_err(), "{bad}");
         }
         assert!(parse_tz("Mars/Olympus").is_err());
@@ -286,7 +309,11 @@ mod tests {
         // Hourly: the missing hour is simply not there; 03:00 fires once.
         assert_eq!(
             fires("0 * * * *", "Europe/Berlin", "2026-03-28T23:30:00Z", 3),
-            ["2026-03-29T00:00:00Z", "2026-03-29T01:00:00Z", "2026-03-29T02:00:00Z"]
+            [
+                "2026-03-29T00:00:00Z",
+                "2026-03-29T01:00:00Z",
+                "2026-03-29T02:00:00Z"
+            ]
         );
     }
 
@@ -299,11 +326,21 @@ mod tests {
         );
         assert_eq!(
             fires("0 * * * *", "Europe/Berlin", "2026-10-24T23:30:00Z", 4),
-            ["2026-10-25T00:00:00Z", "2026-10-25T01:00:00Z", "2026-10-25T02:00:00Z", "2026-10-25T03:00:00Z"]
+            [
+                "2026-10-25T00:00:00Z",
+                "2026-10-25T01:00:00Z",
+                "2026-10-25T02:00:00Z",
+                "2026-10-25T03:00:00Z"
+            ]
         );
         assert_eq!(
             fires("*/30 * * * *", "Europe/Berlin", "2026-10-25T00:10:00Z", 4),
-            ["2026-10-25T00:30:00Z", "2026-10-25T01:00:00Z", "2026-10-25T01:30:00Z", "2026-10-25T02:00:00Z"]
+            [
+                "2026-10-25T00:30:00Z",
+                "2026-10-25T01:00:00Z",
+                "2026-10-25T01:30:00Z",
+                "2026-10-25T02:00:00Z"
+            ]
         );
         // Asked from inside the second pass, the first pass is not fired again.
         assert_eq!(
@@ -346,14 +383,23 @@ mod tests {
         );
         assert_eq!(
             fires("*/20 * * * *", "UTC", "2026-11-22T00:05:00Z", 3),
-            ["2026-11-22T00:20:00Z", "2026-11-22T00:40:00Z", "2026-11-22T01:00:00Z"]
+            [
+                "2026-11-22T00:20:00Z",
+                "2026-11-22T00:40:00Z",
+                "2026-11-22T01:00:00Z"
+            ]
         );
     }
 
     #[test]
     fn between_is_bounded() {
         let spec: CronSpec = "* * * * *".parse().expect("cron");
-        let (slots, more) = spec.between(Tz::UTC, utc("2026-11-22T00:00:00Z"), utc("2026-11-22T03:00:00Z"), 10);
+        let (slots, more) = spec.between(
+            Tz::UTC,
+            utc("2026-11-22T00:00:00Z"),
+            utc("2026-11-22T03:00:00Z"),
+            10,
+        );
         assert_eq!(slots.len(), 10);
         assert!(more);
     }

@@ -7,7 +7,9 @@ use serde_json::{Map, Value};
 use super::cron::{parse_tz, CronSpec};
 use super::plan::{first_slot, MisfirePolicy};
 use crate::app::Context;
-use crate::domain::event::{parse_channels, parse_recipients, parse_time, RecurringSpec, Recipients};
+use crate::domain::event::{
+    parse_channels, parse_recipients, parse_time, Recipients, RecurringSpec,
+};
 use crate::domain::{Channel, EventType, FieldError, Priority};
 use crate::ingest::payload_document;
 use crate::store::{RecipientsDoc, ScheduleDoc, ScheduleStatus};
@@ -56,8 +58,17 @@ impl ScheduleError {
 }
 
 const FIELDS: [&str; 11] = [
-    "name", "cron", "timezone", "start_at", "end_at", "event_type", "priority", "recipients",
-    "channels", "payload", "misfire_policy",
+    "name",
+    "cron",
+    "timezone",
+    "start_at",
+    "end_at",
+    "event_type",
+    "priority",
+    "recipients",
+    "channels",
+    "payload",
+    "misfire_policy",
 ];
 
 /// Parses a whole definition (a create body, or a stored schedule with a PATCH merged in).

@@ -43,7 +43,12 @@ async fn audience_is_empty(ctx: &Context, r: &RecipientsDoc) -> anyhow::Result<b
         return Ok(false);
     }
     if let Some(g) = &r.group_id {
-        if ctx.store.get_group(g).await?.is_some_and(|g| g.member_count > 0) {
+        if ctx
+            .store
+            .get_group(g)
+            .await?
+            .is_some_and(|g| g.member_count > 0)
+        {
             return Ok(false);
         }
     }
@@ -56,7 +61,13 @@ async fn audience_is_empty(ctx: &Context, r: &RecipientsDoc) -> anyhow::Result<b
 }
 
 /// The run record of a planned run, with the notification it sends (if it sends one).
-fn run_write(ctx: &Context, s: &ScheduleDoc, p: &PlannedRun, now: DateTime<Utc>, empty: bool) -> RunWrite {
+fn run_write(
+    ctx: &Context,
+    s: &ScheduleDoc,
+    p: &PlannedRun,
+    now: DateTime<Utc>,
+    empty: bool,
+) -> RunWrite {
     let reason = match p.kind {
         RunKind::Skipped => Some("misfire_skipped"),
         _ if empty => Some("empty_audience"),
@@ -105,7 +116,10 @@ async fn fire(ctx: &Context, s: ScheduleDoc, now: DateTime<Utc>) -> anyhow::Resu
     let Some(due) = s.next_fire_at else {
         return Ok((Claim::LostRace, 0));
     };
-    let (spec, tz) = match (s.cron.parse::<cron::CronSpec>(), cron::parse_tz(&s.timezone)) {
+    let (spec, tz) = match (
+        s.cron.parse::<cron::CronSpec>(),
+        cron::parse_tz(&s.timezone),
+    ) {
         (Ok(spec), Ok(tz)) => (spec, tz),
         (Err(e), _) | (_, Err(e)) => {
             // Validated on write; a bad stored value stops this schedule, not the scheduler.
@@ -179,7 +193,10 @@ pub async fn tick(ctx: &Context, now: DateTime<Utc>) -> anyhow::Result<TickRepor
             }
             Ok((Claim::SlotTaken, _)) => report.claimed += 1,
             Ok((Claim::LostRace, _)) => report.lost += 1,
-            Err(e) => tracing::warn!(error = format!("{e:#}"), "firing a schedule failed; it stays due"),
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                "firing a schedule failed; it stays due"
+            ),
         }
     }
     Ok(report)

@@ -155,14 +155,37 @@ mod tests {
 
     #[test]
     fn an_on_time_slot_fires_once_and_the_next_is_an_hour_later() {
-        let p = plan(&hourly(), Tz::UTC, utc("2026-11-22T10:00:00Z"), None, MisfirePolicy::FireOnce, utc("2026-11-22T10:00:00.300Z"), LIMITS);
-        assert_eq!(p.runs, [PlannedRun { fire_time: utc("2026-11-22T10:00:00Z"), kind: RunKind::OnTime, slots: 1 }]);
+        let p = plan(
+            &hourly(),
+            Tz::UTC,
+            utc("2026-11-22T10:00:00Z"),
+            None,
+            MisfirePolicy::FireOnce,
+            utc("2026-11-22T10:00:00.300Z"),
+            LIMITS,
+        );
+        assert_eq!(
+            p.runs,
+            [PlannedRun {
+                fire_time: utc("2026-11-22T10:00:00Z"),
+                kind: RunKind::OnTime,
+                slots: 1
+            }]
+        );
         assert_eq!(p.next, Some(utc("2026-11-22T11:00:00Z")));
     }
 
     // A 3-hour outage: slots 07:00, 08:00, 09:00 were missed; 10:00 is due now.
     fn after_outage(policy: MisfirePolicy) -> Plan {
-        plan(&hourly(), Tz::UTC, utc("2026-11-22T07:00:00Z"), None, policy, utc("2026-11-22T10:00:10Z"), LIMITS)
+        plan(
+            &hourly(),
+            Tz::UTC,
+            utc("2026-11-22T07:00:00Z"),
+            None,
+            policy,
+            utc("2026-11-22T10:00:10Z"),
+            LIMITS,
+        )
     }
 
     #[test]
@@ -171,8 +194,16 @@ mod tests {
         assert_eq!(
             p.runs,
             [
-                PlannedRun { fire_time: utc("2026-11-22T09:00:00Z"), kind: RunKind::Skipped, slots: 3 },
-                PlannedRun { fire_time: utc("2026-11-22T10:00:00Z"), kind: RunKind::OnTime, slots: 1 },
+                PlannedRun {
+                    fire_time: utc("2026-11-22T09:00:00Z"),
+                    kind: RunKind::Skipped,
+                    slots: 3
+                },
+                PlannedRun {
+                    fire_time: utc("2026-11-22T10:00:00Z"),
+                    kind: RunKind::OnTime,
+                    slots: 1
+                },
             ]
         );
         assert_eq!(p.next, Some(utc("2026-11-22T11:00:00Z")));
@@ -181,7 +212,14 @@ mod tests {
     #[test]
     fn fire_once_catches_up_once_for_all_missed_slots() {
         let p = after_outage(MisfirePolicy::FireOnce);
-        assert_eq!(p.runs[0], PlannedRun { fire_time: utc("2026-11-22T09:00:00Z"), kind: RunKind::CatchUp, slots: 3 });
+        assert_eq!(
+            p.runs[0],
+            PlannedRun {
+                fire_time: utc("2026-11-22T09:00:00Z"),
+                kind: RunKind::CatchUp,
+                slots: 3
+            }
+        );
         assert_eq!(p.runs[1].kind, RunKind::OnTime);
         assert_eq!(p.runs.len(), 2);
     }
@@ -189,7 +227,11 @@ mod tests {
     #[test]
     fn fire_all_fires_each_missed_slot_up_to_the_maximum() {
         let p = after_outage(MisfirePolicy::FireAll);
-        let kinds: Vec<_> = p.runs.iter().map(|r| (r.fire_time, r.kind, r.slots)).collect();
+        let kinds: Vec<_> = p
+            .runs
+            .iter()
+            .map(|r| (r.fire_time, r.kind, r.slots))
+            .collect();
         assert_eq!(
             kinds,
             [
@@ -203,14 +245,31 @@ mod tests {
 
     #[test]
     fn end_at_retires_the_schedule_and_bounds_catch_up() {
-        let p = plan(&hourly(), Tz::UTC, utc("2026-11-22T07:00:00Z"), Some(utc("2026-11-22T08:30:00Z")), MisfirePolicy::FireAll, utc("2026-11-22T10:00:10Z"), LIMITS);
-        assert_eq!(p.runs.iter().map(|r| r.fire_time).collect::<Vec<_>>(), [utc("2026-11-22T07:00:00Z"), utc("2026-11-22T08:00:00Z")]);
+        let p = plan(
+            &hourly(),
+            Tz::UTC,
+            utc("2026-11-22T07:00:00Z"),
+            Some(utc("2026-11-22T08:30:00Z")),
+            MisfirePolicy::FireAll,
+            utc("2026-11-22T10:00:10Z"),
+            LIMITS,
+        );
+        assert_eq!(
+            p.runs.iter().map(|r| r.fire_time).collect::<Vec<_>>(),
+            [utc("2026-11-22T07:00:00Z"), utc("2026-11-22T08:00:00Z")]
+        );
         assert_eq!(p.next, None);
     }
 
     #[test]
     fn the_first_slot_may_be_the_start_itself() {
-        assert_eq!(first_slot(&hourly(), Tz::UTC, utc("2026-11-22T10:00:00Z"), None), Some(utc("2026-11-22T10:00:00Z")));
-        assert_eq!(first_slot(&hourly(), Tz::UTC, utc("2026-11-22T10:00:01Z"), None), Some(utc("2026-11-22T11:00:00Z")));
+        assert_eq!(
+            first_slot(&hourly(), Tz::UTC, utc("2026-11-22T10:00:00Z"), None),
+            Some(utc("2026-11-22T10:00:00Z"))
+        );
+        assert_eq!(
+            first_slot(&hourly(), Tz::UTC, utc("2026-11-22T10:00:01Z"), None),
+            Some(utc("2026-11-22T11:00:00Z"))
+        );
     }
 }

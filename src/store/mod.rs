@@ -221,9 +221,7 @@ impl Store {
             )])
             .await
             .context("indexing group_members")?;
-        self.index_schedules()
-            .await
-            .context("indexing schedules")?;
+        self.index_schedules().await.context("indexing schedules")?;
         Ok(())
     }
 
@@ -566,11 +564,13 @@ impl Store {
             .projection(doc! {"_id": 1})
             .batch_size(1000)
             .await?;
-        Ok(cursor.map_err(anyhow::Error::from).and_then(|d| async move {
-            d.get_str("_id")
-                .map(str::to_owned)
-                .context("user without _id")
-        }))
+        Ok(cursor
+            .map_err(anyhow::Error::from)
+            .and_then(|d| async move {
+                d.get_str("_id")
+                    .map(str::to_owned)
+                    .context("user without _id")
+            }))
     }
 
     /// True when a segment selects at least one user.

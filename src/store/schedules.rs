@@ -43,7 +43,9 @@ pub struct ScheduleDoc {
     pub next_fire_at: Option<DateTime>,
     pub last_fire_at: Option<DateTime>,
     pub fire_count: i64,
-    /// The seed-format event that created it, for de-duplication.
+    /// The seed-format event that created it, for de-duplication. Absent (not null)
+    /// otherwise: the unique index is sparse, and a sparse index still indexes nulls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_id: Option<String>,
     pub created_at: DateTime,
     pub updated_at: DateTime,
@@ -120,14 +122,29 @@ impl Store {
         };
         self.schedules()
             .create_indexes([
-                model(doc! {"status": 1, "next_fire_at": 1}, "status_next_fire", false, false),
+                model(
+                    doc! {"status": 1, "next_fire_at": 1},
+                    "status_next_fire",
+                    false,
+                    false,
+                ),
                 model(doc! {"event_id": 1}, "event_id_unique", true, true),
             ])
             .await?;
         self.runs()
             .create_indexes([
-                model(doc! {"schedule_id": 1, "fire_time": 1}, "schedule_slot_unique", true, false),
-                model(doc! {"schedule_id": 1, "claimed_at": -1}, "schedule_claimed", false, false),
+                model(
+                    doc! {"schedule_id": 1, "fire_time": 1},
+                    "schedule_slot_unique",
+                    true,
+                    false,
+                ),
+                model(
+                    doc! {"schedule_id": 1, "claimed_at": -1},
+                    "schedule_claimed",
+                    false,
+                    false,
+                ),
             ])
             .await?;
         Ok(())
@@ -137,7 +154,7 @@ impl Store {
     pub async fn insert_schedule(&self, s: &ScheduleDoc) -> anyhow::Result<Option<ScheduleDoc>> {
         match self.schedules().insert_one(s).await {
             Ok(_) => Ok(None),
-            Err(e) if is_duplicate_key(&e) => {
+            Err(e) if is_duplicate_key(&e) && s.event_id.is_some() => {
                 let original = self
                     .schedules()
                     .find_one(doc! {"event_id": &s.event_id})
@@ -148,8 +165,14 @@ impl Store {
         }
     }
 
-    pub async fn schedule_by_event_id(&self, event_id: &str) -> anyhow::Result<Option<ScheduleDoc>> {
-        Ok(self.schedules().find_one(doc! {"event_id": event_id}).await?)
+    pub async fn schedule_by_event_id(
+        &self,
+        event_id: &str,
+    ) -> anyhow::Result<Option<ScheduleDoc>> {
+        Ok(self
+            .schedules()
+            .find_one(doc! {"event_id": event_id})
+            .await?)
     }
 
     pub async fn get_schedule(&self, id: &str) -> anyhow::Result<Option<ScheduleDoc>> {
@@ -203,18 +226,27 @@ impl Store {
             .find_one_and_update(
                 doc! {"_id": id},
                 doc! {"$set": {"status": bson::to_bson(&status)?, "next_fire_at": next_fire_at,
-                               "updated_at": now()}},
+                "updated_at": now()}},
             )
             .return_document(ReturnDocument::After)
             .await?)
     }
 
     pub async fn delete_schedule(&self, id: &str) -> anyhow::Result<bool> {
-        Ok(self.schedules().delete_one(doc! {"_id": id}).await?.deleted_count > 0)
+        Ok(self
+            .schedules()
+            .delete_one(doc! {"_id": id})
+            .await?
+            .deleted_count
+            > 0)
     }
 
     /// Active schedules whose slot has come, oldest slot first.
-    pub async fn due_schedules(&self, now: DateTime, limit: i64) -> anyhow::Result<Vec<ScheduleDoc>> {
+    pub async fn due_schedules(
+        &self,
+        now: DateTime,
+        limit: i64,
+    ) -> anyhow::Result<Vec<ScheduleDoc>> {
         Ok(self
             .schedules()
             .find(doc! {"status": "active", "next_fire_at": {"$lte": now}})
@@ -253,7 +285,13 @@ impl Store {
         let result = session
             .start_transaction()
             .and_run(
-                (self.schedules(), self.runs(), self.notifications(), self.outbox(), runs),
+                (
+                    self.schedules(),
+                    self.runs(),
+                    self.notifications(),
+                    self.outbox(),
+                    runs,
+                ),
                 |s, (schedules, runs_coll, notifications, outbox, runs)| {
                     async move {
                         let mut set = doc! {"next_fire_at": next, "updated_at": now()};
@@ -306,7 +344,10 @@ impl Store {
             set.insert("status", "retired");
         }
         self.schedules()
-            .update_one(doc! {"_id": schedule_id, "next_fire_at": due}, doc! {"$set": set})
+            .update_one(
+                doc! {"_id": schedule_id, "next_fire_at": due},
+                doc! {"$set": set},
+            )
             .await?;
         Ok(())
     }
@@ -348,7 +389,10 @@ impl Store {
     }
 
     /// Notifications by id (for run history), in one query.
-    pub async fn notifications_by_ids(&self, ids: &[String]) -> anyhow::Result<Vec<NotificationDoc>> {
+    pub async fn notifications_by_ids(
+        &self,
+        ids: &[String],
+    ) -> anyhow::Result<Vec<NotificationDoc>> {
         Ok(self
             .notifications()
             .find(doc! {"_id": {"$in": ids}})

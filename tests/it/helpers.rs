@@ -240,6 +240,8 @@ pub fn amqp_host_port() -> String {
 pub enum Roles {
     All,
     ApiOnly,
+    /// API and workers but no scheduler: tests drive `scheduler::tick(now)` themselves.
+    NoScheduler,
 }
 
 pub struct TestOptions {
@@ -328,6 +330,16 @@ pub async fn spawn_app_with(options: TestOptions) -> TestApp {
     let task = match options.roles {
         Roles::All => tokio::spawn(herald::roles::all(ctx.clone(), listener, cancel.clone())),
         Roles::ApiOnly => tokio::spawn(herald::roles::api(ctx.clone(), listener, cancel.clone())),
+        Roles::NoScheduler => {
+            let (c, k) = (ctx.clone(), cancel.clone());
+            tokio::spawn(async move {
+                tokio::try_join!(
+                    herald::roles::api(c.clone(), listener, k.clone()),
+                    herald::roles::worker(c, k),
+                )?;
+                Ok(())
+            })
+        }
     };
     let db = mongodb::Client::with_uri_str(mongodb_uri())
         .await
@@ -373,6 +385,30 @@ impl TestApp {
         let r = self
             .http
             .post(self.url("/v1/events"))
+            .json(body)
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn patch(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = self
+            .http
+            .patch(self.url(path))
             .json(body)
             .send()
             .await

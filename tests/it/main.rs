@@ -7,3 +7,4 @@ mod events;
 mod intake;
 mod outages;
 mod recipients;
+mod schedules;

@@ -62,7 +62,11 @@ pub async fn post_event(
         Intake::Notification(Accepted::New(n)) => (StatusCode::ACCEPTED, n),
         Intake::Notification(Accepted::Duplicate(n)) => (StatusCode::OK, n),
         Intake::Schedule { schedule, created } => {
-            let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+            let status = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
             return Ok((
                 status,
                 Json(json!({

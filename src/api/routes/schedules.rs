@@ -25,7 +25,11 @@ impl From<ScheduleError> for ApiError {
                 err
             }
             ScheduleError::Store(cause) => ApiError::from(cause),
-            other => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, other.code(), other.to_string()),
+            other => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                other.code(),
+                other.to_string(),
+            ),
         }
     }
 }
@@ -91,7 +95,10 @@ async fn load(ctx: &Context, id: &str) -> Result<ScheduleDoc, ApiError> {
 
 fn input_of(s: &ScheduleDoc) -> Result<ScheduleInput, ApiError> {
     parse_schedule(&definition_json(s)).map_err(|e| {
-        ApiError::internal(anyhow::anyhow!("stored schedule {} does not parse: {e}", s.id))
+        ApiError::internal(anyhow::anyhow!(
+            "stored schedule {} does not parse: {e}",
+            s.id
+        ))
     })
 }
 
@@ -130,19 +137,32 @@ pub async fn list(
         query.map_err(|e| ApiError::validation(vec![FieldError::new("query", e.body_text())]))?;
     let status = match q.status.as_deref() {
         None => None,
-        Some(s) => Some(serde_json::from_value::<ScheduleStatus>(json!(s)).map_err(|_| {
-            ApiError::validation(vec![FieldError::new("status", "must be active, paused or retired")])
-        })?),
+        Some(s) => Some(
+            serde_json::from_value::<ScheduleStatus>(json!(s)).map_err(|_| {
+                ApiError::validation(vec![FieldError::new(
+                    "status",
+                    "must be active, paused or retired",
+                )])
+            })?,
+        ),
     };
     let limit = q.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
-        return Err(ApiError::validation(vec![FieldError::new("limit", "must be between 1 and 1000")]));
+        return Err(ApiError::validation(vec![FieldError::new(
+            "limit",
+            "must be between 1 and 1000",
+        )]));
     }
     let items = ctx.store.list_schedules(status, limit).await?;
-    Ok(Json(json!({"items": items.iter().map(schedule_json).collect::<Vec<_>>()})))
+    Ok(Json(
+        json!({"items": items.iter().map(schedule_json).collect::<Vec<_>>()}),
+    ))
 }
 
-pub async fn get(State(ctx): State<Context>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn get(
+    State(ctx): State<Context>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     Ok(Json(schedule_json(&load(&ctx, &id).await?)))
 }
 
@@ -153,7 +173,10 @@ pub async fn patch(
 ) -> Result<Json<Value>, ApiError> {
     let existing = load(&ctx, &id).await?;
     let Some(changes) = changes.as_object() else {
-        return Err(ApiError::validation(vec![FieldError::new("body", "must be a JSON object")]));
+        return Err(ApiError::validation(vec![FieldError::new(
+            "body",
+            "must be a JSON object",
+        )]));
     };
     let mut merged = definition_json(&existing);
     for (k, v) in changes {
@@ -175,7 +198,10 @@ pub async fn patch(
     Ok(Json(schedule_json(&stored)))
 }
 
-pub async fn delete(State(ctx): State<Context>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+pub async fn delete(
+    State(ctx): State<Context>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
     if ctx.store.delete_schedule(&id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
@@ -183,10 +209,17 @@ pub async fn delete(State(ctx): State<Context>, Path(id): Path<String>) -> Resul
     }
 }
 
-pub async fn pause(State(ctx): State<Context>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn pause(
+    State(ctx): State<Context>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let s = load(&ctx, &id).await?;
     if s.status == ScheduleStatus::Retired {
-        return Err(ApiError::new(StatusCode::CONFLICT, "schedule_retired", "the schedule has ended; PATCH its end_at to revive it"));
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "schedule_retired",
+            "the schedule has ended; PATCH its end_at to revive it",
+        ));
     }
     let stored = ctx
         .store
@@ -196,13 +229,28 @@ pub async fn pause(State(ctx): State<Context>, Path(id): Path<String>) -> Result
     Ok(Json(schedule_json(&stored)))
 }
 
-pub async fn resume(State(ctx): State<Context>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn resume(
+    State(ctx): State<Context>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let s = load(&ctx, &id).await?;
     if s.status == ScheduleStatus::Retired {
-        return Err(ApiError::new(StatusCode::CONFLICT, "schedule_retired", "the schedule has ended; PATCH its end_at to revive it"));
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "schedule_retired",
+            "the schedule has ended; PATCH its end_at to revive it",
+        ));
     }
     // Slots that passed while paused are not fired: the schedule resumes at its next slot.
-    let doc = definition::to_document(&input_of(&s)?, Some(&ScheduleDoc { status: ScheduleStatus::Active, ..s }), None, Utc::now())?;
+    let doc = definition::to_document(
+        &input_of(&s)?,
+        Some(&ScheduleDoc {
+            status: ScheduleStatus::Active,
+            ..s
+        }),
+        None,
+        Utc::now(),
+    )?;
     let stored = ctx
         .store
         .set_schedule_state(&id, doc.status, doc.next_fire_at)
@@ -212,7 +260,10 @@ pub async fn resume(State(ctx): State<Context>, Path(id): Path<String>) -> Resul
     Ok(Json(schedule_json(&stored)))
 }
 
-pub async fn trigger(State(ctx): State<Context>, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn trigger(
+    State(ctx): State<Context>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let s = load(&ctx, &id).await?;
     let run = sched::trigger(&ctx, &s, Utc::now()).await?;
     Ok((
@@ -243,12 +294,17 @@ pub async fn runs(
     load(&ctx, &id).await?;
     let limit = q.limit.unwrap_or(50).clamp(1, 500);
     let runs = ctx.store.list_runs(&id, limit).await?;
-    let ids: Vec<String> = runs.iter().filter_map(|r| r.notification_id.clone()).collect();
+    let ids: Vec<String> = runs
+        .iter()
+        .filter_map(|r| r.notification_id.clone())
+        .collect();
     let notifications = ctx.store.notifications_by_ids(&ids).await?;
     let items: Vec<Value> = runs
         .iter()
         .map(|r| {
-            let n = notifications.iter().find(|n| Some(&n.id) == r.notification_id.as_ref());
+            let n = notifications
+                .iter()
+                .find(|n| Some(&n.id) == r.notification_id.as_ref());
             json!({
                 "run_id": r.id,
                 "fire_time": rfc3339(r.fire_time),
@@ -276,7 +332,10 @@ pub async fn next(
         query.map_err(|e| ApiError::validation(vec![FieldError::new("query", e.body_text())]))?;
     let count = q.count.unwrap_or(5);
     if !(1..=100).contains(&count) {
-        return Err(ApiError::validation(vec![FieldError::new("count", "must be between 1 and 100")]));
+        return Err(ApiError::validation(vec![FieldError::new(
+            "count",
+            "must be between 1 and 100",
+        )]));
     }
     let s = load(&ctx, &id).await?;
     let input = input_of(&s)?;

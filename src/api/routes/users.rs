@@ -84,7 +84,10 @@ impl UserBody {
             ));
         }
         if self.tags.len() > 50 || self.tags.iter().any(|t| t.is_empty() || t.len() > 64) {
-            errors.push(FieldError::new("tags", "at most 50 non-empty tags of up to 64 bytes"));
+            errors.push(FieldError::new(
+                "tags",
+                "at most 50 non-empty tags of up to 64 bytes",
+            ));
         }
         if let Some(l) = &self.locale {
             if !valid_locale(l) {
