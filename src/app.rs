@@ -10,7 +10,8 @@ use crate::config::Settings;
 use crate::domain::event::EventLimits;
 use crate::queue::Broker;
 use crate::store::Store;
-use crate::templates::Templates;
+use crate::store::TemplatesVersion;
+use crate::templates::{part_name, Origin, PartSource, Templates};
 
 /// Clients and shared state, built once at start and cloned cheaply (everything is behind `Arc`).
 #[derive(Clone)]
@@ -26,6 +27,8 @@ pub struct Context {
     pub schedule_wake: Arc<Notify>,
     /// Names this process in delivery claims (host:pid:random).
     pub instance: String,
+    /// The stored templates this process has applied.
+    templates_seen: Arc<tokio::sync::Mutex<Option<TemplatesVersion>>>,
 }
 
 impl Context {
@@ -56,7 +59,33 @@ impl Context {
             outbox_wake: Arc::new(Notify::new()),
             schedule_wake: Arc::new(Notify::new()),
             instance,
+            templates_seen: Arc::default(),
         })
+    }
+
+    /// Applies templates stored through the API when they changed since the last look.
+    pub async fn sync_templates(&self) -> anyhow::Result<()> {
+        let mut seen = self.templates_seen.lock().await;
+        let version = self.store.templates_version().await?;
+        if *seen == Some(version) {
+            return Ok(());
+        }
+        let stored = self.store.list_templates().await?;
+        let parts = stored
+            .into_iter()
+            .filter_map(|t| {
+                Some(PartSource {
+                    part: part_name(&t.part)?,
+                    event_type: t.event_type,
+                    locale: t.locale,
+                    source: t.source,
+                    origin: Origin::Api,
+                })
+            })
+            .collect();
+        self.templates.apply_overrides(parts)?;
+        *seen = Some(version);
+        Ok(())
     }
 
     pub fn event_limits(&self) -> EventLimits {
@@ -74,6 +103,9 @@ impl Context {
                 .await
                 .context("creating collections and indexes")?;
         }
+        self.sync_templates()
+            .await
+            .context("loading stored templates")?;
         Ok(())
     }
 }

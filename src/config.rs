@@ -54,6 +54,8 @@ pub struct Settings {
 pub struct ServerSettings {
     pub bind: SocketAddr,
     pub body_limit_bytes: usize,
+    /// `POST /v1/users/import` bodies may be this large.
+    pub import_limit_bytes: usize,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -126,6 +128,7 @@ pub struct SchedulerSettings {
 #[serde(deny_unknown_fields)]
 pub struct TemplateSettings {
     pub dir: PathBuf,
+    pub refresh_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]

@@ -26,6 +26,33 @@ async fn intake(ctx: Context, cancel: CancellationToken) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Follows templates stored through the API by other processes.
+async fn refresh_templates(ctx: Context, cancel: CancellationToken) -> anyhow::Result<()> {
+    let every = Duration::from_millis(ctx.settings.templates.refresh_ms);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(every) => {}
+        }
+        if let Err(e) = ctx.sync_templates().await {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "could not refresh stored templates"
+            );
+        }
+    }
+}
+
+/// Runs `work` until it ends or `cancel` fires plus the drain deadline, then closes RabbitMQ.
+async fn finish<F>(ctx: &Context, work: F, cancel: CancellationToken) -> anyhow::Result<()>
+where
+    F: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let r = shutdown::drain(work, cancel, DRAIN).await;
+    ctx.broker.close().await;
+    r
+}
+
 /// The edge: REST API, the `herald.events` intake, and an outbox relay woken by accepts.
 pub async fn api(
     ctx: Context,
@@ -38,39 +65,38 @@ pub async fn api(
             api::serve(ctx.clone(), listener, cancel.clone()),
             intake(ctx.clone(), cancel.clone()),
             outbox::run(ctx.clone(), cancel.clone()),
+            refresh_templates(ctx.clone(), cancel.clone()),
         )?;
         Ok(())
     };
-    let r = shutdown::drain(work, cancel.clone(), DRAIN).await;
-    ctx.broker.close().await;
-    r
+    finish(&ctx, work, cancel.clone()).await
 }
 
 /// The worker pool: dispatch and delivery on every lane.
 pub async fn worker(ctx: Context, cancel: CancellationToken) -> anyhow::Result<()> {
     ctx.prepare_store().await?;
-    let r = shutdown::drain(
-        worker::run(ctx.clone(), cancel.clone()),
-        cancel.clone(),
-        DRAIN,
-    )
-    .await;
-    ctx.broker.close().await;
-    r
+    let work = async {
+        tokio::try_join!(
+            worker::run(ctx.clone(), cancel.clone()),
+            refresh_templates(ctx.clone(), cancel.clone()),
+        )?;
+        Ok(())
+    };
+    finish(&ctx, work, cancel.clone()).await
 }
 
-/// Periodic work: the outbox sweep. Cron campaigns are not built yet.
+/// Cron campaigns and the outbox sweep.
 pub async fn scheduler(ctx: Context, cancel: CancellationToken) -> anyhow::Result<()> {
     ctx.prepare_store().await?;
-    tracing::warn!("cron campaigns are not built yet; this role runs the outbox relay only");
-    let r = shutdown::drain(
-        outbox::run(ctx.clone(), cancel.clone()),
-        cancel.clone(),
-        DRAIN,
-    )
-    .await;
-    ctx.broker.close().await;
-    r
+    let work = async {
+        tokio::try_join!(
+            scheduler::run(ctx.clone(), cancel.clone()),
+            outbox::run(ctx.clone(), cancel.clone()),
+            refresh_templates(ctx.clone(), cancel.clone()),
+        )?;
+        Ok(())
+    };
+    finish(&ctx, work, cancel.clone()).await
 }
 
 /// Every role in one process (the default for a single machine).
@@ -87,10 +113,9 @@ pub async fn all(
             outbox::run(ctx.clone(), cancel.clone()),
             scheduler::run(ctx.clone(), cancel.clone()),
             worker::run(ctx.clone(), cancel.clone()),
+            refresh_templates(ctx.clone(), cancel.clone()),
         )?;
         Ok(())
     };
-    let r = shutdown::drain(work, cancel.clone(), DRAIN).await;
-    ctx.broker.close().await;
-    r
+    finish(&ctx, work, cancel.clone()).await
 }

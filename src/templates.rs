@@ -1,7 +1,8 @@
-//! Handlebars templates from `templates/<event_type>/<part>[.<locale>].hbs`, built once, strict.
+//! Handlebars templates: files `templates/<event_type>/<part>[.<locale>].hbs`, overridden through the API; strict.
 
 use std::collections::HashSet;
 use std::path::Path;
+use std::sync::{Arc, RwLock};
 
 use anyhow::Context as _;
 use handlebars::Handlebars;
@@ -59,18 +60,116 @@ impl TemplateError {
     }
 }
 
-/// Every template, compiled at start.
-pub struct Templates {
+/// Where a template part came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    File,
+    /// Stored in MongoDB through the API; overrides the files of its event type,
+    /// channel and locale.
+    Api,
+}
+
+/// One template part's source.
+#[derive(Debug, Clone)]
+pub struct PartSource {
+    pub event_type: String,
+    pub part: &'static str,
+    pub locale: Option<String>,
+    pub source: String,
+    pub origin: Origin,
+}
+
+impl PartSource {
+    pub fn channel(&self) -> Channel {
+        channel_of(self.part)
+    }
+}
+
+/// The channel a part belongs to.
+pub fn channel_of(part: &str) -> Channel {
+    if part.starts_with("email.") {
+        Channel::Email
+    } else if part.starts_with("push.") {
+        Channel::Push
+    } else {
+        Channel::Sms
+    }
+}
+
+/// The known part name equal to `name`, if any.
+pub fn part_name(name: &str) -> Option<&'static str> {
+    PARTS.iter().copied().find(|p| *p == name)
+}
+
+/// Compiled templates.
+struct Registry {
     escaped: Handlebars<'static>,
     plain: Handlebars<'static>,
     names: HashSet<String>,
+    parts: Vec<PartSource>,
+}
+
+/// A template that does not compile, with where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{reason}", .line.map(|l| format!("line {l}, column {}: ", .column.unwrap_or(0))).unwrap_or_default())]
+pub struct CompileError {
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub reason: String,
+}
+
+/// Checks that a template compiles.
+pub fn compile(source: &str) -> Result<handlebars::Template, CompileError> {
+    handlebars::Template::compile(source).map_err(|e| CompileError {
+        line: e.pos().map(|p| p.0),
+        column: e.pos().map(|p| p.1),
+        reason: e.reason().to_string(),
+    })
+}
+
+impl Registry {
+    fn build(parts: Vec<PartSource>) -> anyhow::Result<Self> {
+        let mut escaped = Handlebars::new();
+        escaped.set_strict_mode(true);
+        let mut plain = Handlebars::new();
+        plain.set_strict_mode(true);
+        plain.register_escape_fn(handlebars::no_escape);
+        let mut names = HashSet::new();
+        for p in &parts {
+            let name = key(&p.event_type, p.part, p.locale.as_deref());
+            let compiled = compile(&p.source).map_err(|e| {
+                anyhow::anyhow!("template {}/{} ({:?}): {e}", p.event_type, p.part, p.origin)
+            })?;
+            if p.part.ends_with(".html") {
+                escaped.register_template(&name, compiled);
+            } else {
+                plain.register_template(&name, compiled);
+            }
+            names.insert(name);
+        }
+        Ok(Self {
+            escaped,
+            plain,
+            names,
+            parts,
+        })
+    }
+}
+
+/// Every template: the files read at start, overridden by the ones stored through the
+/// API (refreshed while running, so every process follows the API's changes).
+pub struct Templates {
+    files: Vec<PartSource>,
+    current: RwLock<Arc<Registry>>,
 }
 
 fn key(event_type: &str, part: &str, locale: Option<&str>) -> String {
     format!("{event_type}/{part}/{}", locale.unwrap_or("_"))
 }
 
-fn valid_locale(s: &str) -> bool {
+/// A language tag such as `pt` or `pt-BR`.
+pub fn valid_locale(s: &str) -> bool {
     let mut pieces = s.split('-');
     let lang_ok = pieces
         .next()
@@ -98,26 +197,22 @@ fn locale_chain(locale: Option<&str>) -> Vec<Option<&str>> {
 }
 
 impl Templates {
-    fn empty() -> Self {
-        let mut escaped = Handlebars::new();
-        escaped.set_strict_mode(true);
-        let mut plain = Handlebars::new();
-        plain.set_strict_mode(true);
-        plain.register_escape_fn(handlebars::no_escape);
-        Self {
-            escaped,
-            plain,
-            names: HashSet::new(),
-        }
+    /// Compiles `files` (no stored overrides yet).
+    pub fn from_parts(files: Vec<PartSource>) -> anyhow::Result<Self> {
+        let registry = Registry::build(files.clone())?;
+        Ok(Self {
+            files,
+            current: RwLock::new(Arc::new(registry)),
+        })
     }
 
-    /// Loads and compiles every template under `dir`; a template that does not compile
-    /// stops the start with its path. A missing directory means no templates.
+    /// Reads every template under `dir`; a template that does not compile stops the
+    /// start with its path. A missing directory means no file templates.
     pub fn load(dir: &Path) -> anyhow::Result<Self> {
-        let mut t = Self::empty();
+        let mut files = Vec::new();
         let Ok(types) = std::fs::read_dir(dir) else {
             tracing::warn!(dir = %dir.display(), "no templates directory");
-            return Ok(t);
+            return Self::from_parts(files);
         };
         for entry in types {
             let entry = entry?;
@@ -140,7 +235,7 @@ impl Templates {
                         stem.strip_prefix(part)
                             .and_then(|rest| rest.strip_prefix('.'))
                             .filter(|l| valid_locale(l))
-                            .map(|l| (*part, Some(l)))
+                            .map(|l| (*part, Some(l.to_owned())))
                     }
                 });
                 let Some((part, locale)) = parsed else {
@@ -149,38 +244,53 @@ impl Templates {
                 };
                 let source = std::fs::read_to_string(&path)
                     .with_context(|| format!("reading {}", path.display()))?;
-                t.add(&event_type, part, locale, &source)
-                    .with_context(|| format!("compiling {}", path.display()))?;
+                compile(&source).with_context(|| format!("compiling {}", path.display()))?;
+                files.push(PartSource {
+                    event_type: event_type.clone(),
+                    part,
+                    locale,
+                    source,
+                    origin: Origin::File,
+                });
             }
         }
-        tracing::info!(count = t.names.len(), dir = %dir.display(), "templates loaded");
-        Ok(t)
+        tracing::info!(count = files.len(), dir = %dir.display(), "templates loaded");
+        Self::from_parts(files)
     }
 
-    /// Adds one template part (from a file or, later, the API).
-    pub fn add(
-        &mut self,
-        event_type: &str,
-        part: &str,
-        locale: Option<&str>,
-        source: &str,
-    ) -> anyhow::Result<()> {
-        anyhow::ensure!(PARTS.contains(&part), "unknown template part `{part}`");
-        let name = key(event_type, part, locale);
-        let registry = if part.ends_with(".html") {
-            &mut self.escaped
-        } else {
-            &mut self.plain
-        };
-        registry.register_template_string(&name, source)?;
-        self.names.insert(name);
+    /// Rebuilds with the stored overrides: a stored (event type, channel, locale)
+    /// replaces every file part of the same three.
+    pub fn apply_overrides(&self, stored: Vec<PartSource>) -> anyhow::Result<()> {
+        let overridden: HashSet<(String, Channel, Option<String>)> = stored
+            .iter()
+            .map(|p| (p.event_type.clone(), p.channel(), p.locale.clone()))
+            .collect();
+        let mut parts: Vec<PartSource> = self
+            .files
+            .iter()
+            .filter(|p| {
+                !overridden.contains(&(p.event_type.clone(), p.channel(), p.locale.clone()))
+            })
+            .cloned()
+            .collect();
+        parts.extend(stored);
+        let registry = Registry::build(parts)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(registry);
         Ok(())
     }
 
+    fn registry(&self) -> Arc<Registry> {
+        Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Every part in use, with its origin.
+    pub fn parts(&self) -> Vec<PartSource> {
+        self.registry().parts.clone()
+    }
+
     fn has(&self, event_type: &str, part: &str) -> bool {
-        self.names
-            .iter()
-            .any(|n| n.starts_with(&format!("{event_type}/{part}/")))
+        let prefix = format!("{event_type}/{part}/");
+        self.registry().names.iter().any(|n| n.starts_with(&prefix))
     }
 
     /// The channels an event type has templates for (the default when an event names none).
@@ -205,15 +315,16 @@ impl Templates {
         locale: Option<&str>,
         ctx: &Value,
     ) -> Result<Option<String>, TemplateError> {
+        let current = self.registry();
         for l in locale_chain(locale) {
             let name = key(event_type, part, l);
-            if !self.names.contains(&name) {
+            if !current.names.contains(&name) {
                 continue;
             }
             let registry = if part.ends_with(".html") {
-                &self.escaped
+                &current.escaped
             } else {
-                &self.plain
+                &current.plain
             };
             return registry
                 .render(&name, ctx)
@@ -277,27 +388,109 @@ impl Templates {
     }
 }
 
+/// How many SMS segments a text takes: GSM-7 fits 160 characters (153 per part when
+/// split); anything outside GSM-7 is sent as UCS-2, 70 (67 per part).
+pub fn sms_segments(text: &str) -> usize {
+    const GSM7: &str = "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà";
+    const GSM7_EXT: &str = "^{}\\[~]|€";
+    let mut units = 0usize;
+    let mut gsm = true;
+    for c in text.chars() {
+        if GSM7.contains(c) {
+            units += 1;
+        } else if GSM7_EXT.contains(c) {
+            units += 2;
+        } else {
+            gsm = false;
+            break;
+        }
+    }
+    let (single, part, len) = if gsm {
+        (160, 153, units)
+    } else {
+        (70, 67, text.encode_utf16().count())
+    };
+    if len <= single {
+        1
+    } else {
+        len.div_ceil(part)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
 
+    fn part(part: &'static str, locale: Option<&str>, source: &str) -> PartSource {
+        PartSource {
+            event_type: "welcome".into(),
+            part,
+            locale: locale.map(str::to_owned),
+            source: source.into(),
+            origin: Origin::File,
+        }
+    }
+
     fn sample() -> Templates {
-        let mut t = Templates::empty();
-        t.add("welcome", "email.subject", None, "Hi {{user.first_name}}")
-            .expect("ok");
-        t.add(
-            "welcome",
-            "email.subject",
-            Some("pt"),
-            "Olá {{user.first_name}}",
-        )
-        .expect("ok");
-        t.add("welcome", "email.html", None, "<p>{{payload.note}}</p>")
-            .expect("ok");
-        t.add("welcome", "email.txt", None, "{{payload.note}}")
-            .expect("ok");
-        t
+        Templates::from_parts(vec![
+            part("email.subject", None, "Hi {{user.first_name}}"),
+            part("email.subject", Some("pt"), "Olá {{user.first_name}}"),
+            part("email.html", None, "<p>{{payload.note}}</p>"),
+            part("email.txt", None, "{{payload.note}}"),
+        ])
+        .expect("compiles")
+    }
+
+    #[test]
+    fn a_stored_override_replaces_the_files_of_its_channel_and_locale() {
+        let t = sample();
+        let mut stored = part("email.subject", None, "Stored {{user.first_name}}");
+        stored.origin = Origin::Api;
+        let mut html = part("email.html", None, "<i>stored</i>");
+        html.origin = Origin::Api;
+        t.apply_overrides(vec![stored, html]).expect("applies");
+        let ctx = json!({"user": {"first_name": "Ana"}, "payload": {"note": "x"}});
+        let Ok(Rendered::Email {
+            subject,
+            html,
+            text,
+        }) = t.render("welcome", Channel::Email, None, &ctx)
+        else {
+            panic!("renders")
+        };
+        assert_eq!(subject, "Stored Ana");
+        assert_eq!(html.as_deref(), Some("<i>stored</i>"));
+        assert_eq!(
+            text, None,
+            "the file's text part of the same locale is replaced too"
+        );
+        let Ok(Rendered::Email { subject, .. }) =
+            t.render("welcome", Channel::Email, Some("pt"), &ctx)
+        else {
+            panic!("renders")
+        };
+        assert_eq!(subject, "Olá Ana", "other locales keep their files");
+    }
+
+    #[test]
+    fn sms_segments_follow_gsm7_and_ucs2() {
+        assert_eq!(sms_segments(&"a".repeat(160)), 1);
+        assert_eq!(sms_segments(&"a".repeat(161)), 2);
+        assert_eq!(
+            sms_segments(&"€".repeat(80)),
+            1,
+            "extension characters count twice"
+        );
+        assert_eq!(sms_segments(&"ã".repeat(70)), 1);
+        assert_eq!(sms_segments(&"ã".repeat(71)), 2);
+    }
+
+    #[test]
+    fn compile_errors_say_where() {
+        let e = compile("line one\n{{#if x}} never closed").expect_err("invalid");
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(e.to_string().starts_with("line 2, column"), "{e}");
     }
 
     #[test]

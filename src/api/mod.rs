@@ -33,6 +33,7 @@ pub fn router(ctx: Context) -> Router {
             "/v1/deliveries/{id}",
             get(routes::notifications::get_delivery),
         )
+        .route("/v1/users/import", post(routes::users::import))
         .route(
             "/v1/users/{id}",
             get(routes::users::get_user)
@@ -63,6 +64,12 @@ pub fn router(ctx: Context) -> Router {
         )
         .route("/v1/schedules/{id}/runs", get(routes::schedules::runs))
         .route("/v1/schedules/{id}/next", get(routes::schedules::next))
+        .route("/v1/templates", get(routes::templates::list))
+        .route("/v1/templates/preview", post(routes::templates::preview))
+        .route(
+            "/v1/templates/{event_type}/{channel}",
+            axum::routing::put(routes::templates::put).delete(routes::templates::delete),
+        )
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         // Bodies are read (and bounded) by our extractors so every refusal has our shape.
         .layer(DefaultBodyLimit::disable())

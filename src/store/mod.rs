@@ -2,6 +2,7 @@
 
 pub mod documents;
 pub mod schedules;
+pub mod templates;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
@@ -17,6 +18,7 @@ use crate::config::MongoSettings;
 use crate::domain::{DeliveryStatus, NotificationStatus};
 pub use documents::*;
 pub use schedules::*;
+pub use templates::*;
 
 const NOTIFICATIONS: &str = "notifications";
 const OUTBOX: &str = "outbox";
@@ -437,6 +439,46 @@ impl Store {
             .await?
             .deleted_count
             > 0)
+    }
+
+    /// Creates or replaces many users in one bulk write (`created_at` survives a
+    /// replace); returns (created, updated).
+    pub async fn upsert_users(&self, users: &[UserDoc]) -> anyhow::Result<(u64, u64)> {
+        if users.is_empty() {
+            return Ok((0, 0));
+        }
+        let now = now();
+        let mut updates = Vec::with_capacity(users.len());
+        for u in users {
+            let mut set = bson::to_document(u)?;
+            set.remove("_id");
+            set.remove("created_at");
+            set.insert("updated_at", now);
+            updates.push(doc! {
+                "q": {"_id": &u.id},
+                "u": {"$set": set, "$setOnInsert": {"created_at": now}},
+                "upsert": true,
+            });
+        }
+        let reply = self
+            .db
+            .run_command(doc! {"update": USERS, "updates": updates, "ordered": false})
+            .await
+            .context("bulk upsert of users")?;
+        if let Ok(errors) = reply.get_array("writeErrors") {
+            anyhow::bail!(
+                "bulk upsert of users: {} write errors, first: {:?}",
+                errors.len(),
+                errors.first()
+            );
+        }
+        let n = reply
+            .get_i32("n")
+            .map(i64::from)
+            .or_else(|_| reply.get_i64("n"))
+            .unwrap_or(0) as u64;
+        let created = reply.get_array("upserted").map_or(0, |a| a.len()) as u64;
+        Ok((created, n.saturating_sub(created)))
     }
 
     /// Users by id, in one query.

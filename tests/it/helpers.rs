@@ -20,6 +20,13 @@ pub fn mongodb_uri() -> String {
         .unwrap_or_else(|_| "mongodb://127.0.0.1:47017/?directConnection=true".to_owned())
 }
 
+/// The API's timestamp format.
+pub fn iso(t: mongodb::bson::DateTime) -> String {
+    chrono::DateTime::from_timestamp_millis(t.timestamp_millis())
+        .expect("time")
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
 pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }

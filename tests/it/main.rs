@@ -5,6 +5,7 @@ mod helpers;
 mod delivery;
 mod events;
 mod intake;
+mod marketing;
 mod outages;
 mod recipients;
 mod schedules;

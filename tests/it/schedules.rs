@@ -456,3 +456,29 @@ async fn the_seed_format_schedule_creates_a_campaign_and_send_at_delays_a_one_of
     assert!(mails[0].text().contains("later"));
     app.stop().await;
 }
+
+#[tokio::test]
+async fn the_running_scheduler_fires_a_slot_when_it_comes() {
+    // The whole process, with its real clock.
+    let app = crate::helpers::spawn_app().await;
+    with_users(&app, 1).await;
+    let (id, _) = create(&app, &yearly("UTC", "fire_once")).await;
+    // Bring the slot to a second from now, as if the year had passed.
+    let slot = Utc::now() + chrono::Duration::seconds(1);
+    let slot = mongodb::bson::DateTime::from_millis(slot.timestamp_millis());
+    app.db
+        .collection::<mongodb::bson::Document>("schedules")
+        .update_one(
+            mongodb::bson::doc! {"_id": &id},
+            mongodb::bson::doc! {"$set": {"next_fire_at": slot}},
+        )
+        .await
+        .expect("move the slot");
+    let mail = app.smtp.wait_for(1, 20).await;
+    assert!(mail[0].text().contains("happy new year"));
+    let runs = runs(&app, &id).await;
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0]["kind"], "on_time");
+    assert_eq!(runs[0]["fire_time"], crate::helpers::iso(slot));
+    app.stop().await;
+}

@@ -5,6 +5,7 @@ pub mod groups;
 pub mod health;
 pub mod notifications;
 pub mod schedules;
+pub mod templates;
 pub mod users;
 
 use mongodb::bson::DateTime;

@@ -41,16 +41,16 @@ fn valid_phone(p: &str) -> bool {
     (6..=15).contains(&digits.len()) && digits.chars().all(|c| c.is_ascii_digit())
 }
 
-fn valid_locale(l: &str) -> bool {
-    let mut parts = l.split('-');
-    parts
-        .next()
-        .is_some_and(|p| (2..=3).contains(&p.len()) && p.chars().all(|c| c.is_ascii_alphabetic()))
-        && parts.all(|p| (1..=8).contains(&p.len()) && p.chars().all(|c| c.is_ascii_alphanumeric()))
+/// Validates a profile (a PUT body or an import record) into a document.
+pub fn parse_user(id: &str, body: Value) -> Result<UserDoc, Vec<FieldError>> {
+    let id = UserId::parse(id).map_err(|e| vec![FieldError::new("user_id", e)])?;
+    let body: UserBody =
+        serde_json::from_value(body).map_err(|e| vec![FieldError::new("body", e.to_string())])?;
+    body.into_doc(&id)
 }
 
 impl UserBody {
-    fn into_doc(self, id: &UserId) -> Result<UserDoc, ApiError> {
+    fn into_doc(self, id: &UserId) -> Result<UserDoc, Vec<FieldError>> {
         let mut errors = Vec::new();
         let short = |field: &str, v: &Option<String>, errors: &mut Vec<FieldError>| {
             if v.as_ref().is_some_and(|s| s.chars().count() > 200) {
@@ -90,7 +90,7 @@ impl UserBody {
             ));
         }
         if let Some(l) = &self.locale {
-            if !valid_locale(l) {
+            if !crate::templates::valid_locale(l) {
                 errors.push(FieldError::new(
                     "locale",
                     "must be a language tag such as pt-BR",
@@ -113,11 +113,10 @@ impl UserBody {
                 ));
             }
         }
-        let preferences = bson::to_document(&self.preferences).map_err(|e| {
-            ApiError::validation(vec![FieldError::new("preferences", e.to_string())])
-        })?;
+        let preferences = bson::to_document(&self.preferences)
+            .map_err(|e| vec![FieldError::new("preferences", e.to_string())])?;
         if !errors.is_empty() {
-            return Err(ApiError::validation(errors));
+            return Err(errors);
         }
         Ok(UserDoc {
             id: id.to_string(),
@@ -161,7 +160,7 @@ pub async fn put_user(
     JsonBody(body): JsonBody<UserBody>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    let doc = body.into_doc(&id)?;
+    let doc = body.into_doc(&id).map_err(ApiError::validation)?;
     let created = ctx.store.put_user(doc).await?;
     let stored = ctx
         .store
@@ -197,4 +196,169 @@ pub async fn delete_user(
     } else {
         Err(ApiError::not_found("user", &id))
     }
+}
+
+/// Records per bulk write.
+const IMPORT_BATCH: usize = 1000;
+/// Per-line errors reported back (the counts cover all of them).
+const IMPORT_ERRORS_SHOWN: usize = 1000;
+const CSV_COLUMNS: [&str; 10] = [
+    "user_id",
+    "email",
+    "phone",
+    "first_name",
+    "last_name",
+    "birthday_date",
+    "locale",
+    "timezone",
+    "push_tokens",
+    "tags",
+];
+
+/// One record of an import, as JSON, with its line.
+type Record = (u64, Result<Map<String, Value>, String>);
+
+fn ndjson_records(body: &[u8]) -> Vec<Record> {
+    body.split(|b| *b == b'\n')
+        .enumerate()
+        .filter(|(_, l)| !l.iter().all(u8::is_ascii_whitespace))
+        .map(|(i, line)| {
+            let parsed = serde_json::from_slice::<Value>(line)
+                .map_err(|e| format!("not JSON: {e}"))
+                .and_then(|v| match v {
+                    Value::Object(m) => Ok(m),
+                    _ => Err("must be a JSON object".to_owned()),
+                });
+            (i as u64 + 1, parsed)
+        })
+        .collect()
+}
+
+fn csv_records(body: &[u8]) -> Result<Vec<Record>, ApiError> {
+    let mut reader = csv::ReaderBuilder::new().flexible(false).from_reader(body);
+    let headers = reader
+        .headers()
+        .map_err(|e| ApiError::validation(vec![FieldError::new("header", e.to_string())]))?
+        .clone();
+    let unknown: Vec<&str> = headers
+        .iter()
+        .filter(|h| !CSV_COLUMNS.contains(h))
+        .collect();
+    if !unknown.is_empty() || !headers.iter().any(|h| h == "user_id") {
+        return Err(ApiError::validation(vec![FieldError::new(
+            "header",
+            format!(
+                "columns must include user_id and be among {}; unknown: {}",
+                CSV_COLUMNS.join(", "),
+                unknown.join(", ")
+            ),
+        )]));
+    }
+    Ok(reader
+        .records()
+        .map(|row| match row {
+            Err(e) => (e.position().map_or(0, |p| p.line()), Err(e.to_string())),
+            Ok(row) => {
+                let line = row.position().map_or(0, |p| p.line());
+                let mut m = Map::new();
+                for (h, v) in headers.iter().zip(row.iter()) {
+                    if v.is_empty() {
+                        continue;
+                    }
+                    let value = if h == "push_tokens" || h == "tags" {
+                        json!(v
+                            .split(';')
+                            .map(str::trim)
+                            .filter(|s| !s.is_empty())
+                            .collect::<Vec<_>>())
+                    } else {
+                        json!(v)
+                    };
+                    m.insert(h.to_owned(), value);
+                }
+                (line, Ok(m))
+            }
+        })
+        .collect())
+}
+
+/// `POST /v1/users/import`: NDJSON (`application/x-ndjson`) or CSV (`text/csv`, header
+/// row, `;` between push tokens and tags). Idempotent upserts in bulk writes; every bad
+/// line is reported with its number and nothing of it is written.
+pub async fn import(
+    State(ctx): State<Context>,
+    headers: axum::http::HeaderMap,
+    req: axum::extract::Request,
+) -> Result<Json<Value>, ApiError> {
+    let kind = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    let body = crate::api::error::read_body(req, ctx.settings.server.import_limit_bytes).await?;
+    let records = match kind.as_str() {
+        "application/x-ndjson" | "application/jsonl" | "application/json" => ndjson_records(&body),
+        "text/csv" => csv_records(&body)?,
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send application/x-ndjson or text/csv",
+            ))
+        }
+    };
+    let received = records.len();
+    let mut errors = Vec::new();
+    let mut failed = 0usize;
+    let (mut created, mut updated) = (0u64, 0u64);
+    let mut batch: Vec<UserDoc> = Vec::with_capacity(IMPORT_BATCH);
+    let mut fail = |line: u64, user_id: Option<&str>, message: String| {
+        failed += 1;
+        if errors.len() < IMPORT_ERRORS_SHOWN {
+            errors.push(json!({"line": line, "user_id": user_id, "message": message}));
+        }
+    };
+    for (line, record) in records {
+        let mut fields = match record {
+            Ok(f) => f,
+            Err(message) => {
+                fail(line, None, message);
+                continue;
+            }
+        };
+        let id = match fields.remove("user_id") {
+            Some(Value::String(id)) => id,
+            Some(Value::Number(n)) => n.to_string(),
+            _ => {
+                fail(line, None, "user_id: is required".to_owned());
+                continue;
+            }
+        };
+        match parse_user(&id, Value::Object(fields)) {
+            Ok(u) => batch.push(u),
+            Err(e) => fail(line, Some(&id), crate::domain::describe(&e)),
+        }
+        if batch.len() >= IMPORT_BATCH {
+            let (c, u) = ctx.store.upsert_users(&batch).await?;
+            created += c;
+            updated += u;
+            batch.clear();
+        }
+    }
+    if !batch.is_empty() {
+        let (c, u) = ctx.store.upsert_users(&batch).await?;
+        created += c;
+        updated += u;
+    }
+    Ok(Json(json!({
+        "received": received,
+        "created": created,
+        "updated": updated,
+        "failed": failed,
+        "errors": errors,
+    })))
 }
