@@ -38,4 +38,25 @@ pub enum Command {
     Migrate,
     /// Write demo users, a group and content.
     Seed,
+    /// Measure against the real local servers (a throw-away database and queues).
+    #[command(subcommand)]
+    Bench(Bench),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Bench {
+    /// Fire lag of many schedules due within a window, with racing scheduler instances.
+    Scheduler {
+        #[arg(long, env = "HERALD_BENCH_SCHEDULES", default_value_t = 10_000)]
+        schedules: usize,
+        #[arg(long, env = "HERALD_BENCH_WINDOW_SECS", default_value_t = 60)]
+        window_secs: u64,
+        #[arg(long, env = "HERALD_BENCH_INSTANCES", default_value_t = 2)]
+        instances: usize,
+    },
+    /// Bulk user import through the API.
+    Import {
+        #[arg(long, env = "HERALD_BENCH_USERS", default_value_t = 100_000)]
+        users: usize,
+    },
 }

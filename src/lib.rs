@@ -16,10 +16,13 @@
 //! - `channels`   — providers per channel (SMTP/file email, recorded SMS/push).
 //! - `templates`  — Handlebars templates, compiled once.
 //! - `api`        — axum routes and the error shape (the only layer knowing HTTP).
+//! - `scheduler`  — cron campaigns: fire times with DST rules, misfire plans, the claiming tick.
 //! - `seed`       — demo data.
+//! - `bench`      — `herald bench`: measurements against the real local servers.
 
 pub mod api;
 pub mod app;
+pub mod bench;
 pub mod channels;
 pub mod cli;
 pub mod config;

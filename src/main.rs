@@ -3,8 +3,8 @@
 use anyhow::Context as _;
 use clap::Parser;
 
-use herald::cli::{Cli, Command};
-use herald::{app::Context, config::Settings, roles, seed, shutdown, telemetry};
+use herald::cli::{Bench, Cli, Command};
+use herald::{app::Context, bench, config::Settings, roles, seed, shutdown, telemetry};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -12,6 +12,21 @@ async fn main() -> anyhow::Result<()> {
     let settings = Settings::load(&cli.config_dir)?;
     telemetry::init(&settings.log);
     let bind = settings.server.bind;
+    if let Command::Bench(which) = &cli.command {
+        let (name, result) = match *which {
+            Bench::Scheduler {
+                schedules,
+                window_secs,
+                instances,
+            } => (
+                "scheduler",
+                bench::scheduler(settings, schedules, window_secs, instances).await?,
+            ),
+            Bench::Import { users } => ("import", bench::import(settings, users).await?),
+        };
+        println!("saved {}", bench::save(name, &result)?.display());
+        return Ok(());
+    }
     let ctx = Context::build(settings).await?;
     let cancel = shutdown::on_signal();
     let result = match cli.command {
@@ -30,6 +45,7 @@ async fn main() -> anyhow::Result<()> {
             println!("seeded demo data into `{}`", ctx.store.database_name());
             Ok(())
         }
+        Command::Bench(_) => Ok(()),
     };
     if let Err(e) = &result {
         tracing::error!(error = format!("{e:#}"), "herald stopped with an error");

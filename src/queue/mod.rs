@@ -361,6 +361,7 @@ impl Broker {
             ch.exchange_delete(ShortString::from(ex.as_str()), Default::default())
                 .await?;
         }
+        ch.close(200, ShortString::from("topology deleted")).await?;
         Ok(())
     }
 
