@@ -368,7 +368,9 @@ impl Broker {
     /// Closes the connection (on shutdown).
     pub async fn close(&self) {
         let mut live = self.live.lock().await;
-        live.publisher = None;
+        if let Some(ch) = live.publisher.take() {
+            let _ = ch.close(200, ShortString::from("shutdown")).await;
+        }
         if let Some(conn) = live.conn.take() {
             let _ = conn.close(200, ShortString::from("shutdown")).await;
         }

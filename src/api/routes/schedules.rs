@@ -184,11 +184,8 @@ pub async fn patch(
     }
     let input = parse_schedule(&merged)?;
     definition::check_references(&ctx, &input).await?;
-    let mut doc = definition::to_document(&input, Some(&existing), None, Utc::now())?;
-    if existing.status == ScheduleStatus::Retired && doc.status == ScheduleStatus::Active {
-        // A new end_at or cron brings a retired schedule back.
-        doc.status = ScheduleStatus::Active;
-    }
+    // A retired schedule whose new cron or end_at has slots left becomes active again.
+    let doc = definition::to_document(&input, Some(&existing), None, Utc::now())?;
     let stored = ctx
         .store
         .replace_schedule(&doc)
