@@ -10,7 +10,9 @@ use crate::domain::event::{parse_event, EventError, NewEvent};
 use crate::domain::{Channel, FieldError, NotificationStatus, Priority};
 use crate::queue::{Disposition, Incoming};
 use crate::scheduler::definition::{self, ScheduleError};
-use crate::store::{Accepted, Counts, NotificationDoc, OutboxDoc, RecipientsDoc, ScheduleDoc};
+use crate::store::{
+    bson_time, Accepted, Counts, NotificationDoc, OutboxDoc, RecipientsDoc, ScheduleDoc,
+};
 
 /// Why an otherwise well-formed event was refused.
 #[derive(Debug, thiserror::Error)]
@@ -151,10 +153,6 @@ pub struct NotificationSpec {
     pub source: String,
     pub schedule_id: Option<String>,
     pub upstream_created_at: Option<chrono::DateTime<Utc>>,
-}
-
-fn bson_time(t: chrono::DateTime<Utc>) -> DateTime {
-    DateTime::from_millis(t.timestamp_millis())
 }
 
 /// Builds a notification and the outbox entry that will dispatch it at `due_at` (now if `None`).

@@ -12,7 +12,7 @@ use crate::domain::event::{
 };
 use crate::domain::{Channel, EventType, FieldError, Priority};
 use crate::ingest::payload_document;
-use crate::store::{RecipientsDoc, ScheduleDoc, ScheduleStatus};
+use crate::store::{bson_time, RecipientsDoc, ScheduleDoc, ScheduleStatus};
 
 /// A validated schedule definition.
 #[derive(Debug, Clone)]
@@ -259,10 +259,6 @@ pub async fn check_references(ctx: &Context, input: &ScheduleInput) -> Result<()
         },
         None => Ok(()),
     }
-}
-
-fn bson_time(t: DateTime<Utc>) -> mongodb::bson::DateTime {
-    mongodb::bson::DateTime::from_millis(t.timestamp_millis())
 }
 
 /// The first slot an active schedule waits for, from `from` on.

@@ -8,13 +8,12 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use mongodb::bson;
 use tokio_util::sync::CancellationToken;
 use tracing::instrument;
 
 use crate::app::Context;
 use crate::ingest::{new_notification, NotificationSpec};
-use crate::store::{Claim, RecipientsDoc, RunDoc, RunWrite, ScheduleDoc};
+use crate::store::{bson_time, chrono_time, Claim, RecipientsDoc, RunDoc, RunWrite, ScheduleDoc};
 use plan::{PlanLimits, PlannedRun, RunKind};
 
 /// What one tick did.
@@ -26,14 +25,6 @@ pub struct TickReport {
     pub sent: usize,
     /// Schedules another instance advanced first.
     pub lost: usize,
-}
-
-fn bson_time(t: DateTime<Utc>) -> bson::DateTime {
-    bson::DateTime::from_millis(t.timestamp_millis())
-}
-
-fn chrono_time(t: bson::DateTime) -> DateTime<Utc> {
-    DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or_default()
 }
 
 /// True when nobody would receive a fire: no inline users, an empty (or deleted) group,

@@ -113,11 +113,7 @@ pub fn plan(
         kind: RunKind::OnTime,
         slots: 1,
     }));
-    let next = spec
-        .next_after(tz, now, 1)
-        .into_iter()
-        .next()
-        .filter(|n| end_at.is_none_or(|e| *n <= e));
+    let next = next_within(spec, tz, now, end_at);
     Plan { runs, next }
 }
 
@@ -128,7 +124,17 @@ pub fn first_slot(
     from: DateTime<Utc>,
     end_at: Option<DateTime<Utc>>,
 ) -> Option<DateTime<Utc>> {
-    spec.next_after(tz, from - Duration::milliseconds(1), 1)
+    next_within(spec, tz, from - Duration::milliseconds(1), end_at)
+}
+
+/// The first slot strictly after `after`, unless it is past `end_at`.
+fn next_within(
+    spec: &CronSpec,
+    tz: Tz,
+    after: DateTime<Utc>,
+    end_at: Option<DateTime<Utc>>,
+) -> Option<DateTime<Utc>> {
+    spec.next_after(tz, after, 1)
         .into_iter()
         .next()
         .filter(|n| end_at.is_none_or(|e| *n <= e))

@@ -77,6 +77,16 @@ pub fn now() -> DateTime {
     DateTime::now()
 }
 
+/// A chrono instant as stored (millisecond precision, as BSON keeps it).
+pub fn bson_time(t: chrono::DateTime<chrono::Utc>) -> DateTime {
+    DateTime::from_millis(t.timestamp_millis())
+}
+
+/// A stored instant as chrono.
+pub fn chrono_time(t: DateTime) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or_default()
+}
+
 /// True when a write failed on a unique index.
 pub fn is_duplicate_key(err: &mongodb::error::Error) -> bool {
     const DUPLICATE_KEY: i32 = 11000;

@@ -280,6 +280,13 @@ pub struct TestApp {
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
+/// Sends a request; returns the status and the JSON body (null when there is none).
+pub async fn answer(request: reqwest::RequestBuilder) -> (u16, Value) {
+    let r = request.send().await.expect("request");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(TestOptions::default()).await
 }
@@ -389,70 +396,33 @@ impl TestApp {
     }
 
     pub async fn post_event(&self, body: &Value) -> (u16, Value) {
-        let r = self
-            .http
-            .post(self.url("/v1/events"))
-            .json(body)
-            .send()
-            .await
-            .expect("request");
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        self.post("/v1/events", body).await
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = self
-            .http
-            .post(self.url(path))
-            .json(body)
-            .send()
-            .await
-            .expect("request");
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        answer(self.http.post(self.url(path)).json(body)).await
     }
 
     pub async fn patch(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = self
-            .http
-            .patch(self.url(path))
-            .json(body)
-            .send()
-            .await
-            .expect("request");
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        answer(self.http.patch(self.url(path)).json(body)).await
     }
 
     pub async fn post_raw(&self, body: impl Into<reqwest::Body>) -> (u16, Value) {
-        let r = self
-            .http
-            .post(self.url("/v1/events"))
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .expect("request");
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        answer(
+            self.http
+                .post(self.url("/v1/events"))
+                .header("content-type", "application/json")
+                .body(body),
+        )
+        .await
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self.http.get(self.url(path)).send().await.expect("request");
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        answer(self.http.get(self.url(path))).await
     }
 
     pub async fn put(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = self
-            .http
-            .put(self.url(path))
-            .json(body)
-            .send()
-            .await
-            .expect("request");
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        answer(self.http.put(self.url(path)).json(body)).await
     }
 
     pub async fn delete(&self, path: &str) -> u16 {

@@ -2,19 +2,16 @@
 
 use serde_json::json;
 
-use crate::helpers::{spawn_app, TestApp};
+use crate::helpers::{answer, spawn_app, TestApp};
 
 async fn import(app: &TestApp, content_type: &str, body: String) -> (u16, serde_json::Value) {
-    let r = app
-        .http
-        .post(app.url("/v1/users/import"))
-        .header("content-type", content_type)
-        .body(body)
-        .send()
-        .await
-        .expect("request");
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or_default())
+    answer(
+        app.http
+            .post(app.url("/v1/users/import"))
+            .header("content-type", content_type)
+            .body(body),
+    )
+    .await
 }
 
 #[tokio::test]

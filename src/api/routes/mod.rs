@@ -12,7 +12,5 @@ use mongodb::bson::DateTime;
 
 /// Timestamps leave the API as RFC 3339 in UTC.
 pub fn rfc3339(t: DateTime) -> String {
-    chrono::DateTime::from_timestamp_millis(t.timestamp_millis())
-        .unwrap_or_default()
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    crate::store::chrono_time(t).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }

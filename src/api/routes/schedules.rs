@@ -93,6 +93,19 @@ async fn load(ctx: &Context, id: &str) -> Result<ScheduleDoc, ApiError> {
         .ok_or_else(|| ApiError::not_found("schedule", id))
 }
 
+/// A schedule that can still be paused or resumed.
+async fn load_live(ctx: &Context, id: &str) -> Result<ScheduleDoc, ApiError> {
+    let s = load(ctx, id).await?;
+    if s.status == ScheduleStatus::Retired {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "schedule_retired",
+            "the schedule has ended; PATCH its end_at to revive it",
+        ));
+    }
+    Ok(s)
+}
+
 fn input_of(s: &ScheduleDoc) -> Result<ScheduleInput, ApiError> {
     parse_schedule(&definition_json(s)).map_err(|e| {
         ApiError::internal(anyhow::anyhow!(
@@ -210,14 +223,7 @@ pub async fn pause(
     State(ctx): State<Context>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let s = load(&ctx, &id).await?;
-    if s.status == ScheduleStatus::Retired {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "schedule_retired",
-            "the schedule has ended; PATCH its end_at to revive it",
-        ));
-    }
+    let s = load_live(&ctx, &id).await?;
     let stored = ctx
         .store
         .set_schedule_state(&id, ScheduleStatus::Paused, s.next_fire_at)
@@ -230,14 +236,7 @@ pub async fn resume(
     State(ctx): State<Context>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let s = load(&ctx, &id).await?;
-    if s.status == ScheduleStatus::Retired {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "schedule_retired",
-            "the schedule has ended; PATCH its end_at to revive it",
-        ));
-    }
+    let s = load_live(&ctx, &id).await?;
     // Slots that passed while paused are not fired: the schedule resumes at its next slot.
     let doc = definition::to_document(
         &input_of(&s)?,
