@@ -36,7 +36,7 @@ impl Context {
     /// connect lazily, so an API can accept events while RabbitMQ is down.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let store = Store::connect(&settings.mongodb).await?;
-        let broker = Arc::new(Broker::new(&settings.amqp));
+        let broker = Arc::new(Broker::new(&settings.amqp, settings.worker.max_attempts));
         let templates = Templates::load(&settings.templates.dir).with_context(|| {
             format!(
                 "loading templates from {}",

@@ -112,6 +112,12 @@ pub struct WorkerSettings {
     pub claim_timeout_secs: i64,
     pub commit_batch_max: usize,
     pub fanout_batch_size: usize,
+    /// Provider calls per delivery before it is `dead`.
+    pub max_attempts: u32,
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+    /// Each backoff is spread by up to this fraction either way.
+    pub retry_jitter: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -251,6 +257,12 @@ impl Settings {
                 "worker.commit_batch_max / worker.fanout_batch_size",
                 "must be at least 1",
             );
+        }
+        if !(1..=20).contains(&self.worker.max_attempts) {
+            return bad("worker.max_attempts", "must be between 1 and 20");
+        }
+        if !(0.0..1.0).contains(&self.worker.retry_jitter) {
+            return bad("worker.retry_jitter", "must be at least 0 and below 1");
         }
         if self.scheduler.batch_size <= 0 || self.scheduler.concurrency == 0 {
             return bad(

@@ -189,6 +189,9 @@ pub fn new_notification(
     let outbox = OutboxDoc {
         id: uuid::Uuid::now_v7().to_string(),
         notification_id: id,
+        delivery_id: None,
+        delay_ms: 0,
+        attempt: 0,
         lane: spec.priority,
         due_at: due_at.map_or(now, bson_time),
         lease_until: now,

@@ -7,6 +7,40 @@ use tokio_util::sync::CancellationToken;
 use crate::app::Context;
 use crate::queue::messages::Job;
 use crate::queue::Outgoing;
+use crate::store::OutboxDoc;
+
+/// The job an entry stands for: a dispatch to its lane, or a delivery — through a delay
+/// queue when it must wait (a retry's backoff), straight to its lane otherwise.
+fn message(ctx: &Context, e: &OutboxDoc) -> Outgoing {
+    let names = ctx.broker.names();
+    let body = match &e.delivery_id {
+        Some(d) => Job::Deliver {
+            delivery_id: d.clone(),
+            notification_id: e.notification_id.clone(),
+        },
+        None => Job::Dispatch {
+            notification_id: e.notification_id.clone(),
+        },
+    }
+    .encode();
+    if e.delay_ms > 0 {
+        Outgoing {
+            exchange: String::new(),
+            routing_key: names.retry_queue(e.lane, e.attempt.max(1) as u32),
+            body,
+            headers: Vec::new(),
+            expiration_ms: Some(e.delay_ms as u64),
+        }
+    } else {
+        Outgoing {
+            exchange: names.jobs_exchange.clone(),
+            routing_key: e.lane.as_str().to_owned(),
+            body,
+            headers: Vec::new(),
+            expiration_ms: None,
+        }
+    }
+}
 
 /// Publishes one batch of due entries; returns how many were published.
 /// Entries are removed only after RabbitMQ confirmed them, so a crash or a broker
@@ -20,19 +54,7 @@ pub async fn relay_once(ctx: &Context) -> anyhow::Result<usize> {
     if entries.is_empty() {
         return Ok(0);
     }
-    let names = ctx.broker.names();
-    let messages: Vec<Outgoing> = entries
-        .iter()
-        .map(|e| Outgoing {
-            exchange: names.jobs_exchange.clone(),
-            routing_key: e.lane.as_str().to_owned(),
-            body: Job::Dispatch {
-                notification_id: e.notification_id.clone(),
-            }
-            .encode(),
-            headers: Vec::new(),
-        })
-        .collect();
+    let messages: Vec<Outgoing> = entries.iter().map(|e| message(ctx, e)).collect();
     let ids: Vec<String> = entries.into_iter().map(|e| e.id).collect();
     if let Err(e) = ctx.broker.publish_confirmed(&messages).await {
         if let Err(release) = ctx.store.release_outbox(&ids).await {

@@ -72,12 +72,13 @@ pub async fn api(
     finish(&ctx, work, cancel.clone()).await
 }
 
-/// The worker pool: dispatch and delivery on every lane.
+/// The worker pool: dispatch and delivery on every lane, and a relay for its retries.
 pub async fn worker(ctx: Context, cancel: CancellationToken) -> anyhow::Result<()> {
     ctx.prepare_store().await?;
     let work = async {
         tokio::try_join!(
             worker::run(ctx.clone(), cancel.clone()),
+            outbox::run(ctx.clone(), cancel.clone()),
             refresh_templates(ctx.clone(), cancel.clone()),
         )?;
         Ok(())

@@ -64,6 +64,15 @@ pub fn router(ctx: Context) -> Router {
         )
         .route("/v1/schedules/{id}/runs", get(routes::schedules::runs))
         .route("/v1/schedules/{id}/next", get(routes::schedules::next))
+        .route("/v1/dead-letters", get(routes::dead_letters::list))
+        .route(
+            "/v1/dead-letters/replay",
+            post(routes::dead_letters::replay_many),
+        )
+        .route(
+            "/v1/dead-letters/{id}/replay",
+            post(routes::dead_letters::replay),
+        )
         .route("/v1/templates", get(routes::templates::list))
         .route("/v1/templates/preview", post(routes::templates::preview))
         .route(

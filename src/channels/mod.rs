@@ -67,6 +67,11 @@ impl DeliveryError {
     pub fn is_transient(&self) -> bool {
         matches!(self, DeliveryError::Transient { .. })
     }
+
+    /// How long the provider asked us to wait (HTTP `Retry-After`); SMTP has none.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// A transport for one channel (SMTP, a file, an HTTP provider...).

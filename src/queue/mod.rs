@@ -33,17 +33,29 @@ pub struct Names {
     /// Jobs are routed to lanes by priority (direct exchange).
     pub jobs_exchange: String,
     lanes: [String; 3],
+    prefix: String,
+    /// Delay queues per lane: one per retry, so messages in one queue wait about as long
+    /// as each other (RabbitMQ expires messages only at a queue's head).
+    pub retry_tiers: u32,
 }
 
 impl Names {
-    pub fn new(prefix: &str) -> Self {
+    pub fn new(prefix: &str, retry_tiers: u32) -> Self {
         Self {
+            prefix: prefix.to_owned(),
+            retry_tiers: retry_tiers.max(1),
             events_exchange: format!("{prefix}.events"),
             intake_queue: format!("{prefix}.events.intake"),
             rejected_queue: format!("{prefix}.events.rejected"),
             jobs_exchange: format!("{prefix}.jobs"),
             lanes: Priority::ALL.map(|p| format!("{prefix}.lane.{}", p.as_str())),
         }
+    }
+
+    /// The delay queue a retry waits in before its lane.
+    pub fn retry_queue(&self, p: Priority, attempt: u32) -> String {
+        let tier = attempt.clamp(1, self.retry_tiers);
+        format!("{}.retry.{}.{tier}", self.prefix, p.as_str())
     }
 
     pub fn lane(&self, p: Priority) -> &str {
@@ -62,6 +74,8 @@ pub struct Outgoing {
     pub routing_key: String,
     pub body: Vec<u8>,
     pub headers: Vec<(String, String)>,
+    /// Per-message TTL in milliseconds (for delay queues).
+    pub expiration_ms: Option<u64>,
 }
 
 /// A message handed to a handler: no AMQP types leak out of this module.
@@ -99,10 +113,10 @@ pub struct Broker {
 }
 
 impl Broker {
-    pub fn new(settings: &AmqpSettings) -> Self {
+    pub fn new(settings: &AmqpSettings, retry_tiers: u32) -> Self {
         Self {
             url: settings.url.clone(),
-            names: Names::new(&settings.prefix),
+            names: Names::new(&settings.prefix, retry_tiers),
             reconnect_max: Duration::from_millis(settings.reconnect_max_ms.max(50)),
             live: Mutex::new(Live::default()),
         }
@@ -207,6 +221,9 @@ impl Broker {
                     );
                 }
                 props = props.with_headers(table);
+            }
+            if let Some(ms) = m.expiration_ms {
+                props = props.with_expiration(ShortString::from(ms.to_string()));
             }
             let confirm = ch
                 .basic_publish(
@@ -353,6 +370,11 @@ impl Broker {
             self.names.rejected_queue.clone(),
         ];
         queues.extend(self.names.lanes.iter().cloned());
+        for p in Priority::ALL {
+            for tier in 1..=self.names.retry_tiers {
+                queues.push(self.names.retry_queue(p, tier));
+            }
+        }
         for q in queues {
             ch.queue_delete(ShortString::from(q.as_str()), QueueDeleteOptions::default())
                 .await?;
@@ -457,6 +479,24 @@ async fn declare_topology(ch: &Channel, names: &Names) -> anyhow::Result<()> {
             FieldTable::default(),
         )
         .await?;
+        for tier in 1..=names.retry_tiers {
+            // Expired messages dead-letter back to the lane they came from.
+            let mut args = FieldTable::default();
+            args.insert(
+                ShortString::from("x-dead-letter-exchange"),
+                AMQPValue::LongString(LongString::from(names.jobs_exchange.as_str())),
+            );
+            args.insert(
+                ShortString::from("x-dead-letter-routing-key"),
+                AMQPValue::LongString(LongString::from(p.as_str())),
+            );
+            ch.queue_declare(
+                ShortString::from(names.retry_queue(p, tier).as_str()),
+                queue,
+                args,
+            )
+            .await?;
+        }
     }
     Ok(())
 }

@@ -86,6 +86,15 @@ pub struct OutboxDoc {
     #[serde(rename = "_id")]
     pub id: String,
     pub notification_id: String,
+    /// Set for a delivery job (a retry or a replay); absent for a dispatch job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery_id: Option<String>,
+    /// Wait this long in a RabbitMQ delay queue before reaching the lane (retries).
+    #[serde(default)]
+    pub delay_ms: i64,
+    /// Which retry this is (picks the delay queue).
+    #[serde(default)]
+    pub attempt: i32,
     pub lane: Priority,
     /// Not published before this instant (`send_at` for delayed sends).
     pub due_at: DateTime,

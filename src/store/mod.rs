@@ -1,5 +1,6 @@
 //! MongoDB: the only module that knows collection names, indexes and transactions.
 
+pub mod dead_letters;
 pub mod documents;
 pub mod schedules;
 pub mod templates;
@@ -16,6 +17,7 @@ use mongodb::{Client, Collection, Database, IndexModel};
 
 use crate::config::MongoSettings;
 use crate::domain::{DeliveryStatus, NotificationStatus};
+pub use dead_letters::*;
 pub use documents::*;
 pub use schedules::*;
 pub use templates::*;
@@ -62,6 +64,17 @@ pub struct Outcome {
     pub reason: Option<String>,
     pub provider: Option<String>,
     pub attempt: Option<AttemptDoc>,
+    /// For `retrying`: when and through which delay queue the next attempt comes.
+    pub retry: Option<Retry>,
+}
+
+/// The next attempt of a transient failure.
+#[derive(Debug, Clone, Copy)]
+pub struct Retry {
+    pub delay_ms: i64,
+    /// The number of the coming attempt's retry (1 for the first retry).
+    pub retry_number: i32,
+    pub lane: crate::domain::Priority,
 }
 
 /// Delivery-log filters (each one backed by an index).
@@ -163,6 +176,10 @@ impl Store {
             GROUPS,
             GROUP_MEMBERS,
             CONTENTS,
+            schedules::SCHEDULES,
+            schedules::RUNS,
+            templates::TEMPLATES,
+            dead_letters::DEAD_LETTERS,
         ] {
             if !existing.contains(name) {
                 if let Err(e) = self.db.create_collection(name).await {
@@ -233,6 +250,9 @@ impl Store {
             )])
             .await
             .context("indexing group_members")?;
+        self.index_dead_letters()
+            .await
+            .context("indexing dead_letters")?;
         self.index_schedules().await.context("indexing schedules")?;
         Ok(())
     }
@@ -859,8 +879,14 @@ impl Store {
         let touched: Vec<String> = session
             .start_transaction()
             .and_run(
-                (self.deliveries(), self.notifications(), outcomes),
-                |s, (deliveries, notifications, outcomes)| {
+                (
+                    self.deliveries(),
+                    self.notifications(),
+                    self.outbox(),
+                    self.dead_letter_collection(),
+                    outcomes,
+                ),
+                |s, (deliveries, notifications, outbox, letters, outcomes)| {
                     async move {
                         let mut incs: BTreeMap<String, BTreeMap<&'static str, i64>> =
                             BTreeMap::new();
@@ -903,6 +929,38 @@ impl Store {
                                 .session(&mut *s)
                                 .await?;
                             let Some(before) = before else { continue };
+                            // A retry is published through the outbox (never lost); a
+                            // delivery that failed for good is kept as a dead letter.
+                            if let (DeliveryStatus::Retrying, Some(r)) = (o.status, o.retry) {
+                                let stamp = now;
+                                outbox
+                                    .insert_one(OutboxDoc {
+                                        id: uuid::Uuid::now_v7().to_string(),
+                                        notification_id: o.notification_id.clone(),
+                                        delivery_id: Some(o.delivery_id.clone()),
+                                        delay_ms: r.delay_ms,
+                                        attempt: r.retry_number,
+                                        lane: r.lane,
+                                        due_at: stamp,
+                                        lease_until: stamp,
+                                        lease_token: None,
+                                        created_at: stamp,
+                                    })
+                                    .session(&mut *s)
+                                    .await?;
+                            }
+                            if matches!(o.status, DeliveryStatus::Failed | DeliveryStatus::Dead) {
+                                Store::write_dead_letter(
+                                    letters,
+                                    s,
+                                    &before,
+                                    o.status,
+                                    o.reason.as_deref(),
+                                    o.attempt.as_ref().and_then(|a| a.error.as_deref()),
+                                    o.attempt.is_some(),
+                                )
+                                .await?;
+                            }
                             let from = match (before.status, &before.claim) {
                                 (DeliveryStatus::Sending, Some(c)) => c.from,
                                 (status, _) => status,

@@ -10,9 +10,11 @@ use tracing::instrument;
 
 use super::committer::Committer;
 use crate::app::Context;
-use crate::channels::{Destination, OutboundMessage};
+use crate::channels::{DeliveryError, Destination, OutboundMessage};
 use crate::domain::{Channel, DeliveryStatus};
-use crate::store::{AttemptDoc, DeliveryDoc, NotificationDoc, Outcome, Precondition, UserDoc};
+use crate::store::{
+    AttemptDoc, DeliveryDoc, NotificationDoc, Outcome, Precondition, Retry, UserDoc,
+};
 
 /// What a delivery shares with every other delivery of its notification, loaded once.
 pub struct NotificationContext {
@@ -144,6 +146,7 @@ pub async fn deliver(
         reason: Some(reason.to_owned()),
         provider: None,
         attempt,
+        retry: None,
     };
 
     let Some(n) = cache.get(ctx, &d.notification_id).await? else {
@@ -212,27 +215,34 @@ pub async fn deliver(
         })
         .await;
     let duration_ms = clock.elapsed().as_millis() as i64;
-    let (status, reason, provider_name, error, response) = match result {
+    let attempt_number = d.attempt_count + 1;
+    let (status, reason, provider_name, error, response, retry) = match result {
         Ok(r) => (
             DeliveryStatus::Sent,
             None,
             r.provider,
             None,
             Some(r.response),
+            None,
         ),
         Err(e) => {
-            tracing::warn!(error = %e, "provider failed");
-            let reason = if e.is_transient() {
-                "provider_unavailable"
-            } else {
-                "provider_rejected"
+            tracing::warn!(error = %e, attempt = attempt_number, "provider failed");
+            let (status, reason, retry) = match next_attempt(ctx, &d, attempt_number, &e) {
+                Some(retry) => (
+                    DeliveryStatus::Retrying,
+                    "provider_unavailable",
+                    Some(retry),
+                ),
+                None if e.is_transient() => (DeliveryStatus::Dead, "retries_exhausted", None),
+                None => (DeliveryStatus::Failed, "provider_rejected", None),
             };
             (
-                DeliveryStatus::Failed,
+                status,
                 Some(reason.to_owned()),
                 e.provider().to_owned(),
                 Some(e.message().to_owned()),
                 None,
+                retry,
             )
         }
     };
@@ -256,8 +266,41 @@ pub async fn deliver(
                 error,
                 response,
             }),
+            retry,
         })
-        .await
+        .await?;
+    if retry.is_some() {
+        ctx.outbox_wake.notify_one();
+    }
+    Ok(())
+}
+
+/// The retry of a transient failure, if attempts are left: exponential backoff from
+/// `worker.retry_base_ms`, capped, spread by `worker.retry_jitter`, never sooner than
+/// the provider's `Retry-After`.
+fn next_attempt(
+    ctx: &Context,
+    d: &DeliveryDoc,
+    attempt_number: i32,
+    e: &DeliveryError,
+) -> Option<Retry> {
+    let w = &ctx.settings.worker;
+    if !e.is_transient() || attempt_number >= w.max_attempts as i32 {
+        return None;
+    }
+    let exp = w
+        .retry_base_ms
+        .saturating_mul(1u64 << (attempt_number - 1).clamp(0, 30));
+    let spread = 1.0 + w.retry_jitter * (rand::random::<f64>() * 2.0 - 1.0);
+    let mut delay = ((exp.min(w.retry_max_ms) as f64) * spread) as u64;
+    if let Some(after) = e.retry_after() {
+        delay = delay.max(after.as_millis() as u64);
+    }
+    Some(Retry {
+        delay_ms: delay.clamp(1, w.retry_max_ms) as i64,
+        retry_number: attempt_number,
+        lane: d.priority,
+    })
 }
 
 /// A delivery found `sending`: its worker may have died between the provider call and
@@ -291,6 +334,7 @@ async fn resolve_sending(
             status: DeliveryStatus::Failed,
             reason: Some("outcome_unknown".to_owned()),
             provider: None,
+            retry: None,
             attempt: Some(AttemptDoc {
                 attempt_id: claim.attempt_id.clone(),
                 provider: None,

@@ -119,6 +119,7 @@ pub async fn publish(ctx: &Context, queued: &[QueuedDelivery]) -> anyhow::Result
             }
             .encode(),
             headers: Vec::new(),
+            expiration_ms: None,
         })
         .collect();
     ctx.broker.publish_confirmed(&messages).await

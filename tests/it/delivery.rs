@@ -171,6 +171,7 @@ async fn republish(app: &crate::helpers::TestApp, notification_id: &str, deliver
             }
             .encode(),
             headers: vec![],
+            expiration_ms: None,
         }])
         .await
         .expect("publish");

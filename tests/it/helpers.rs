@@ -74,6 +74,10 @@ pub struct SmtpServer {
     pub port: u16,
     mails: Arc<Mutex<Vec<Mail>>>,
     arrived: Arc<Notify>,
+    /// The next N messages are refused with this reply (e.g. `451 try later`).
+    refusals: Arc<Mutex<(usize, String)>>,
+    /// Every message offered, accepted or refused.
+    offered: Arc<Mutex<usize>>,
 }
 
 impl SmtpServer {
@@ -83,6 +87,8 @@ impl SmtpServer {
             port: listener.local_addr().expect("addr").port(),
             mails: Arc::default(),
             arrived: Arc::default(),
+            refusals: Arc::default(),
+            offered: Arc::default(),
         };
         let s = server.clone();
         tokio::spawn(async move {
@@ -133,6 +139,19 @@ impl SmtpServer {
                     }
                     data.push_str(line.strip_prefix('.').unwrap_or(&line));
                 }
+                *self.offered.lock().expect("lock") += 1;
+                let refusal = {
+                    let mut r = self.refusals.lock().expect("lock");
+                    (r.0 > 0).then(|| {
+                        r.0 -= 1;
+                        format!("{}\r\n", r.1)
+                    })
+                };
+                if let Some(reply) = refusal {
+                    to.clear();
+                    w.write_all(reply.as_bytes()).await?;
+                    continue;
+                }
                 self.mails.lock().expect("lock").push(Mail {
                     from: from.clone(),
                     to: std::mem::take(&mut to),
@@ -151,6 +170,16 @@ impl SmtpServer {
             };
             w.write_all(reply).await?;
         }
+    }
+
+    /// Refuses the next `n` messages with `reply` (`451 ...` is transient, `550 ...` permanent).
+    pub fn refuse_next(&self, n: usize, reply: &str) {
+        *self.refusals.lock().expect("lock") = (n, reply.to_owned());
+    }
+
+    /// Messages offered so far, refused ones included.
+    pub fn offered(&self) -> usize {
+        *self.offered.lock().expect("lock")
     }
 
     pub fn mails(&self) -> Vec<Mail> {
@@ -313,6 +342,8 @@ pub async fn spawn_app_with(options: TestOptions) -> TestApp {
         ),
         ("HERALD__AMQP__RECONNECT_MAX_MS".into(), "300".into()),
         ("HERALD__OUTBOX__POLL_INTERVAL_MS".into(), "100".into()),
+        ("HERALD__WORKER__RETRY_BASE_MS".into(), "200".into()),
+        ("HERALD__WORKER__MAX_ATTEMPTS".into(), "3".into()),
         ("HERALD__EMAIL__TRANSPORT".into(), "smtp".into()),
         ("HERALD__EMAIL__SMTP__PORT".into(), smtp.port.to_string()),
         (

@@ -34,6 +34,7 @@ async fn events_from_the_exchange_share_the_rest_path_and_bad_ones_are_parked_wi
         routing_key: "upstream.billing".into(),
         body,
         headers: vec![],
+        expiration_ms: None,
     };
     let good = json!({"event_id": "amqp-evt-1", "event_type": "greeting", "channels": ["email"],
                       "recipients": {"user_ids": ["u1"]}, "payload": {"note": "via amqp"}});

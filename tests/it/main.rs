@@ -4,6 +4,7 @@ mod helpers;
 
 mod delivery;
 mod events;
+mod failures;
 mod intake;
 mod marketing;
 mod outages;

@@ -1,5 +1,6 @@
 //! One file per resource.
 
+pub mod dead_letters;
 pub mod events;
 pub mod groups;
 pub mod health;

@@ -1,0 +1,179 @@
+//! When providers fail: retries through delay queues, dead letters and replay.
+
+use serde_json::{json, Value};
+
+use crate::helpers::{spawn_app, TestApp};
+
+async fn one_email(app: &TestApp) -> String {
+    app.put_user(
+        "u1",
+        json!({"email": "one@example.com", "first_name": "Ana"}),
+    )
+    .await;
+    let (status, body) = app
+        .post_event(&json!({"event_type": "greeting", "channels": ["email"],
+                            "recipients": {"user_ids": ["u1"]}, "payload": {"note": "x"}}))
+        .await;
+    assert_eq!(status, 202);
+    body["notification_id"].as_str().expect("id").to_owned()
+}
+
+async fn only_delivery(app: &TestApp, notification_id: &str) -> Value {
+    let id = app.deliveries(notification_id).await[0]["delivery_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    app.get(&format!("/v1/deliveries/{id}")).await.1
+}
+
+#[tokio::test]
+async fn a_transient_smtp_failure_is_retried_with_backoff_then_sent() {
+    let app = spawn_app().await;
+    app.smtp.refuse_next(2, "451 4.3.0 try again later");
+    let nid = one_email(&app).await;
+    let n = app.wait_finished(&nid, 30).await;
+    assert_eq!(n["status"], "completed");
+    assert_eq!(n["counts"]["sent"], 1);
+    assert_eq!(n["counts"]["retrying"], 0);
+    assert_eq!(app.smtp.offered(), 3, "two refusals and the success");
+    assert_eq!(app.smtp.mails().len(), 1);
+    let d = only_delivery(&app, &nid).await;
+    assert_eq!(d["status"], "sent");
+    assert_eq!(d["attempts"], 3);
+    let log = d["attempt_log"].as_array().expect("log");
+    assert_eq!(log[0]["status"], "retrying");
+    assert!(
+        log[0]["error"].as_str().is_some_and(|e| e.contains("451")),
+        "{}",
+        log[0]
+    );
+    assert_eq!(log[2]["status"], "sent");
+    // Backoff: the second retry waited longer than the first (200 ms, then 400 ms, ±20%).
+    let at = |i: usize| {
+        chrono::DateTime::parse_from_rfc3339(log[i]["started_at"].as_str().expect("t")).expect("t")
+    };
+    let first = (at(1) - at(0)).num_milliseconds();
+    let second = (at(2) - at(1)).num_milliseconds();
+    assert!(first >= 160, "first retry after {first} ms");
+    assert!(second >= 320, "second retry after {second} ms");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_permanent_failure_is_not_retried_and_becomes_a_dead_letter() {
+    let app = spawn_app().await;
+    app.smtp.refuse_next(1, "550 5.1.1 no such mailbox");
+    let nid = one_email(&app).await;
+    let n = app.wait_finished(&nid, 30).await;
+    assert_eq!(n["status"], "failed");
+    let d = only_delivery(&app, &nid).await;
+    assert_eq!(
+        (
+            d["status"].as_str(),
+            d["reason"].as_str(),
+            d["attempts"].as_i64()
+        ),
+        (Some("failed"), Some("provider_rejected"), Some(1))
+    );
+    assert_eq!(app.smtp.offered(), 1, "no retry");
+    let (_, letters) = app
+        .get(&format!("/v1/dead-letters?notification_id={nid}"))
+        .await;
+    let items = letters["items"].as_array().expect("items");
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0]["reason"], "provider_rejected");
+    assert!(items[0]["last_error"]
+        .as_str()
+        .is_some_and(|e| e.contains("550")));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn exhausted_retries_go_dead_and_a_replay_sends_them() {
+    let app = spawn_app().await;
+    app.smtp.refuse_next(3, "421 4.7.0 overloaded");
+    let nid = one_email(&app).await;
+    let n = app.wait_finished(&nid, 30).await;
+    assert_eq!(n["status"], "failed");
+    assert_eq!(n["counts"]["dead"], 1);
+    let d = only_delivery(&app, &nid).await;
+    assert_eq!(
+        (
+            d["status"].as_str(),
+            d["reason"].as_str(),
+            d["attempts"].as_i64()
+        ),
+        (Some("dead"), Some("retries_exhausted"), Some(3))
+    );
+
+    let (_, letters) = app.get("/v1/dead-letters").await;
+    let letter = letters["items"][0].clone();
+    assert_eq!(letter["status"], "dead");
+    assert_eq!(letter["attempts"], 3);
+    let (status, _) = app
+        .post(
+            &format!(
+                "/v1/dead-letters/{}/replay",
+                letter["dead_letter_id"].as_str().expect("id")
+            ),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(status, 202);
+    let mails = app.smtp.wait_for(1, 20).await;
+    assert_eq!(mails.len(), 1);
+    let n = app.wait_finished(&nid, 20).await;
+    assert_eq!(n["status"], "completed", "{n}");
+    assert_eq!(
+        (n["counts"]["sent"].as_i64(), n["counts"]["dead"].as_i64()),
+        (Some(1), Some(0))
+    );
+    let (_, pending) = app.get("/v1/dead-letters").await;
+    assert_eq!(
+        pending["items"].as_array().map(Vec::len),
+        Some(0),
+        "replayed letters are no longer pending"
+    );
+    let (status, _) = app
+        .post(
+            &format!(
+                "/v1/dead-letters/{}/replay",
+                letter["dead_letter_id"].as_str().expect("id")
+            ),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(status, 404, "a replayed letter is not replayed twice");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_bulk_replay_re_enqueues_every_matching_dead_letter() {
+    let app = spawn_app().await;
+    for i in 0..3 {
+        app.put_user(
+            &format!("b{i}"),
+            json!({"email": format!("b{i}@example.com"), "first_name": "B"}),
+        )
+        .await;
+    }
+    app.smtp.refuse_next(3, "550 5.7.1 rejected");
+    let (_, body) = app
+        .post_event(&json!({"event_type": "greeting", "channels": ["email"],
+                            "recipients": {"user_ids": ["b0", "b1", "b2"]}, "payload": {"note": "x"}}))
+        .await;
+    let nid = body["notification_id"].as_str().expect("id");
+    app.wait_finished(nid, 30).await;
+    let (status, replayed) = app
+        .post(
+            "/v1/dead-letters/replay",
+            &json!({"notification_id": nid, "reason": "provider_rejected"}),
+        )
+        .await;
+    assert_eq!(status, 202, "{replayed}");
+    assert_eq!(replayed["replayed"], 3);
+    assert_eq!(app.smtp.wait_for(3, 20).await.len(), 3);
+    let n = app.wait_finished(nid, 20).await;
+    assert_eq!(n["counts"]["sent"], 3);
+    app.stop().await;
+}
