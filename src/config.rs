@@ -43,6 +43,7 @@ pub struct Settings {
     pub outbox: OutboxSettings,
     pub worker: WorkerSettings,
     pub scheduler: SchedulerSettings,
+    pub policy: PolicySettings,
     pub templates: TemplateSettings,
     pub email: EmailSettings,
     pub sms: RecordChannelSettings,
@@ -118,6 +119,14 @@ pub struct WorkerSettings {
     pub retry_max_ms: u64,
     /// Each backoff is spread by up to this fraction either way.
     pub retry_jitter: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySettings {
+    /// Event types whose `high` priority deliveries ignore mutes and quiet hours
+    /// (security codes, password resets). Channel opt-outs always hold.
+    pub bypass_event_types: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -1,6 +1,7 @@
 //! Domain types that parse at the edges and are trusted inside: ids, channels, priorities, statuses.
 
 pub mod event;
+pub mod preferences;
 
 use std::fmt;
 use std::str::FromStr;

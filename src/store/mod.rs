@@ -68,13 +68,16 @@ pub struct Outcome {
     pub retry: Option<Retry>,
 }
 
-/// The next attempt of a transient failure.
+/// When a `retrying` or `deferred` delivery comes back.
 #[derive(Debug, Clone, Copy)]
 pub struct Retry {
+    /// Wait in a RabbitMQ delay queue this long (retry backoff).
     pub delay_ms: i64,
     /// The number of the coming attempt's retry (1 for the first retry).
     pub retry_number: i32,
     pub lane: crate::domain::Priority,
+    /// Not published before this instant (the end of quiet hours).
+    pub not_before: Option<DateTime>,
 }
 
 /// Delivery-log filters (each one backed by an index).
@@ -894,7 +897,10 @@ impl Store {
                             let mut filter = doc! {"_id": &o.delivery_id};
                             match &o.precondition {
                                 Precondition::Unclaimed => {
-                                    filter.insert("status", doc! {"$in": ["queued", "retrying"]});
+                                    filter.insert(
+                                        "status",
+                                        doc! {"$in": ["queued", "retrying", "deferred"]},
+                                    );
                                 }
                                 Precondition::Claimed { attempt_id } => {
                                     filter.insert("claim.attempt_id", attempt_id);
@@ -931,7 +937,9 @@ impl Store {
                             let Some(before) = before else { continue };
                             // A retry is published through the outbox (never lost); a
                             // delivery that failed for good is kept as a dead letter.
-                            if let (DeliveryStatus::Retrying, Some(r)) = (o.status, o.retry) {
+                            if let (DeliveryStatus::Retrying | DeliveryStatus::Deferred, Some(r)) =
+                                (o.status, o.retry)
+                            {
                                 let stamp = now;
                                 outbox
                                     .insert_one(OutboxDoc {
@@ -941,7 +949,7 @@ impl Store {
                                         delay_ms: r.delay_ms,
                                         attempt: r.retry_number,
                                         lane: r.lane,
-                                        due_at: stamp,
+                                        due_at: r.not_before.unwrap_or(stamp),
                                         lease_until: stamp,
                                         lease_token: None,
                                         created_at: stamp,

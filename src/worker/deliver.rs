@@ -11,7 +11,8 @@ use tracing::instrument;
 use super::committer::Committer;
 use crate::app::Context;
 use crate::channels::{DeliveryError, Destination, OutboundMessage};
-use crate::domain::{Channel, DeliveryStatus};
+use crate::domain::preferences::{Preferences, Verdict};
+use crate::domain::{Channel, DeliveryStatus, Priority};
 use crate::store::{
     AttemptDoc, DeliveryDoc, NotificationDoc, Outcome, Precondition, Retry, UserDoc,
 };
@@ -111,6 +112,30 @@ fn destination(channel: Channel, u: &UserDoc) -> Option<Destination> {
     }
 }
 
+/// The recipient's preferences applied to this delivery. High priority bypasses mutes
+/// and quiet hours only for the event types `policy.bypass_event_types` names.
+fn policy_verdict(ctx: &Context, d: &DeliveryDoc, user: &UserDoc) -> Verdict {
+    let prefs = match Preferences::parse(&to_json(&user.preferences)) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(problems = %crate::domain::describe(&e), "stored preferences do not parse; ignoring them");
+            Preferences::default()
+        }
+    };
+    let bypass = d.priority == Priority::High
+        && ctx
+            .settings
+            .policy
+            .bypass_event_types
+            .contains(&d.event_type);
+    let tz = user
+        .timezone
+        .as_deref()
+        .and_then(|t| t.parse::<chrono_tz::Tz>().ok())
+        .unwrap_or(chrono_tz::Tz::UTC);
+    prefs.verdict(d.channel, &d.event_type, bypass, tz, chrono::Utc::now())
+}
+
 fn millis_since(t: DateTime) -> i64 {
     DateTime::now().timestamp_millis() - t.timestamp_millis()
 }
@@ -163,6 +188,26 @@ pub async fn deliver(
             .commit(outcome(DeliveryStatus::Skipped, "no_address", None))
             .await;
     };
+    match policy_verdict(ctx, &d, &user) {
+        Verdict::Send => {}
+        Verdict::Skip(reason) => {
+            return committer
+                .commit(outcome(DeliveryStatus::Skipped, reason, None))
+                .await;
+        }
+        Verdict::DeferUntil(until) => {
+            let mut deferred = outcome(DeliveryStatus::Deferred, "quiet_hours", None);
+            deferred.retry = Some(Retry {
+                delay_ms: 0,
+                retry_number: 0,
+                lane: d.priority,
+                not_before: Some(crate::store::bson_time(until)),
+            });
+            committer.commit(deferred).await?;
+            ctx.outbox_wake.notify_one();
+            return Ok(());
+        }
+    }
     let render_ctx = json!({
         "user": user_json(&user),
         "payload": n.payload,
@@ -300,6 +345,7 @@ fn next_attempt(
         delay_ms: delay.clamp(1, w.retry_max_ms) as i64,
         retry_number: attempt_number,
         lane: d.priority,
+        not_before: None,
     })
 }
 

@@ -8,5 +8,6 @@ mod failures;
 mod intake;
 mod marketing;
 mod outages;
+mod policy;
 mod recipients;
 mod schedules;

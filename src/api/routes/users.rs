@@ -113,6 +113,11 @@ impl UserBody {
                 ));
             }
         }
+        if let Err(e) =
+            crate::domain::preferences::Preferences::parse(&Value::Object(self.preferences.clone()))
+        {
+            errors.extend(e);
+        }
         let preferences = bson::to_document(&self.preferences)
             .map_err(|e| vec![FieldError::new("preferences", e.to_string())])?;
         if !errors.is_empty() {
