@@ -46,8 +46,8 @@ pub struct Settings {
     pub policy: PolicySettings,
     pub templates: TemplateSettings,
     pub email: EmailSettings,
-    pub sms: RecordChannelSettings,
-    pub push: RecordChannelSettings,
+    pub sms: ChannelSettings,
+    pub push: ChannelSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -182,17 +182,61 @@ pub struct SmtpSettings {
     pub timeout_secs: u64,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum RecordTransportKind {
-    Record,
+/// A channel's providers, tried in order (failover).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelSettings {
+    /// Where `record` providers write.
+    pub record_dir: PathBuf,
+    pub providers: Vec<ProviderSettings>,
+}
+
+/// One provider of a channel, with its rate limit and circuit breaker.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ProviderSettings {
+    pub name: String,
+    #[serde(flatten)]
+    pub kind: ProviderKind,
+    /// Sends per second (token bucket); 0 means unlimited.
+    #[serde(default)]
+    pub rate_per_sec: f64,
+    #[serde(default = "default_burst")]
+    pub burst: f64,
+    /// Consecutive transient failures that open the breaker.
+    #[serde(default = "default_breaker_failures")]
+    pub breaker_failures: u32,
+    /// How long an open breaker waits before letting one trial through.
+    #[serde(default = "default_breaker_cooldown_ms")]
+    pub breaker_cooldown_ms: u64,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_burst() -> f64 {
+    1.0
+}
+fn default_breaker_failures() -> u32 {
+    5
+}
+fn default_breaker_cooldown_ms() -> u64 {
+    30_000
+}
+fn default_timeout_ms() -> u64 {
+    10_000
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RecordChannelSettings {
-    pub transport: RecordTransportKind,
-    pub record_dir: PathBuf,
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ProviderKind {
+    /// Appends to `<record_dir>/<channel>.ndjson` (single-machine default).
+    Record,
+    /// Twilio's Messages API (SMS).
+    Twilio {
+        base_url: String,
+        account_sid: String,
+        auth_token: Secret,
+        from: String,
+    },
 }
 
 impl Settings {

@@ -1,6 +1,5 @@
 //! Email through lettre: a pooled SMTP transport, or one `.eml` file per message.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -16,14 +15,14 @@ use super::{DeliveryError, Destination, OutboundMessage, Provider, Receipt};
 use crate::config::{EmailSettings, EmailTransportKind, SmtpSecurity};
 use crate::templates::Rendered;
 
-pub fn build(settings: &EmailSettings) -> anyhow::Result<Arc<dyn Provider>> {
+pub fn build(settings: &EmailSettings) -> anyhow::Result<Box<dyn Provider>> {
     let from: Mailbox = settings.from.parse().context("email.from")?;
     Ok(match settings.transport {
         EmailTransportKind::File => {
             std::fs::create_dir_all(&settings.file_dir).with_context(|| {
                 format!("creating email.file_dir {}", settings.file_dir.display())
             })?;
-            Arc::new(FileEmail {
+            Box::new(FileEmail {
                 from,
                 dir: settings.file_dir.display().to_string(),
                 transport: AsyncFileTransport::new(&settings.file_dir),
@@ -47,7 +46,7 @@ pub fn build(settings: &EmailSettings) -> anyhow::Result<Arc<dyn Provider>> {
                     s.password.expose().to_owned(),
                 ));
             }
-            Arc::new(SmtpEmail {
+            Box::new(SmtpEmail {
                 from,
                 transport: builder.build(),
             })
@@ -130,10 +129,7 @@ impl Provider for SmtpEmail {
                 provider: self.name().to_owned(),
                 message: e.to_string(),
             }),
-            Err(e) => Err(DeliveryError::Transient {
-                provider: self.name().to_owned(),
-                message: e.to_string(),
-            }),
+            Err(e) => Err(DeliveryError::transient(self.name(), e.to_string())),
         }
     }
 }
@@ -157,10 +153,7 @@ impl Provider for FileEmail {
             .transport
             .send(email)
             .await
-            .map_err(|e| DeliveryError::Transient {
-                provider: self.name().to_owned(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| DeliveryError::transient(self.name(), e.to_string()))?;
         Ok(Receipt {
             provider: self.name().to_owned(),
             response: doc! {"file": format!("{}/{id}.eml", self.dir)},

@@ -1,16 +1,20 @@
 //! Delivery channels: a small provider trait each transport implements; nothing here knows queues.
 
+pub mod chain;
 pub mod email;
 pub mod record;
+pub mod twilio;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use mongodb::bson::Document;
 
-use crate::config::Settings;
+use crate::config::{ChannelSettings, ProviderKind, Settings};
 use crate::domain::Channel;
 use crate::templates::Rendered;
+use chain::{Breaker, Chain, Member, TokenBucket};
 
 /// Where a message goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,7 +48,14 @@ pub struct Receipt {
 pub enum DeliveryError {
     /// Worth trying again later (timeouts, connection errors, 4xx SMTP, 5xx/429 HTTP).
     #[error("{provider}: transient failure: {message}")]
-    Transient { provider: String, message: String },
+    Transient {
+        provider: String,
+        message: String,
+        /// The provider's `Retry-After`.
+        retry_after: Option<std::time::Duration>,
+        /// The provider said to slow down (HTTP 429).
+        throttled: bool,
+    },
     /// Will fail again (invalid address, 5xx SMTP, unregistered token).
     #[error("{provider}: permanent failure: {message}")]
     Permanent { provider: String, message: String },
@@ -68,9 +79,28 @@ impl DeliveryError {
         matches!(self, DeliveryError::Transient { .. })
     }
 
-    /// How long the provider asked us to wait (HTTP `Retry-After`); SMTP has none.
+    /// How long the provider asked us to wait (HTTP `Retry-After`).
     pub fn retry_after(&self) -> Option<std::time::Duration> {
-        None
+        match self {
+            DeliveryError::Transient { retry_after, .. } => *retry_after,
+            DeliveryError::Permanent { .. } => None,
+        }
+    }
+
+    pub fn transient(provider: &str, message: impl Into<String>) -> Self {
+        DeliveryError::Transient {
+            provider: provider.to_owned(),
+            message: message.into(),
+            retry_after: None,
+            throttled: false,
+        }
+    }
+
+    pub fn permanent(provider: &str, message: impl Into<String>) -> Self {
+        DeliveryError::Permanent {
+            provider: provider.to_owned(),
+            message: message.into(),
+        }
     }
 }
 
@@ -81,30 +111,76 @@ pub trait Provider: Send + Sync {
     async fn send(&self, message: &OutboundMessage) -> Result<Receipt, DeliveryError>;
 }
 
-/// The provider of each channel, built once at start.
+/// The providers of each channel, built once at start.
 #[derive(Clone)]
 pub struct Channels {
-    pub email: Arc<dyn Provider>,
-    pub sms: Arc<dyn Provider>,
-    pub push: Arc<dyn Provider>,
+    pub email: Arc<Chain>,
+    pub sms: Arc<Chain>,
+    pub push: Arc<Chain>,
+}
+
+fn chain(channel: Channel, settings: &ChannelSettings) -> anyhow::Result<Chain> {
+    anyhow::ensure!(
+        !settings.providers.is_empty(),
+        "{channel}.providers: at least one provider is needed"
+    );
+    let mut members = Vec::new();
+    for p in &settings.providers {
+        let timeout = Duration::from_millis(p.timeout_ms);
+        let provider: Box<dyn Provider> = match &p.kind {
+            ProviderKind::Record => Box::new(record::RecordProvider::new(
+                &p.name,
+                channel,
+                &settings.record_dir,
+            )?),
+            ProviderKind::Twilio {
+                base_url,
+                account_sid,
+                auth_token,
+                from,
+            } => {
+                anyhow::ensure!(
+                    channel == Channel::Sms,
+                    "{channel}.providers.{}: twilio sends SMS only",
+                    p.name
+                );
+                Box::new(twilio::Twilio::new(
+                    &p.name,
+                    base_url,
+                    account_sid,
+                    auth_token.clone(),
+                    from,
+                    timeout,
+                )?)
+            }
+        };
+        members.push(Member {
+            provider,
+            limiter: (p.rate_per_sec > 0.0).then(|| TokenBucket::new(p.rate_per_sec, p.burst)),
+            breaker: Breaker::new(
+                p.breaker_failures,
+                Duration::from_millis(p.breaker_cooldown_ms),
+            ),
+        });
+    }
+    Ok(Chain::new(members))
 }
 
 impl Channels {
     pub fn from_settings(settings: &Settings) -> anyhow::Result<Self> {
+        let email = Member {
+            provider: email::build(&settings.email)?,
+            limiter: None,
+            breaker: Breaker::new(5, Duration::from_secs(30)),
+        };
         Ok(Self {
-            email: email::build(&settings.email)?,
-            sms: Arc::new(record::RecordProvider::new(
-                Channel::Sms,
-                &settings.sms.record_dir,
-            )?),
-            push: Arc::new(record::RecordProvider::new(
-                Channel::Push,
-                &settings.push.record_dir,
-            )?),
+            email: Arc::new(Chain::new(vec![email])),
+            sms: Arc::new(chain(Channel::Sms, &settings.sms)?),
+            push: Arc::new(chain(Channel::Push, &settings.push)?),
         })
     }
 
-    pub fn provider(&self, channel: Channel) -> &Arc<dyn Provider> {
+    pub fn provider(&self, channel: Channel) -> &Chain {
         match channel {
             Channel::Email => &self.email,
             Channel::Sms => &self.sms,

@@ -14,15 +14,17 @@ use crate::templates::Rendered;
 
 /// Writes `<dir>/<channel>.ndjson`; the delivery log records the text as well.
 pub struct RecordProvider {
+    name: String,
     path: PathBuf,
     file: Mutex<Option<tokio::fs::File>>,
 }
 
 impl RecordProvider {
-    pub fn new(channel: Channel, dir: &Path) -> anyhow::Result<Self> {
+    pub fn new(name: &str, channel: Channel, dir: &Path) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating {} record dir {}", channel, dir.display()))?;
         Ok(Self {
+            name: name.to_owned(),
             path: dir.join(format!("{channel}.ndjson")),
             file: Mutex::new(None),
         })
@@ -32,24 +34,21 @@ impl RecordProvider {
 #[async_trait]
 impl Provider for RecordProvider {
     fn name(&self) -> &str {
-        "record"
+        &self.name
     }
 
     async fn send(&self, message: &OutboundMessage) -> Result<Receipt, DeliveryError> {
-        let fail = |e: std::io::Error| DeliveryError::Transient {
-            provider: "record".to_owned(),
-            message: e.to_string(),
-        };
+        let fail = |e: std::io::Error| DeliveryError::transient(self.name(), e.to_string());
         let (to, text) = match (&message.destination, &message.content) {
             (Destination::Phone(p), Rendered::Sms { text }) => (vec![p.clone()], text.clone()),
             (Destination::PushTokens(t), Rendered::Push { title, body }) => {
                 (t.clone(), format!("{title}\n{body}"))
             }
             _ => {
-                return Err(DeliveryError::Permanent {
-                    provider: "record".to_owned(),
-                    message: "destination and message do not match".to_owned(),
-                })
+                return Err(DeliveryError::permanent(
+                    self.name(),
+                    "destination and message do not match",
+                ))
             }
         };
         let line = serde_json::json!({
@@ -75,7 +74,7 @@ impl Provider for RecordProvider {
             f.flush().await.map_err(fail)?;
         }
         Ok(Receipt {
-            provider: "record".to_owned(),
+            provider: self.name.clone(),
             response: doc! {
                 "recorded_to": self.path.display().to_string(),
                 "to": to,

@@ -10,7 +10,7 @@ use tracing::instrument;
 
 use super::committer::Committer;
 use crate::app::Context;
-use crate::channels::{DeliveryError, Destination, OutboundMessage};
+use crate::channels::{DeliveryError, Destination, OutboundMessage, Provider};
 use crate::domain::preferences::{Preferences, Verdict};
 use crate::domain::{Channel, DeliveryStatus, Priority};
 use crate::store::{

@@ -286,6 +286,8 @@ pub struct TestOptions {
     pub amqp_url: Option<String>,
     /// Extra `HERALD__*` variables.
     pub env: Vec<(String, String)>,
+    /// A `config/test.toml` for what variables cannot say (provider lists).
+    pub config_toml: Option<String>,
 }
 
 impl Default for TestOptions {
@@ -294,6 +296,7 @@ impl Default for TestOptions {
             roles: Roles::All,
             amqp_url: None,
             env: Vec::new(),
+            config_toml: None,
         }
     }
 }
@@ -367,7 +370,17 @@ pub async fn spawn_app_with(options: TestOptions) -> TestApp {
         ),
     ];
     vars.extend(options.env);
-    let settings = Settings::load_from(&manifest.join("config"), &vars).expect("test settings");
+    let config_dir = match &options.config_toml {
+        Some(toml) => {
+            let dir = files.join("config");
+            std::fs::create_dir_all(&dir).expect("config dir");
+            std::fs::write(dir.join("test.toml"), toml).expect("test.toml");
+            vars.push(("HERALD_ENV".into(), "test".into()));
+            dir
+        }
+        None => manifest.join("config"),
+    };
+    let settings = Settings::load_from(&config_dir, &vars).expect("test settings");
     let ctx = Context::build(settings.clone()).await.expect("context");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind api");
     let address = format!("http://{}", listener.local_addr().expect("addr"));

@@ -9,5 +9,6 @@ mod intake;
 mod marketing;
 mod outages;
 mod policy;
+mod providers;
 mod recipients;
 mod schedules;

@@ -1,0 +1,253 @@
+//! A channel's ordered providers: rate limits per provider, circuit breakers, failover.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+use super::{DeliveryError, OutboundMessage, Provider, Receipt};
+
+/// Sends per second with a burst; a 429 halves the rate, successes win it back.
+pub struct TokenBucket {
+    configured: f64,
+    burst: f64,
+    state: Mutex<BucketState>,
+}
+
+struct BucketState {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub fn new(rate_per_sec: f64, burst: f64) -> Self {
+        let burst = burst.max(1.0);
+        Self {
+            configured: rate_per_sec,
+            burst,
+            state: Mutex::new(BucketState {
+                rate: rate_per_sec,
+                tokens: burst,
+                last: Instant::now(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BucketState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for a token (never fails: a burst is smoothed, not refused).
+    pub async fn acquire(&self) {
+        loop {
+            let wait = {
+                let mut s = self.lock();
+                let now = Instant::now();
+                s.tokens =
+                    (s.tokens + now.duration_since(s.last).as_secs_f64() * s.rate).min(self.burst);
+                s.last = now;
+                if s.tokens >= 1.0 {
+                    s.tokens -= 1.0;
+                    return;
+                }
+                Duration::from_secs_f64((1.0 - s.tokens) / s.rate)
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// The provider said 429: halve the rate (down to a tenth of the configured one).
+    pub fn slow_down(&self) {
+        let mut s = self.lock();
+        s.rate = (s.rate / 2.0).max(self.configured / 10.0);
+    }
+
+    /// A success wins back a little of the configured rate.
+    pub fn recover(&self) {
+        let mut s = self.lock();
+        s.rate = (s.rate * 1.05).min(self.configured);
+    }
+
+    pub fn current_rate(&self) -> f64 {
+        self.lock().rate
+    }
+}
+
+/// Opens after `threshold` consecutive transient failures; after `cooldown` one trial
+/// goes through (half-open): success closes it, failure opens it again.
+pub struct Breaker {
+    threshold: u32,
+    cooldown: Duration,
+    state: Mutex<BreakerState>,
+}
+
+#[derive(Default)]
+struct BreakerState {
+    failures: u32,
+    open_until: Option<Instant>,
+    trial_running: bool,
+}
+
+impl Breaker {
+    pub fn new(threshold: u32, cooldown: Duration) -> Self {
+        Self {
+            threshold: threshold.max(1),
+            cooldown,
+            state: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BreakerState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// May a call go through now?
+    pub fn allow(&self) -> bool {
+        let mut s = self.lock();
+        match s.open_until {
+            None => true,
+            Some(t) if Instant::now() >= t && !s.trial_running => {
+                s.trial_running = true;
+                true
+            }
+            Some(_) => false,
+        }
+    }
+
+    pub fn success(&self) {
+        let mut s = self.lock();
+        *s = BreakerState::default();
+    }
+
+    pub fn failure(&self) {
+        let mut s = self.lock();
+        s.failures += 1;
+        s.trial_running = false;
+        if s.failures >= self.threshold {
+            s.open_until = Some(Instant::now() + self.cooldown);
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.lock().open_until.is_some()
+    }
+}
+
+/// One provider with its guards.
+pub struct Member {
+    pub provider: Box<dyn Provider>,
+    pub limiter: Option<TokenBucket>,
+    pub breaker: Breaker,
+}
+
+/// The providers of one channel, tried in order.
+pub struct Chain {
+    members: Vec<Member>,
+}
+
+impl Chain {
+    pub fn new(members: Vec<Member>) -> Self {
+        Self { members }
+    }
+
+    pub fn members(&self) -> &[Member] {
+        &self.members
+    }
+}
+
+#[async_trait]
+impl Provider for Chain {
+    fn name(&self) -> &str {
+        self.members.first().map_or("none", |m| m.provider.name())
+    }
+
+    /// A transient failure or an open breaker moves on to the next provider; a permanent
+    /// failure is the recipient's and is returned at once (another provider would fail too).
+    async fn send(&self, message: &OutboundMessage) -> Result<Receipt, DeliveryError> {
+        let mut last: Option<DeliveryError> = None;
+        for m in &self.members {
+            if !m.breaker.allow() {
+                last.get_or_insert_with(|| {
+                    DeliveryError::transient(m.provider.name(), "circuit breaker open")
+                });
+                continue;
+            }
+            if let Some(l) = &m.limiter {
+                l.acquire().await;
+            }
+            match m.provider.send(message).await {
+                Ok(r) => {
+                    m.breaker.success();
+                    if let Some(l) = &m.limiter {
+                        l.recover();
+                    }
+                    return Ok(r);
+                }
+                Err(e @ DeliveryError::Permanent { .. }) => {
+                    m.breaker.success();
+                    return Err(e);
+                }
+                Err(e) => {
+                    m.breaker.failure();
+                    if let (
+                        DeliveryError::Transient {
+                            throttled: true, ..
+                        },
+                        Some(l),
+                    ) = (&e, &m.limiter)
+                    {
+                        l.slow_down();
+                    }
+                    tracing::warn!(provider = m.provider.name(), error = %e, "provider failed; trying the next");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last
+            .unwrap_or_else(|| DeliveryError::transient("none", "the channel has no providers")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_breaker_opens_after_n_failures_and_half_opens_after_the_cooldown() {
+        let b = Breaker::new(2, Duration::from_millis(30));
+        assert!(b.allow());
+        b.failure();
+        assert!(b.allow(), "one failure is not enough");
+        b.failure();
+        assert!(!b.allow(), "open");
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(b.allow(), "half-open: one trial");
+        assert!(!b.allow(), "only one trial at a time");
+        b.success();
+        assert!(b.allow() && !b.is_open(), "closed again");
+    }
+
+    #[tokio::test]
+    async fn a_token_bucket_spaces_a_burst_and_slows_down_on_429() {
+        let bucket = TokenBucket::new(20.0, 1.0);
+        let started = Instant::now();
+        for _ in 0..5 {
+            bucket.acquire().await;
+        }
+        assert!(
+            started.elapsed() >= Duration::from_millis(190),
+            "{:?}",
+            started.elapsed()
+        );
+        bucket.slow_down();
+        assert!((bucket.current_rate() - 10.0).abs() < 1e-9);
+        for _ in 0..100 {
+            bucket.slow_down();
+        }
+        assert!(
+            (bucket.current_rate() - 2.0).abs() < 1e-9,
+            "floor at a tenth"
+        );
+    }
+}
