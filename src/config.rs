@@ -48,6 +48,7 @@ pub struct Settings {
     pub email: EmailSettings,
     pub sms: ChannelSettings,
     pub push: ChannelSettings,
+    pub webhook: WebhookSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -182,6 +183,20 @@ pub struct SmtpSettings {
     pub timeout_secs: u64,
 }
 
+/// The webhook channel (and the safety rules every webhook provider shares).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSettings {
+    /// HMAC-SHA256 key for `X-Herald-Signature`; empty sends unsigned.
+    pub secret: Secret,
+    /// Loopback, private and link-local targets are refused unless this is true.
+    pub allow_internal_targets: bool,
+    pub timeout_ms: u64,
+    pub max_response_bytes: usize,
+    /// The URL each event type's webhook goes to.
+    pub endpoints: std::collections::BTreeMap<String, String>,
+}
+
 /// A channel's providers, tried in order (failover).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -230,6 +245,14 @@ fn default_timeout_ms() -> u64 {
 pub enum ProviderKind {
     /// Appends to `<record_dir>/<channel>.ndjson` (single-machine default).
     Record,
+    /// POSTs JSON (`delivery_id`, `channel`, `to`, `text` or `title`/`body`) to a gateway.
+    Webhook {
+        url: String,
+        #[serde(default)]
+        secret: Secret,
+        #[serde(default)]
+        headers: std::collections::BTreeMap<String, String>,
+    },
     /// Twilio's Messages API (SMS).
     Twilio {
         base_url: String,

@@ -11,13 +11,14 @@ use serde_json::Value;
 use crate::domain::Channel;
 
 /// The parts a channel's message is made of. HTML parts are escaped; the rest are not.
-const PARTS: [&str; 6] = [
+const PARTS: [&str; 7] = [
     "email.subject",
     "email.html",
     "email.txt",
     "push.title",
     "push.body",
     "sms",
+    "webhook",
 ];
 
 /// A rendered message for one channel.
@@ -33,6 +34,10 @@ pub enum Rendered {
     },
     Push {
         title: String,
+        body: String,
+    },
+    /// A JSON document.
+    Webhook {
         body: String,
     },
 }
@@ -92,6 +97,8 @@ pub fn channel_of(part: &str) -> Channel {
         Channel::Email
     } else if part.starts_with("push.") {
         Channel::Push
+    } else if part == "webhook" {
+        Channel::Webhook
     } else {
         Channel::Sms
     }
@@ -303,6 +310,7 @@ impl Templates {
                 Channel::Push => {
                     self.has(event_type, "push.title") || self.has(event_type, "push.body")
                 }
+                Channel::Webhook => self.has(event_type, "webhook"),
             })
             .collect()
     }
@@ -383,6 +391,16 @@ impl Templates {
                     title: title.unwrap_or_default().trim().to_owned(),
                     body: body.unwrap_or_default().trim().to_owned(),
                 })
+            }
+            Channel::Webhook => {
+                let body = self
+                    .part(event_type, "webhook", locale, ctx)?
+                    .ok_or_else(missing)?;
+                serde_json::from_str::<Value>(&body).map_err(|e| TemplateError::Render {
+                    name: format!("{event_type}/webhook"),
+                    reason: format!("the rendered body is not JSON: {e}"),
+                })?;
+                Ok(Rendered::Webhook { body })
             }
         }
     }

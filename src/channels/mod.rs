@@ -2,8 +2,10 @@
 
 pub mod chain;
 pub mod email;
+pub mod http;
 pub mod record;
 pub mod twilio;
+pub mod webhook;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,10 +13,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use mongodb::bson::Document;
 
-use crate::config::{ChannelSettings, ProviderKind, Settings};
+use crate::config::{ChannelSettings, ProviderKind, Settings, WebhookSettings};
 use crate::domain::Channel;
 use crate::templates::Rendered;
 use chain::{Breaker, Chain, Member, TokenBucket};
+use std::collections::BTreeMap;
 
 /// Where a message goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +28,8 @@ pub enum Destination {
     },
     Phone(String),
     PushTokens(Vec<String>),
+    /// The webhook channel's URL for the event type.
+    Url(String),
 }
 
 /// One message, ready to send.
@@ -117,9 +122,14 @@ pub struct Channels {
     pub email: Arc<Chain>,
     pub sms: Arc<Chain>,
     pub push: Arc<Chain>,
+    pub webhook: Arc<Chain>,
 }
 
-fn chain(channel: Channel, settings: &ChannelSettings) -> anyhow::Result<Chain> {
+fn chain(
+    channel: Channel,
+    settings: &ChannelSettings,
+    hooks: &WebhookSettings,
+) -> anyhow::Result<Chain> {
     anyhow::ensure!(
         !settings.providers.is_empty(),
         "{channel}.providers: at least one provider is needed"
@@ -132,6 +142,19 @@ fn chain(channel: Channel, settings: &ChannelSettings) -> anyhow::Result<Chain> 
                 &p.name,
                 channel,
                 &settings.record_dir,
+            )?),
+            ProviderKind::Webhook {
+                url,
+                secret,
+                headers,
+            } => Box::new(webhook::Webhook::new(
+                &p.name,
+                Some(url.clone()),
+                secret.clone(),
+                headers.clone(),
+                timeout,
+                hooks.allow_internal_targets,
+                hooks.max_response_bytes,
             )?),
             ProviderKind::Twilio {
                 base_url,
@@ -175,8 +198,21 @@ impl Channels {
         };
         Ok(Self {
             email: Arc::new(Chain::new(vec![email])),
-            sms: Arc::new(chain(Channel::Sms, &settings.sms)?),
-            push: Arc::new(chain(Channel::Push, &settings.push)?),
+            sms: Arc::new(chain(Channel::Sms, &settings.sms, &settings.webhook)?),
+            push: Arc::new(chain(Channel::Push, &settings.push, &settings.webhook)?),
+            webhook: Arc::new(Chain::new(vec![Member {
+                provider: Box::new(webhook::Webhook::new(
+                    "webhook",
+                    None,
+                    settings.webhook.secret.clone(),
+                    BTreeMap::new(),
+                    Duration::from_millis(settings.webhook.timeout_ms),
+                    settings.webhook.allow_internal_targets,
+                    settings.webhook.max_response_bytes,
+                )?),
+                limiter: None,
+                breaker: Breaker::new(5, Duration::from_secs(30)),
+            }])),
         })
     }
 
@@ -185,6 +221,7 @@ impl Channels {
             Channel::Email => &self.email,
             Channel::Sms => &self.sms,
             Channel::Push => &self.push,
+            Channel::Webhook => &self.webhook,
         }
     }
 }

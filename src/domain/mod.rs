@@ -132,15 +132,22 @@ pub enum Channel {
     Email,
     Sms,
     Push,
+    Webhook,
 }
 
 impl Channel {
-    pub const ALL: [Channel; 3] = [Channel::Email, Channel::Sms, Channel::Push];
+    pub const ALL: [Channel; 4] = [
+        Channel::Email,
+        Channel::Sms,
+        Channel::Push,
+        Channel::Webhook,
+    ];
     pub fn as_str(self) -> &'static str {
         match self {
             Channel::Email => "email",
             Channel::Sms => "sms",
             Channel::Push => "push",
+            Channel::Webhook => "webhook",
         }
     }
 }
@@ -151,7 +158,12 @@ impl FromStr for Channel {
         Channel::ALL
             .into_iter()
             .find(|c| c.as_str() == s)
-            .ok_or_else(|| format!("unknown channel `{}` (email, sms, push)", truncate(s, 32)))
+            .ok_or_else(|| {
+                format!(
+                    "unknown channel `{}` (email, sms, push, webhook)",
+                    truncate(s, 32)
+                )
+            })
     }
 }
 

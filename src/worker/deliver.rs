@@ -94,9 +94,20 @@ fn user_json(u: &UserDoc) -> Value {
     })
 }
 
-fn destination(channel: Channel, u: &UserDoc) -> Option<Destination> {
+fn destination(
+    ctx: &Context,
+    event_type: &str,
+    channel: Channel,
+    u: &UserDoc,
+) -> Option<Destination> {
     let present = |s: &Option<String>| s.as_ref().filter(|v| !v.trim().is_empty()).cloned();
     match channel {
+        Channel::Webhook => ctx
+            .settings
+            .webhook
+            .endpoints
+            .get(event_type)
+            .map(|url| Destination::Url(url.clone())),
         Channel::Email => present(&u.email).map(|address| Destination::Email {
             address,
             name: match (&u.first_name, &u.last_name) {
@@ -183,7 +194,7 @@ pub async fn deliver(
             .commit(outcome(DeliveryStatus::Skipped, "unknown_user", None))
             .await;
     };
-    let Some(dest) = destination(d.channel, &user) else {
+    let Some(dest) = destination(ctx, &d.event_type, d.channel, &user) else {
         return committer
             .commit(outcome(DeliveryStatus::Skipped, "no_address", None))
             .await;

@@ -12,3 +12,4 @@ mod policy;
 mod providers;
 mod recipients;
 mod schedules;
+mod webhooks;

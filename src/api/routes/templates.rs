@@ -23,6 +23,7 @@ fn fields(channel: Channel) -> &'static [(&'static str, &'static str)] {
         ],
         Channel::Sms => &[("text", "sms")],
         Channel::Push => &[("title", "push.title"), ("body", "push.body")],
+        Channel::Webhook => &[("body", "webhook")],
     }
 }
 
@@ -134,6 +135,7 @@ pub async fn put(
             errors.push(FieldError::new("html", "give html, text or both"))
         }
         Channel::Sms if !has("sms") => errors.push(FieldError::new("text", "is required")),
+        Channel::Webhook if parts.is_empty() => errors.push(FieldError::new("body", "is required")),
         Channel::Push if parts.is_empty() => {
             errors.push(FieldError::new("title", "give title, body or both"))
         }
@@ -242,6 +244,7 @@ pub async fn preview(
             json!({"text": text, "segments": crate::templates::sms_segments(&text)})
         }
         Rendered::Push { title, body } => json!({"title": title, "body": body}),
+        Rendered::Webhook { body } => json!({"body": body}),
     };
     Ok(Json(
         json!({"event_type": event_type, "channel": channel, "locale": body.locale, "rendered": out}),

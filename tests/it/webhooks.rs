@@ -1,0 +1,167 @@
+//! Webhooks: the channel (signed JSON per event type), a JSON gateway for SMS, and the SSRF guard.
+
+use serde_json::{json, Value};
+use wiremock::matchers::{header_exists, method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::helpers::{spawn_app_with, TestApp, TestOptions};
+
+async fn app_with(toml: String) -> TestApp {
+    spawn_app_with(TestOptions {
+        config_toml: Some(toml),
+        ..Default::default()
+    })
+    .await
+}
+
+async fn order_shipped(app: &TestApp) -> Value {
+    app.put_user(
+        "w1",
+        json!({"email": "w1@example.com", "phone": "+4915100000001", "first_name": "W"}),
+    )
+    .await;
+    let (status, body) = app
+        .post_event(&json!({"event_type": "order_shipped", "channels": ["webhook"], "recipients": {"user_ids": ["w1"]}, "payload": {"order": "A-17"}}))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["notification_id"].as_str().expect("id").to_owned();
+    app.wait_finished(&id, 20).await;
+    let did = app.deliveries(&id).await[0]["delivery_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    app.get(&format!("/v1/deliveries/{did}")).await.1
+}
+
+#[tokio::test]
+async fn the_webhook_channel_posts_signed_json_to_the_event_types_url() {
+    let receiver = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/hooks/orders"))
+        .and(header_exists("x-herald-signature"))
+        .respond_with(ResponseTemplate::new(204))
+        .expect(1)
+        .mount(&receiver)
+        .await;
+    let app = app_with(format!(
+        "[webhook]\nsecret = \"s3cret\"\nallow_internal_targets = true\ntimeout_ms = 2000\nmax_response_bytes = 1024\n[webhook.endpoints]\norder_shipped = \"{}/hooks/orders\"\n",
+        receiver.uri()
+    ))
+    .await;
+    let d = order_shipped(&app).await;
+    assert_eq!(d["status"], "sent", "{d}");
+    let requests = receiver.received_requests().await.expect("recorded");
+    let r = &requests[0];
+    let body: Value = serde_json::from_slice(&r.body).expect("json");
+    assert_eq!(
+        body,
+        json!({"order": "A-17", "user": "w1", "event": "order_shipped"})
+    );
+    let header = |n: &str| {
+        r.headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let ts: i64 = header("x-herald-timestamp").parse().expect("timestamp");
+    assert_eq!(
+        header("x-herald-signature"),
+        herald::channels::http::signature("s3cret", ts, &r.body),
+        "verifiable"
+    );
+    assert_eq!(
+        header("x-herald-delivery-id"),
+        d["delivery_id"].as_str().unwrap_or_default()
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn internal_targets_are_refused_and_redirects_not_followed() {
+    let receiver = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(204))
+        .expect(0)
+        .mount(&receiver)
+        .await;
+    let app = app_with(format!(
+        "[webhook]\nsecret = \"\"\nallow_internal_targets = false\ntimeout_ms = 2000\nmax_response_bytes = 1024\n[webhook.endpoints]\norder_shipped = \"{}/hooks/orders\"\n",
+        receiver.uri()
+    ))
+    .await;
+    let d = order_shipped(&app).await;
+    assert_eq!(
+        (d["status"].as_str(), d["reason"].as_str()),
+        (Some("failed"), Some("provider_rejected")),
+        "{d}"
+    );
+    assert!(
+        d["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("internal address")),
+        "{d}"
+    );
+    app.stop().await;
+
+    let redirecting = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(302).insert_header("location", "http://169.254.169.254/latest"),
+        )
+        .mount(&redirecting)
+        .await;
+    let app = app_with(format!(
+        "[webhook]\nsecret = \"\"\nallow_internal_targets = true\ntimeout_ms = 2000\nmax_response_bytes = 1024\n[webhook.endpoints]\norder_shipped = \"{}/hooks\"\n",
+        redirecting.uri()
+    ))
+    .await;
+    let d = order_shipped(&app).await;
+    assert_eq!(d["status"], "failed");
+    assert!(
+        d["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("redirects are not followed")),
+        "{d}"
+    );
+    assert_eq!(
+        redirecting.received_requests().await.map(|r| r.len()),
+        Some(1)
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_json_gateway_provider_carries_sms_for_any_other_service() {
+    let gateway = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/sms"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"id": "g-1"})))
+        .expect(1)
+        .mount(&gateway)
+        .await;
+    let app = app_with(format!(
+        "[webhook]\nsecret = \"\"\nallow_internal_targets = true\ntimeout_ms = 2000\nmax_response_bytes = 1024\n[webhook.endpoints]\n\n[sms]\nrecord_dir = \"unused\"\n[[sms.providers]]\nname = \"gateway\"\nkind = \"webhook\"\nurl = \"{}/sms\"\nheaders = {{ authorization = \"Bearer gw-key\" }}\n",
+        gateway.uri()
+    ))
+    .await;
+    app.put_user("w1", json!({"phone": "+4915100000001", "first_name": "W"}))
+        .await;
+    let (_, body) = app
+        .post_event(&json!({"event_type": "greeting", "channels": ["sms"], "recipients": {"user_ids": ["w1"]}, "payload": {"note": "gw"}}))
+        .await;
+    let n = app
+        .wait_finished(body["notification_id"].as_str().expect("id"), 20)
+        .await;
+    assert_eq!(n["counts"]["sent"], 1, "{n}");
+    let r = &gateway.received_requests().await.expect("recorded")[0];
+    let sent: Value = serde_json::from_slice(&r.body).expect("json");
+    assert_eq!(sent["channel"], "sms");
+    assert_eq!(sent["to"], json!(["+4915100000001"]));
+    assert_eq!(sent["text"], "SMS for W: gw");
+    assert_eq!(
+        r.headers.get("authorization").and_then(|v| v.to_str().ok()),
+        Some("Bearer gw-key")
+    );
+    app.stop().await;
+}
