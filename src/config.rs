@@ -227,6 +227,10 @@ pub struct ProviderSettings {
     pub timeout_ms: u64,
 }
 
+fn default_fcm_url() -> String {
+    "https://fcm.googleapis.com".to_owned()
+}
+
 fn default_burst() -> f64 {
     1.0
 }
@@ -252,6 +256,16 @@ pub enum ProviderKind {
         secret: Secret,
         #[serde(default)]
         headers: std::collections::BTreeMap<String, String>,
+    },
+    /// Firebase Cloud Messaging HTTP v1 (push).
+    Fcm {
+        /// The service-account key JSON downloaded from Firebase.
+        service_account_file: PathBuf,
+        #[serde(default = "default_fcm_url")]
+        base_url: String,
+        /// Overrides the key's `token_uri`.
+        #[serde(default)]
+        token_uri: Option<String>,
     },
     /// Twilio's Messages API (SMS).
     Twilio {

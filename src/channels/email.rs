@@ -60,10 +60,7 @@ fn compose(
     message: &OutboundMessage,
     provider: &str,
 ) -> Result<Message, DeliveryError> {
-    let permanent = |m: String| DeliveryError::Permanent {
-        provider: provider.to_owned(),
-        message: m,
-    };
+    let permanent = |m: String| DeliveryError::permanent(provider, m);
     let Destination::Email { address, name } = &message.destination else {
         return Err(permanent(
             "email provider given a non-email destination".into(),
@@ -119,16 +116,14 @@ impl Provider for SmtpEmail {
         match self.transport.send(email).await {
             Ok(response) => Ok(Receipt {
                 provider: self.name().to_owned(),
+                invalid_tokens: Vec::new(),
                 response: doc! {
                     "smtp_code": response.code().to_string(),
                     "smtp_message": response.message().collect::<Vec<_>>().join(" "),
                 },
             }),
             // 5xx replies will fail again; everything else (4xx, timeouts, I/O) may not.
-            Err(e) if e.is_permanent() => Err(DeliveryError::Permanent {
-                provider: self.name().to_owned(),
-                message: e.to_string(),
-            }),
+            Err(e) if e.is_permanent() => Err(DeliveryError::permanent(self.name(), e.to_string())),
             Err(e) => Err(DeliveryError::transient(self.name(), e.to_string())),
         }
     }
@@ -156,6 +151,7 @@ impl Provider for FileEmail {
             .map_err(|e| DeliveryError::transient(self.name(), e.to_string()))?;
         Ok(Receipt {
             provider: self.name().to_owned(),
+            invalid_tokens: Vec::new(),
             response: doc! {"file": format!("{}/{id}.eml", self.dir)},
         })
     }

@@ -2,6 +2,7 @@
 
 pub mod chain;
 pub mod email;
+pub mod fcm;
 pub mod http;
 pub mod record;
 pub mod twilio;
@@ -46,6 +47,8 @@ pub struct OutboundMessage {
 pub struct Receipt {
     pub provider: String,
     pub response: Document,
+    /// Push tokens the provider says are dead; the worker removes them from the user.
+    pub invalid_tokens: Vec<String>,
 }
 
 /// Why a send failed; the variant carries the retry meaning.
@@ -63,7 +66,12 @@ pub enum DeliveryError {
     },
     /// Will fail again (invalid address, 5xx SMTP, unregistered token).
     #[error("{provider}: permanent failure: {message}")]
-    Permanent { provider: String, message: String },
+    Permanent {
+        provider: String,
+        message: String,
+        /// Push tokens the provider says are dead (every one of the user's, here).
+        invalid_tokens: Vec<String>,
+    },
 }
 
 impl DeliveryError {
@@ -80,6 +88,14 @@ impl DeliveryError {
             }
         }
     }
+    /// Push tokens to remove from the user.
+    pub fn invalid_tokens(&self) -> &[String] {
+        match self {
+            DeliveryError::Permanent { invalid_tokens, .. } => invalid_tokens,
+            DeliveryError::Transient { .. } => &[],
+        }
+    }
+
     pub fn is_transient(&self) -> bool {
         matches!(self, DeliveryError::Transient { .. })
     }
@@ -105,6 +121,7 @@ impl DeliveryError {
         DeliveryError::Permanent {
             provider: provider.to_owned(),
             message: message.into(),
+            invalid_tokens: Vec::new(),
         }
     }
 }
@@ -156,6 +173,24 @@ fn chain(
                 hooks.allow_internal_targets,
                 hooks.max_response_bytes,
             )?),
+            ProviderKind::Fcm {
+                service_account_file,
+                base_url,
+                token_uri,
+            } => {
+                anyhow::ensure!(
+                    channel == Channel::Push,
+                    "{channel}.providers.{}: fcm sends push only",
+                    p.name
+                );
+                Box::new(fcm::Fcm::new(
+                    &p.name,
+                    service_account_file,
+                    base_url,
+                    token_uri.as_deref(),
+                    timeout,
+                )?)
+            }
             ProviderKind::Twilio {
                 base_url,
                 account_sid,

@@ -75,6 +75,7 @@ impl Provider for RecordProvider {
         }
         Ok(Receipt {
             provider: self.name.clone(),
+            invalid_tokens: Vec::new(),
             response: doc! {
                 "recorded_to": self.path.display().to_string(),
                 "to": to,

@@ -110,6 +110,7 @@ impl Provider for Twilio {
             })?;
             return Ok(Receipt {
                 provider: self.name.clone(),
+                invalid_tokens: Vec::new(),
                 response: doc! {"http_status": i32::from(status.as_u16()), "sid": created.sid,
                 "status": created.status},
             });

@@ -124,6 +124,7 @@ impl Provider for Webhook {
         if status.is_success() {
             return Ok(Receipt {
                 provider: self.name.clone(),
+                invalid_tokens: Vec::new(),
                 response: doc! {"http_status": i32::from(status.as_u16()), "body": text},
             });
         }

@@ -514,6 +514,17 @@ impl Store {
         Ok((created, n.saturating_sub(created)))
     }
 
+    /// Removes push tokens a provider reported dead.
+    pub async fn remove_push_tokens(&self, user_id: &str, tokens: &[String]) -> anyhow::Result<()> {
+        self.users()
+            .update_one(
+                doc! {"_id": user_id},
+                doc! {"$pull": {"push_tokens": {"$in": tokens}}, "$set": {"updated_at": now()}},
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Users by id, in one query.
     pub async fn get_users(&self, ids: &[String]) -> anyhow::Result<HashMap<String, UserDoc>> {
         Ok(self

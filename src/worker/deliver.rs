@@ -271,6 +271,19 @@ pub async fn deliver(
         })
         .await;
     let duration_ms = clock.elapsed().as_millis() as i64;
+    let dead_tokens = match &result {
+        Ok(r) => r.invalid_tokens.as_slice(),
+        Err(e) => e.invalid_tokens(),
+    };
+    if !dead_tokens.is_empty() {
+        tracing::info!(
+            count = dead_tokens.len(),
+            "removing push tokens the provider called dead"
+        );
+        ctx.store
+            .remove_push_tokens(&d.user_id, dead_tokens)
+            .await?;
+    }
     let attempt_number = d.attempt_count + 1;
     let (status, reason, provider_name, error, response, retry) = match result {
         Ok(r) => (

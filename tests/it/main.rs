@@ -10,6 +10,7 @@ mod marketing;
 mod outages;
 mod policy;
 mod providers;
+mod push;
 mod recipients;
 mod schedules;
 mod webhooks;
