@@ -12,6 +12,7 @@ use crate::queue::Broker;
 use crate::store::Store;
 use crate::store::TemplatesVersion;
 use crate::templates::{part_name, Origin, PartSource, Templates};
+use crate::worker::enrich::Enricher;
 
 /// Clients and shared state, built once at start and cloned cheaply (everything is behind `Arc`).
 #[derive(Clone)]
@@ -21,6 +22,7 @@ pub struct Context {
     pub broker: Arc<Broker>,
     pub templates: Arc<Templates>,
     pub channels: Channels,
+    pub enricher: Arc<Enricher>,
     /// Wakes this process's outbox relay right after an accept commits.
     pub outbox_wake: Arc<Notify>,
     /// Wakes this process's scheduler when a schedule changes here.
@@ -44,6 +46,7 @@ impl Context {
             )
         })?;
         let channels = Channels::from_settings(&settings)?;
+        let enricher = Arc::new(Enricher::new(&settings.enrichment)?);
         let instance = format!(
             "{}:{}:{}",
             std::env::var("HOSTNAME").unwrap_or_else(|_| "local".to_owned()),
@@ -56,6 +59,7 @@ impl Context {
             broker,
             templates: Arc::new(templates),
             channels,
+            enricher,
             outbox_wake: Arc::new(Notify::new()),
             schedule_wake: Arc::new(Notify::new()),
             instance,

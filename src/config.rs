@@ -49,6 +49,7 @@ pub struct Settings {
     pub sms: ChannelSettings,
     pub push: ChannelSettings,
     pub webhook: WebhookSettings,
+    pub enrichment: EnrichmentSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -183,6 +184,19 @@ pub struct SmtpSettings {
     pub timeout_secs: u64,
 }
 
+/// External profile and content services (the local collections come first).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrichmentSettings {
+    /// e.g. `http://auth/api/users/{user_id}`; empty: the users collection only.
+    pub user_url: String,
+    /// e.g. `http://ugc/api/content/{content_id}`; empty: the contents collection only.
+    pub content_url: String,
+    pub timeout_ms: u64,
+    pub cache_size: usize,
+    pub cache_ttl_secs: u64,
+}
+
 /// The webhook channel (and the safety rules every webhook provider shares).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -256,6 +270,10 @@ pub enum ProviderKind {
         secret: Secret,
         #[serde(default)]
         headers: std::collections::BTreeMap<String, String>,
+        /// Handlebars (strict, not escaped) over `delivery_id`, `channel`, `to`, `text`,
+        /// `title`, `body`, `data`; it must render JSON. Without it those fields are sent.
+        #[serde(default)]
+        body_template: Option<String>,
     },
     /// Firebase Cloud Messaging HTTP v1 (push).
     Fcm {

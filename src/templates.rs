@@ -1,6 +1,6 @@
 //! Handlebars templates: files `templates/<event_type>/<part>[.<locale>].hbs`, overridden through the API; strict.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
@@ -11,12 +11,13 @@ use serde_json::Value;
 use crate::domain::Channel;
 
 /// The parts a channel's message is made of. HTML parts are escaped; the rest are not.
-const PARTS: [&str; 7] = [
+const PARTS: [&str; 8] = [
     "email.subject",
     "email.html",
     "email.txt",
     "push.title",
     "push.body",
+    "push.data",
     "sms",
     "webhook",
 ];
@@ -35,6 +36,8 @@ pub enum Rendered {
     Push {
         title: String,
         body: String,
+        /// Key/value data for the app (`push.data` renders a JSON object; values become strings).
+        data: BTreeMap<String, String>,
     },
     /// A JSON document.
     Webhook {
@@ -387,9 +390,28 @@ impl Templates {
                 if title.is_none() && body.is_none() {
                     return Err(missing());
                 }
+                let data = match self.part(event_type, "push.data", locale, ctx)? {
+                    None => BTreeMap::new(),
+                    Some(raw) => match serde_json::from_str::<Value>(&raw) {
+                        Ok(Value::Object(m)) => m
+                            .into_iter()
+                            .map(|(k, v)| {
+                                let text = v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+                                (k, text)
+                            })
+                            .collect(),
+                        _ => {
+                            return Err(TemplateError::Render {
+                                name: format!("{event_type}/push.data"),
+                                reason: "push.data must render a JSON object".to_owned(),
+                            })
+                        }
+                    },
+                };
                 Ok(Rendered::Push {
                     title: title.unwrap_or_default().trim().to_owned(),
                     body: body.unwrap_or_default().trim().to_owned(),
+                    data,
                 })
             }
             Channel::Webhook => {

@@ -1,6 +1,7 @@
 //! Push through Firebase Cloud Messaging HTTP v1: a service-account JWT exchanged for an
 //! OAuth2 access token (cached until it expires), one request per device token.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -134,12 +135,15 @@ impl Fcm {
         device: &str,
         title: &str,
         body: &str,
+        data: &BTreeMap<String, String>,
         delivery_id: &str,
     ) -> TokenResult {
+        let mut data = data.clone();
+        data.insert("delivery_id".to_owned(), delivery_id.to_owned());
         let message = json!({"message": {
             "token": device,
             "notification": {"title": title, "body": body},
-            "data": {"delivery_id": delivery_id},
+            "data": data,
         }});
         for renew in [false, true] {
             let token = match self.access_token(renew).await {
@@ -205,7 +209,7 @@ impl Provider for Fcm {
     /// Sends to every device token; a success on any is a success. Dead tokens are
     /// reported so the worker removes them from the user.
     async fn send(&self, message: &OutboundMessage) -> Result<Receipt, DeliveryError> {
-        let (Destination::PushTokens(tokens), Rendered::Push { title, body }) =
+        let (Destination::PushTokens(tokens), Rendered::Push { title, body, data }) =
             (&message.destination, &message.content)
         else {
             return Err(DeliveryError::permanent(&self.name, "FCM sends push only"));
@@ -214,7 +218,7 @@ impl Provider for Fcm {
             (Vec::new(), Vec::new(), Vec::new(), None);
         for device in tokens {
             match self
-                .send_one(device, title, body, &message.delivery_id)
+                .send_one(device, title, body, data, &message.delivery_id)
                 .await
             {
                 TokenResult::Sent(name) => sent.push(name),

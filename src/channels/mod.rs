@@ -164,14 +164,17 @@ fn chain(
                 url,
                 secret,
                 headers,
+                body_template,
             } => Box::new(webhook::Webhook::new(
                 &p.name,
-                Some(url.clone()),
-                secret.clone(),
-                headers.clone(),
+                webhook::Target {
+                    url: Some(url.clone()),
+                    secret: secret.clone(),
+                    headers: headers.clone(),
+                    body_template: body_template.clone(),
+                },
                 timeout,
-                hooks.allow_internal_targets,
-                hooks.max_response_bytes,
+                hooks,
             )?),
             ProviderKind::Fcm {
                 service_account_file,
@@ -238,12 +241,14 @@ impl Channels {
             webhook: Arc::new(Chain::new(vec![Member {
                 provider: Box::new(webhook::Webhook::new(
                     "webhook",
-                    None,
-                    settings.webhook.secret.clone(),
-                    BTreeMap::new(),
+                    webhook::Target {
+                        url: None,
+                        secret: settings.webhook.secret.clone(),
+                        headers: BTreeMap::new(),
+                        body_template: None,
+                    },
                     Duration::from_millis(settings.webhook.timeout_ms),
-                    settings.webhook.allow_internal_targets,
-                    settings.webhook.max_response_bytes,
+                    &settings.webhook,
                 )?),
                 limiter: None,
                 breaker: Breaker::new(5, Duration::from_secs(30)),

@@ -41,7 +41,7 @@ impl Provider for RecordProvider {
         let fail = |e: std::io::Error| DeliveryError::transient(self.name(), e.to_string());
         let (to, text) = match (&message.destination, &message.content) {
             (Destination::Phone(p), Rendered::Sms { text }) => (vec![p.clone()], text.clone()),
-            (Destination::PushTokens(t), Rendered::Push { title, body }) => {
+            (Destination::PushTokens(t), Rendered::Push { title, body, .. }) => {
                 (t.clone(), format!("{title}\n{body}"))
             }
             _ => {

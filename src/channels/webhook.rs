@@ -11,8 +11,17 @@ use serde_json::json;
 use super::http::{bounded_body, check_target, client, signature};
 use super::twilio::retry_after;
 use super::{DeliveryError, Destination, OutboundMessage, Provider, Receipt};
-use crate::config::Secret;
+use crate::config::{Secret, WebhookSettings};
 use crate::templates::Rendered;
+
+/// Where a webhook provider sends, and how it signs and shapes the body.
+pub struct Target {
+    /// A gateway's URL; `None` for the webhook channel, whose URL is the destination.
+    pub url: Option<String>,
+    pub secret: Secret,
+    pub headers: BTreeMap<String, String>,
+    pub body_template: Option<String>,
+}
 
 pub struct Webhook {
     name: String,
@@ -23,18 +32,35 @@ pub struct Webhook {
     headers: BTreeMap<String, String>,
     allow_internal: bool,
     max_response_bytes: usize,
+    /// A gateway's body, rendered from the message fields (strict, not escaped).
+    body_template: Option<handlebars::Handlebars<'static>>,
 }
 
 impl Webhook {
     pub fn new(
         name: &str,
-        url: Option<String>,
-        secret: Secret,
-        headers: BTreeMap<String, String>,
+        target: Target,
         timeout: Duration,
-        allow_internal: bool,
-        max_response_bytes: usize,
+        rules: &WebhookSettings,
     ) -> anyhow::Result<Self> {
+        let Target {
+            url,
+            secret,
+            headers,
+            body_template,
+        } = target;
+        let allow_internal = rules.allow_internal_targets;
+        let body_template = match body_template {
+            None => None,
+            Some(source) => {
+                let mut hb = handlebars::Handlebars::new();
+                hb.set_strict_mode(true);
+                hb.register_escape_fn(handlebars::no_escape);
+                hb.register_template_string("body", source)
+                    .map_err(|e| anyhow::anyhow!("{name}.body_template: {e}"))?;
+                Some(hb)
+            }
+        };
         if let Some(u) = &url {
             let parsed = reqwest::Url::parse(u).map_err(|e| anyhow::anyhow!("{name}.url: {e}"))?;
             check_target(&parsed, allow_internal)
@@ -47,22 +73,41 @@ impl Webhook {
             secret,
             headers,
             allow_internal,
-            max_response_bytes,
+            max_response_bytes: rules.max_response_bytes,
+            body_template,
         })
     }
 
-    /// The JSON a gateway gets for an SMS or a push.
-    fn gateway_body(message: &OutboundMessage) -> Option<Vec<u8>> {
-        let body = match (&message.destination, &message.content) {
+    /// The JSON a gateway gets for an SMS or a push: the fields below, or what the
+    /// provider's `body_template` makes of them (it must render JSON).
+    fn gateway_body(&self, message: &OutboundMessage) -> Result<Vec<u8>, DeliveryError> {
+        let fields = match (&message.destination, &message.content) {
             (Destination::Phone(to), Rendered::Sms { text }) => {
                 json!({"delivery_id": message.delivery_id, "channel": "sms", "to": [to], "text": text})
             }
-            (Destination::PushTokens(tokens), Rendered::Push { title, body }) => {
-                json!({"delivery_id": message.delivery_id, "channel": "push", "to": tokens, "title": title, "body": body})
+            (Destination::PushTokens(tokens), Rendered::Push { title, body, data }) => {
+                json!({"delivery_id": message.delivery_id, "channel": "push", "to": tokens, "title": title, "body": body, "data": data})
             }
-            _ => return None,
+            _ => {
+                return Err(DeliveryError::permanent(
+                    &self.name,
+                    "this gateway takes SMS and push only",
+                ))
+            }
         };
-        serde_json::to_vec(&body).ok()
+        let Some(template) = &self.body_template else {
+            return Ok(fields.to_string().into_bytes());
+        };
+        let out = template
+            .render("body", &fields)
+            .map_err(|e| DeliveryError::permanent(&self.name, format!("body_template: {e}")))?;
+        serde_json::from_str::<serde_json::Value>(&out).map_err(|e| {
+            DeliveryError::permanent(
+                &self.name,
+                format!("body_template did not render JSON: {e}"),
+            )
+        })?;
+        Ok(out.into_bytes())
     }
 }
 
@@ -77,7 +122,7 @@ impl Provider for Webhook {
             (Destination::Url(url), Rendered::Webhook { body }, None) => {
                 (url.clone(), body.clone().into_bytes())
             }
-            (_, _, Some(url)) => match Self::gateway_body(message) {
+            (_, _, Some(url)) => match self.gateway_body(message).map(Some)? {
                 Some(body) => (url.clone(), body),
                 None => {
                     return Err(DeliveryError::permanent(

@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use tracing::instrument;
 
 use super::committer::Committer;
+use super::enrich::EnrichError;
 use crate::app::Context;
 use crate::channels::{DeliveryError, Destination, OutboundMessage, Provider};
 use crate::domain::preferences::{Preferences, Verdict};
@@ -24,11 +25,14 @@ pub struct NotificationContext {
     pub content: Value,
 }
 
-/// A small bounded cache: a 100,000-recipient campaign loads its payload and content once.
+/// A small bounded cache: a 100,000-recipient campaign loads its payload and content
+/// once, even when many of its deliveries start at the same moment (single flight).
 #[derive(Default)]
 pub struct NotificationCache {
-    entries: Mutex<HashMap<String, Arc<NotificationContext>>>,
+    entries: Mutex<HashMap<String, Arc<Slot>>>,
 }
+
+type Slot = tokio::sync::OnceCell<Option<Arc<NotificationContext>>>;
 
 const CACHE_MAX: usize = 256;
 
@@ -37,29 +41,31 @@ impl NotificationCache {
         &self,
         ctx: &Context,
         id: &str,
-    ) -> anyhow::Result<Option<Arc<NotificationContext>>> {
-        if let Some(hit) = self.lock().get(id) {
-            return Ok(Some(Arc::clone(hit)));
-        }
-        let Some(n) = ctx.store.get_notification(id).await? else {
-            return Ok(None);
+    ) -> Result<Option<Arc<NotificationContext>>, EnrichError> {
+        let slot = {
+            // A poisoned cache only loses cached values.
+            let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            if entries.len() >= CACHE_MAX && !entries.contains_key(id) {
+                entries.clear();
+            }
+            Arc::clone(entries.entry(id.to_owned()).or_default())
         };
-        let loaded = Arc::new(load_context(ctx, &n).await?);
-        let mut entries = self.lock();
-        if entries.len() >= CACHE_MAX {
-            entries.clear();
-        }
-        entries.insert(id.to_owned(), Arc::clone(&loaded));
-        Ok(Some(loaded))
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<NotificationContext>>> {
-        // A poisoned cache only loses cached values.
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+        let loaded = slot
+            .get_or_try_init(|| async {
+                match ctx.store.get_notification(id).await? {
+                    Some(n) => Ok::<_, EnrichError>(Some(Arc::new(load_context(ctx, &n).await?))),
+                    None => Ok(None),
+                }
+            })
+            .await?;
+        Ok(loaded.clone())
     }
 }
 
-async fn load_context(ctx: &Context, n: &NotificationDoc) -> anyhow::Result<NotificationContext> {
+async fn load_context(
+    ctx: &Context,
+    n: &NotificationDoc,
+) -> Result<NotificationContext, EnrichError> {
     let content_ids: Vec<String> = n
         .payload
         .get_array("content")
@@ -74,7 +80,7 @@ async fn load_context(ctx: &Context, n: &NotificationDoc) -> anyhow::Result<Noti
                 .collect()
         })
         .unwrap_or_default();
-    let contents = ctx.store.get_contents(&content_ids).await?;
+    let contents = ctx.enricher.contents(&ctx.store, &content_ids).await?;
     Ok(NotificationContext {
         event_type: n.event_type.clone(),
         payload: to_json(&n.payload),
@@ -185,11 +191,32 @@ pub async fn deliver(
         retry: None,
     };
 
-    let Some(n) = cache.get(ctx, &d.notification_id).await? else {
+    let enriched = match cache.get(ctx, &d.notification_id).await {
+        Ok(n) => ctx
+            .enricher
+            .user(&ctx.store, &d.user_id)
+            .await
+            .map(|user| (n, user)),
+        Err(e) => Err(e),
+    };
+    let (n, user) = match enriched {
+        Ok(found) => found,
+        Err(EnrichError::Store(e)) => return Err(e),
+        Err(EnrichError::Unavailable(why)) => {
+            // The source is down: come back later, with backoff, without spending an attempt.
+            tracing::warn!(reason = %why, "enrichment unavailable; retrying later");
+            let mut later = outcome(DeliveryStatus::Retrying, "enrichment_unavailable", None);
+            later.retry = Some(backoff(ctx, d.attempt_count + 1, d.priority, None));
+            committer.commit(later).await?;
+            ctx.outbox_wake.notify_one();
+            return Ok(());
+        }
+    };
+    let Some(n) = n else {
         tracing::warn!("delivery of an unknown notification; dropping it");
         return Ok(());
     };
-    let Some(user) = ctx.store.get_user(&d.user_id).await? else {
+    let Some(user) = user else {
         return committer
             .commit(outcome(DeliveryStatus::Skipped, "unknown_user", None))
             .await;
@@ -260,6 +287,13 @@ pub async fn deliver(
         tracing::debug!("another worker holds this delivery");
         return Ok(());
     }
+    // SMS is length-checked: the log says how many segments it cost.
+    let segments = match &content {
+        crate::templates::Rendered::Sms { text } => {
+            Some(crate::templates::sms_segments(text) as i32)
+        }
+        _ => None,
+    };
     let provider = ctx.channels.provider(d.channel);
     let started_at = DateTime::now();
     let clock = Instant::now();
@@ -286,14 +320,19 @@ pub async fn deliver(
     }
     let attempt_number = d.attempt_count + 1;
     let (status, reason, provider_name, error, response, retry) = match result {
-        Ok(r) => (
-            DeliveryStatus::Sent,
-            None,
-            r.provider,
-            None,
-            Some(r.response),
-            None,
-        ),
+        Ok(mut r) => {
+            if let Some(n) = segments {
+                r.response.insert("segments", n);
+            }
+            (
+                DeliveryStatus::Sent,
+                None,
+                r.provider,
+                None,
+                Some(r.response),
+                None,
+            )
+        }
         Err(e) => {
             tracing::warn!(error = %e, attempt = attempt_number, "provider failed");
             let (status, reason, retry) = match next_attempt(ctx, &d, attempt_number, &e) {
@@ -357,20 +396,25 @@ fn next_attempt(
     if !e.is_transient() || attempt_number >= w.max_attempts as i32 {
         return None;
     }
-    let exp = w
-        .retry_base_ms
-        .saturating_mul(1u64 << (attempt_number - 1).clamp(0, 30));
+    Some(backoff(ctx, attempt_number, d.priority, e.retry_after()))
+}
+
+/// Exponential backoff for the `n`th retry, capped and spread by jitter, never sooner
+/// than `at_least`.
+fn backoff(ctx: &Context, n: i32, lane: Priority, at_least: Option<std::time::Duration>) -> Retry {
+    let w = &ctx.settings.worker;
+    let exp = w.retry_base_ms.saturating_mul(1u64 << (n - 1).clamp(0, 30));
     let spread = 1.0 + w.retry_jitter * (rand::random::<f64>() * 2.0 - 1.0);
     let mut delay = ((exp.min(w.retry_max_ms) as f64) * spread) as u64;
-    if let Some(after) = e.retry_after() {
+    if let Some(after) = at_least {
         delay = delay.max(after.as_millis() as u64);
     }
-    Some(Retry {
+    Retry {
         delay_ms: delay.clamp(1, w.retry_max_ms) as i64,
-        retry_number: attempt_number,
-        lane: d.priority,
+        retry_number: n,
+        lane,
         not_before: None,
-    })
+    }
 }
 
 /// A delivery found `sending`: its worker may have died between the provider call and

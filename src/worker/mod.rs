@@ -3,6 +3,7 @@
 pub mod committer;
 pub mod deliver;
 pub mod dispatch;
+pub mod enrich;
 
 use std::sync::Arc;
 use std::time::Duration;

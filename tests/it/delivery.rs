@@ -135,6 +135,7 @@ async fn a_group_and_inline_recipients_fan_out_once_per_user_and_channel() {
         detail["attempt_log"][0]["response"]["text"],
         "SMS for M: hello"
     );
+    assert_eq!(detail["attempt_log"][0]["response"]["segments"], 1);
     let recorded = std::fs::read_to_string(app.files.join("sms.ndjson")).expect("sms recorded");
     assert_eq!(recorded.lines().count(), 5);
     app.stop().await;

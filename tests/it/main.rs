@@ -3,6 +3,7 @@
 mod helpers;
 
 mod delivery;
+mod enrichment;
 mod events;
 mod failures;
 mod intake;

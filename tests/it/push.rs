@@ -98,6 +98,25 @@ async fn push_goes_through_fcm_with_a_cached_token_and_dead_tokens_are_removed()
         "the unregistered token is gone"
     );
 
+    let sent = fcm.received_requests().await.expect("recorded");
+    let first_send: Value = serde_json::from_slice(
+        &sent
+            .iter()
+            .find(|r| r.url.path() == SEND)
+            .expect("send")
+            .body,
+    )
+    .expect("json");
+    assert_eq!(
+        first_send["message"]["data"]["episode"], "The Pilot",
+        "push.data renders into FCM data"
+    );
+    assert_eq!(
+        first_send["message"]["data"]["deeplink"],
+        "app://episodes/m1"
+    );
+    assert!(first_send["message"]["data"]["delivery_id"].is_string());
+
     // A second push reuses the cached access token (the token endpoint expects one call).
     assert_eq!(push_to(&app, "phone").await["status"], "sent");
 

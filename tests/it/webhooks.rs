@@ -165,3 +165,34 @@ async fn a_json_gateway_provider_carries_sms_for_any_other_service() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_gateway_body_template_shapes_the_request() {
+    let gateway = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/send"))
+        .respond_with(ResponseTemplate::new(202))
+        .expect(1)
+        .mount(&gateway)
+        .await;
+    let app = app_with(format!(
+        "[webhook]\nsecret = \"\"\nallow_internal_targets = true\ntimeout_ms = 2000\nmax_response_bytes = 1024\n[webhook.endpoints]\n\n[sms]\nrecord_dir = \"unused\"\n[[sms.providers]]\nname = \"legacy\"\nkind = \"webhook\"\nurl = \"{}/send\"\nbody_template = '{{\"msisdn\": \"{{{{to.[0]}}}}\", \"message\": \"{{{{text}}}}\", \"ref\": \"{{{{delivery_id}}}}\"}}'\n",
+        gateway.uri()
+    ))
+    .await;
+    app.put_user("w1", json!({"phone": "+4915100000001", "first_name": "W"}))
+        .await;
+    let (_, body) = app
+        .post_event(&json!({"event_type": "greeting", "channels": ["sms"], "recipients": {"user_ids": ["w1"]}, "payload": {"note": "tpl"}}))
+        .await;
+    let n = app
+        .wait_finished(body["notification_id"].as_str().expect("id"), 20)
+        .await;
+    assert_eq!(n["counts"]["sent"], 1, "{n}");
+    let r = &gateway.received_requests().await.expect("recorded")[0];
+    let sent: Value = serde_json::from_slice(&r.body).expect("json");
+    assert_eq!(sent["msisdn"], "+4915100000001");
+    assert_eq!(sent["message"], "SMS for W: tpl");
+    assert!(sent["ref"].as_str().is_some_and(|r| !r.is_empty()));
+    app.stop().await;
+}

@@ -22,7 +22,11 @@ fn fields(channel: Channel) -> &'static [(&'static str, &'static str)] {
             ("text", "email.txt"),
         ],
         Channel::Sms => &[("text", "sms")],
-        Channel::Push => &[("title", "push.title"), ("body", "push.body")],
+        Channel::Push => &[
+            ("title", "push.title"),
+            ("body", "push.body"),
+            ("data", "push.data"),
+        ],
         Channel::Webhook => &[("body", "webhook")],
     }
 }
@@ -243,7 +247,7 @@ pub async fn preview(
         Rendered::Sms { text } => {
             json!({"text": text, "segments": crate::templates::sms_segments(&text)})
         }
-        Rendered::Push { title, body } => json!({"title": title, "body": body}),
+        Rendered::Push { title, body, data } => json!({"title": title, "body": body, "data": data}),
         Rendered::Webhook { body } => json!({"body": body}),
     };
     Ok(Json(
