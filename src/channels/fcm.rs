@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
-use super::twilio::retry_after;
+use super::http::retry_after;
 use super::{DeliveryError, Destination, OutboundMessage, Provider, Receipt};
 use crate::templates::Rendered;
 
@@ -72,10 +72,7 @@ impl Fcm {
             .with_context(|| format!("{name}: the service account's private_key"))?;
         Ok(Self {
             name: name.to_owned(),
-            client: reqwest::Client::builder()
-                .timeout(timeout)
-                .redirect(reqwest::redirect::Policy::none())
-                .build()?,
+            client: super::http::client(timeout, true)?,
             send_url: format!(
                 "{}/v1/projects/{}/messages:send",
                 base_url.trim_end_matches('/'),

@@ -77,8 +77,8 @@ pub fn check_target(url: &reqwest::Url, allow_internal: bool) -> Result<(), Stri
     }
 }
 
-/// A client for webhook targets: guarded DNS (unless internal targets are allowed),
-/// no redirects, a timeout.
+/// An outbound client: no redirects, a timeout, and guarded DNS unless internal targets
+/// are allowed (providers configured by ops may live anywhere; webhook targets may not).
 pub fn client(timeout: Duration, allow_internal: bool) -> anyhow::Result<reqwest::Client> {
     let mut builder = reqwest::Client::builder()
         .timeout(timeout)
@@ -99,6 +99,18 @@ pub fn signature(secret: &str, timestamp: i64, body: &[u8]) -> String {
     mac.update(b".");
     mac.update(body);
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// Seconds in a `Retry-After` header.
+pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(Duration::from_secs)
 }
 
 /// Reads at most `limit` bytes of a response body (a webhook answer is not ours to store).

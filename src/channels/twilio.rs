@@ -6,6 +6,7 @@ use async_trait::async_trait;
 use mongodb::bson::doc;
 use serde::Deserialize;
 
+use super::http::retry_after;
 use super::{DeliveryError, Destination, OutboundMessage, Provider, Receipt};
 use crate::config::Secret;
 use crate::templates::Rendered;
@@ -47,10 +48,7 @@ impl Twilio {
     ) -> anyhow::Result<Self> {
         Ok(Self {
             name: name.to_owned(),
-            client: reqwest::Client::builder()
-                .timeout(timeout)
-                .redirect(reqwest::redirect::Policy::none())
-                .build()?,
+            client: super::http::client(timeout, true)?,
             url: format!(
                 "{}/2010-04-01/Accounts/{account_sid}/Messages.json",
                 base_url.trim_end_matches('/')
@@ -60,18 +58,6 @@ impl Twilio {
             from: from.to_owned(),
         })
     }
-}
-
-/// Seconds in a `Retry-After` header.
-pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    headers
-        .get(reqwest::header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse::<u64>()
-        .ok()
-        .map(Duration::from_secs)
 }
 
 #[async_trait]

@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use mongodb::bson::doc;
 use serde_json::json;
 
+use super::http::retry_after;
 use super::http::{bounded_body, check_target, client, signature};
-use super::twilio::retry_after;
 use super::{DeliveryError, Destination, OutboundMessage, Provider, Receipt};
 use crate::config::{Secret, WebhookSettings};
 use crate::templates::Rendered;

@@ -33,10 +33,10 @@ impl Enricher {
     pub fn new(settings: &EnrichmentSettings) -> anyhow::Result<Self> {
         let url = |u: &str| (!u.is_empty()).then(|| u.to_owned());
         Ok(Self {
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_millis(settings.timeout_ms))
-                .redirect(reqwest::redirect::Policy::none())
-                .build()?,
+            client: crate::channels::http::client(
+                Duration::from_millis(settings.timeout_ms),
+                true,
+            )?,
             user_url: url(&settings.user_url),
             content_url: url(&settings.content_url),
             ttl: Duration::from_secs(settings.cache_ttl_secs),

@@ -6,6 +6,13 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::helpers::{spawn_app_with, TestApp, TestOptions};
 
+/// The `[webhook]` section (secret, whether loopback targets are allowed, endpoints).
+fn hooks(secret: &str, allow_internal: bool, endpoints: &str) -> String {
+    format!(
+        "[webhook]\nsecret = \"{secret}\"\nallow_internal_targets = {allow_internal}\ntimeout_ms = 2000\nmax_response_bytes = 1024\n[webhook.endpoints]\n{endpoints}\n"
+    )
+}
+
 async fn app_with(toml: String) -> TestApp {
     spawn_app_with(TestOptions {
         config_toml: Some(toml),
@@ -43,9 +50,10 @@ async fn the_webhook_channel_posts_signed_json_to_the_event_types_url() {
         .expect(1)
         .mount(&receiver)
         .await;
-    let app = app_with(format!(
-        "[webhook]\nsecret = \"s3cret\"\nallow_internal_targets = true\ntimeout_ms = 2000\nmax_response_bytes = 1024\n[webhook.endpoints]\norder_shipped = \"{}/hooks/orders\"\n",
-        receiver.uri()
+    let app = app_with(hooks(
+        "s3cret",
+        true,
+        &format!("order_shipped = \"{}/hooks/orders\"", receiver.uri()),
     ))
     .await;
     let d = order_shipped(&app).await;
@@ -85,9 +93,10 @@ async fn internal_targets_are_refused_and_redirects_not_followed() {
         .expect(0)
         .mount(&receiver)
         .await;
-    let app = app_with(format!(
-        "[webhook]\nsecret = \"\"\nallow_internal_targets = false\ntimeout_ms = 2000\nmax_response_bytes = 1024\n[webhook.endpoints]\norder_shipped = \"{}/hooks/orders\"\n",
-        receiver.uri()
+    let app = app_with(hooks(
+        "",
+        false,
+        &format!("order_shipped = \"{}/hooks/orders\"", receiver.uri()),
     ))
     .await;
     let d = order_shipped(&app).await;
@@ -111,9 +120,10 @@ async fn internal_targets_are_refused_and_redirects_not_followed() {
         )
         .mount(&redirecting)
         .await;
-    let app = app_with(format!(
-        "[webhook]\nsecret = \"\"\nallow_internal_targets = true\ntimeout_ms = 2000\nmax_response_bytes = 1024\n[webhook.endpoints]\norder_shipped = \"{}/hooks\"\n",
-        redirecting.uri()
+    let app = app_with(hooks(
+        "",
+        true,
+        &format!("order_shipped = \"{}/hooks\"", redirecting.uri()),
     ))
     .await;
     let d = order_shipped(&app).await;
@@ -140,11 +150,11 @@ async fn a_json_gateway_provider_carries_sms_for_any_other_service() {
         .expect(1)
         .mount(&gateway)
         .await;
-    let app = app_with(format!(
-        "[webhook]\nsecret = \"\"\nallow_internal_targets = true\ntimeout_ms = 2000\nmax_response_bytes = 1024\n[webhook.endpoints]\n\n[sms]\nrecord_dir = \"unused\"\n[[sms.providers]]\nname = \"gateway\"\nkind = \"webhook\"\nurl = \"{}/sms\"\nheaders = {{ authorization = \"Bearer gw-key\" }}\n",
+    let gateway_toml = format!(
+        "[sms]\nrecord_dir = \"unused\"\n[[sms.providers]]\nname = \"gateway\"\nkind = \"webhook\"\nurl = \"{}/sms\"\nheaders = {{ authorization = \"Bearer gw-key\" }}\n",
         gateway.uri()
-    ))
-    .await;
+    );
+    let app = app_with(hooks("", true, "") + &gateway_toml).await;
     app.put_user("w1", json!({"phone": "+4915100000001", "first_name": "W"}))
         .await;
     let (_, body) = app
@@ -175,11 +185,11 @@ async fn a_gateway_body_template_shapes_the_request() {
         .expect(1)
         .mount(&gateway)
         .await;
-    let app = app_with(format!(
-        "[webhook]\nsecret = \"\"\nallow_internal_targets = true\ntimeout_ms = 2000\nmax_response_bytes = 1024\n[webhook.endpoints]\n\n[sms]\nrecord_dir = \"unused\"\n[[sms.providers]]\nname = \"legacy\"\nkind = \"webhook\"\nurl = \"{}/send\"\nbody_template = '{{\"msisdn\": \"{{{{to.[0]}}}}\", \"message\": \"{{{{text}}}}\", \"ref\": \"{{{{delivery_id}}}}\"}}'\n",
+    let gateway_toml = format!(
+        "[sms]\nrecord_dir = \"unused\"\n[[sms.providers]]\nname = \"legacy\"\nkind = \"webhook\"\nurl = \"{}/send\"\nbody_template = '{{\"msisdn\": \"{{{{to.[0]}}}}\", \"message\": \"{{{{text}}}}\", \"ref\": \"{{{{delivery_id}}}}\"}}'\n",
         gateway.uri()
-    ))
-    .await;
+    );
+    let app = app_with(hooks("", true, "") + &gateway_toml).await;
     app.put_user("w1", json!({"phone": "+4915100000001", "first_name": "W"}))
         .await;
     let (_, body) = app
