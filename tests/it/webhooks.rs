@@ -141,6 +141,31 @@ async fn internal_targets_are_refused_and_redirects_not_followed() {
     app.stop().await;
 }
 
+/// Sends one SMS to a fresh user through the configured gateway; returns the request
+/// the gateway received and its JSON body.
+async fn sms_through(
+    app: &TestApp,
+    gateway: &MockServer,
+    note: &str,
+) -> (wiremock::Request, Value) {
+    app.put_user("w1", json!({"phone": "+4915100000001", "first_name": "W"}))
+        .await;
+    let (_, body) = app
+        .post_event(&json!({"event_type": "greeting", "channels": ["sms"], "recipients": {"user_ids": ["w1"]}, "payload": {"note": note}}))
+        .await;
+    let n = app
+        .wait_finished(body["notification_id"].as_str().expect("id"), 20)
+        .await;
+    assert_eq!(n["counts"]["sent"], 1, "{n}");
+    let r = gateway
+        .received_requests()
+        .await
+        .expect("recorded")
+        .remove(0);
+    let sent: Value = serde_json::from_slice(&r.body).expect("json");
+    (r, sent)
+}
+
 #[tokio::test]
 async fn a_json_gateway_provider_carries_sms_for_any_other_service() {
     let gateway = MockServer::start().await;
@@ -155,17 +180,7 @@ async fn a_json_gateway_provider_carries_sms_for_any_other_service() {
         gateway.uri()
     );
     let app = app_with(hooks("", true, "") + &gateway_toml).await;
-    app.put_user("w1", json!({"phone": "+4915100000001", "first_name": "W"}))
-        .await;
-    let (_, body) = app
-        .post_event(&json!({"event_type": "greeting", "channels": ["sms"], "recipients": {"user_ids": ["w1"]}, "payload": {"note": "gw"}}))
-        .await;
-    let n = app
-        .wait_finished(body["notification_id"].as_str().expect("id"), 20)
-        .await;
-    assert_eq!(n["counts"]["sent"], 1, "{n}");
-    let r = &gateway.received_requests().await.expect("recorded")[0];
-    let sent: Value = serde_json::from_slice(&r.body).expect("json");
+    let (r, sent) = sms_through(&app, &gateway, "gw").await;
     assert_eq!(sent["channel"], "sms");
     assert_eq!(sent["to"], json!(["+4915100000001"]));
     assert_eq!(sent["text"], "SMS for W: gw");
@@ -190,17 +205,7 @@ async fn a_gateway_body_template_shapes_the_request() {
         gateway.uri()
     );
     let app = app_with(hooks("", true, "") + &gateway_toml).await;
-    app.put_user("w1", json!({"phone": "+4915100000001", "first_name": "W"}))
-        .await;
-    let (_, body) = app
-        .post_event(&json!({"event_type": "greeting", "channels": ["sms"], "recipients": {"user_ids": ["w1"]}, "payload": {"note": "tpl"}}))
-        .await;
-    let n = app
-        .wait_finished(body["notification_id"].as_str().expect("id"), 20)
-        .await;
-    assert_eq!(n["counts"]["sent"], 1, "{n}");
-    let r = &gateway.received_requests().await.expect("recorded")[0];
-    let sent: Value = serde_json::from_slice(&r.body).expect("json");
+    let (_, sent) = sms_through(&app, &gateway, "tpl").await;
     assert_eq!(sent["msisdn"], "+4915100000001");
     assert_eq!(sent["message"], "SMS for W: tpl");
     assert!(sent["ref"].as_str().is_some_and(|r| !r.is_empty()));
