@@ -8,6 +8,7 @@ use tokio::sync::Notify;
 use crate::channels::Channels;
 use crate::config::Settings;
 use crate::domain::event::EventLimits;
+use crate::metrics::Metrics;
 use crate::queue::Broker;
 use crate::store::Store;
 use crate::store::TemplatesVersion;
@@ -23,6 +24,7 @@ pub struct Context {
     pub templates: Arc<Templates>,
     pub channels: Channels,
     pub enricher: Arc<Enricher>,
+    pub metrics: Arc<Metrics>,
     /// Wakes this process's outbox relay right after an accept commits.
     pub outbox_wake: Arc<Notify>,
     /// Wakes this process's scheduler when a schedule changes here.
@@ -37,7 +39,7 @@ impl Context {
     /// Builds every client. Neither MongoDB nor RabbitMQ needs to be up yet: both
     /// connect lazily, so an API can accept events while RabbitMQ is down.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let store = Store::connect(&settings.mongodb).await?;
+        let store = Store::connect(&settings.mongodb, &settings.retention).await?;
         let broker = Arc::new(Broker::new(&settings.amqp, settings.worker.max_attempts));
         let templates = Templates::load(&settings.templates.dir).with_context(|| {
             format!(
@@ -60,6 +62,7 @@ impl Context {
             templates: Arc::new(templates),
             channels,
             enricher,
+            metrics: Arc::default(),
             outbox_wake: Arc::new(Notify::new()),
             schedule_wake: Arc::new(Notify::new()),
             instance,

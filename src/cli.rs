@@ -38,9 +38,40 @@ pub enum Command {
     Migrate,
     /// Write demo users, a group and content.
     Seed,
+    /// API keys: create (shown once), list, revoke.
+    #[command(subcommand)]
+    Keys(Keys),
+    /// Recompute the delivery statistics from the delivery log (after a restore).
+    RebuildStats,
     /// Measure against the real local servers (a throw-away database and queues).
     #[command(subcommand)]
     Bench(Bench),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Keys {
+    /// Create a key and print it (only its hash is stored).
+    Create {
+        /// What the key is for, e.g. `billing-service`.
+        #[arg(long)]
+        name: String,
+        /// Comma-separated: events:write, campaigns:write, logs:read, admin.
+        #[arg(long)]
+        scopes: String,
+        /// Requests per second for this key (default: auth.rate_per_sec).
+        #[arg(long)]
+        rate_per_sec: Option<f64>,
+        /// Revoke live keys with the same name first (rotating a key).
+        #[arg(long)]
+        replace: bool,
+        /// Print only the key (for scripts).
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Every key, newest first.
+    List,
+    /// Revoke a key by its id.
+    Revoke { key_id: String },
 }
 
 #[derive(Debug, Subcommand)]

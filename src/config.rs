@@ -50,6 +50,8 @@ pub struct Settings {
     pub push: ChannelSettings,
     pub webhook: WebhookSettings,
     pub enrichment: EnrichmentSettings,
+    pub retention: RetentionSettings,
+    pub auth: AuthSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -59,6 +61,67 @@ pub struct ServerSettings {
     pub body_limit_bytes: usize,
     /// `POST /v1/users/import` bodies may be this large.
     pub import_limit_bytes: usize,
+    /// The delivery stream sends a comment this often so proxies keep it open.
+    pub sse_heartbeat_secs: u64,
+}
+
+/// How many days records are kept (TTL indexes remove them); 0 keeps them forever.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSettings {
+    /// Deliveries (with their attempts), counted from their final status.
+    pub sent_days: u32,
+    pub skipped_days: u32,
+    pub failed_days: u32,
+    pub dead_days: u32,
+    /// Notifications (the raw events and payloads), counted from when they finished.
+    pub notification_days: u32,
+    pub dead_letter_days: u32,
+    /// Hourly statistics rollups.
+    pub stats_days: u32,
+}
+
+impl RetentionSettings {
+    /// When a delivery that reached `status` at `at` expires; `None` while it may change.
+    pub fn delivery_expiry(
+        &self,
+        status: crate::domain::DeliveryStatus,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> Option<chrono::DateTime<chrono::Utc>> {
+        use crate::domain::DeliveryStatus as S;
+        let days = match status {
+            S::Sent => self.sent_days,
+            S::Skipped => self.skipped_days,
+            S::Failed => self.failed_days,
+            S::Dead => self.dead_days,
+            _ => return None,
+        };
+        expiry(days, at)
+    }
+}
+
+/// `at` plus `days`; `None` for 0 (keep forever).
+pub fn expiry(
+    days: u32,
+    at: chrono::DateTime<chrono::Utc>,
+) -> Option<chrono::DateTime<chrono::Utc>> {
+    (days > 0).then(|| at + chrono::Duration::days(i64::from(days)))
+}
+
+/// API keys: who may call what, and how often.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    /// Off: every route is open (only for a trusted network or local experiments).
+    pub enabled: bool,
+    /// Serve `/metrics` without a key (scrapers usually sit on an internal network).
+    pub open_metrics: bool,
+    /// Requests per second per key (a token bucket), and how many may come at once.
+    pub rate_per_sec: f64,
+    pub burst: u32,
+    /// A verified key is trusted this long before MongoDB is asked again; a revocation
+    /// reaches other processes within this time.
+    pub cache_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]

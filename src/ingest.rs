@@ -124,6 +124,7 @@ pub async fn accept(ctx: &Context, event: NewEvent, source: &str) -> Result<Acce
     );
     let accepted = ctx.store.accept(notification, outbox).await?;
     if matches!(accepted, Accepted::New(_)) {
+        ctx.metrics.accepted(source);
         ctx.outbox_wake.notify_one();
     }
     Ok(accepted)

@@ -4,6 +4,7 @@
 //! - `cli`        — the command line: a subcommand per role.
 //! - `config`     — typed settings: embedded defaults -> `config/<env>.toml` -> `HERALD__*`.
 //! - `telemetry`  — logging setup.
+//! - `metrics`    — the Prometheus registry every role feeds.
 //! - `shutdown`   — signals -> cancellation; draining with a deadline.
 //! - `app`        — the `Context` of clients every role shares.
 //! - `roles`      — `api`, `worker`, `scheduler`, `all` as library functions.
@@ -28,6 +29,7 @@ pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod ingest;
+pub mod metrics;
 pub mod outbox;
 pub mod queue;
 pub mod roles;

@@ -3,7 +3,8 @@
 use anyhow::Context as _;
 use clap::Parser;
 
-use herald::cli::{Bench, Cli, Command};
+use herald::cli::{Bench, Cli, Command, Keys};
+use herald::domain::Scope;
 use herald::{app::Context, bench, config::Settings, roles, seed, shutdown, telemetry};
 
 #[tokio::main]
@@ -45,12 +46,71 @@ async fn main() -> anyhow::Result<()> {
             println!("seeded demo data into `{}`", ctx.store.database_name());
             Ok(())
         }
+        Command::Keys(k) => keys(&ctx, k).await,
+        Command::RebuildStats => {
+            ctx.store.migrate().await?;
+            ctx.store.rebuild_stats().await?;
+            println!(
+                "rebuilt delivery statistics in `{}`",
+                ctx.store.database_name()
+            );
+            Ok(())
+        }
         Command::Bench(_) => Ok(()),
     };
     if let Err(e) = &result {
         tracing::error!(error = format!("{e:#}"), "herald stopped with an error");
     }
     result
+}
+
+async fn keys(ctx: &Context, command: Keys) -> anyhow::Result<()> {
+    let store = &ctx.store;
+    match command {
+        Keys::Create {
+            name,
+            scopes,
+            rate_per_sec,
+            replace,
+            quiet,
+        } => {
+            let scopes = Scope::parse_list(&scopes).map_err(anyhow::Error::msg)?;
+            if replace {
+                store.revoke_keys_named(&name).await?;
+            }
+            let (key, plain) = store.create_key(&name, &scopes, rate_per_sec).await?;
+            if quiet {
+                println!("{plain}");
+            } else {
+                let scopes: Vec<&str> = key.scopes.iter().map(|s| s.as_str()).collect();
+                println!(
+                    "created key {} ({}) with scopes {}",
+                    key.id,
+                    key.name,
+                    scopes.join(",")
+                );
+                println!("{plain}");
+                println!("store it now: herald keeps only its hash and cannot show it again");
+            }
+        }
+        Keys::List => {
+            for k in store.list_keys().await? {
+                let scopes: Vec<&str> = k.scopes.iter().map(|s| s.as_str()).collect();
+                let state = match k.revoked_at {
+                    Some(_) => "revoked",
+                    None => "live",
+                };
+                println!("{}\t{}\t{}\t{}", k.id, state, k.name, scopes.join(","));
+            }
+        }
+        Keys::Revoke { key_id } => {
+            if !store.revoke_key(&key_id).await? {
+                anyhow::bail!("no live key with id `{key_id}`");
+            }
+            println!("revoked {key_id}");
+        }
+    }
+    Ok(())
 }
 
 async fn bind_listener(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {

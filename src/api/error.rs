@@ -167,6 +167,26 @@ where
     }
 }
 
+/// Query parameters whose every rejection is an `ApiError` (unknown or malformed field).
+pub struct QueryParams<T>(pub T);
+
+impl<S, T> axum::extract::FromRequestParts<S> for QueryParams<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::try_from_uri(&parts.uri)
+            .map(|q| QueryParams(q.0))
+            .map_err(|e| ApiError::validation(vec![FieldError::new("query", e.body_text())]))
+    }
+}
+
 /// The configured body limit, put on each request by the router.
 #[derive(Debug, Clone, Copy)]
 pub struct BodyLimit(pub usize);

@@ -40,21 +40,22 @@ impl TokenBucket {
 
     /// Waits for a token (never fails: a burst is smoothed, not refused).
     pub async fn acquire(&self) {
-        loop {
-            let wait = {
-                let mut s = self.lock();
-                let now = Instant::now();
-                s.tokens =
-                    (s.tokens + now.duration_since(s.last).as_secs_f64() * s.rate).min(self.burst);
-                s.last = now;
-                if s.tokens >= 1.0 {
-                    s.tokens -= 1.0;
-                    return;
-                }
-                Duration::from_secs_f64((1.0 - s.tokens) / s.rate)
-            };
+        while let Err(wait) = self.try_acquire() {
             tokio::time::sleep(wait).await;
         }
+    }
+
+    /// Takes a token now, or says how long until one is there.
+    pub fn try_acquire(&self) -> Result<(), Duration> {
+        let mut s = self.lock();
+        let now = Instant::now();
+        s.tokens = (s.tokens + now.duration_since(s.last).as_secs_f64() * s.rate).min(self.burst);
+        s.last = now;
+        if s.tokens >= 1.0 {
+            s.tokens -= 1.0;
+            return Ok(());
+        }
+        Err(Duration::from_secs_f64((1.0 - s.tokens) / s.rate))
     }
 
     /// The provider said 429: halve the rate (down to a tenth of the configured one).

@@ -173,6 +173,68 @@ impl fmt::Display for Channel {
     }
 }
 
+/// What an API key may do; `admin` may do everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Scope {
+    #[serde(rename = "events:write")]
+    EventsWrite,
+    #[serde(rename = "campaigns:write")]
+    CampaignsWrite,
+    #[serde(rename = "logs:read")]
+    LogsRead,
+    #[serde(rename = "admin")]
+    Admin,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 4] = [
+        Scope::EventsWrite,
+        Scope::CampaignsWrite,
+        Scope::LogsRead,
+        Scope::Admin,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::EventsWrite => "events:write",
+            Scope::CampaignsWrite => "campaigns:write",
+            Scope::LogsRead => "logs:read",
+            Scope::Admin => "admin",
+        }
+    }
+
+    /// A comma-separated list (`events:write,logs:read`); at least one scope.
+    pub fn parse_list(s: &str) -> Result<Vec<Scope>, String> {
+        let scopes = s
+            .split(',')
+            .map(str::trim)
+            .filter(|x| !x.is_empty())
+            .map(str::parse)
+            .collect::<Result<Vec<Scope>, String>>()?;
+        if scopes.is_empty() {
+            return Err("give at least one scope".to_owned());
+        }
+        Ok(scopes)
+    }
+
+    /// True when a key holding `held` may use something that needs `self`.
+    pub fn granted_by(self, held: &[Scope]) -> bool {
+        held.iter().any(|h| *h == self || *h == Scope::Admin)
+    }
+}
+
+impl FromStr for Scope {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Scope::ALL
+            .into_iter()
+            .find(|x| x.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown scope `{s}` (events:write, campaigns:write, logs:read, admin)")
+            })
+    }
+}
+
 /// A priority lane. `high` is never stuck behind `low`: each lane has its own queue and slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]

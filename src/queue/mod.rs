@@ -168,6 +168,23 @@ impl Broker {
         Ok(conn.create_channel().await?)
     }
 
+    /// Messages ready in a queue (a passive declare: it never creates the queue).
+    pub async fn queue_depth(&self, queue: &str) -> anyhow::Result<u32> {
+        let ch = self.channel().await?;
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        let _ = ch.close(200, "done".into()).await;
+        Ok(q?.message_count())
+    }
+
     /// True when a connection is open (or can be opened now).
     pub async fn ready(&self) -> bool {
         let mut live = self.live.lock().await;

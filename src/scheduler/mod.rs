@@ -144,6 +144,9 @@ async fn fire(ctx: &Context, s: ScheduleDoc, now: DateTime<Utc>) -> anyhow::Resu
     match claim {
         Claim::Fired => {
             for w in &writes {
+                ctx.metrics
+                    .scheduler_lag_seconds
+                    .observe(w.run.lag_ms.max(0) as f64 / 1000.0);
                 tracing::info!(
                     fire_time = %chrono_time(w.run.fire_time),
                     kind = ?w.run.kind,

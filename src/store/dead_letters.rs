@@ -6,7 +6,7 @@ use mongodb::options::ReturnDocument;
 use mongodb::{ClientSession, Collection};
 use serde::{Deserialize, Serialize};
 
-use super::{now, DeliveryDoc, OutboxDoc, Store};
+use super::{now, DeliveryDoc, OutboxDoc, StatMoves, Store};
 use crate::domain::{Channel, DeliveryStatus};
 
 pub(super) const DEAD_LETTERS: &str = "dead_letters";
@@ -30,6 +30,9 @@ pub struct DeadLetterDoc {
     pub replayed_at: Option<DateTime>,
     #[serde(default)]
     pub replay_count: i32,
+    /// MongoDB's TTL monitor removes the letter then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expire_at: Option<DateTime>,
 }
 
 /// Which dead letters to list or replay.
@@ -83,6 +86,7 @@ impl Store {
                     doc! {"notification_id": 1, "created_at": -1},
                     "notification_created",
                 ),
+                super::ttl_index("expire_at", 0),
             ])
             .await?;
         Ok(())
@@ -97,6 +101,7 @@ impl Store {
         reason: Option<&str>,
         last_error: Option<&str>,
         attempted: bool,
+        retention_days: u32,
     ) -> mongodb::error::Result<()> {
         let letter = DeadLetterDoc {
             id: before.id.clone(),
@@ -113,6 +118,7 @@ impl Store {
             created_at: now(),
             replayed_at: None,
             replay_count: 0,
+            expire_at: super::expires(retention_days),
         };
         let previous = coll
             .find_one_and_replace(doc! {"_id": &before.id}, &letter)
@@ -164,8 +170,10 @@ impl Store {
                     self.deliveries(),
                     self.notifications(),
                     self.outbox(),
+                    self.stats(),
+                    self.retention.stats_days,
                 ),
-                |s, (letters, deliveries, notifications, outbox)| {
+                |s, (letters, deliveries, notifications, outbox, stats, stats_days)| {
                     let id = id.to_owned();
                     async move {
                         let Some(letter) = letters
@@ -183,7 +191,7 @@ impl Store {
                             .find_one_and_update(
                                 doc! {"_id": &letter.id, "status": {"$in": ["failed", "dead"]}},
                                 doc! {"$set": {"status": "queued", "reason": null, "claim": null,
-                                "updated_at": now()}},
+                                "updated_at": now()}, "$unset": {"expire_at": ""}},
                             )
                             .session(&mut *s)
                             .await?
@@ -203,10 +211,15 @@ impl Store {
                             .update_one(
                                 doc! {"_id": &before.notification_id,
                                 "status": {"$in": ["completed", "partially_failed", "failed"]}},
-                                doc! {"$set": {"status": "dispatching"}},
+                                doc! {"$set": {"status": "dispatching"}, "$unset": {"expire_at": ""}},
                             )
                             .session(&mut *s)
                             .await?;
+                        let mut moves = StatMoves::default();
+                        let provider = before.provider.as_deref();
+                        moves.add(&before, before.status, provider, -1, None);
+                        moves.add(&before, DeliveryStatus::Queued, provider, 1, None);
+                        moves.write(stats, s, *stats_days).await?;
                         let stamp = now();
                         outbox
                             .insert_one(OutboxDoc {

@@ -177,12 +177,20 @@ pub struct DeliveryDoc {
     pub reason: Option<String>,
     pub provider: Option<String>,
     pub attempt_count: i32,
+    /// Left out of log pages (they can be long); read with the single delivery.
+    #[serde(default)]
     pub attempts: Vec<AttemptDoc>,
     pub last_error: Option<String>,
     pub claim: Option<ClaimDoc>,
+    /// When its notification was accepted: send latency is measured from here.
+    #[serde(default)]
+    pub accepted_at: Option<DateTime>,
     pub created_at: DateTime,
     pub updated_at: DateTime,
     pub sent_at: Option<DateTime>,
+    /// Set with a final status; MongoDB's TTL monitor removes the record then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expire_at: Option<DateTime>,
 }
 
 /// A delivery job to publish: enough to route and find the record.

@@ -2,10 +2,14 @@
 
 pub mod dead_letters;
 pub mod documents;
+pub mod keys;
+pub mod log;
 pub mod schedules;
+pub mod stats;
 pub mod templates;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -15,16 +19,19 @@ use mongodb::error::{ErrorKind, WriteFailure};
 use mongodb::options::{ClientOptions, IndexOptions, ReturnDocument};
 use mongodb::{Client, Collection, Database, IndexModel};
 
-use crate::config::MongoSettings;
+use crate::config::{MongoSettings, RetentionSettings};
 use crate::domain::{DeliveryStatus, NotificationStatus};
 pub use dead_letters::*;
 pub use documents::*;
+pub use keys::*;
+pub use log::*;
 pub use schedules::*;
+pub use stats::*;
 pub use templates::*;
 
 const NOTIFICATIONS: &str = "notifications";
 const OUTBOX: &str = "outbox";
-const DELIVERIES: &str = "deliveries";
+pub(crate) const DELIVERIES: &str = "deliveries";
 const USERS: &str = "users";
 const GROUPS: &str = "groups";
 const GROUP_MEMBERS: &str = "group_members";
@@ -35,6 +42,7 @@ const CONTENTS: &str = "contents";
 pub struct Store {
     client: Client,
     db: Database,
+    retention: Arc<RetentionSettings>,
 }
 
 /// The result of accepting an event.
@@ -59,6 +67,7 @@ pub enum Precondition {
 pub struct Outcome {
     pub delivery_id: String,
     pub notification_id: String,
+    pub channel: crate::domain::Channel,
     pub precondition: Precondition,
     pub status: DeliveryStatus,
     pub reason: Option<String>,
@@ -80,15 +89,6 @@ pub struct Retry {
     pub not_before: Option<DateTime>,
 }
 
-/// Delivery-log filters (each one backed by an index).
-#[derive(Debug, Clone, Default)]
-pub struct DeliveryFilter {
-    pub notification_id: Option<String>,
-    pub user_id: Option<String>,
-    pub status: Option<DeliveryStatus>,
-    pub channel: Option<crate::domain::Channel>,
-}
-
 pub fn now() -> DateTime {
     DateTime::now()
 }
@@ -101,6 +101,25 @@ pub fn bson_time(t: chrono::DateTime<chrono::Utc>) -> DateTime {
 /// A stored instant as chrono.
 pub fn chrono_time(t: DateTime) -> chrono::DateTime<chrono::Utc> {
     chrono::DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or_default()
+}
+
+/// A TTL index: documents go `after_secs` past the instant in `field` (documents
+/// without it stay).
+pub(crate) fn ttl_index(field: &str, after_secs: u64) -> IndexModel {
+    IndexModel::builder()
+        .keys(doc! {field: 1})
+        .options(
+            IndexOptions::builder()
+                .name(format!("{field}_ttl"))
+                .expire_after(Duration::from_secs(after_secs))
+                .build(),
+        )
+        .build()
+}
+
+/// A retention's expiry instant as stored, counted from now.
+pub(crate) fn expires(days: u32) -> Option<DateTime> {
+    crate::config::expiry(days, chrono::Utc::now()).map(bson_time)
 }
 
 /// True when a write failed on a unique index.
@@ -119,7 +138,10 @@ pub fn is_duplicate_key(err: &mongodb::error::Error) -> bool {
 
 impl Store {
     /// Builds the client; the driver connects lazily, so this succeeds while MongoDB is down.
-    pub async fn connect(settings: &MongoSettings) -> anyhow::Result<Self> {
+    pub async fn connect(
+        settings: &MongoSettings,
+        retention: &RetentionSettings,
+    ) -> anyhow::Result<Self> {
         let mut options = ClientOptions::parse(settings.uri.expose())
             .await
             .context("parsing mongodb.uri")?;
@@ -129,7 +151,11 @@ impl Store {
             .get_or_insert(Duration::from_secs(5));
         let client = Client::with_options(options).context("building the MongoDB client")?;
         let db = client.database(&settings.database);
-        Ok(Self { client, db })
+        Ok(Self {
+            client,
+            db,
+            retention: Arc::new(retention.clone()),
+        })
     }
 
     pub fn database_name(&self) -> &str {
@@ -214,6 +240,7 @@ impl Store {
             .create_indexes([
                 unique(doc! {"event_id": 1}, "event_id_unique"),
                 plain(doc! {"created_at": -1}, "created_at"),
+                ttl_index("expire_at", 0),
             ])
             .await
             .context("indexing notifications")?;
@@ -230,15 +257,13 @@ impl Store {
                     doc! {"notification_id": 1, "user_id": 1, "channel": 1},
                     "notification_user_channel_unique",
                 ),
-                plain(
-                    doc! {"notification_id": 1, "created_at": -1},
-                    "notification_created",
-                ),
-                plain(doc! {"user_id": 1, "created_at": -1}, "user_created"),
-                plain(doc! {"status": 1, "created_at": -1}, "status_created"),
+                ttl_index("expire_at", 0),
             ])
             .await
             .context("indexing deliveries")?;
+        self.index_log()
+            .await
+            .context("indexing the delivery log")?;
         self.users()
             .create_indexes([
                 plain(doc! {"locale": 1}, "locale"),
@@ -257,6 +282,10 @@ impl Store {
             .await
             .context("indexing dead_letters")?;
         self.index_schedules().await.context("indexing schedules")?;
+        self.index_stats()
+            .await
+            .context("indexing delivery_stats")?;
+        self.index_keys().await.context("indexing api_keys")?;
         Ok(())
     }
 
@@ -359,7 +388,8 @@ impl Store {
             .update_one(
                 doc! {"_id": id, "status": "dispatching", "fanout_done": true,
                 "counts.queued": 0, "counts.retrying": 0, "counts.deferred": 0},
-                doc! {"$set": {"status": status, "updated_at": now()}},
+                doc! {"$set": {"status": status, "updated_at": now(),
+                "expire_at": expires(self.retention.notification_days)}},
             )
             .await?;
         Ok(())
@@ -738,51 +768,6 @@ impl Store {
         Ok(self.deliveries().find_one(doc! {"_id": id}).await?)
     }
 
-    /// The delivery log, newest first.
-    pub async fn find_deliveries(
-        &self,
-        f: &DeliveryFilter,
-        limit: i64,
-    ) -> anyhow::Result<Vec<DeliveryDoc>> {
-        let mut filter = Document::new();
-        if let Some(n) = &f.notification_id {
-            filter.insert("notification_id", n);
-        }
-        if let Some(u) = &f.user_id {
-            filter.insert("user_id", u);
-        }
-        if let Some(s) = f.status {
-            filter.insert("status", s.as_str());
-        }
-        if let Some(c) = f.channel {
-            filter.insert("channel", c.as_str());
-        }
-        Ok(self
-            .deliveries()
-            .find(filter)
-            .sort(doc! {"created_at": -1, "_id": -1})
-            .limit(limit)
-            .await?
-            .try_collect()
-            .await?)
-    }
-
-    /// A notification's deliveries, oldest first (bounded).
-    pub async fn deliveries_of(
-        &self,
-        notification_id: &str,
-        limit: i64,
-    ) -> anyhow::Result<Vec<DeliveryDoc>> {
-        Ok(self
-            .deliveries()
-            .find(doc! {"notification_id": notification_id})
-            .sort(doc! {"created_at": 1, "_id": 1})
-            .limit(limit)
-            .await?
-            .try_collect()
-            .await?)
-    }
-
     /// Writes the missing deliveries of one fan-out batch and counts them on the
     /// notification, in one transaction; returns every delivery of the batch still
     /// `queued` (new or left by an earlier, interrupted fan-out) for publishing.
@@ -804,8 +789,15 @@ impl Store {
         session
             .start_transaction()
             .and_run(
-                (self.deliveries(), self.notifications(), &planned, &user_ids),
-                |s, (deliveries, notifications, planned, user_ids)| {
+                (
+                    self.deliveries(),
+                    self.notifications(),
+                    self.stats(),
+                    &planned,
+                    &user_ids,
+                    self.retention.stats_days,
+                ),
+                |s, (deliveries, notifications, stats, planned, user_ids, stats_days)| {
                     async move {
                         let existing: Vec<DeliveryDoc> = deliveries
                             .find(doc! {"notification_id": notification_id,
@@ -837,6 +829,11 @@ impl Store {
                                 )
                                 .session(&mut *s)
                                 .await?;
+                            let mut moves = StatMoves::default();
+                            for d in &fresh {
+                                moves.add(d, DeliveryStatus::Queued, None, 1, None);
+                            }
+                            moves.write(stats, s, *stats_days).await?;
                         }
                         Ok(existing
                             .iter()
@@ -884,13 +881,14 @@ impl Store {
 
     /// Writes a batch of outcomes — each delivery's status and attempt, and every
     /// touched notification's counters once — in ONE transaction (retried on transient
-    /// errors), then finishes notifications that have nothing pending.
-    pub async fn commit_outcomes(&self, outcomes: &[Outcome]) -> anyhow::Result<()> {
+    /// errors), then finishes notifications that have nothing pending. Returns, per
+    /// outcome, whether it was written (false: its precondition no longer held).
+    pub async fn commit_outcomes(&self, outcomes: &[Outcome]) -> anyhow::Result<Vec<bool>> {
         if outcomes.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let mut session = self.client.start_session().await?;
-        let touched: Vec<String> = session
+        let (touched, applied): (Vec<String>, Vec<bool>) = session
             .start_transaction()
             .and_run(
                 (
@@ -898,13 +896,17 @@ impl Store {
                     self.notifications(),
                     self.outbox(),
                     self.dead_letter_collection(),
+                    self.stats(),
                     outcomes,
+                    &*self.retention,
                 ),
-                |s, (deliveries, notifications, outbox, letters, outcomes)| {
+                |s, (deliveries, notifications, outbox, letters, stats, outcomes, retention)| {
                     async move {
                         let mut incs: BTreeMap<String, BTreeMap<&'static str, i64>> =
                             BTreeMap::new();
-                        for o in outcomes.iter() {
+                        let mut moves = StatMoves::default();
+                        let mut applied = vec![false; outcomes.len()];
+                        for (i, o) in outcomes.iter().enumerate() {
                             let mut filter = doc! {"_id": &o.delivery_id};
                             match &o.precondition {
                                 Precondition::Unclaimed => {
@@ -930,6 +932,14 @@ impl Store {
                                 set.insert("sent_at", now);
                             }
                             let mut update = doc! {};
+                            match retention.delivery_expiry(o.status, chrono_time(now)) {
+                                Some(at) => {
+                                    set.insert("expire_at", bson_time(at));
+                                }
+                                None => {
+                                    update.insert("$unset", doc! {"expire_at": ""});
+                                }
+                            }
                             if let Some(a) = &o.attempt {
                                 set.insert("last_error", a.error.as_deref());
                                 update.insert(
@@ -946,6 +956,7 @@ impl Store {
                                 .session(&mut *s)
                                 .await?;
                             let Some(before) = before else { continue };
+                            applied[i] = true;
                             // A retry is published through the outbox (never lost); a
                             // delivery that failed for good is kept as a dead letter.
                             if let (DeliveryStatus::Retrying | DeliveryStatus::Deferred, Some(r)) =
@@ -977,6 +988,7 @@ impl Store {
                                     o.reason.as_deref(),
                                     o.attempt.as_ref().and_then(|a| a.error.as_deref()),
                                     o.attempt.is_some(),
+                                    retention.dead_letter_days,
                                 )
                                 .await?;
                             }
@@ -984,6 +996,15 @@ impl Store {
                                 (DeliveryStatus::Sending, Some(c)) => c.from,
                                 (status, _) => status,
                             };
+                            let to_provider = o.provider.as_deref().or(before.provider.as_deref());
+                            if from == o.status && to_provider == before.provider.as_deref() {
+                                continue;
+                            }
+                            moves.add(&before, from, before.provider.as_deref(), -1, None);
+                            let latency = (o.status == DeliveryStatus::Sent)
+                                .then(|| stats::latency_of(&before, Some(now)))
+                                .flatten();
+                            moves.add(&before, o.status, to_provider, 1, latency);
                             if from == o.status {
                                 continue;
                             }
@@ -995,6 +1016,7 @@ impl Store {
                                 *entry.entry(new).or_default() += 1;
                             }
                         }
+                        moves.write(stats, s, retention.stats_days).await?;
                         for (id, counters) in &incs {
                             let mut inc = Document::new();
                             for (name, delta) in counters {
@@ -1013,7 +1035,7 @@ impl Store {
                                 .session(&mut *s)
                                 .await?;
                         }
-                        Ok(incs.into_keys().collect())
+                        Ok((incs.into_keys().collect(), applied))
                     }
                     .boxed()
                 },
@@ -1023,7 +1045,7 @@ impl Store {
         for id in touched {
             self.finalize_notification(&id).await?;
         }
-        Ok(())
+        Ok(applied)
     }
 
     /// Drops the whole database (tests clean up with this).

@@ -4,6 +4,9 @@
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use std::sync::Arc;
+
+use crate::metrics::Metrics;
 use crate::store::{Outcome, Store};
 
 type Request = (Outcome, oneshot::Sender<Result<(), String>>);
@@ -15,7 +18,7 @@ pub struct Committer {
 }
 
 impl Committer {
-    pub fn start(store: Store, batch_max: usize) -> (Self, JoinHandle<()>) {
+    pub fn start(store: Store, metrics: Arc<Metrics>, batch_max: usize) -> (Self, JoinHandle<()>) {
         let (tx, mut rx) = mpsc::channel::<Request>(batch_max * 4);
         let task = tokio::spawn(async move {
             let mut batch: Vec<Request> = Vec::with_capacity(batch_max);
@@ -32,6 +35,7 @@ impl Committer {
                 let result = store
                     .commit_outcomes(&outcomes)
                     .await
+                    .map(|applied| record(&metrics, &outcomes, &applied))
                     .map_err(|e| format!("{e:#}"));
                 if let Err(e) = &result {
                     tracing::error!(error = %e, count = outcomes.len(), "committing outcomes failed");
@@ -54,5 +58,18 @@ impl Committer {
         done.await
             .map_err(|_| anyhow::anyhow!("the committer has stopped"))?
             .map_err(anyhow::Error::msg)
+    }
+}
+
+/// Counts what was written (outcomes whose precondition failed changed nothing).
+fn record(metrics: &Metrics, outcomes: &[Outcome], applied: &[bool]) {
+    for (o, _) in outcomes.iter().zip(applied).filter(|(_, a)| **a) {
+        metrics.delivery(o.channel.as_str(), o.status.as_str(), o.provider.as_deref());
+        if let Some(a) = &o.attempt {
+            if let Some(p) = &a.provider {
+                let took = std::time::Duration::from_millis(a.duration_ms.max(0) as u64);
+                metrics.attempt(o.channel.as_str(), p, took);
+            }
+        }
     }
 }

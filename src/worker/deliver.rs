@@ -183,6 +183,7 @@ pub async fn deliver(
     let outcome = |status, reason: &str, attempt| Outcome {
         delivery_id: d.id.clone(),
         notification_id: d.notification_id.clone(),
+        channel: d.channel,
         precondition: Precondition::Unclaimed,
         status,
         reason: Some(reason.to_owned()),
@@ -358,6 +359,7 @@ pub async fn deliver(
         .commit(Outcome {
             delivery_id: d.id.clone(),
             notification_id: d.notification_id.clone(),
+            channel: d.channel,
             precondition: Precondition::Claimed {
                 attempt_id: attempt_id.clone(),
             },
@@ -442,6 +444,7 @@ async fn resolve_sending(
         .commit(Outcome {
             delivery_id: d.id.clone(),
             notification_id: d.notification_id.clone(),
+            channel: d.channel,
             precondition: Precondition::Claimed {
                 attempt_id: claim.attempt_id.clone(),
             },

@@ -87,9 +87,11 @@ pub async fn dispatch(ctx: &Context, notification_id: &str) -> anyhow::Result<()
                     attempts: Vec::new(),
                     last_error: None,
                     claim: None,
+                    accepted_at: Some(n.created_at),
                     created_at: now,
                     updated_at: now,
                     sent_at: None,
+                    expire_at: None,
                 })
             })
             .collect();

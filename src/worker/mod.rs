@@ -52,8 +52,11 @@ pub async fn handle(
 
 /// Runs the pool until cancelled; in-flight jobs finish and commit before it returns.
 pub async fn run(ctx: Context, cancel: CancellationToken) -> anyhow::Result<()> {
-    let (committer, committer_task) =
-        Committer::start(ctx.store.clone(), ctx.settings.worker.commit_batch_max);
+    let (committer, committer_task) = Committer::start(
+        ctx.store.clone(),
+        ctx.metrics.clone(),
+        ctx.settings.worker.commit_batch_max,
+    );
     let cache = Arc::new(NotificationCache::default());
     let w = &ctx.settings.worker;
     let mut lanes = Vec::new();

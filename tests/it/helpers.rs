@@ -303,13 +303,29 @@ impl Default for TestOptions {
 
 pub struct TestApp {
     pub address: String,
+    /// Sends the admin key with every request.
     pub http: reqwest::Client,
+    /// That admin key.
+    pub key: String,
     pub ctx: Context,
     pub smtp: SmtpServer,
     pub db: mongodb::Database,
     pub files: PathBuf,
     cancel: CancellationToken,
     task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// An HTTP client that sends `key` as a bearer token with every request.
+pub fn client_with_key(key: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {key}").parse().expect("header value"),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("client")
 }
 
 /// Sends a request; returns the status and the JSON body (null when there is none).
@@ -403,9 +419,16 @@ pub async fn spawn_app_with(options: TestOptions) -> TestApp {
         .await
         .expect("mongo client")
         .database(&settings.mongodb.database);
+    // Every request of the tests carries an admin key unless a test says otherwise.
+    let (_, key) = ctx
+        .store
+        .create_key("tests", &[herald::domain::Scope::Admin], Some(1e6))
+        .await
+        .expect("admin key");
     let app = TestApp {
         address,
-        http: reqwest::Client::new(),
+        http: client_with_key(&key),
+        key,
         ctx,
         smtp,
         db,
@@ -513,20 +536,11 @@ impl TestApp {
 
     /// Messages ready (not yet handed to a consumer) on a priority lane.
     pub async fn lane_depth(&self, lane: herald::domain::Priority) -> u32 {
-        let ch = self.ctx.broker.channel().await.expect("channel");
-        let q = ch
-            .queue_declare(
-                self.ctx.broker.names().lane(lane).into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
+        let broker = &self.ctx.broker;
+        broker
+            .queue_depth(broker.names().lane(lane))
             .await
-            .expect("passive declare");
-        let _ = ch.close(200, "done".into()).await;
-        q.message_count()
+            .expect("passive declare")
     }
 
     /// Waits until a lane has handed out every message, then lets handlers finish.

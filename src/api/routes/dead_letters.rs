@@ -1,13 +1,13 @@
 //! `/v1/dead-letters`: deliveries that failed for good, to inspect and replay.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::rfc3339;
-use crate::api::error::{ApiError, JsonBody};
+use crate::api::error::{ApiError, JsonBody, QueryParams};
 use crate::app::Context;
 use crate::domain::{Channel, FieldError};
 use crate::store::{DeadLetterDoc, DeadLetterFilter};
@@ -63,10 +63,8 @@ impl FilterQuery {
 
 pub async fn list(
     State(ctx): State<Context>,
-    query: Result<Query<FilterQuery>, axum::extract::rejection::QueryRejection>,
+    QueryParams(q): QueryParams<FilterQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(q) =
-        query.map_err(|e| ApiError::validation(vec![FieldError::new("query", e.body_text())]))?;
     let limit = q.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::validation(vec![FieldError::new(

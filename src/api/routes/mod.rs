@@ -1,11 +1,15 @@
 //! One file per resource.
 
 pub mod dead_letters;
+pub mod deliveries;
 pub mod events;
 pub mod groups;
 pub mod health;
+pub mod keys;
 pub mod notifications;
 pub mod schedules;
+pub mod service;
+pub mod stats;
 pub mod templates;
 pub mod users;
 

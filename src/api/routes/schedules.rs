@@ -1,6 +1,6 @@
 //! `/v1/schedules`: marketing's recurring campaigns.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::rfc3339;
-use crate::api::error::{ApiError, JsonBody};
+use crate::api::error::{ApiError, JsonBody, QueryParams};
 use crate::app::Context;
 use crate::domain::FieldError;
 use crate::scheduler::definition::{self, parse_schedule, ScheduleError, ScheduleInput};
@@ -144,10 +144,8 @@ pub struct ListQuery {
 
 pub async fn list(
     State(ctx): State<Context>,
-    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    QueryParams(q): QueryParams<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(q) =
-        query.map_err(|e| ApiError::validation(vec![FieldError::new("query", e.body_text())]))?;
     let status = match q.status.as_deref() {
         None => None,
         Some(s) => Some(
@@ -283,10 +281,8 @@ pub struct LimitQuery {
 pub async fn runs(
     State(ctx): State<Context>,
     Path(id): Path<String>,
-    query: Result<Query<LimitQuery>, axum::extract::rejection::QueryRejection>,
+    QueryParams(q): QueryParams<LimitQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(q) =
-        query.map_err(|e| ApiError::validation(vec![FieldError::new("query", e.body_text())]))?;
     load(&ctx, &id).await?;
     let limit = q.limit.unwrap_or(50).clamp(1, 500);
     let runs = ctx.store.list_runs(&id, limit).await?;
@@ -322,10 +318,8 @@ pub async fn runs(
 pub async fn next(
     State(ctx): State<Context>,
     Path(id): Path<String>,
-    query: Result<Query<LimitQuery>, axum::extract::rejection::QueryRejection>,
+    QueryParams(q): QueryParams<LimitQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(q) =
-        query.map_err(|e| ApiError::validation(vec![FieldError::new("query", e.body_text())]))?;
     let count = q.count.unwrap_or(5);
     if !(1..=100).contains(&count) {
         return Err(ApiError::validation(vec![FieldError::new(

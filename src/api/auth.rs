@@ -1,0 +1,158 @@
+//! API keys on requests: who is calling (401), may they call this (403), and how often (429).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::error::ApiError;
+use crate::channels::chain::TokenBucket;
+use crate::config::AuthSettings;
+use crate::domain::Scope;
+use crate::store::{ApiKeyDoc, Store};
+
+/// Verified keys (briefly cached) and a request budget per key.
+pub struct Auth {
+    store: Store,
+    settings: AuthSettings,
+    /// Presented key -> the key it is, and when that was looked up.
+    verified: Mutex<HashMap<String, (Arc<ApiKeyDoc>, Instant)>>,
+    budgets: Mutex<HashMap<String, Arc<TokenBucket>>>,
+}
+
+/// The key a request was made with, for handlers that want to know.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub key_id: String,
+    pub name: String,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Auth {
+    pub fn new(store: Store, settings: AuthSettings) -> Self {
+        Self {
+            store,
+            settings,
+            verified: Mutex::default(),
+            budgets: Mutex::default(),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.settings.enabled
+    }
+
+    async fn identify(&self, presented: &str) -> anyhow::Result<Option<Arc<ApiKeyDoc>>> {
+        let ttl = Duration::from_secs(self.settings.cache_secs);
+        if let Some((key, at)) = lock(&self.verified).get(presented) {
+            if at.elapsed() < ttl {
+                return Ok(Some(key.clone()));
+            }
+        }
+        let Some(key) = self.store.verify_key(presented).await? else {
+            lock(&self.verified).remove(presented);
+            return Ok(None);
+        };
+        let key = Arc::new(key);
+        let mut verified = lock(&self.verified);
+        // Bounded: a flood of distinct valid keys cannot grow the cache without limit.
+        if verified.len() >= 10_000 {
+            verified.clear();
+        }
+        verified.insert(presented.to_owned(), (key.clone(), Instant::now()));
+        Ok(Some(key))
+    }
+
+    /// Drops a revoked key from this process's cache at once.
+    pub fn forget(&self, key_id: &str) {
+        lock(&self.verified).retain(|_, (k, _)| k.id != key_id);
+        lock(&self.budgets).remove(key_id);
+    }
+
+    /// Takes one request from the key's budget, or says how long until there is one.
+    fn admit(&self, key: &ApiKeyDoc) -> Result<(), Duration> {
+        let bucket = lock(&self.budgets)
+            .entry(key.id.clone())
+            .or_insert_with(|| {
+                let rate = key.rate_per_sec.unwrap_or(self.settings.rate_per_sec);
+                let burst = match key.rate_per_sec {
+                    Some(r) => (r * 2.0).max(1.0),
+                    None => f64::from(self.settings.burst),
+                };
+                Arc::new(TokenBucket::new(rate, burst))
+            })
+            .clone();
+        bucket.try_acquire()
+    }
+}
+
+fn unauthorized(code: &'static str, message: &str) -> Response {
+    let mut r = ApiError::new(StatusCode::UNAUTHORIZED, code, message).into_response();
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    r
+}
+
+/// The middleware on every route that needs `scope`.
+pub async fn require(
+    State((auth, scope)): State<(Arc<Auth>, Scope)>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    if !auth.enabled() {
+        return next.run(req).await;
+    }
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(|v| v.trim().to_owned());
+    let Some(presented) = presented else {
+        return unauthorized(
+            "missing_api_key",
+            "send an API key as `Authorization: Bearer <key>`",
+        );
+    };
+    let key = match auth.identify(&presented).await {
+        Ok(Some(key)) => key,
+        Ok(None) => return unauthorized("invalid_api_key", "the API key is unknown or revoked"),
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    if let Err(wait) = auth.admit(&key) {
+        let mut r = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "this API key is over its request rate; retry after the given seconds",
+        )
+        .into_response();
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+            r.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        return r;
+    }
+    if !scope.granted_by(&key.scopes) {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "insufficient_scope",
+            format!("this API key lacks the `{}` scope", scope.as_str()),
+        )
+        .into_response();
+    }
+    req.extensions_mut().insert(Caller {
+        key_id: key.id.clone(),
+        name: key.name.clone(),
+    });
+    next.run(req).await
+}

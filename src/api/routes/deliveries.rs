@@ -1,0 +1,252 @@
+//! `/v1/deliveries`: the delivery log — filtered cursor pages, one delivery with every
+//! attempt, and a live stream of status changes (server-sent events).
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::rfc3339;
+use crate::api::error::{ApiError, QueryParams};
+use crate::app::Context;
+use crate::domain::{Channel, DeliveryStatus, FieldError};
+use crate::store::{decode_token, ChangeFilter, DeliveryDoc, DeliveryFilter, LogCursor};
+
+/// Most items one page holds.
+pub const PAGE_MAX: i64 = 500;
+
+pub fn delivery_json(d: &DeliveryDoc) -> Value {
+    json!({
+        "delivery_id": d.id,
+        "notification_id": d.notification_id,
+        "event_type": d.event_type,
+        "user_id": d.user_id,
+        "channel": d.channel,
+        "priority": d.priority,
+        "schedule_id": d.schedule_id,
+        "status": d.status,
+        "reason": d.reason,
+        "provider": d.provider,
+        "attempts": d.attempt_count,
+        "last_error": d.last_error,
+        "created_at": rfc3339(d.created_at),
+        "updated_at": rfc3339(d.updated_at),
+        "sent_at": d.sent_at.map(rfc3339),
+    })
+}
+
+fn parse_status(s: Option<&str>, errors: &mut Vec<FieldError>) -> Option<DeliveryStatus> {
+    let s = s?;
+    serde_json::from_value::<DeliveryStatus>(json!(s))
+        .map_err(|_| {
+            errors.push(FieldError::new(
+                "status",
+                format!("unknown status `{s}` (queued, sending, sent, failed, retrying, dead, skipped, deferred)"),
+            ))
+        })
+        .ok()
+}
+
+fn parse_channel(c: Option<&str>, errors: &mut Vec<FieldError>) -> Option<Channel> {
+    c?.parse::<Channel>()
+        .map_err(|e| errors.push(FieldError::new("channel", e)))
+        .ok()
+}
+
+/// An RFC 3339 instant from a query parameter.
+pub fn parse_instant(
+    field: &str,
+    v: Option<&str>,
+    errors: &mut Vec<FieldError>,
+) -> Option<mongodb::bson::DateTime> {
+    let v = v?;
+    chrono::DateTime::parse_from_rfc3339(v)
+        .map(|t| crate::store::bson_time(t.to_utc()))
+        .map_err(|_| {
+            errors.push(FieldError::new(
+                field,
+                format!("`{v}` is not an RFC 3339 time (e.g. 2026-11-22T09:00:00Z)"),
+            ))
+        })
+        .ok()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogQuery {
+    notification_id: Option<String>,
+    user_id: Option<String>,
+    status: Option<String>,
+    channel: Option<String>,
+    event_type: Option<String>,
+    schedule_id: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    limit: Option<i64>,
+    cursor: Option<String>,
+}
+
+/// The delivery log, newest first, one index walk per page.
+pub async fn list(
+    State(ctx): State<Context>,
+    QueryParams(q): QueryParams<LogQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let mut errors = Vec::new();
+    let filter = DeliveryFilter {
+        status: parse_status(q.status.as_deref(), &mut errors),
+        channel: parse_channel(q.channel.as_deref(), &mut errors),
+        since: parse_instant("since", q.since.as_deref(), &mut errors),
+        until: parse_instant("until", q.until.as_deref(), &mut errors),
+        notification_id: q.notification_id,
+        user_id: q.user_id,
+        event_type: q.event_type,
+        schedule_id: q.schedule_id,
+    };
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=PAGE_MAX).contains(&limit) {
+        errors.push(FieldError::new(
+            "limit",
+            format!("must be between 1 and {PAGE_MAX}"),
+        ));
+    }
+    if let (Some(since), Some(until)) = (filter.since, filter.until) {
+        if since >= until {
+            errors.push(FieldError::new("until", "must be after since"));
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::validation(errors));
+    }
+    let cursor = match q.cursor.as_deref() {
+        None => None,
+        Some(c) => Some(LogCursor::decode(c).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_cursor",
+                "the cursor is not one this API handed out; start again without it",
+            )
+        })?),
+    };
+    let page = ctx
+        .store
+        .find_deliveries(&filter, cursor.as_ref(), limit)
+        .await?;
+    Ok(Json(json!({
+        "items": page.items.iter().map(delivery_json).collect::<Vec<_>>(),
+        "next_cursor": page.next.map(|c| c.encode()),
+    })))
+}
+
+/// One delivery with every attempt and what the provider answered.
+pub async fn get(
+    State(ctx): State<Context>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let d = ctx
+        .store
+        .get_delivery(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("delivery", &id))?;
+    let mut body = delivery_json(&d);
+    body["attempt_log"] = d
+        .attempts
+        .iter()
+        .map(|a| {
+            json!({
+                "attempt_id": a.attempt_id,
+                "provider": a.provider,
+                "status": a.status,
+                "started_at": rfc3339(a.started_at),
+                "finished_at": rfc3339(a.finished_at),
+                "duration_ms": a.duration_ms,
+                "error": a.error,
+                "response": a.response.as_ref().map(|r| mongodb::bson::Bson::Document(r.clone()).into_relaxed_extjson()),
+            })
+        })
+        .collect();
+    Ok(Json(body))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamQuery {
+    status: Option<String>,
+    channel: Option<String>,
+    event_type: Option<String>,
+}
+
+/// Server-sent events: one `delivery` event per status change, its id a resume point.
+/// A client that reconnects with `Last-Event-ID` gets every change after that one.
+pub async fn stream(
+    State(ctx): State<Context>,
+    headers: HeaderMap,
+    QueryParams(q): QueryParams<StreamQuery>,
+) -> Result<Response, ApiError> {
+    let mut errors = Vec::new();
+    let filter = ChangeFilter {
+        status: parse_status(q.status.as_deref(), &mut errors),
+        channel: parse_channel(q.channel.as_deref(), &mut errors),
+        event_type: q.event_type,
+    };
+    if !errors.is_empty() {
+        return Err(ApiError::validation(errors));
+    }
+    let resume = match headers.get("last-event-id") {
+        None => None,
+        Some(v) => Some(v.to_str().ok().and_then(decode_token).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_cursor",
+                "Last-Event-ID is not an event id this stream sent",
+            )
+        })?),
+    };
+    let resuming = resume.is_some();
+    let changes = ctx
+        .store
+        .watch_deliveries(&filter, resume)
+        .await
+        .map_err(|e| match resuming {
+            true => ApiError {
+                cause: Some(e),
+                ..ApiError::new(
+                    StatusCode::GONE,
+                    "resume_point_lost",
+                    "the stream cannot resume from Last-Event-ID (too old or unknown); reconnect without it",
+                )
+            },
+            false => ApiError::from(e),
+        })?;
+    // After a failure the stream ends; the client reconnects with the last id it saw.
+    let events = changes.scan(false, |failed, change| {
+        if *failed {
+            return futures::future::ready(None);
+        }
+        let event = match change {
+            Ok(c) => Event::default()
+                .event("delivery")
+                .id(c.resume)
+                .json_data(delivery_json(&c.delivery))
+                .unwrap_or_else(|_| Event::default().comment("unencodable change")),
+            Err(e) => {
+                *failed = true;
+                tracing::error!(error = format!("{e:#}"), "delivery change stream failed");
+                Event::default()
+                    .event("error")
+                    .data("the change stream stopped; reconnect with Last-Event-ID")
+            }
+        };
+        futures::future::ready(Some(Ok::<_, Infallible>(event)))
+    });
+    let heartbeat = Duration::from_secs(ctx.settings.server.sse_heartbeat_secs.max(1));
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(heartbeat).text("heartbeat"))
+        .into_response())
+}

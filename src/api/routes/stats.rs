@@ -1,0 +1,125 @@
+//! `/v1/stats/deliveries`: counts by day, hour, channel, status, event type and provider,
+//! with success rates and send-latency percentiles per channel.
+
+use axum::extract::State;
+use axum::Json;
+use mongodb::bson::Bson;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::deliveries::parse_instant;
+use super::rfc3339;
+use crate::api::error::{ApiError, QueryParams};
+use crate::app::Context;
+use crate::domain::FieldError;
+use crate::store::{floor_hour, StatDimension};
+
+const PERCENTILES: [(f64, &str); 3] = [(0.5, "p50"), (0.9, "p90"), (0.99, "p99")];
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatsQuery {
+    since: Option<String>,
+    until: Option<String>,
+    group_by: Option<String>,
+}
+
+fn key_json(dimension: &str, v: &Bson) -> Value {
+    match (dimension, v) {
+        ("day", Bson::DateTime(t)) => {
+            json!(crate::store::chrono_time(*t).format("%Y-%m-%d").to_string())
+        }
+        (_, Bson::DateTime(t)) => json!(rfc3339(*t)),
+        (_, Bson::String(s)) if s.is_empty() => Value::Null,
+        (_, other) => other.clone().into_relaxed_extjson(),
+    }
+}
+
+/// Deliveries created in `[since, until)` (default: the last 7 days), at hour resolution.
+pub async fn deliveries(
+    State(ctx): State<Context>,
+    QueryParams(q): QueryParams<StatsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let mut errors = Vec::new();
+    let until =
+        parse_instant("until", q.until.as_deref(), &mut errors).unwrap_or_else(crate::store::now);
+    let since = parse_instant("since", q.since.as_deref(), &mut errors).unwrap_or_else(|| {
+        mongodb::bson::DateTime::from_millis(until.timestamp_millis() - 7 * 86_400_000)
+    });
+    if since >= until {
+        errors.push(FieldError::new("until", "must be after since"));
+    }
+    let mut by = Vec::new();
+    for name in q
+        .group_by
+        .as_deref()
+        .unwrap_or("day,channel,status")
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        match StatDimension::parse(name) {
+            Some(d) if !by.contains(&d) => by.push(d),
+            Some(_) => {}
+            None => errors.push(FieldError::new(
+                "group_by",
+                format!(
+                    "unknown dimension `{name}` (day, hour, channel, status, event_type, provider)"
+                ),
+            )),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::validation(errors));
+    }
+    let rows = ctx.store.delivery_stats(since, until, &by).await?;
+    let percentiles: Vec<f64> = PERCENTILES.iter().map(|(p, _)| *p).collect();
+    let channels = ctx
+        .store
+        .channel_summaries(since, until, &percentiles)
+        .await?;
+    let total: i64 = rows.iter().map(|r| r.count).sum();
+    let rows: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            let mut o = Map::new();
+            for (k, v) in &r.key {
+                o.insert((*k).to_owned(), key_json(k, v));
+            }
+            o.insert("count".into(), json!(r.count));
+            Value::Object(o)
+        })
+        .collect();
+    let channels: Map<String, Value> = channels
+        .into_iter()
+        .map(|(channel, s)| {
+            let latency: Map<String, Value> = s
+                .latency_ms
+                .iter()
+                .filter_map(|(p, ms)| {
+                    let name = PERCENTILES.iter().find(|(q, _)| q == p)?.1;
+                    Some((name.to_owned(), json!(ms)))
+                })
+                .collect();
+            let summary = json!({
+                "sent": s.sent,
+                "failed": s.failed,
+                "dead": s.dead,
+                "skipped": s.skipped,
+                "pending": s.pending,
+                "success_rate": s.success_rate(),
+                "send_latency_ms": latency,
+            });
+            (channel, summary)
+        })
+        .collect();
+    Ok(Json(json!({
+        "since": rfc3339(floor_hour(since)),
+        "until": rfc3339(until),
+        "resolution": "hour",
+        "group_by": by.iter().map(|d| d.name()).collect::<Vec<_>>(),
+        "total": total,
+        "rows": rows,
+        "channels": channels,
+    })))
+}

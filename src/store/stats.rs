@@ -1,0 +1,431 @@
+//! Delivery statistics: hourly rollups moved in the same transactions as the deliveries
+//! they count, read back with aggregation pipelines (fast however many deliveries exist).
+
+use std::collections::BTreeMap;
+
+use anyhow::Context as _;
+use futures::TryStreamExt;
+use mongodb::bson::{doc, Bson, DateTime, Document};
+use mongodb::{ClientSession, Collection, IndexModel};
+
+use super::{DeliveryDoc, Store};
+use crate::domain::DeliveryStatus;
+
+pub(crate) const DELIVERY_STATS: &str = "delivery_stats";
+
+const HOUR_MS: i64 = 3_600_000;
+/// Latency histogram buckets grow by 5%, so a percentile read from them is within 5%.
+const BUCKET_GROWTH: f64 = 1.05;
+
+/// The histogram bucket a latency falls in.
+pub fn latency_bucket(ms: i64) -> u32 {
+    ((ms.max(0) as f64 + 1.0).ln() / BUCKET_GROWTH.ln()).ceil() as u32
+}
+
+/// The largest latency (ms) a bucket holds: what a percentile in it is reported as.
+pub fn bucket_upper_ms(bucket: u32) -> i64 {
+    (BUCKET_GROWTH.powi(bucket as i32) - 1.0).round() as i64
+}
+
+/// One rollup document: deliveries created in one hour, of one channel, event type,
+/// provider and status.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct StatKey {
+    hour_ms: i64,
+    channel: &'static str,
+    event_type: String,
+    provider: String,
+    status: &'static str,
+}
+
+/// Counter moves of one transaction, merged per rollup document before writing.
+#[derive(Debug, Default)]
+pub(crate) struct StatMoves {
+    moves: BTreeMap<StatKey, (i64, BTreeMap<u32, i64>)>,
+}
+
+impl StatMoves {
+    /// Counts `delta` deliveries like `d` under `status` and `provider`; a `sent` one may
+    /// bring its accept-to-sent latency.
+    pub(crate) fn add(
+        &mut self,
+        d: &DeliveryDoc,
+        status: DeliveryStatus,
+        provider: Option<&str>,
+        delta: i64,
+        latency_ms: Option<i64>,
+    ) {
+        // `sending` stays counted under the status it was claimed from.
+        let Some(status) = status.counter() else {
+            return;
+        };
+        let created = d.created_at.timestamp_millis();
+        let key = StatKey {
+            hour_ms: created - created.rem_euclid(HOUR_MS),
+            channel: d.channel.as_str(),
+            event_type: d.event_type.clone(),
+            provider: provider.unwrap_or_default().to_owned(),
+            status,
+        };
+        let entry = self.moves.entry(key).or_default();
+        entry.0 += delta;
+        if let Some(ms) = latency_ms {
+            *entry.1.entry(latency_bucket(ms)).or_default() += delta;
+        }
+    }
+
+    /// Writes every non-zero move (one upsert per rollup document) inside `session`'s
+    /// transaction; a new rollup is kept `retention_days` past its hour.
+    pub(crate) async fn write(
+        self,
+        stats: &Collection<Document>,
+        session: &mut ClientSession,
+        retention_days: u32,
+    ) -> mongodb::error::Result<()> {
+        for (key, (n, latency)) in self.moves {
+            let mut inc = doc! {};
+            if n != 0 {
+                inc.insert("n", n);
+            }
+            for (bucket, count) in latency {
+                if count != 0 {
+                    inc.insert(format!("lat.{bucket}"), count);
+                }
+            }
+            if inc.is_empty() {
+                continue;
+            }
+            let hour = DateTime::from_millis(key.hour_ms);
+            let mut on_insert = doc! {"hour": hour};
+            if let Some(at) = crate::config::expiry(retention_days, super::chrono_time(hour)) {
+                on_insert.insert("expire_at", super::bson_time(at));
+            }
+            stats
+                .update_one(
+                    doc! {"_id": {"h": hour, "c": key.channel, "e": &key.event_type,
+                    "p": &key.provider, "s": key.status}},
+                    doc! {"$inc": inc, "$setOnInsert": on_insert},
+                )
+                .upsert(true)
+                .session(&mut *session)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// What to break the counts down by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatDimension {
+    Day,
+    Hour,
+    Channel,
+    Status,
+    EventType,
+    Provider,
+}
+
+impl StatDimension {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "day" => Self::Day,
+            "hour" => Self::Hour,
+            "channel" => Self::Channel,
+            "status" => Self::Status,
+            "event_type" => Self::EventType,
+            "provider" => Self::Provider,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Day => "day",
+            Self::Hour => "hour",
+            Self::Channel => "channel",
+            Self::Status => "status",
+            Self::EventType => "event_type",
+            Self::Provider => "provider",
+        }
+    }
+
+    fn expression(self) -> Bson {
+        match self {
+            Self::Day => Bson::Document(doc! {"$dateTrunc": {"date": "$_id.h", "unit": "day"}}),
+            Self::Hour => Bson::String("$_id.h".to_owned()),
+            Self::Channel => Bson::String("$_id.c".to_owned()),
+            Self::Status => Bson::String("$_id.s".to_owned()),
+            Self::EventType => Bson::String("$_id.e".to_owned()),
+            Self::Provider => Bson::String("$_id.p".to_owned()),
+        }
+    }
+}
+
+/// One row of a breakdown: the dimension values and the number of deliveries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatRow {
+    pub key: BTreeMap<&'static str, Bson>,
+    pub count: i64,
+}
+
+/// Per channel: outcome counts and accept-to-sent latency percentiles.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ChannelSummary {
+    pub sent: i64,
+    pub failed: i64,
+    pub dead: i64,
+    pub skipped: i64,
+    pub pending: i64,
+    /// (percentile, milliseconds), from the latency histogram.
+    pub latency_ms: Vec<(f64, i64)>,
+}
+
+impl ChannelSummary {
+    /// Sent among those that reached an outcome a provider decided (skips excluded).
+    pub fn success_rate(&self) -> Option<f64> {
+        let decided = self.sent + self.failed + self.dead;
+        (decided > 0).then(|| self.sent as f64 / decided as f64)
+    }
+}
+
+/// Reads a percentile from histogram buckets (bucket, count), sorted by bucket.
+pub fn percentile(buckets: &[(u32, i64)], p: f64) -> Option<i64> {
+    let total: i64 = buckets.iter().map(|(_, n)| n).sum();
+    if total <= 0 {
+        return None;
+    }
+    let rank = ((p * total as f64).ceil() as i64).max(1);
+    let mut seen = 0;
+    for (bucket, n) in buckets {
+        seen += n;
+        if seen >= rank {
+            return Some(bucket_upper_ms(*bucket));
+        }
+    }
+    buckets.last().map(|(b, _)| bucket_upper_ms(*b))
+}
+
+/// Rounds an instant down to its hour (rollups have hour resolution).
+pub fn floor_hour(t: DateTime) -> DateTime {
+    let ms = t.timestamp_millis();
+    DateTime::from_millis(ms - ms.rem_euclid(HOUR_MS))
+}
+
+impl Store {
+    pub(crate) fn stats(&self) -> Collection<Document> {
+        self.db.collection(DELIVERY_STATS)
+    }
+
+    pub(crate) async fn index_stats(&self) -> anyhow::Result<()> {
+        self.stats()
+            .create_indexes([
+                IndexModel::builder().keys(doc! {"_id.h": 1}).build(),
+                super::ttl_index("expire_at", 0),
+            ])
+            .await?;
+        Ok(())
+    }
+
+    fn hour_range(since: DateTime, until: DateTime) -> Document {
+        // An hour counts when it overlaps the range.
+        doc! {"_id.h": {"$gte": floor_hour(since), "$lt": until}}
+    }
+
+    /// Deliveries created in `[since, until)` (hour resolution), broken down by `by`.
+    pub async fn delivery_stats(
+        &self,
+        since: DateTime,
+        until: DateTime,
+        by: &[StatDimension],
+    ) -> anyhow::Result<Vec<StatRow>> {
+        let mut group_id = Document::new();
+        for d in by {
+            group_id.insert(d.name(), d.expression());
+        }
+        let pipeline = [
+            doc! {"$match": Self::hour_range(since, until)},
+            doc! {"$group": {"_id": group_id, "count": {"$sum": "$n"}}},
+            doc! {"$match": {"count": {"$ne": 0}}},
+            doc! {"$sort": {"_id": 1}},
+        ];
+        let rows: Vec<Document> = self
+            .stats()
+            .aggregate(pipeline)
+            .await
+            .context("aggregating delivery stats")?
+            .try_collect()
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                let id = row.get_document("_id").cloned().unwrap_or_default();
+                StatRow {
+                    key: by
+                        .iter()
+                        .map(|d| (d.name(), id.get(d.name()).cloned().unwrap_or(Bson::Null)))
+                        .collect(),
+                    count: number(row.get("count")),
+                }
+            })
+            .collect())
+    }
+
+    /// Outcome counts and latency percentiles per channel for deliveries created in the range.
+    pub async fn channel_summaries(
+        &self,
+        since: DateTime,
+        until: DateTime,
+        percentiles: &[f64],
+    ) -> anyhow::Result<BTreeMap<String, ChannelSummary>> {
+        let counts: Vec<Document> = self
+            .stats()
+            .aggregate([
+                doc! {"$match": Self::hour_range(since, until)},
+                doc! {"$group": {"_id": {"c": "$_id.c", "s": "$_id.s"}, "n": {"$sum": "$n"}}},
+            ])
+            .await
+            .context("aggregating channel outcomes")?
+            .try_collect()
+            .await?;
+        let mut out: BTreeMap<String, ChannelSummary> = BTreeMap::new();
+        for row in counts {
+            let id = row.get_document("_id").cloned().unwrap_or_default();
+            let channel = id.get_str("c").unwrap_or_default().to_owned();
+            let n = number(row.get("n"));
+            let summary = out.entry(channel).or_default();
+            match id.get_str("s").unwrap_or_default() {
+                "sent" => summary.sent += n,
+                "failed" => summary.failed += n,
+                "dead" => summary.dead += n,
+                "skipped" => summary.skipped += n,
+                _ => summary.pending += n,
+            }
+        }
+        let mut latency = Self::hour_range(since, until);
+        latency.insert("_id.s", "sent");
+        let buckets: Vec<Document> = self
+            .stats()
+            .aggregate([
+                doc! {"$match": latency},
+                doc! {"$project": {"c": "$_id.c", "lat": {"$objectToArray": "$lat"}}},
+                doc! {"$unwind": "$lat"},
+                doc! {"$group": {"_id": {"c": "$c", "b": "$lat.k"}, "n": {"$sum": "$lat.v"}}},
+            ])
+            .await
+            .context("aggregating send latency")?
+            .try_collect()
+            .await?;
+        let mut histograms: BTreeMap<String, Vec<(u32, i64)>> = BTreeMap::new();
+        for row in buckets {
+            let id = row.get_document("_id").cloned().unwrap_or_default();
+            let (Ok(c), Ok(b)) = (id.get_str("c"), id.get_str("b")) else {
+                continue;
+            };
+            let Ok(bucket) = b.parse::<u32>() else {
+                continue;
+            };
+            histograms
+                .entry(c.to_owned())
+                .or_default()
+                .push((bucket, number(row.get("n"))));
+        }
+        for (channel, mut buckets) in histograms {
+            buckets.sort_unstable();
+            let summary = out.entry(channel).or_default();
+            summary.latency_ms = percentiles
+                .iter()
+                .filter_map(|p| Some((*p, percentile(&buckets, *p)?)))
+                .collect();
+        }
+        Ok(out)
+    }
+
+    /// Rebuilds every rollup from the deliveries themselves (after a restore or an import
+    /// of deliveries written by another tool); the live path keeps them true otherwise.
+    pub async fn rebuild_stats(&self) -> anyhow::Result<()> {
+        self.stats().delete_many(doc! {}).await?;
+        let mut cursor = self
+            .deliveries()
+            .find(doc! {})
+            .projection(doc! {"attempts": 0, "claim": 0})
+            .batch_size(5_000)
+            .await?;
+        let mut moves = StatMoves::default();
+        let mut pending = 0;
+        while let Some(d) = cursor.try_next().await? {
+            let status = match (d.status, &d.claim) {
+                (DeliveryStatus::Sending, Some(c)) => c.from,
+                (s, _) => s,
+            };
+            moves.add(
+                &d,
+                status,
+                d.provider.as_deref(),
+                1,
+                latency_of(&d, d.sent_at),
+            );
+            pending += 1;
+            if pending == 50_000 {
+                self.write_moves(std::mem::take(&mut moves)).await?;
+                pending = 0;
+            }
+        }
+        self.write_moves(moves).await
+    }
+
+    async fn write_moves(&self, moves: StatMoves) -> anyhow::Result<()> {
+        let mut session = self.client.start_session().await?;
+        moves
+            .write(&self.stats(), &mut session, self.retention.stats_days)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Accept-to-sent time of a delivery sent at `sent_at`.
+pub(crate) fn latency_of(d: &DeliveryDoc, sent_at: Option<DateTime>) -> Option<i64> {
+    let sent = sent_at?;
+    let accepted = d.accepted_at.unwrap_or(d.created_at);
+    Some(sent.timestamp_millis() - accepted.timestamp_millis())
+}
+
+fn number(b: Option<&Bson>) -> i64 {
+    match b {
+        Some(Bson::Int32(n)) => i64::from(*n),
+        Some(Bson::Int64(n)) => *n,
+        Some(Bson::Double(f)) => *f as i64,
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_buckets_are_within_five_percent() {
+        for ms in [0, 1, 7, 99, 250, 1_000, 12_345, 86_400_000] {
+            let upper = bucket_upper_ms(latency_bucket(ms));
+            assert!(upper >= ms, "{ms} -> {upper}");
+            assert!(upper as f64 <= ms as f64 * 1.05 + 1.0, "{ms} -> {upper}");
+        }
+    }
+
+    #[test]
+    fn percentiles_walk_the_histogram() {
+        let buckets = vec![(latency_bucket(10), 90), (latency_bucket(1_000), 10)];
+        assert_eq!(
+            percentile(&buckets, 0.5),
+            Some(bucket_upper_ms(latency_bucket(10)))
+        );
+        assert_eq!(
+            percentile(&buckets, 0.9),
+            Some(bucket_upper_ms(latency_bucket(10)))
+        );
+        assert_eq!(
+            percentile(&buckets, 0.99),
+            Some(bucket_upper_ms(latency_bucket(1_000)))
+        );
+        assert_eq!(percentile(&[], 0.5), None);
+    }
+}
