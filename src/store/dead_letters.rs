@@ -97,24 +97,22 @@ impl Store {
         coll: &Collection<DeadLetterDoc>,
         s: &mut ClientSession,
         before: &DeliveryDoc,
-        status: DeliveryStatus,
-        reason: Option<&str>,
-        last_error: Option<&str>,
-        attempted: bool,
+        outcome: &super::Outcome,
         retention_days: u32,
     ) -> mongodb::error::Result<()> {
+        let attempt_error = outcome.attempt.as_ref().and_then(|a| a.error.as_deref());
         let letter = DeadLetterDoc {
             id: before.id.clone(),
             notification_id: before.notification_id.clone(),
             event_type: before.event_type.clone(),
             user_id: before.user_id.clone(),
             channel: before.channel,
-            status,
-            reason: reason.map(str::to_owned),
-            last_error: last_error
+            status: outcome.status,
+            reason: outcome.reason.clone(),
+            last_error: attempt_error
                 .map(str::to_owned)
                 .or_else(|| before.last_error.clone()),
-            attempts: before.attempt_count + i32::from(attempted),
+            attempts: before.attempt_count + i32::from(outcome.attempt.is_some()),
             created_at: now(),
             replayed_at: None,
             replay_count: 0,

@@ -984,10 +984,7 @@ impl Store {
                                     letters,
                                     s,
                                     &before,
-                                    o.status,
-                                    o.reason.as_deref(),
-                                    o.attempt.as_ref().and_then(|a| a.error.as_deref()),
-                                    o.attempt.is_some(),
+                                    o,
                                     retention.dead_letter_days,
                                 )
                                 .await?;

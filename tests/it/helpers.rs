@@ -303,10 +303,8 @@ impl Default for TestOptions {
 
 pub struct TestApp {
     pub address: String,
-    /// Sends the admin key with every request.
+    /// Sends an admin key with every request.
     pub http: reqwest::Client,
-    /// That admin key.
-    pub key: String,
     pub ctx: Context,
     pub smtp: SmtpServer,
     pub db: mongodb::Database,
@@ -428,7 +426,6 @@ pub async fn spawn_app_with(options: TestOptions) -> TestApp {
     let app = TestApp {
         address,
         http: client_with_key(&key),
-        key,
         ctx,
         smtp,
         db,

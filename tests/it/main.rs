@@ -2,11 +2,13 @@
 
 mod helpers;
 
+mod access;
 mod delivery;
 mod enrichment;
 mod events;
 mod failures;
 mod intake;
+mod logs;
 mod marketing;
 mod outages;
 mod policy;
