@@ -224,6 +224,196 @@ pub async fn import(settings: Settings, users: usize) -> anyhow::Result<Value> {
     Ok(result)
 }
 
+/// The delivery log and statistics with `deliveries` records stored (30 days of history):
+/// p50/p99 of the queries ops run most, through the HTTP API.
+pub async fn logs(settings: Settings, deliveries: usize, samples: usize) -> anyhow::Result<Value> {
+    use crate::domain::{Channel, DeliveryStatus};
+    use crate::store::DeliveryDoc;
+    use rand::Rng;
+
+    let settings = isolated(settings, "logs");
+    let ctx = Context::build(settings).await?;
+    ctx.store.migrate().await?;
+    let per_notification = 500;
+    let users = (deliveries / 10).max(per_notification);
+    let notifications = deliveries.div_ceil(per_notification);
+    let now_ms = Utc::now().timestamp_millis();
+    let span_ms: i64 = 30 * 86_400_000;
+    let started = Instant::now();
+    let mut rng = rand::rng();
+    let mut written = 0;
+    let mut batch: Vec<DeliveryDoc> = Vec::with_capacity(10_000);
+    let mut notification_ids = Vec::with_capacity(notifications);
+    for n in 0..notifications {
+        let notification_id = uuid::Uuid::now_v7().to_string();
+        notification_ids.push(notification_id.clone());
+        let accepted = now_ms - span_ms + (n as i64 * span_ms) / notifications as i64;
+        let event_type = [
+            "order_shipped",
+            "weekly_digest",
+            "password_reset",
+            "new_episode",
+        ][n % 4];
+        // Distinct recipients per notification, as a fan-out makes them.
+        let first_user = rng.random_range(0..users);
+        for k in 0..per_notification.min(deliveries - written) {
+            let created = accepted + rng.random_range(0..120_000);
+            let channel = match rng.random_range(0..100) {
+                0..60 => Channel::Email,
+                60..80 => Channel::Sms,
+                80..95 => Channel::Push,
+                _ => Channel::Webhook,
+            };
+            let status = match rng.random_range(0..100) {
+                0..90 => DeliveryStatus::Sent,
+                90..93 => DeliveryStatus::Failed,
+                93..98 => DeliveryStatus::Skipped,
+                98 => DeliveryStatus::Dead,
+                _ => DeliveryStatus::Retrying,
+            };
+            let provider = match channel {
+                Channel::Email => "smtp",
+                Channel::Sms => ["twilio", "gateway"][rng.random_range(0..2)],
+                Channel::Push => "fcm",
+                Channel::Webhook => "webhook",
+            };
+            let sent = (status == DeliveryStatus::Sent).then(|| {
+                mongodb::bson::DateTime::from_millis(created + rng.random_range(50..5_000))
+            });
+            batch.push(DeliveryDoc {
+                id: uuid::Uuid::now_v7().to_string(),
+                notification_id: notification_id.clone(),
+                event_type: event_type.to_owned(),
+                user_id: format!("user-{:07}", (first_user + k) % users),
+                channel,
+                priority: Priority::Normal,
+                schedule_id: None,
+                status,
+                reason: (status == DeliveryStatus::Failed).then(|| "rejected".to_owned()),
+                provider: (status != DeliveryStatus::Skipped).then(|| provider.to_owned()),
+                attempt_count: 1,
+                attempts: Vec::new(),
+                last_error: None,
+                claim: None,
+                accepted_at: Some(mongodb::bson::DateTime::from_millis(accepted)),
+                created_at: mongodb::bson::DateTime::from_millis(created),
+                updated_at: mongodb::bson::DateTime::from_millis(created),
+                sent_at: sent,
+                expire_at: None,
+            });
+            written += 1;
+            if batch.len() == 10_000 {
+                ctx.store.load_deliveries(&batch).await?;
+                batch.clear();
+            }
+        }
+    }
+    ctx.store.load_deliveries(&batch).await?;
+    let load_secs = started.elapsed().as_secs_f64();
+    println!("stored {written} deliveries ({users} users, {notifications} notifications over 30 days) in {load_secs:.1} s");
+    let started = Instant::now();
+    ctx.store.rebuild_stats().await?;
+    let rebuild_secs = started.elapsed().as_secs_f64();
+    println!("rebuilt statistics from the log in {rebuild_secs:.1} s");
+
+    let (_, key) = ctx
+        .store
+        .create_key("bench", &[crate::domain::Scope::LogsRead], Some(1e9))
+        .await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let cancel = CancellationToken::new();
+    let api = tokio::spawn(crate::api::serve(ctx.clone(), listener, cancel.clone()));
+    let client = reqwest::Client::new();
+    let iso = |ms: i64| {
+        chrono::DateTime::from_timestamp_millis(ms)
+            .unwrap_or_default()
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    };
+    type PathOf = Box<dyn Fn(&mut rand::rngs::ThreadRng) -> String>;
+    let queries: Vec<(&str, PathOf)> = vec![
+        (
+            "user_last_24h",
+            Box::new(move |r| {
+                format!(
+                    "/v1/deliveries?user_id=user-{:07}&since={}",
+                    r.random_range(0..users),
+                    iso(now_ms - 86_400_000)
+                )
+            }),
+        ),
+        (
+            "failed_sms_last_hour",
+            Box::new(move |_| {
+                format!(
+                    "/v1/deliveries?status=failed&channel=sms&since={}",
+                    iso(now_ms - 3_600_000)
+                )
+            }),
+        ),
+        (
+            "notification_deliveries",
+            Box::new({
+                let ids = notification_ids.clone();
+                move |r| {
+                    format!(
+                        "/v1/deliveries?notification_id={}",
+                        ids[r.random_range(0..ids.len())]
+                    )
+                }
+            }),
+        ),
+        (
+            "stats_day_x_channel_30d",
+            Box::new(move |_| {
+                format!(
+                    "/v1/stats/deliveries?group_by=day,channel&since={}",
+                    iso(now_ms - span_ms)
+                )
+            }),
+        ),
+    ];
+    let mut report = serde_json::Map::new();
+    for (name, make) in &queries {
+        let mut took = Vec::with_capacity(samples);
+        for i in 0..samples + 5 {
+            let path = make(&mut rng);
+            let t = Instant::now();
+            let body: Value = client
+                .get(format!("http://{addr}{path}"))
+                .bearer_auth(&key)
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            // The first few warm the caches; they are not counted.
+            if i >= 5 {
+                took.push(t.elapsed().as_micros() as i64);
+            }
+            anyhow::ensure!(body.is_object(), "{name}: unexpected answer");
+        }
+        took.sort_unstable();
+        let ms = |us: i64| (us as f64 / 100.0).round() / 10.0;
+        let (p50, p99) = (ms(percentile(&took, 50.0)), ms(percentile(&took, 99.0)));
+        println!("{name:<26} p50 {p50:>7.1} ms   p99 {p99:>7.1} ms   ({samples} requests)");
+        report.insert(
+            (*name).to_owned(),
+            json!({"p50_ms": p50, "p99_ms": p99, "requests": samples}),
+        );
+    }
+    cancel.cancel();
+    let _ = api.await;
+    clean_up(&ctx).await;
+    Ok(json!({
+        "bench": "logs",
+        "deliveries": written,
+        "load_seconds": (load_secs * 10.0).round() / 10.0,
+        "stats_rebuild_seconds": (rebuild_secs * 10.0).round() / 10.0,
+        "queries": report,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

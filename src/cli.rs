@@ -85,6 +85,13 @@ pub enum Bench {
         #[arg(long, env = "HERALD_BENCH_INSTANCES", default_value_t = 2)]
         instances: usize,
     },
+    /// Delivery-log queries and statistics with many deliveries stored.
+    Logs {
+        #[arg(long, env = "HERALD_BENCH_DELIVERIES", default_value_t = 1_000_000)]
+        deliveries: usize,
+        #[arg(long, default_value_t = 200)]
+        samples: usize,
+    },
     /// Bulk user import through the API.
     Import {
         #[arg(long, env = "HERALD_BENCH_USERS", default_value_t = 100_000)]

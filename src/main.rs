@@ -24,6 +24,10 @@ async fn main() -> anyhow::Result<()> {
                 bench::scheduler(settings, schedules, window_secs, instances).await?,
             ),
             Bench::Import { users } => ("import", bench::import(settings, users).await?),
+            Bench::Logs {
+                deliveries,
+                samples,
+            } => ("logs", bench::logs(settings, deliveries, samples).await?),
         };
         println!("saved {}", bench::save(name, &result)?.display());
         return Ok(());

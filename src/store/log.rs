@@ -225,6 +225,15 @@ impl Store {
         Ok(LogPage { items, next })
     }
 
+    /// Writes delivery records as they are (benchmarks and restores); counters and
+    /// statistics are not touched — run [`Store::rebuild_stats`] afterwards.
+    pub async fn load_deliveries(&self, docs: &[DeliveryDoc]) -> anyhow::Result<()> {
+        if !docs.is_empty() {
+            self.deliveries().insert_many(docs).ordered(false).await?;
+        }
+        Ok(())
+    }
+
     /// MongoDB's `explain` of a log query (tests check that every shape walks an index).
     pub async fn explain_deliveries(
         &self,
