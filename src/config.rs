@@ -63,6 +63,10 @@ pub struct ServerSettings {
     pub import_limit_bytes: usize,
     /// The delivery stream sends a comment this often so proxies keep it open.
     pub sse_heartbeat_secs: u64,
+    /// Where `herald worker` and `herald scheduler` serve `/metrics` (they have no API);
+    /// unset: they serve nothing.
+    #[serde(default)]
+    pub metrics_bind: Option<SocketAddr>,
 }
 
 /// How many days records are kept (TTL indexes remove them); 0 keeps them forever.

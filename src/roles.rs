@@ -80,6 +80,7 @@ pub async fn worker(ctx: Context, cancel: CancellationToken) -> anyhow::Result<(
             worker::run(ctx.clone(), cancel.clone()),
             outbox::run(ctx.clone(), cancel.clone()),
             refresh_templates(ctx.clone(), cancel.clone()),
+            api::serve_metrics(ctx.clone(), cancel.clone()),
         )?;
         Ok(())
     };
@@ -94,6 +95,7 @@ pub async fn scheduler(ctx: Context, cancel: CancellationToken) -> anyhow::Resul
             scheduler::run(ctx.clone(), cancel.clone()),
             outbox::run(ctx.clone(), cancel.clone()),
             refresh_templates(ctx.clone(), cancel.clone()),
+            api::serve_metrics(ctx.clone(), cancel.clone()),
         )?;
         Ok(())
     };

@@ -46,9 +46,14 @@ const LOG_FILTERS: &[(&str, &str)] = &[
     ("cursor", "next_cursor of the previous page"),
 ];
 
+/// `/metrics` is open unless `auth.open_metrics` is off.
+fn metrics_op(ctx: &Context) -> Op {
+    let scope = (!ctx.settings.auth.open_metrics).then_some(Scope::LogsRead);
+    Op::new("service", "Prometheus metrics", scope).media("application/openmetrics-text")
+}
+
 /// Every route with its scope and documentation (see `spec`), and the spec itself.
 pub fn routes(ctx: &Context, auth: Arc<Auth>) -> (Router<Context>, Value) {
-    let metrics_scope = (!ctx.settings.auth.open_metrics).then_some(Scope::LogsRead);
     Api::new(auth)
         .get(
             "/health",
@@ -60,12 +65,7 @@ pub fn routes(ctx: &Context, auth: Arc<Auth>) -> (Router<Context>, Value) {
             Op::new("service", "MongoDB and RabbitMQ answer", None),
             health::ready,
         )
-        .get(
-            "/metrics",
-            Op::new("service", "Prometheus metrics", metrics_scope)
-                .media("application/openmetrics-text"),
-            service::metrics,
-        )
+        .get("/metrics", metrics_op(ctx), service::metrics)
         .get(
             "/openapi.json",
             Op::new("service", "this document", None),
@@ -335,6 +335,23 @@ pub fn router(ctx: Context) -> Router {
         .layer(Extension(service::Spec(Arc::new(spec))))
         .layer(TraceLayer::new_for_http())
         .with_state(ctx)
+}
+
+/// `/metrics` alone, for roles without the API (`server.metrics_bind`); `None` when unset.
+pub async fn serve_metrics(ctx: Context, cancel: CancellationToken) -> anyhow::Result<()> {
+    let Some(addr) = ctx.settings.server.metrics_bind else {
+        return Ok(());
+    };
+    let listener = TcpListener::bind(addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "metrics listening");
+    let auth = Arc::new(Auth::new(ctx.store.clone(), ctx.settings.auth.clone()));
+    let (routes, _) = Api::new(auth)
+        .get("/metrics", metrics_op(&ctx), service::metrics)
+        .finish();
+    axum::serve(listener, routes.with_state(ctx))
+        .with_graceful_shutdown(async move { cancel.cancelled().await })
+        .await?;
+    Ok(())
 }
 
 /// The OpenAPI document of this build (what `/openapi.json` serves).

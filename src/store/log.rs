@@ -327,41 +327,4 @@ mod tests {
         assert_eq!(LogCursor::decode("not a cursor"), None);
         assert_eq!(LogCursor::decode(""), None);
     }
-
-    #[test]
-    fn every_filter_picks_an_existing_index() {
-        let names: Vec<&str> = LOG_INDEXES.iter().map(|(n, _)| *n).collect();
-        for f in all_shapes() {
-            let index = log_index(&f);
-            let fields = LOG_INDEXES
-                .iter()
-                .find(|(n, _)| *n == index)
-                .map(|(_, f)| *f)
-                .expect("known index");
-            assert!(names.contains(&index));
-            let q = log_query(&f, None);
-            for field in fields {
-                assert!(
-                    q.contains_key(*field),
-                    "{index} leads with {field}, absent in {q}"
-                );
-            }
-        }
-    }
-
-    /// Every combination of equality filters the API offers.
-    pub(crate) fn all_shapes() -> Vec<DeliveryFilter> {
-        (0..64u32)
-            .map(|bits| DeliveryFilter {
-                notification_id: (bits & 1 != 0).then(|| "n".into()),
-                user_id: (bits & 2 != 0).then(|| "u".into()),
-                schedule_id: (bits & 4 != 0).then(|| "s".into()),
-                status: (bits & 8 != 0).then_some(DeliveryStatus::Failed),
-                channel: (bits & 16 != 0).then_some(Channel::Sms),
-                event_type: (bits & 32 != 0).then(|| "e".into()),
-                since: None,
-                until: None,
-            })
-            .collect()
-    }
 }

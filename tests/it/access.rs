@@ -32,6 +32,17 @@ async fn get_with(
     (status, r.json().await.unwrap_or(Value::Null), headers)
 }
 
+async fn post_event_with(app: &TestApp, key: &str) -> u16 {
+    let event = json!({"event_type": "greeting", "recipients": {"user_ids": ["u1"]}});
+    answer(
+        client_with_key(key)
+            .post(app.url("/v1/events"))
+            .json(&event),
+    )
+    .await
+    .0
+}
+
 #[tokio::test]
 async fn requests_without_a_valid_key_are_401_and_without_the_scope_403() {
     let app = spawn_app().await;
@@ -58,13 +69,7 @@ async fn requests_without_a_valid_key_are_401_and_without_the_scope_403() {
     let reader = key(&app, &["logs:read"], None).await;
     let (status, _, _) = get_with(&app, Some(&reader), "/v1/deliveries").await;
     assert_eq!(status, 200);
-    let (status, _) = answer(
-        client_with_key(&reader)
-            .post(app.url("/v1/events"))
-            .json(&json!({"event_type": "greeting", "recipients": {"user_ids": ["u1"]}})),
-    )
-    .await;
-    assert_eq!(status, 403);
+    assert_eq!(post_event_with(&app, &reader).await, 403);
     assert_eq!(
         app.db
             .collection::<Document>("notifications")
@@ -73,13 +78,7 @@ async fn requests_without_a_valid_key_are_401_and_without_the_scope_403() {
             .expect("count"),
         0
     );
-    let (status, _) = answer(
-        client_with_key(&events_only)
-            .post(app.url("/v1/events"))
-            .json(&json!({"event_type": "greeting", "recipients": {"user_ids": ["u1"]}})),
-    )
-    .await;
-    assert_eq!(status, 202);
+    assert_eq!(post_event_with(&app, &events_only).await, 202);
     // Health and readiness stay open; so does /metrics by default.
     for open in ["/health", "/ready", "/metrics", "/openapi.json", "/docs"] {
         let r = reqwest::get(app.url(open)).await.expect("request");
@@ -284,6 +283,44 @@ async fn metrics_count_deliveries_requests_and_report_queue_depth() {
     ] {
         assert!(text.contains(needle), "missing `{needle}` in\n{text}");
     }
+}
+
+#[tokio::test]
+async fn a_worker_without_the_api_serves_its_metrics_on_metrics_bind() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let app = spawn_app_with(TestOptions {
+        roles: crate::helpers::Roles::NoScheduler,
+        env: vec![(
+            "HERALD__SERVER__METRICS_BIND".into(),
+            format!("127.0.0.1:{port}"),
+        )],
+        ..Default::default()
+    })
+    .await;
+    app.put_user("w1", json!({"email": "w1@example.com", "first_name": "W"}))
+        .await;
+    let (_, body) = app
+        .post_event(&json!({"event_type": "greeting", "channels": ["email"],
+            "recipients": {"user_ids": ["w1"]}, "payload": {"note": "x"}}))
+        .await;
+    app.wait_finished(body["notification_id"].as_str().expect("id"), 20)
+        .await;
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        text.contains(
+            r#"herald_deliveries_total{channel="email",status="sent",provider="smtp"} 1"#
+        ),
+        "{text}"
+    );
 }
 
 #[tokio::test]
