@@ -86,7 +86,7 @@ impl Store {
                     doc! {"notification_id": 1, "created_at": -1},
                     "notification_created",
                 ),
-                super::ttl_index("expire_at", 0),
+                super::expiry_index(),
             ])
             .await?;
         Ok(())

@@ -103,15 +103,15 @@ pub fn chrono_time(t: DateTime) -> chrono::DateTime<chrono::Utc> {
     chrono::DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or_default()
 }
 
-/// A TTL index: documents go `after_secs` past the instant in `field` (documents
-/// without it stay).
-pub(crate) fn ttl_index(field: &str, after_secs: u64) -> IndexModel {
+/// The TTL index every expiring collection has: MongoDB removes a document once the
+/// instant in its `expire_at` has passed (documents without one stay).
+pub(crate) fn expiry_index() -> IndexModel {
     IndexModel::builder()
-        .keys(doc! {field: 1})
+        .keys(doc! {"expire_at": 1})
         .options(
             IndexOptions::builder()
-                .name(format!("{field}_ttl"))
-                .expire_after(Duration::from_secs(after_secs))
+                .name("expire_at_ttl".to_owned())
+                .expire_after(Duration::ZERO)
                 .build(),
         )
         .build()
@@ -240,7 +240,7 @@ impl Store {
             .create_indexes([
                 unique(doc! {"event_id": 1}, "event_id_unique"),
                 plain(doc! {"created_at": -1}, "created_at"),
-                ttl_index("expire_at", 0),
+                expiry_index(),
             ])
             .await
             .context("indexing notifications")?;
@@ -257,7 +257,7 @@ impl Store {
                     doc! {"notification_id": 1, "user_id": 1, "channel": 1},
                     "notification_user_channel_unique",
                 ),
-                ttl_index("expire_at", 0),
+                expiry_index(),
             ])
             .await
             .context("indexing deliveries")?;

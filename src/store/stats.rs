@@ -220,7 +220,7 @@ impl Store {
         self.stats()
             .create_indexes([
                 IndexModel::builder().keys(doc! {"_id.h": 1}).build(),
-                super::ttl_index("expire_at", 0),
+                super::expiry_index(),
             ])
             .await?;
         Ok(())
