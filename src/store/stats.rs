@@ -96,14 +96,19 @@ impl StatMoves {
                 continue;
             }
             let hour = DateTime::from_millis(key.hour_ms);
-            let mut on_insert = doc! {"hour": hour};
+            // A string `_id`: SecantusDB's update path scans for a sub-document `_id`.
+            let id = format!(
+                "{}|{}|{}|{}|{}",
+                key.hour_ms, key.channel, key.event_type, key.provider, key.status
+            );
+            let mut on_insert = doc! {"h": hour, "c": key.channel, "e": &key.event_type,
+            "p": &key.provider, "s": key.status};
             if let Some(at) = crate::config::expiry(retention_days, super::chrono_time(hour)) {
                 on_insert.insert("expire_at", super::bson_time(at));
             }
             stats
                 .update_one(
-                    doc! {"_id": {"h": hour, "c": key.channel, "e": &key.event_type,
-                    "p": &key.provider, "s": key.status}},
+                    doc! {"_id": id},
                     doc! {"$inc": inc, "$setOnInsert": on_insert},
                 )
                 .upsert(true)
@@ -151,12 +156,12 @@ impl StatDimension {
 
     fn expression(self) -> Bson {
         match self {
-            Self::Day => Bson::Document(doc! {"$dateTrunc": {"date": "$_id.h", "unit": "day"}}),
-            Self::Hour => Bson::String("$_id.h".to_owned()),
-            Self::Channel => Bson::String("$_id.c".to_owned()),
-            Self::Status => Bson::String("$_id.s".to_owned()),
-            Self::EventType => Bson::String("$_id.e".to_owned()),
-            Self::Provider => Bson::String("$_id.p".to_owned()),
+            Self::Day => Bson::Document(doc! {"$dateTrunc": {"date": "$h", "unit": "day"}}),
+            Self::Hour => Bson::String("$h".to_owned()),
+            Self::Channel => Bson::String("$c".to_owned()),
+            Self::Status => Bson::String("$s".to_owned()),
+            Self::EventType => Bson::String("$e".to_owned()),
+            Self::Provider => Bson::String("$p".to_owned()),
         }
     }
 }
@@ -219,7 +224,7 @@ impl Store {
     pub(crate) async fn index_stats(&self) -> anyhow::Result<()> {
         self.stats()
             .create_indexes([
-                IndexModel::builder().keys(doc! {"_id.h": 1}).build(),
+                IndexModel::builder().keys(doc! {"h": 1}).build(),
                 super::expiry_index(),
             ])
             .await?;
@@ -228,7 +233,7 @@ impl Store {
 
     fn hour_range(since: DateTime, until: DateTime) -> Document {
         // An hour counts when it overlaps the range.
-        doc! {"_id.h": {"$gte": floor_hour(since), "$lt": until}}
+        doc! {"h": {"$gte": floor_hour(since), "$lt": until}}
     }
 
     /// Deliveries created in `[since, until)` (hour resolution), broken down by `by`.
@@ -281,7 +286,7 @@ impl Store {
             .stats()
             .aggregate([
                 doc! {"$match": Self::hour_range(since, until)},
-                doc! {"$group": {"_id": {"c": "$_id.c", "s": "$_id.s"}, "n": {"$sum": "$n"}}},
+                doc! {"$group": {"_id": {"c": "$c", "s": "$s"}, "n": {"$sum": "$n"}}},
             ])
             .await
             .context("aggregating channel outcomes")?
@@ -302,12 +307,12 @@ impl Store {
             }
         }
         let mut latency = Self::hour_range(since, until);
-        latency.insert("_id.s", "sent");
+        latency.insert("s", "sent");
         let buckets: Vec<Document> = self
             .stats()
             .aggregate([
                 doc! {"$match": latency},
-                doc! {"$project": {"c": "$_id.c", "lat": {"$objectToArray": "$lat"}}},
+                doc! {"$project": {"c": "$c", "lat": {"$objectToArray": "$lat"}}},
                 doc! {"$unwind": "$lat"},
                 doc! {"$group": {"_id": {"c": "$c", "b": "$lat.k"}, "n": {"$sum": "$lat.v"}}},
             ])
