@@ -168,10 +168,10 @@ impl Store {
                     self.deliveries(),
                     self.notifications(),
                     self.outbox(),
-                    self.stats(),
+                    self.db.clone(),
                     self.retention.stats_days,
                 ),
-                |s, (letters, deliveries, notifications, outbox, stats, stats_days)| {
+                |s, (letters, deliveries, notifications, outbox, db, stats_days)| {
                     let id = id.to_owned();
                     async move {
                         let Some(letter) = letters
@@ -217,7 +217,7 @@ impl Store {
                         let provider = before.provider.as_deref();
                         moves.add(&before, before.status, provider, -1, None);
                         moves.add(&before, DeliveryStatus::Queued, provider, 1, None);
-                        moves.write(stats, s, *stats_days).await?;
+                        moves.write(db, s, *stats_days).await?;
                         let stamp = now();
                         outbox
                             .insert_one(OutboxDoc {

@@ -792,12 +792,12 @@ impl Store {
                 (
                     self.deliveries(),
                     self.notifications(),
-                    self.stats(),
+                    self.db.clone(),
                     &planned,
                     &user_ids,
                     self.retention.stats_days,
                 ),
-                |s, (deliveries, notifications, stats, planned, user_ids, stats_days)| {
+                |s, (deliveries, notifications, db, planned, user_ids, stats_days)| {
                     async move {
                         let existing: Vec<DeliveryDoc> = deliveries
                             .find(doc! {"notification_id": notification_id,
@@ -833,7 +833,7 @@ impl Store {
                             for d in &fresh {
                                 moves.add(d, DeliveryStatus::Queued, None, 1, None);
                             }
-                            moves.write(stats, s, *stats_days).await?;
+                            moves.write(db, s, *stats_days).await?;
                         }
                         Ok(existing
                             .iter()
@@ -896,11 +896,11 @@ impl Store {
                     self.notifications(),
                     self.outbox(),
                     self.dead_letter_collection(),
-                    self.stats(),
+                    self.db.clone(),
                     outcomes,
                     &*self.retention,
                 ),
-                |s, (deliveries, notifications, outbox, letters, stats, outcomes, retention)| {
+                |s, (deliveries, notifications, outbox, letters, db, outcomes, retention)| {
                     async move {
                         let mut incs: BTreeMap<String, BTreeMap<&'static str, i64>> =
                             BTreeMap::new();
@@ -1013,7 +1013,7 @@ impl Store {
                                 *entry.entry(new).or_default() += 1;
                             }
                         }
-                        moves.write(stats, s, retention.stats_days).await?;
+                        moves.write(db, s, retention.stats_days).await?;
                         for (id, counters) in &incs {
                             let mut inc = Document::new();
                             for (name, delta) in counters {

@@ -6,12 +6,15 @@ use std::collections::BTreeMap;
 use anyhow::Context as _;
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Bson, DateTime, Document};
-use mongodb::{ClientSession, Collection, IndexModel};
+use mongodb::{ClientSession, Collection, Database, IndexModel};
 
 use super::{DeliveryDoc, Store};
 use crate::domain::DeliveryStatus;
 
 pub(crate) const DELIVERY_STATS: &str = "delivery_stats";
+/// Accept-to-sent histograms per (hour, channel): few documents, so percentiles over a
+/// month read a few thousand small documents, not every count cell.
+pub(crate) const DELIVERY_LATENCY: &str = "delivery_latency";
 
 const HOUR_MS: i64 = 3_600_000;
 /// Latency histogram buckets grow by 5%, so a percentile read from them is within 5%.
@@ -41,7 +44,9 @@ struct StatKey {
 /// Counter moves of one transaction, merged per rollup document before writing.
 #[derive(Debug, Default)]
 pub(crate) struct StatMoves {
-    moves: BTreeMap<StatKey, (i64, BTreeMap<u32, i64>)>,
+    counts: BTreeMap<StatKey, i64>,
+    /// (hour, channel) -> bucket -> count
+    latency: BTreeMap<(i64, &'static str), BTreeMap<u32, i64>>,
 }
 
 impl StatMoves {
@@ -60,17 +65,22 @@ impl StatMoves {
             return;
         };
         let created = d.created_at.timestamp_millis();
+        let hour_ms = created - created.rem_euclid(HOUR_MS);
         let key = StatKey {
-            hour_ms: created - created.rem_euclid(HOUR_MS),
+            hour_ms,
             channel: d.channel.as_str(),
             event_type: d.event_type.clone(),
             provider: provider.unwrap_or_default().to_owned(),
             status,
         };
-        let entry = self.moves.entry(key).or_default();
-        entry.0 += delta;
+        *self.counts.entry(key).or_default() += delta;
         if let Some(ms) = latency_ms {
-            *entry.1.entry(latency_bucket(ms)).or_default() += delta;
+            *self
+                .latency
+                .entry((hour_ms, d.channel.as_str()))
+                .or_default()
+                .entry(latency_bucket(ms))
+                .or_default() += delta;
         }
     }
 
@@ -78,21 +88,16 @@ impl StatMoves {
     /// transaction; a new rollup is kept `retention_days` past its hour.
     pub(crate) async fn write(
         self,
-        stats: &Collection<Document>,
+        db: &Database,
         session: &mut ClientSession,
         retention_days: u32,
     ) -> mongodb::error::Result<()> {
-        for (key, (n, latency)) in self.moves {
-            let mut inc = doc! {};
-            if n != 0 {
-                inc.insert("n", n);
-            }
-            for (bucket, count) in latency {
-                if count != 0 {
-                    inc.insert(format!("lat.{bucket}"), count);
-                }
-            }
-            if inc.is_empty() {
+        let expiry = |hour: DateTime| {
+            crate::config::expiry(retention_days, super::chrono_time(hour)).map(super::bson_time)
+        };
+        let stats = db.collection::<Document>(DELIVERY_STATS);
+        for (key, n) in self.counts {
+            if n == 0 {
                 continue;
             }
             let hour = DateTime::from_millis(key.hour_ms);
@@ -101,15 +106,34 @@ impl StatMoves {
                 "{}|{}|{}|{}|{}",
                 key.hour_ms, key.channel, key.event_type, key.provider, key.status
             );
-            let mut on_insert = doc! {"h": hour, "c": key.channel, "e": &key.event_type,
-            "p": &key.provider, "s": key.status};
-            if let Some(at) = crate::config::expiry(retention_days, super::chrono_time(hour)) {
-                on_insert.insert("expire_at", super::bson_time(at));
-            }
+            let on_insert = doc! {"h": hour, "c": key.channel, "e": &key.event_type,
+            "p": &key.provider, "s": key.status, "expire_at": expiry(hour)};
             stats
                 .update_one(
                     doc! {"_id": id},
-                    doc! {"$inc": inc, "$setOnInsert": on_insert},
+                    doc! {"$inc": {"n": n}, "$setOnInsert": on_insert},
+                )
+                .upsert(true)
+                .session(&mut *session)
+                .await?;
+        }
+        let latency = db.collection::<Document>(DELIVERY_LATENCY);
+        for ((hour_ms, channel), buckets) in self.latency {
+            let mut inc = doc! {};
+            for (bucket, count) in buckets {
+                if count != 0 {
+                    inc.insert(format!("lat.{bucket}"), count);
+                }
+            }
+            if inc.is_empty() {
+                continue;
+            }
+            let hour = DateTime::from_millis(hour_ms);
+            latency
+                .update_one(
+                    doc! {"_id": format!("{hour_ms}|{channel}")},
+                    doc! {"$inc": inc,
+                    "$setOnInsert": {"h": hour, "c": channel, "expire_at": expiry(hour)}},
                 )
                 .upsert(true)
                 .session(&mut *session)
@@ -222,12 +246,15 @@ impl Store {
     }
 
     pub(crate) async fn index_stats(&self) -> anyhow::Result<()> {
-        self.stats()
-            .create_indexes([
-                IndexModel::builder().keys(doc! {"h": 1}).build(),
-                super::expiry_index(),
-            ])
-            .await?;
+        for name in [DELIVERY_STATS, DELIVERY_LATENCY] {
+            self.db
+                .collection::<Document>(name)
+                .create_indexes([
+                    IndexModel::builder().keys(doc! {"h": 1}).build(),
+                    super::expiry_index(),
+                ])
+                .await?;
+        }
         Ok(())
     }
 
@@ -306,36 +333,28 @@ impl Store {
                 _ => summary.pending += n,
             }
         }
-        let mut latency = Self::hour_range(since, until);
-        latency.insert("s", "sent");
-        let buckets: Vec<Document> = self
-            .stats()
-            .aggregate([
-                doc! {"$match": latency},
-                doc! {"$project": {"c": "$c", "lat": {"$objectToArray": "$lat"}}},
-                doc! {"$unwind": "$lat"},
-                doc! {"$group": {"_id": {"c": "$c", "b": "$lat.k"}, "n": {"$sum": "$lat.v"}}},
-            ])
+        // A few thousand small documents a month: merged here, not unwound in a pipeline.
+        let mut histograms: BTreeMap<String, BTreeMap<u32, i64>> = BTreeMap::new();
+        let mut cursor = self
+            .db
+            .collection::<Document>(DELIVERY_LATENCY)
+            .find(Self::hour_range(since, until))
+            .projection(doc! {"c": 1, "lat": 1})
             .await
-            .context("aggregating send latency")?
-            .try_collect()
-            .await?;
-        let mut histograms: BTreeMap<String, Vec<(u32, i64)>> = BTreeMap::new();
-        for row in buckets {
-            let id = row.get_document("_id").cloned().unwrap_or_default();
-            let (Ok(c), Ok(b)) = (id.get_str("c"), id.get_str("b")) else {
+            .context("reading send latency")?;
+        while let Some(doc) = cursor.try_next().await? {
+            let (Ok(c), Ok(lat)) = (doc.get_str("c"), doc.get_document("lat")) else {
                 continue;
             };
-            let Ok(bucket) = b.parse::<u32>() else {
-                continue;
-            };
-            histograms
-                .entry(c.to_owned())
-                .or_default()
-                .push((bucket, number(row.get("n"))));
+            let merged = histograms.entry(c.to_owned()).or_default();
+            for (bucket, n) in lat {
+                if let Ok(bucket) = bucket.parse::<u32>() {
+                    *merged.entry(bucket).or_default() += number(Some(n));
+                }
+            }
         }
-        for (channel, mut buckets) in histograms {
-            buckets.sort_unstable();
+        for (channel, buckets) in histograms {
+            let buckets: Vec<(u32, i64)> = buckets.into_iter().collect();
             let summary = out.entry(channel).or_default();
             summary.latency_ms = percentiles
                 .iter()
@@ -349,6 +368,10 @@ impl Store {
     /// of deliveries written by another tool); the live path keeps them true otherwise.
     pub async fn rebuild_stats(&self) -> anyhow::Result<()> {
         self.stats().delete_many(doc! {}).await?;
+        self.db
+            .collection::<Document>(DELIVERY_LATENCY)
+            .delete_many(doc! {})
+            .await?;
         let mut cursor = self
             .deliveries()
             .find(doc! {})
@@ -381,7 +404,7 @@ impl Store {
     async fn write_moves(&self, moves: StatMoves) -> anyhow::Result<()> {
         let mut session = self.client.start_session().await?;
         moves
-            .write(&self.stats(), &mut session, self.retention.stats_days)
+            .write(&self.db, &mut session, self.retention.stats_days)
             .await?;
         Ok(())
     }

@@ -72,12 +72,11 @@ pub async fn deliveries(
     if !errors.is_empty() {
         return Err(ApiError::validation(errors));
     }
-    let rows = ctx.store.delivery_stats(since, until, &by).await?;
     let percentiles: Vec<f64> = PERCENTILES.iter().map(|(p, _)| *p).collect();
-    let channels = ctx
-        .store
-        .channel_summaries(since, until, &percentiles)
-        .await?;
+    let (rows, channels) = tokio::try_join!(
+        ctx.store.delivery_stats(since, until, &by),
+        ctx.store.channel_summaries(since, until, &percentiles),
+    )?;
     let total: i64 = rows.iter().map(|r| r.count).sum();
     let rows: Vec<Value> = rows
         .iter()
