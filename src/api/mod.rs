@@ -354,12 +354,6 @@ pub async fn serve_metrics(ctx: Context, cancel: CancellationToken) -> anyhow::R
     Ok(())
 }
 
-/// The OpenAPI document of this build (what `/openapi.json` serves).
-pub fn openapi(ctx: &Context) -> Value {
-    let auth = Arc::new(Auth::new(ctx.store.clone(), ctx.settings.auth.clone()));
-    routes(ctx, auth).1
-}
-
 /// Serves the API on an already-bound listener until `cancel`, then drains requests.
 pub async fn serve(
     ctx: Context,
