@@ -414,6 +414,37 @@ pub async fn logs(settings: Settings, deliveries: usize, samples: usize) -> anyh
     }))
 }
 
+/// The machine's own ceilings, measured in this run: RabbitMQ publish (confirmed,
+/// persistent) and consume (manual acks) on one queue, MongoDB bulk inserts and
+/// outcome-shaped transactions. herald's figures are reported against these.
+pub async fn ceilings(settings: Settings, messages: usize, docs: usize) -> anyhow::Result<Value> {
+    let settings = isolated(settings, "ceilings");
+    let ctx = Context::build(settings).await?;
+    // A delivery job is about this large (JSON with two UUIDs and a version).
+    let job_size = 160;
+    let rabbit = ctx.broker.measure_ceiling(messages, job_size).await?;
+    println!(
+        "RabbitMQ: publish with confirms {:.0} msg/s, consume with acks {:.0} msg/s ({messages} persistent messages of {job_size} B)",
+        rabbit.publish_per_sec, rabbit.consume_per_sec
+    );
+    let batch = 64;
+    let mongo = ctx.store.measure_ceiling(docs, batch).await?;
+    println!(
+        "MongoDB: bulk insert {:.0} docs/s; outcome-shaped transactions {:.0}/s ({batch} updates + 1 counter each = {:.0} updates/s)",
+        mongo.inserts_per_sec, mongo.transactions_per_sec, mongo.updates_per_sec
+    );
+    clean_up(&ctx).await;
+    Ok(json!({
+        "bench": "ceilings",
+        "rabbitmq": {"messages": messages, "message_bytes": job_size,
+            "publish_confirmed_per_sec": rabbit.publish_per_sec.round(),
+            "consume_acked_per_sec": rabbit.consume_per_sec.round()},
+        "mongodb": {"documents": docs, "insert_per_sec": mongo.inserts_per_sec.round(),
+            "transactions_per_sec": mongo.transactions_per_sec.round(),
+            "updates_in_transactions_per_sec": mongo.updates_per_sec.round(), "updates_per_transaction": batch},
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

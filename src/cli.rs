@@ -85,6 +85,13 @@ pub enum Bench {
         #[arg(long, env = "HERALD_BENCH_INSTANCES", default_value_t = 2)]
         instances: usize,
     },
+    /// The machine's own ceilings: RabbitMQ and MongoDB without herald in the loop.
+    Ceilings {
+        #[arg(long, default_value_t = 100_000)]
+        messages: usize,
+        #[arg(long, default_value_t = 100_000)]
+        documents: usize,
+    },
     /// Delivery-log queries and statistics with many deliveries stored.
     Logs {
         #[arg(long, env = "HERALD_BENCH_DELIVERIES", default_value_t = 1_000_000)]

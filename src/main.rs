@@ -24,6 +24,13 @@ async fn main() -> anyhow::Result<()> {
                 bench::scheduler(settings, schedules, window_secs, instances).await?,
             ),
             Bench::Import { users } => ("import", bench::import(settings, users).await?),
+            Bench::Ceilings {
+                messages,
+                documents,
+            } => (
+                "ceilings",
+                bench::ceilings(settings, messages, documents).await?,
+            ),
             Bench::Logs {
                 deliveries,
                 samples,

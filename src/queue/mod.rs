@@ -1,5 +1,6 @@
 //! RabbitMQ: the only module that knows AMQP — topology, a confirming publisher, consumers.
 
+pub mod ceiling;
 pub mod messages;
 
 use std::future::Future;

@@ -1,5 +1,6 @@
 //! MongoDB: the only module that knows collection names, indexes and transactions.
 
+pub mod ceiling;
 pub mod dead_letters;
 pub mod documents;
 pub mod keys;
