@@ -445,6 +445,129 @@ pub async fn ceilings(settings: Settings, messages: usize, docs: usize) -> anyho
     }))
 }
 
+/// Peak resident memory of a process (`VmHWM`), in MB.
+fn peak_rss_mb(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Ingest: `clients` concurrent clients post single-recipient events to a `herald api`
+/// process of its own (this process is only the load generator) → accepted events/s and
+/// response times; each answer comes after the durable write.
+pub async fn ingest(settings: Settings, events: usize, clients: usize) -> anyhow::Result<Value> {
+    let settings = isolated(settings, "ingest");
+    let ctx = Context::build(settings.clone()).await?;
+    ctx.store.migrate().await?;
+    ctx.store
+        .put_user(UserDoc {
+            id: "bench-user".into(),
+            email: Some("bench@example.com".into()),
+            ..Default::default()
+        })
+        .await?;
+    let (_, key) = ctx
+        .store
+        .create_key("bench", &[crate::domain::Scope::EventsWrite], Some(1e9))
+        .await?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut api = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("api")
+        .env("HERALD__MONGODB__DATABASE", &settings.mongodb.database)
+        .env("HERALD__AMQP__PREFIX", &settings.amqp.prefix)
+        .env("HERALD__SERVER__BIND", format!("127.0.0.1:{port}"))
+        .env("HERALD__LOG__LEVEL", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting `herald api`")?;
+    let pid = api.id().context("api pid")?;
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(clients)
+        .build()?;
+    let mut up = false;
+    for _ in 0..100 {
+        if client
+            .get(format!("{base}/ready"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::ensure!(up, "`herald api` did not become ready");
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..clients {
+        let (client, base, key, next) = (client.clone(), base.clone(), key.clone(), next.clone());
+        tasks.spawn(async move {
+            let mut took = Vec::new();
+            let mut refused = 0usize;
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < events {
+                let body = json!({"event_type": "order_shipped", "priority": "normal",
+                    "channels": ["email"], "recipients": {"user_ids": ["bench-user"]},
+                    "payload": {"order_id": uuid::Uuid::new_v4().to_string()}});
+                let t = Instant::now();
+                let ok = client
+                    .post(format!("{base}/v1/events"))
+                    .bearer_auth(&key)
+                    .json(&body)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().as_u16() == 202);
+                took.push(t.elapsed().as_micros() as i64);
+                refused += usize::from(!ok);
+            }
+            (took, refused)
+        });
+    }
+    let mut took = Vec::with_capacity(events);
+    let mut refused = 0;
+    while let Some(r) = tasks.join_next().await {
+        let (t, f) = r?;
+        took.extend(t);
+        refused += f;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let rss = peak_rss_mb(pid);
+    let _ = std::process::Command::new("kill")
+        .arg(pid.to_string())
+        .status();
+    let _ = tokio::time::timeout(Duration::from_secs(20), api.wait()).await;
+    took.sort_unstable();
+    let ms = |us: i64| (us as f64 / 100.0).round() / 10.0;
+    let rate = (events - refused) as f64 / secs;
+    println!(
+        "ingest: {} events accepted in {secs:.1} s = {rate:.0} events/s ({clients} clients); response p50 {} ms, p99 {} ms; {refused} refused; api peak RSS {:.0} MB",
+        events - refused,
+        ms(percentile(&took, 50.0)),
+        ms(percentile(&took, 99.0)),
+        rss.unwrap_or(0.0)
+    );
+    clean_up(&ctx).await;
+    Ok(json!({
+        "bench": "ingest",
+        "events": events,
+        "clients": clients,
+        "accepted_per_sec": rate.round(),
+        "refused": refused,
+        "response_ms": {"p50": ms(percentile(&took, 50.0)), "p99": ms(percentile(&took, 99.0))},
+        "api_peak_rss_mb": rss.map(|r| r.round()),
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

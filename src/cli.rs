@@ -85,6 +85,13 @@ pub enum Bench {
         #[arg(long, env = "HERALD_BENCH_INSTANCES", default_value_t = 2)]
         instances: usize,
     },
+    /// Concurrent clients posting single-recipient events to a `herald api` process.
+    Ingest {
+        #[arg(long, default_value_t = 20_000)]
+        events: usize,
+        #[arg(long, default_value_t = 32)]
+        clients: usize,
+    },
     /// The machine's own ceilings: RabbitMQ and MongoDB without herald in the loop.
     Ceilings {
         #[arg(long, default_value_t = 100_000)]

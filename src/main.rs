@@ -24,6 +24,9 @@ async fn main() -> anyhow::Result<()> {
                 bench::scheduler(settings, schedules, window_secs, instances).await?,
             ),
             Bench::Import { users } => ("import", bench::import(settings, users).await?),
+            Bench::Ingest { events, clients } => {
+                ("ingest", bench::ingest(settings, events, clients).await?)
+            }
             Bench::Ceilings {
                 messages,
                 documents,
