@@ -17,7 +17,7 @@ use anyhow::Context as _;
 use futures::{FutureExt, Stream, TryStreamExt};
 use mongodb::bson::{self, doc, DateTime, Document};
 use mongodb::error::{ErrorKind, WriteFailure};
-use mongodb::options::{ClientOptions, IndexOptions, ReturnDocument};
+use mongodb::options::{ClientOptions, IndexOptions, UpdateOneModel, WriteModel};
 use mongodb::{Client, Collection, Database, IndexModel};
 
 use crate::config::{MongoSettings, RetentionSettings};
@@ -889,157 +889,236 @@ impl Store {
             return Ok(Vec::new());
         }
         let mut session = self.client.start_session().await?;
-        let (touched, applied): (Vec<String>, Vec<bool>) = session
-            .start_transaction()
-            .and_run(
-                (
-                    self.deliveries(),
-                    self.notifications(),
-                    self.outbox(),
-                    self.dead_letter_collection(),
-                    self.db.clone(),
-                    outcomes,
-                    &*self.retention,
-                ),
-                |s, (deliveries, notifications, outbox, letters, db, outcomes, retention)| {
-                    async move {
-                        let mut incs: BTreeMap<String, BTreeMap<&'static str, i64>> =
-                            BTreeMap::new();
-                        let mut moves = StatMoves::default();
-                        let mut applied = vec![false; outcomes.len()];
-                        for (i, o) in outcomes.iter().enumerate() {
-                            let mut filter = doc! {"_id": &o.delivery_id};
-                            match &o.precondition {
-                                Precondition::Unclaimed => {
-                                    filter.insert(
-                                        "status",
-                                        doc! {"$in": ["queued", "retrying", "deferred"]},
-                                    );
-                                }
-                                Precondition::Claimed { attempt_id } => {
-                                    filter.insert("claim.attempt_id", attempt_id);
-                                }
-                            }
-                            let now = now();
-                            let mut set = doc! {
-                                "status": o.status.as_str(),
-                                "reason": o.reason.as_deref(),
-                                "updated_at": now,
-                            };
-                            if let Some(p) = &o.provider {
-                                set.insert("provider", p);
-                            }
-                            if o.status == DeliveryStatus::Sent {
-                                set.insert("sent_at", now);
-                            }
-                            let mut update = doc! {};
-                            match retention.delivery_expiry(o.status, chrono_time(now)) {
-                                Some(at) => {
-                                    set.insert("expire_at", bson_time(at));
-                                }
-                                None => {
-                                    update.insert("$unset", doc! {"expire_at": ""});
-                                }
-                            }
-                            if let Some(a) = &o.attempt {
-                                set.insert("last_error", a.error.as_deref());
-                                update.insert(
-                                    "$push",
-                                    doc! {"attempts": bson::to_bson(a)
-                                    .map_err(mongodb::error::Error::custom)?},
-                                );
-                                update.insert("$inc", doc! {"attempt_count": 1});
-                            }
-                            update.insert("$set", set);
-                            let before = deliveries
-                                .find_one_and_update(filter, update)
-                                .return_document(ReturnDocument::Before)
+        let (touched, applied): (Vec<String>, Vec<bool>) =
+            session
+                .start_transaction()
+                .and_run(
+                    (
+                        self.deliveries(),
+                        self.notifications(),
+                        self.outbox(),
+                        self.dead_letter_collection(),
+                        self.db.clone(),
+                        outcomes,
+                        &*self.retention,
+                        self.client.clone(),
+                    ),
+                    |s,
+                     (
+                        deliveries,
+                        notifications,
+                        outbox,
+                        letters,
+                        db,
+                        outcomes,
+                        retention,
+                        client,
+                    )| {
+                        async move {
+                            let mut incs: BTreeMap<String, BTreeMap<&'static str, i64>> =
+                                BTreeMap::new();
+                            let mut moves = StatMoves::default();
+                            let mut applied = vec![false; outcomes.len()];
+                            // The transaction's snapshot of every delivery in the batch: a
+                            // concurrent change to one of them makes the writes below conflict
+                            // (and the whole transaction retry), so what is decided here holds.
+                            let ids: Vec<&str> =
+                                outcomes.iter().map(|o| o.delivery_id.as_str()).collect();
+                            let mut current: HashMap<String, DeliveryDoc> = deliveries
+                                .find(doc! {"_id": {"$in": &ids}})
+                                .projection(doc! {"attempts": 0})
                                 .session(&mut *s)
-                                .await?;
-                            let Some(before) = before else { continue };
-                            applied[i] = true;
-                            // A retry is published through the outbox (never lost); a
-                            // delivery that failed for good is kept as a dead letter.
-                            if let (DeliveryStatus::Retrying | DeliveryStatus::Deferred, Some(r)) =
-                                (o.status, o.retry)
-                            {
-                                let stamp = now;
-                                outbox
-                                    .insert_one(OutboxDoc {
-                                        id: uuid::Uuid::now_v7().to_string(),
-                                        notification_id: o.notification_id.clone(),
-                                        delivery_id: Some(o.delivery_id.clone()),
-                                        delay_ms: r.delay_ms,
-                                        attempt: r.retry_number,
-                                        lane: r.lane,
-                                        due_at: r.not_before.unwrap_or(stamp),
-                                        lease_until: stamp,
-                                        lease_token: None,
-                                        created_at: stamp,
-                                    })
+                                .await?
+                                .stream(&mut *s)
+                                .try_collect::<Vec<_>>()
+                                .await?
+                                .into_iter()
+                                .map(|d| (d.id.clone(), d))
+                                .collect();
+                            let mut models = Vec::new();
+                            let mut plans = Vec::new();
+                            for (i, o) in outcomes.iter().enumerate() {
+                                let Some(state) = current.get_mut(&o.delivery_id) else {
+                                    continue;
+                                };
+                                let mut filter = doc! {"_id": &o.delivery_id};
+                                let holds = match &o.precondition {
+                                    Precondition::Unclaimed => {
+                                        filter.insert(
+                                            "status",
+                                            doc! {"$in": ["queued", "retrying", "deferred"]},
+                                        );
+                                        matches!(
+                                            state.status,
+                                            DeliveryStatus::Queued
+                                                | DeliveryStatus::Retrying
+                                                | DeliveryStatus::Deferred
+                                        )
+                                    }
+                                    Precondition::Claimed { attempt_id } => {
+                                        filter.insert("claim.attempt_id", attempt_id);
+                                        state
+                                            .claim
+                                            .as_ref()
+                                            .is_some_and(|c| &c.attempt_id == attempt_id)
+                                    }
+                                };
+                                if !holds {
+                                    continue;
+                                }
+                                let now = now();
+                                let mut set = doc! {
+                                    "status": o.status.as_str(),
+                                    "reason": o.reason.as_deref(),
+                                    "updated_at": now,
+                                };
+                                if let Some(p) = &o.provider {
+                                    set.insert("provider", p);
+                                }
+                                if o.status == DeliveryStatus::Sent {
+                                    set.insert("sent_at", now);
+                                }
+                                let mut update = doc! {};
+                                match retention.delivery_expiry(o.status, chrono_time(now)) {
+                                    Some(at) => {
+                                        set.insert("expire_at", bson_time(at));
+                                    }
+                                    None => {
+                                        update.insert("$unset", doc! {"expire_at": ""});
+                                    }
+                                }
+                                if let Some(a) = &o.attempt {
+                                    set.insert("last_error", a.error.as_deref());
+                                    update.insert(
+                                        "$push",
+                                        doc! {"attempts": bson::to_bson(a)
+                                        .map_err(mongodb::error::Error::custom)?},
+                                    );
+                                    update.insert("$inc", doc! {"attempt_count": 1});
+                                }
+                                update.insert("$set", set);
+                                models.push(WriteModel::UpdateOne(
+                                    UpdateOneModel::builder()
+                                        .namespace(deliveries.namespace())
+                                        .filter(filter)
+                                        .update(update)
+                                        .build(),
+                                ));
+                                plans.push((i, state.clone(), now));
+                                // A later outcome for the same delivery sees this one's effect.
+                                state.status = o.status;
+                                if let Some(p) = &o.provider {
+                                    state.provider = Some(p.clone());
+                                }
+                            }
+                            // Every status change of the batch in one round trip.
+                            if !models.is_empty() {
+                                let written = client
+                                    .bulk_write(models)
+                                    .verbose_results()
+                                    .session(&mut *s)
+                                    .await?;
+                                for k in 0..plans.len() {
+                                    let matched = written
+                                        .update_results
+                                        .get(&k)
+                                        .map_or(0, |u| u.matched_count);
+                                    if matched != 1 {
+                                        return Err(mongodb::error::Error::custom(
+                                            "a delivery changed inside its outcome transaction",
+                                        ));
+                                    }
+                                }
+                            }
+                            for (i, before, now) in plans {
+                                let o = &outcomes[i];
+                                applied[i] = true;
+                                // A retry is published through the outbox (never lost); a
+                                // delivery that failed for good is kept as a dead letter.
+                                if let (
+                                    DeliveryStatus::Retrying | DeliveryStatus::Deferred,
+                                    Some(r),
+                                ) = (o.status, o.retry)
+                                {
+                                    let stamp = now;
+                                    outbox
+                                        .insert_one(OutboxDoc {
+                                            id: uuid::Uuid::now_v7().to_string(),
+                                            notification_id: o.notification_id.clone(),
+                                            delivery_id: Some(o.delivery_id.clone()),
+                                            delay_ms: r.delay_ms,
+                                            attempt: r.retry_number,
+                                            lane: r.lane,
+                                            due_at: r.not_before.unwrap_or(stamp),
+                                            lease_until: stamp,
+                                            lease_token: None,
+                                            created_at: stamp,
+                                        })
+                                        .session(&mut *s)
+                                        .await?;
+                                }
+                                if matches!(o.status, DeliveryStatus::Failed | DeliveryStatus::Dead)
+                                {
+                                    Store::write_dead_letter(
+                                        letters,
+                                        s,
+                                        &before,
+                                        o,
+                                        retention.dead_letter_days,
+                                    )
+                                    .await?;
+                                }
+                                let from = match (before.status, &before.claim) {
+                                    (DeliveryStatus::Sending, Some(c)) => c.from,
+                                    (status, _) => status,
+                                };
+                                let to_provider =
+                                    o.provider.as_deref().or(before.provider.as_deref());
+                                if from == o.status && to_provider == before.provider.as_deref() {
+                                    continue;
+                                }
+                                moves.add(&before, from, before.provider.as_deref(), -1, None);
+                                let latency = (o.status == DeliveryStatus::Sent)
+                                    .then(|| stats::latency_of(&before, Some(now)))
+                                    .flatten();
+                                moves.add(&before, o.status, to_provider, 1, latency);
+                                if from == o.status {
+                                    continue;
+                                }
+                                let entry = incs.entry(o.notification_id.clone()).or_default();
+                                if let Some(old) = from.counter() {
+                                    *entry.entry(old).or_default() -= 1;
+                                }
+                                if let Some(new) = o.status.counter() {
+                                    *entry.entry(new).or_default() += 1;
+                                }
+                            }
+                            moves.write(db, s, retention.stats_days).await?;
+                            for (id, counters) in &incs {
+                                let mut inc = Document::new();
+                                for (name, delta) in counters {
+                                    if *delta != 0 {
+                                        inc.insert(format!("counts.{name}"), *delta);
+                                    }
+                                }
+                                if inc.is_empty() {
+                                    continue;
+                                }
+                                notifications
+                                    .update_one(
+                                        doc! {"_id": id},
+                                        doc! {"$inc": inc, "$set": {"updated_at": now()}},
+                                    )
                                     .session(&mut *s)
                                     .await?;
                             }
-                            if matches!(o.status, DeliveryStatus::Failed | DeliveryStatus::Dead) {
-                                Store::write_dead_letter(
-                                    letters,
-                                    s,
-                                    &before,
-                                    o,
-                                    retention.dead_letter_days,
-                                )
-                                .await?;
-                            }
-                            let from = match (before.status, &before.claim) {
-                                (DeliveryStatus::Sending, Some(c)) => c.from,
-                                (status, _) => status,
-                            };
-                            let to_provider = o.provider.as_deref().or(before.provider.as_deref());
-                            if from == o.status && to_provider == before.provider.as_deref() {
-                                continue;
-                            }
-                            moves.add(&before, from, before.provider.as_deref(), -1, None);
-                            let latency = (o.status == DeliveryStatus::Sent)
-                                .then(|| stats::latency_of(&before, Some(now)))
-                                .flatten();
-                            moves.add(&before, o.status, to_provider, 1, latency);
-                            if from == o.status {
-                                continue;
-                            }
-                            let entry = incs.entry(o.notification_id.clone()).or_default();
-                            if let Some(old) = from.counter() {
-                                *entry.entry(old).or_default() -= 1;
-                            }
-                            if let Some(new) = o.status.counter() {
-                                *entry.entry(new).or_default() += 1;
-                            }
+                            Ok((incs.into_keys().collect(), applied))
                         }
-                        moves.write(db, s, retention.stats_days).await?;
-                        for (id, counters) in &incs {
-                            let mut inc = Document::new();
-                            for (name, delta) in counters {
-                                if *delta != 0 {
-                                    inc.insert(format!("counts.{name}"), *delta);
-                                }
-                            }
-                            if inc.is_empty() {
-                                continue;
-                            }
-                            notifications
-                                .update_one(
-                                    doc! {"_id": id},
-                                    doc! {"$inc": inc, "$set": {"updated_at": now()}},
-                                )
-                                .session(&mut *s)
-                                .await?;
-                        }
-                        Ok((incs.into_keys().collect(), applied))
-                    }
-                    .boxed()
-                },
-            )
-            .await
-            .context("committing delivery outcomes")?;
+                        .boxed()
+                    },
+                )
+                .await
+                .context("committing delivery outcomes")?;
         for id in touched {
             self.finalize_notification(&id).await?;
         }
