@@ -568,6 +568,180 @@ pub async fn ingest(settings: Settings, events: usize, clients: usize) -> anyhow
     }))
 }
 
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+/// A herald role as a process of its own, on this run's database and queues.
+fn spawn_role(
+    settings: &Settings,
+    role: &str,
+    env: &[(&str, String)],
+) -> anyhow::Result<tokio::process::Child> {
+    let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
+    cmd.arg(role)
+        .env("HERALD__MONGODB__DATABASE", &settings.mongodb.database)
+        .env("HERALD__AMQP__PREFIX", &settings.amqp.prefix)
+        .env("HERALD__LOG__LEVEL", "warn")
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn()
+        .with_context(|| format!("starting `herald {role}`"))
+}
+
+/// Campaign fan-out: one event to `recipients` users (a segment), email through a real
+/// SMTP server on `smtp_port` (Postfix's smtp-sink in `scripts/bench`), `herald api` and
+/// `herald worker` as separate processes → deliveries/s from accept to the last outcome,
+/// CPU seconds per 1,000 deliveries and peak RSS of each process.
+pub async fn fanout(
+    settings: Settings,
+    recipients: usize,
+    smtp_port: u16,
+) -> anyhow::Result<Value> {
+    let settings = isolated(settings, "fanout");
+    let ctx = Context::build(settings.clone()).await?;
+    ctx.store.migrate().await?;
+    let started = Instant::now();
+    for chunk in (0..recipients).collect::<Vec<_>>().chunks(5_000) {
+        let users: Vec<UserDoc> = chunk
+            .iter()
+            .map(|i| UserDoc {
+                id: format!("user-{i:07}"),
+                email: Some(format!("user{i}@example.com")),
+                first_name: Some("Bench".into()),
+                tags: vec!["fanout".into()],
+                ..Default::default()
+            })
+            .collect();
+        ctx.store.upsert_users(&users).await?;
+    }
+    println!(
+        "{recipients} recipients written in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let (_, key) = ctx
+        .store
+        .create_key("bench", &[crate::domain::Scope::Admin], Some(1e9))
+        .await?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let smtp = [
+        ("HERALD__EMAIL__TRANSPORT", "smtp".to_owned()),
+        ("HERALD__EMAIL__SMTP__HOST", "127.0.0.1".to_owned()),
+        ("HERALD__EMAIL__SMTP__PORT", smtp_port.to_string()),
+    ];
+    let mut api_env = smtp.to_vec();
+    api_env.push(("HERALD__SERVER__BIND", format!("127.0.0.1:{port}")));
+    let mut api = spawn_role(&settings, "api", &api_env)?;
+    let mut worker = spawn_role(&settings, "worker", &smtp)?;
+    let pids = [
+        ("api", api.id().context("api pid")?),
+        ("worker", worker.id().context("worker pid")?),
+    ];
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let mut up = false;
+    for _ in 0..100 {
+        if client
+            .get(format!("{base}/ready"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::ensure!(up, "`herald api` did not become ready");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cpu_before: Vec<f64> = pids
+        .iter()
+        .map(|(_, p)| cpu_seconds(*p).unwrap_or(0.0))
+        .collect();
+    let started = Instant::now();
+    let accepted: Value = client
+        .post(format!("{base}/v1/events"))
+        .bearer_auth(&key)
+        .json(
+            &json!({"event_type": "welcome", "priority": "low", "channels": ["email"],
+            "recipients": {"segment": {"tag": "fanout"}}, "payload": {}}),
+        )
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let id = accepted["notification_id"]
+        .as_str()
+        .context("notification id")?
+        .to_owned();
+    let notification = loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let n: Value = client
+            .get(format!("{base}/v1/notifications/{id}"))
+            .bearer_auth(&key)
+            .send()
+            .await?
+            .json()
+            .await?;
+        if ["completed", "partially_failed", "failed"].contains(&n["status"].as_str().unwrap_or(""))
+        {
+            break n;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(1_800),
+            "the campaign did not finish in 30 min"
+        );
+    };
+    let secs = started.elapsed().as_secs_f64();
+    let mut processes = serde_json::Map::new();
+    let mut cpu_total = 0.0;
+    for ((name, pid), before) in pids.iter().zip(&cpu_before) {
+        let cpu = cpu_seconds(*pid).unwrap_or(0.0) - before;
+        cpu_total += cpu;
+        processes.insert(
+            (*name).to_owned(),
+            json!({"cpu_seconds": (cpu * 10.0).round() / 10.0, "peak_rss_mb": peak_rss_mb(*pid).map(|r| r.round())}),
+        );
+    }
+    for (_, pid) in pids {
+        let _ = std::process::Command::new("kill")
+            .arg(pid.to_string())
+            .status();
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(20), api.wait()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(20), worker.wait()).await;
+    let sent = notification["counts"]["sent"].as_i64().unwrap_or(0);
+    let rate = recipients as f64 / secs;
+    println!(
+        "fan-out: {recipients} emails in {secs:.1} s = {rate:.0} deliveries/s (sent {sent}, status {}); {:.2} CPU s per 1,000; {}",
+        notification["status"],
+        cpu_total / recipients as f64 * 1000.0,
+        Value::Object(processes.clone())
+    );
+    clean_up(&ctx).await;
+    Ok(json!({
+        "bench": "fanout",
+        "recipients": recipients,
+        "seconds": (secs * 10.0).round() / 10.0,
+        "deliveries_per_sec": rate.round(),
+        "sent": sent,
+        "counts": notification["counts"],
+        "cpu_seconds_per_1000": (cpu_total / recipients as f64 * 1000.0 * 100.0).round() / 100.0,
+        "processes": processes,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -92,6 +92,15 @@ pub enum Bench {
         #[arg(long, default_value_t = 32)]
         clients: usize,
     },
+    /// One event to a large segment, email through a real SMTP server, api and worker
+    /// as separate processes.
+    Fanout {
+        #[arg(long, default_value_t = 100_000)]
+        recipients: usize,
+        /// An SMTP server that accepts everything (scripts/bench starts Postfix's smtp-sink).
+        #[arg(long, default_value_t = 2525)]
+        smtp_port: u16,
+    },
     /// The machine's own ceilings: RabbitMQ and MongoDB without herald in the loop.
     Ceilings {
         #[arg(long, default_value_t = 100_000)]

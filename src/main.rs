@@ -24,6 +24,13 @@ async fn main() -> anyhow::Result<()> {
                 bench::scheduler(settings, schedules, window_secs, instances).await?,
             ),
             Bench::Import { users } => ("import", bench::import(settings, users).await?),
+            Bench::Fanout {
+                recipients,
+                smtp_port,
+            } => (
+                "fanout",
+                bench::fanout(settings, recipients, smtp_port).await?,
+            ),
             Bench::Ingest { events, clients } => {
                 ("ingest", bench::ingest(settings, events, clients).await?)
             }
