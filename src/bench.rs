@@ -479,34 +479,17 @@ pub async fn ingest(settings: Settings, events: usize, clients: usize) -> anyhow
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let mut api = tokio::process::Command::new(std::env::current_exe()?)
-        .arg("api")
-        .env("HERALD__MONGODB__DATABASE", &settings.mongodb.database)
-        .env("HERALD__AMQP__PREFIX", &settings.amqp.prefix)
-        .env("HERALD__SERVER__BIND", format!("127.0.0.1:{port}"))
-        .env("HERALD__LOG__LEVEL", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting `herald api`")?;
+    let api = spawn_role(
+        &settings,
+        "api",
+        &[("HERALD__SERVER__BIND", format!("127.0.0.1:{port}"))],
+    )?;
     let pid = api.id().context("api pid")?;
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(clients)
         .build()?;
-    let mut up = false;
-    for _ in 0..100 {
-        if client
-            .get(format!("{base}/ready"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    anyhow::ensure!(up, "`herald api` did not become ready");
+    wait_ready(&client, &base).await?;
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
@@ -542,10 +525,7 @@ pub async fn ingest(settings: Settings, events: usize, clients: usize) -> anyhow
     }
     let secs = started.elapsed().as_secs_f64();
     let rss = peak_rss_mb(pid);
-    let _ = std::process::Command::new("kill")
-        .arg(pid.to_string())
-        .status();
-    let _ = tokio::time::timeout(Duration::from_secs(20), api.wait()).await;
+    stop_role(api).await;
     took.sort_unstable();
     let ms = |us: i64| (us as f64 / 100.0).round() / 10.0;
     let rate = (events - refused) as f64 / secs;
@@ -597,6 +577,32 @@ fn spawn_role(
         .with_context(|| format!("starting `herald {role}`"))
 }
 
+/// Waits until the API at `base` says MongoDB and RabbitMQ answer (10 s at most).
+async fn wait_ready(client: &reqwest::Client, base: &str) -> anyhow::Result<()> {
+    for _ in 0..100 {
+        if client
+            .get(format!("{base}/ready"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("`herald api` did not become ready")
+}
+
+/// SIGTERM, then up to 20 s for the role to drain and exit.
+async fn stop_role(mut child: tokio::process::Child) {
+    if let Some(pid) = child.id() {
+        let _ = std::process::Command::new("kill")
+            .arg(pid.to_string())
+            .status();
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(20), child.wait()).await;
+}
+
 /// Campaign fan-out: one event to `recipients` users (a segment), email through a real
 /// SMTP server on `smtp_port` (Postfix's smtp-sink in `scripts/bench`), `herald api` and
 /// `herald worker` as separate processes → deliveries/s from accept to the last outcome,
@@ -641,28 +647,15 @@ pub async fn fanout(
     ];
     let mut api_env = smtp.to_vec();
     api_env.push(("HERALD__SERVER__BIND", format!("127.0.0.1:{port}")));
-    let mut api = spawn_role(&settings, "api", &api_env)?;
-    let mut worker = spawn_role(&settings, "worker", &smtp)?;
+    let api = spawn_role(&settings, "api", &api_env)?;
+    let worker = spawn_role(&settings, "worker", &smtp)?;
     let pids = [
         ("api", api.id().context("api pid")?),
         ("worker", worker.id().context("worker pid")?),
     ];
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
-    let mut up = false;
-    for _ in 0..100 {
-        if client
-            .get(format!("{base}/ready"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    anyhow::ensure!(up, "`herald api` did not become ready");
+    wait_ready(&client, &base).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let cpu_before: Vec<f64> = pids
         .iter()
@@ -714,13 +707,8 @@ pub async fn fanout(
             json!({"cpu_seconds": (cpu * 10.0).round() / 10.0, "peak_rss_mb": peak_rss_mb(*pid).map(|r| r.round())}),
         );
     }
-    for (_, pid) in pids {
-        let _ = std::process::Command::new("kill")
-            .arg(pid.to_string())
-            .status();
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(20), api.wait()).await;
-    let _ = tokio::time::timeout(Duration::from_secs(20), worker.wait()).await;
+    stop_role(api).await;
+    stop_role(worker).await;
     let sent = notification["counts"]["sent"].as_i64().unwrap_or(0);
     let rate = recipients as f64 / secs;
     println!(
