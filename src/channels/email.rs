@@ -4,13 +4,15 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use async_trait::async_trait;
-use lettre::message::{header::ContentType, Mailbox, MultiPart, SinglePart};
+use lettre::message::header::{ContentType, Header, HeaderName, HeaderValue};
+use lettre::message::{Mailbox, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Tls, TlsParameters};
 use lettre::transport::smtp::PoolConfig;
 use lettre::{AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use mongodb::bson::doc;
 
+use super::smtp_pool::SmtpPool;
 use super::{DeliveryError, Destination, OutboundMessage, Provider, Receipt};
 use crate::config::{EmailSettings, EmailTransportKind, SmtpSecurity};
 use crate::templates::Rendered;
@@ -30,28 +32,57 @@ pub fn build(settings: &EmailSettings) -> anyhow::Result<Box<dyn Provider>> {
         }
         EmailTransportKind::Smtp => {
             let s = &settings.smtp;
-            let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&s.host)
-                .port(s.port)
-                .timeout(Some(Duration::from_secs(s.timeout_secs)))
-                .pool_config(PoolConfig::new().max_size(s.pool_max_size));
-            let tls = || TlsParameters::new(s.host.clone()).context("email.smtp.host: TLS setup");
-            builder = match s.security {
-                SmtpSecurity::None => builder.tls(Tls::None),
-                SmtpSecurity::Starttls => builder.tls(Tls::Required(tls()?)),
-                SmtpSecurity::Tls => builder.tls(Tls::Wrapper(tls()?)),
+            let credentials = (!s.username.is_empty())
+                .then(|| Credentials::new(s.username.clone(), s.password.expose().to_owned()));
+            let timeout = Duration::from_secs(s.timeout_secs);
+            let transport = match s.security {
+                SmtpSecurity::None | SmtpSecurity::Starttls => Smtp::Pool(SmtpPool::new(
+                    &s.host,
+                    s.port,
+                    s.security == SmtpSecurity::Starttls,
+                    credentials,
+                    timeout,
+                    s.pool_max_size as usize,
+                )),
+                // Implicit TLS (port 465) stays on lettre's own transport: its TLS
+                // stream is set up inside lettre, where our socket options cannot reach.
+                SmtpSecurity::Tls => {
+                    let tls =
+                        TlsParameters::new(s.host.clone()).context("email.smtp.host: TLS setup")?;
+                    let mut builder =
+                        AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&s.host)
+                            .port(s.port)
+                            .timeout(Some(timeout))
+                            .pool_config(PoolConfig::new().max_size(s.pool_max_size))
+                            .tls(Tls::Wrapper(tls));
+                    if let Some(c) = credentials {
+                        builder = builder.credentials(c);
+                    }
+                    Smtp::Lettre(builder.build())
+                }
             };
-            if !s.username.is_empty() {
-                builder = builder.credentials(Credentials::new(
-                    s.username.clone(),
-                    s.password.expose().to_owned(),
-                ));
-            }
-            Box::new(SmtpEmail {
-                from,
-                transport: builder.build(),
-            })
+            Box::new(SmtpEmail { from, transport })
         }
     })
+}
+
+/// `X-Herald-Delivery-Id`: which delivery a message is, so a recipient's mail server
+/// (or an audit of a sink) can tell a duplicate from a second notification.
+#[derive(Clone)]
+struct DeliveryId(String);
+
+impl Header for DeliveryId {
+    fn name() -> HeaderName {
+        HeaderName::new_from_ascii_str("X-Herald-Delivery-Id")
+    }
+
+    fn parse(s: &str) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(Self(s.to_owned()))
+    }
+
+    fn display(&self) -> HeaderValue {
+        HeaderValue::new(Self::name(), self.0.clone())
+    }
 }
 
 /// Builds the MIME message: multipart/alternative when there are both text and HTML.
@@ -83,7 +114,8 @@ fn compose(
     let builder = Message::builder()
         .from(from.clone())
         .to(to)
-        .subject(subject.as_str());
+        .subject(subject.as_str())
+        .header(DeliveryId(message.delivery_id.clone()));
     let built = match (text, html) {
         (Some(t), Some(h)) => {
             builder.multipart(MultiPart::alternative_plain_html(t.clone(), h.clone()))
@@ -102,7 +134,12 @@ fn compose(
 /// Pooled SMTP.
 pub struct SmtpEmail {
     from: Mailbox,
-    transport: AsyncSmtpTransport<Tokio1Executor>,
+    transport: Smtp,
+}
+
+enum Smtp {
+    Pool(SmtpPool),
+    Lettre(AsyncSmtpTransport<Tokio1Executor>),
 }
 
 #[async_trait]
@@ -113,7 +150,18 @@ impl Provider for SmtpEmail {
 
     async fn send(&self, message: &OutboundMessage) -> Result<Receipt, DeliveryError> {
         let email = compose(&self.from, message, self.name())?;
-        match self.transport.send(email).await {
+        // 5xx replies will fail again; everything else (4xx, timeouts, I/O) may not.
+        let sent = match &self.transport {
+            Smtp::Pool(pool) => pool
+                .send(email.envelope(), &email.formatted())
+                .await
+                .map_err(|e| (e.is_permanent(), e.to_string())),
+            Smtp::Lettre(t) => t
+                .send(email)
+                .await
+                .map_err(|e| (e.is_permanent(), e.to_string())),
+        };
+        match sent {
             Ok(response) => Ok(Receipt {
                 provider: self.name().to_owned(),
                 invalid_tokens: Vec::new(),
@@ -122,9 +170,8 @@ impl Provider for SmtpEmail {
                     "smtp_message": response.message().collect::<Vec<_>>().join(" "),
                 },
             }),
-            // 5xx replies will fail again; everything else (4xx, timeouts, I/O) may not.
-            Err(e) if e.is_permanent() => Err(DeliveryError::permanent(self.name(), e.to_string())),
-            Err(e) => Err(DeliveryError::transient(self.name(), e.to_string())),
+            Err((true, e)) => Err(DeliveryError::permanent(self.name(), e)),
+            Err((false, e)) => Err(DeliveryError::transient(self.name(), e)),
         }
     }
 }

@@ -5,6 +5,7 @@ pub mod email;
 pub mod fcm;
 pub mod http;
 pub mod record;
+pub mod smtp_pool;
 pub mod twilio;
 pub mod webhook;
 

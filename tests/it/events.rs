@@ -58,6 +58,21 @@ async fn an_event_to_two_users_sends_exactly_two_rendered_emails() {
         assert_eq!(d["provider"], "smtp");
         assert_eq!(d["attempts"], 1);
     }
+    // Each message names its delivery, so a duplicate can be told from a second event.
+    let mut stamped: Vec<String> = mails
+        .iter()
+        .map(|m| {
+            m.header("X-Herald-Delivery-Id")
+                .expect("delivery id header")
+        })
+        .collect();
+    let mut ids: Vec<String> = deliveries
+        .iter()
+        .map(|d| d["delivery_id"].as_str().expect("id").to_owned())
+        .collect();
+    stamped.sort();
+    ids.sort();
+    assert_eq!(stamped, ids);
     let (_, detail) = app
         .get(&format!(
             "/v1/deliveries/{}",

@@ -60,6 +60,9 @@ impl Mail {
     pub fn html(&self) -> String {
         self.parsed(|m| m.body_html(0).unwrap_or_default().into_owned())
     }
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.parsed(|m| m.header_raw(name).map(|v| v.trim().to_owned()))
+    }
     fn parsed<T>(&self, f: impl FnOnce(&mail_parser::Message<'_>) -> T) -> T {
         let m = mail_parser::MessageParser::default()
             .parse(self.data.as_bytes())
