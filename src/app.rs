@@ -5,17 +5,21 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tokio::sync::Notify;
 
+use crate::batch::Batcher;
 use crate::channels::Channels;
 use crate::config::Settings;
 use crate::domain::event::EventLimits;
 use crate::metrics::Metrics;
 use crate::queue::Broker;
-use crate::store::Store;
 use crate::store::TemplatesVersion;
+use crate::store::{Accepted, NotificationDoc, OutboxDoc, Store};
 use crate::templates::{part_name, Origin, PartSource, Templates};
 use crate::worker::enrich::Enricher;
 
 /// Clients and shared state, built once at start and cloned cheaply (everything is behind `Arc`).
+/// At most this many accepted events share one transaction.
+const INTAKE_BATCH_MAX: usize = 256;
+
 #[derive(Clone)]
 pub struct Context {
     pub settings: Arc<Settings>,
@@ -29,6 +33,8 @@ pub struct Context {
     pub outbox_wake: Arc<Notify>,
     /// Wakes this process's scheduler when a schedule changes here.
     pub schedule_wake: Arc<Notify>,
+    /// Accepted events, group-committed: concurrent requests share one transaction.
+    pub intake: Batcher<(NotificationDoc, OutboxDoc), Accepted>,
     /// Names this process in delivery claims (host:pid:random).
     pub instance: String,
     /// The stored templates this process has applied.
@@ -55,6 +61,11 @@ impl Context {
             std::process::id(),
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
+        let intake_store = store.clone();
+        let (intake, _) = Batcher::start("intake", INTAKE_BATCH_MAX, move |batch| {
+            let store = intake_store.clone();
+            async move { store.accept_many(batch).await }
+        });
         Ok(Self {
             settings: Arc::new(settings),
             store,
@@ -66,6 +77,7 @@ impl Context {
             outbox_wake: Arc::new(Notify::new()),
             schedule_wake: Arc::new(Notify::new()),
             instance,
+            intake,
             templates_seen: Arc::default(),
         })
     }

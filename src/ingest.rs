@@ -122,7 +122,7 @@ pub async fn accept(ctx: &Context, event: NewEvent, source: &str) -> Result<Acce
         },
         due_at,
     );
-    let accepted = ctx.store.accept(notification, outbox).await?;
+    let accepted = ctx.intake.call((notification, outbox)).await?;
     if matches!(accepted, Accepted::New(_)) {
         ctx.metrics.accepted(source);
         ctx.outbox_wake.notify_one();

@@ -23,6 +23,7 @@
 
 pub mod api;
 pub mod app;
+pub mod batch;
 pub mod bench;
 pub mod channels;
 pub mod cli;

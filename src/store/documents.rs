@@ -147,6 +147,15 @@ pub struct ClaimDoc {
     pub worker: String,
 }
 
+/// A worker's request to claim a delivery that is still in status `from`.
+#[derive(Debug, Clone)]
+pub struct DeliveryClaim {
+    pub delivery_id: String,
+    pub from: DeliveryStatus,
+    pub attempt_id: String,
+    pub worker: String,
+}
+
 /// One provider call (or the decision not to make one).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AttemptDoc {

@@ -306,19 +306,61 @@ impl Store {
         Ok(self.notifications().find_one(doc! {"_id": id}).await?)
     }
 
-    /// Writes the notification and its outbox entry in one transaction; a repeated
-    /// event id returns the original instead.
+    /// Accepts many notifications in one transaction (concurrent requests' group commit).
+    /// If any event id is taken, the batch falls back to one transaction per notification
+    /// so that each one learns its own answer.
+    pub async fn accept_many(
+        &self,
+        batch: Vec<(NotificationDoc, OutboxDoc)>,
+    ) -> anyhow::Result<Vec<Accepted>> {
+        if batch.len() > 1 {
+            let (ns, os): (Vec<_>, Vec<_>) = batch.iter().map(|(n, o)| (n, o)).unzip();
+            let mut session = self.client.start_session().await?;
+            let result = session
+                .start_transaction()
+                .and_run(
+                    (self.notifications(), self.outbox(), &ns, &os),
+                    |s, (notifications, outbox_coll, ns, os)| {
+                        async move {
+                            notifications
+                                .insert_many(ns.iter().copied())
+                                .session(&mut *s)
+                                .await?;
+                            outbox_coll
+                                .insert_many(os.iter().copied())
+                                .session(&mut *s)
+                                .await?;
+                            Ok(())
+                        }
+                        .boxed()
+                    },
+                )
+                .await;
+            match result {
+                Ok(()) => {
+                    return Ok(batch
+                        .into_iter()
+                        .map(|(n, _)| Accepted::New(Box::new(n)))
+                        .collect())
+                }
+                Err(e) if is_duplicate_key(&e) => {}
+                Err(e) => return Err(anyhow::Error::new(e).context("accepting notifications")),
+            }
+        }
+        let mut answers = Vec::with_capacity(batch.len());
+        for (n, o) in batch {
+            answers.push(self.accept(n, o).await?);
+        }
+        Ok(answers)
+    }
+
+    /// Accepts one notification (its outbox entry in the same transaction); an event id
+    /// already taken answers with the original.
     pub async fn accept(
         &self,
         notification: NotificationDoc,
         outbox: OutboxDoc,
     ) -> anyhow::Result<Accepted> {
-        if let Some(existing) = self
-            .find_notification_by_event_id(&notification.event_id)
-            .await?
-        {
-            return Ok(Accepted::Duplicate(Box::new(existing)));
-        }
         let mut session = self.client.start_session().await?;
         let result = session
             .start_transaction()
@@ -863,21 +905,72 @@ impl Store {
         attempt_id: &str,
         worker: &str,
     ) -> anyhow::Result<bool> {
-        let claim = ClaimDoc {
-            attempt_id: attempt_id.to_owned(),
+        let claim = DeliveryClaim {
+            delivery_id: id.to_owned(),
             from,
-            claimed_at: now(),
+            attempt_id: attempt_id.to_owned(),
             worker: worker.to_owned(),
         };
-        let r = self
-            .deliveries()
-            .update_one(
-                doc! {"_id": id, "status": from.as_str()},
-                doc! {"$set": {"status": "sending", "claim": bson::to_bson(&claim)?,
-                "updated_at": now()}},
-            )
+        Ok(self.claim_deliveries(&[claim]).await?[0])
+    }
+
+    /// Claims many deliveries in one round trip (one conditional update each, unordered);
+    /// returns, per claim, whether this worker got the delivery.
+    pub async fn claim_deliveries(&self, claims: &[DeliveryClaim]) -> anyhow::Result<Vec<bool>> {
+        if claims.is_empty() {
+            return Ok(Vec::new());
+        }
+        let deliveries = self.deliveries();
+        let at = now();
+        let models = claims
+            .iter()
+            .map(|c| {
+                let claim = ClaimDoc {
+                    attempt_id: c.attempt_id.clone(),
+                    from: c.from,
+                    claimed_at: at,
+                    worker: c.worker.clone(),
+                };
+                Ok(WriteModel::UpdateOne(
+                    UpdateOneModel::builder()
+                        .namespace(deliveries.namespace())
+                        .filter(doc! {"_id": &c.delivery_id, "status": c.from.as_str()})
+                        .update(doc! {"$set": {"status": "sending",
+                        "claim": bson::to_bson(&claim)?, "updated_at": at}})
+                        .build(),
+                ))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let written = self
+            .client
+            .bulk_write(models)
+            .ordered(false)
+            .verbose_results()
             .await?;
-        Ok(r.modified_count == 1)
+        Ok((0..claims.len())
+            .map(|k| {
+                written
+                    .update_results
+                    .get(&k)
+                    .is_some_and(|u| u.modified_count == 1)
+            })
+            .collect())
+    }
+
+    /// Deliveries by id, in one round trip.
+    pub async fn get_deliveries(
+        &self,
+        ids: &[String],
+    ) -> anyhow::Result<HashMap<String, DeliveryDoc>> {
+        Ok(self
+            .deliveries()
+            .find(doc! {"_id": {"$in": ids}})
+            .await?
+            .try_collect::<Vec<_>>()
+            .await?
+            .into_iter()
+            .map(|d| (d.id.clone(), d))
+            .collect())
     }
 
     /// Writes a batch of outcomes — each delivery's status and attempt, and every

@@ -8,14 +8,14 @@ use mongodb::bson::{self, DateTime, Document};
 use serde_json::{json, Value};
 use tracing::instrument;
 
-use super::committer::Committer;
 use super::enrich::EnrichError;
+use super::Shared;
 use crate::app::Context;
 use crate::channels::{DeliveryError, Destination, OutboundMessage, Provider};
 use crate::domain::preferences::{Preferences, Verdict};
 use crate::domain::{Channel, DeliveryStatus, Priority};
 use crate::store::{
-    AttemptDoc, DeliveryDoc, NotificationDoc, Outcome, Precondition, Retry, UserDoc,
+    AttemptDoc, DeliveryClaim, DeliveryDoc, NotificationDoc, Outcome, Precondition, Retry, UserDoc,
 };
 
 /// What a delivery shares with every other delivery of its notification, loaded once.
@@ -162,12 +162,12 @@ fn millis_since(t: DateTime) -> i64 {
 #[instrument(skip_all, fields(delivery_id = %delivery_id, notification_id = tracing::field::Empty))]
 pub async fn deliver(
     ctx: &Context,
-    cache: &NotificationCache,
-    committer: &Committer,
+    shared: &Shared,
     delivery_id: &str,
     redelivered: bool,
 ) -> anyhow::Result<()> {
-    let Some(d) = ctx.store.get_delivery(delivery_id).await? else {
+    let committer = &shared.commits;
+    let Some(d) = shared.deliveries.call(delivery_id.to_owned()).await? else {
         tracing::warn!("job for an unknown delivery; dropping it");
         return Ok(());
     };
@@ -192,12 +192,15 @@ pub async fn deliver(
         retry: None,
     };
 
-    let enriched = match cache.get(ctx, &d.notification_id).await {
-        Ok(n) => ctx
-            .enricher
-            .user(&ctx.store, &d.user_id)
-            .await
-            .map(|user| (n, user)),
+    let enriched = match shared.notifications.get(ctx, &d.notification_id).await {
+        Ok(n) => match shared.users.call(d.user_id.clone()).await {
+            Ok(local) => ctx
+                .enricher
+                .user(local, &d.user_id)
+                .await
+                .map(|user| (n, user)),
+            Err(e) => Err(EnrichError::Store(e)),
+        },
         Err(e) => Err(e),
     };
     let (n, user) = match enriched {
@@ -208,7 +211,7 @@ pub async fn deliver(
             tracing::warn!(reason = %why, "enrichment unavailable; retrying later");
             let mut later = outcome(DeliveryStatus::Retrying, "enrichment_unavailable", None);
             later.retry = Some(backoff(ctx, d.attempt_count + 1, d.priority, None));
-            committer.commit(later).await?;
+            committer.call(later).await?;
             ctx.outbox_wake.notify_one();
             return Ok(());
         }
@@ -219,19 +222,19 @@ pub async fn deliver(
     };
     let Some(user) = user else {
         return committer
-            .commit(outcome(DeliveryStatus::Skipped, "unknown_user", None))
+            .call(outcome(DeliveryStatus::Skipped, "unknown_user", None))
             .await;
     };
     let Some(dest) = destination(ctx, &d.event_type, d.channel, &user) else {
         return committer
-            .commit(outcome(DeliveryStatus::Skipped, "no_address", None))
+            .call(outcome(DeliveryStatus::Skipped, "no_address", None))
             .await;
     };
     match policy_verdict(ctx, &d, &user) {
         Verdict::Send => {}
         Verdict::Skip(reason) => {
             return committer
-                .commit(outcome(DeliveryStatus::Skipped, reason, None))
+                .call(outcome(DeliveryStatus::Skipped, reason, None))
                 .await;
         }
         Verdict::DeferUntil(until) => {
@@ -242,7 +245,7 @@ pub async fn deliver(
                 lane: d.priority,
                 not_before: Some(crate::store::bson_time(until)),
             });
-            committer.commit(deferred).await?;
+            committer.call(deferred).await?;
             ctx.outbox_wake.notify_one();
             return Ok(());
         }
@@ -274,17 +277,19 @@ pub async fn deliver(
                 response: None,
             };
             return committer
-                .commit(outcome(DeliveryStatus::Failed, e.reason(), Some(attempt)))
+                .call(outcome(DeliveryStatus::Failed, e.reason(), Some(attempt)))
                 .await;
         }
     };
 
     let attempt_id = uuid::Uuid::new_v4().to_string();
-    if !ctx
-        .store
-        .claim_delivery(&d.id, from, &attempt_id, &ctx.instance)
-        .await?
-    {
+    let claim = DeliveryClaim {
+        delivery_id: d.id.clone(),
+        from,
+        attempt_id: attempt_id.clone(),
+        worker: ctx.instance.clone(),
+    };
+    if !shared.claims.call(claim).await? {
         tracing::debug!("another worker holds this delivery");
         return Ok(());
     }
@@ -356,7 +361,7 @@ pub async fn deliver(
         }
     };
     committer
-        .commit(Outcome {
+        .call(Outcome {
             delivery_id: d.id.clone(),
             notification_id: d.notification_id.clone(),
             channel: d.channel,
@@ -426,7 +431,7 @@ fn backoff(ctx: &Context, n: i32, lane: Priority, at_least: Option<std::time::Du
 /// live worker holds it, and this copy of the job is dropped.
 async fn resolve_sending(
     ctx: &Context,
-    committer: &Committer,
+    committer: &super::committer::Committer,
     d: &DeliveryDoc,
     redelivered: bool,
 ) -> anyhow::Result<()> {
@@ -441,7 +446,7 @@ async fn resolve_sending(
     tracing::warn!(worker = %claim.worker, "delivery left `sending` by a stopped worker; recording outcome_unknown");
     let now = DateTime::now();
     committer
-        .commit(Outcome {
+        .call(Outcome {
             delivery_id: d.id.clone(),
             notification_id: d.notification_id.clone(),
             channel: d.channel,

@@ -96,10 +96,14 @@ impl Enricher {
         Ok(value)
     }
 
-    /// The recipient: the users collection first, then the profile service.
-    pub async fn user(&self, store: &Store, id: &str) -> Result<Option<UserDoc>, EnrichError> {
-        if let Some(u) = store.get_user(id).await? {
-            return Ok(Some(u));
+    /// The recipient: `local` (from the users collection) if found, else the profile service.
+    pub async fn user(
+        &self,
+        local: Option<UserDoc>,
+        id: &str,
+    ) -> Result<Option<UserDoc>, EnrichError> {
+        if local.is_some() {
+            return Ok(local);
         }
         let Some(template) = &self.user_url else {
             return Ok(None);

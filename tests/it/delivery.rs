@@ -353,3 +353,29 @@ async fn the_embedded_defaults_write_each_email_as_an_eml_file() {
         .any(|d| d["channel"] == "email" && d["provider"] == "file"));
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_recipient_on_several_channels_gets_each_even_when_their_lookups_share_a_batch() {
+    let app = spawn_app().await;
+    let users: Vec<String> = (0..12).map(|i| format!("multi-{i}")).collect();
+    for (i, u) in users.iter().enumerate() {
+        app.put_user(
+            u,
+            json!({"email": format!("{u}@example.com"), "phone": format!("+49151000000{i:02}"), "first_name": "M"}),
+        )
+        .await;
+    }
+    let (status, body) = app
+        .post_event(&json!({
+            "event_type": "greeting", "channels": ["email", "sms"],
+            "recipients": {"user_ids": users}, "payload": {"note": "hi"}
+        }))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let n = app
+        .wait_finished(body["notification_id"].as_str().expect("id"), 30)
+        .await;
+    assert_eq!(n["counts"]["sent"], 24, "{n}");
+    assert_eq!(n["counts"]["skipped"], 0, "{n}");
+    assert_eq!(app.smtp.wait_for(12, 10).await.len(), 12);
+}
