@@ -92,14 +92,34 @@ pub enum Bench {
         #[arg(long, default_value_t = 32)]
         clients: usize,
     },
-    /// One event to a large segment, email through a real SMTP server, api and worker
-    /// as separate processes.
+    /// One event to a large segment, api and worker as separate processes: email through
+    /// a real SMTP server, SMS and push through a server answering like Twilio and FCM.
     Fanout {
         #[arg(long, default_value_t = 100_000)]
-        recipients: usize,
+        deliveries: usize,
+        /// Email + SMS + push (a third as many recipients) instead of email only.
+        #[arg(long)]
+        mixed: bool,
+        /// High-priority events per second posted while the campaign drains (and on the
+        /// idle system before it); their accept → sent latency is reported. 0: none.
+        #[arg(long, default_value_t = 0.0)]
+        probe_per_sec: f64,
         /// An SMTP server that accepts everything (scripts/bench starts Postfix's smtp-sink).
         #[arg(long, default_value_t = 2525)]
         smtp_port: u16,
+    },
+    /// Every scenario in one run: ceilings, ingest, fan-out, mixed channels, priority
+    /// under backlog and the scheduler; prints a table, saves one JSON file and writes
+    /// the README's performance table.
+    All {
+        /// Small sizes: under 2 minutes.
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value_t = 2525)]
+        smtp_port: u16,
+        /// Where the performance table goes (between its markers).
+        #[arg(long, default_value = "README.md")]
+        readme: std::path::PathBuf,
     },
     /// The machine's own ceilings: RabbitMQ and MongoDB without herald in the loop.
     Ceilings {

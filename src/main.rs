@@ -25,11 +25,26 @@ async fn main() -> anyhow::Result<()> {
             ),
             Bench::Import { users } => ("import", bench::import(settings, users).await?),
             Bench::Fanout {
-                recipients,
+                deliveries,
+                mixed,
+                probe_per_sec,
                 smtp_port,
+            } => {
+                let c = bench::Campaign {
+                    deliveries,
+                    mixed,
+                    probe_per_sec,
+                    smtp_port,
+                };
+                ("campaign", bench::campaign(settings, c).await?)
+            }
+            Bench::All {
+                quick,
+                smtp_port,
+                ref readme,
             } => (
-                "fanout",
-                bench::fanout(settings, recipients, smtp_port).await?,
+                "all",
+                bench::suite::all(settings, quick, smtp_port, readme).await?,
             ),
             Bench::Ingest { events, clients } => {
                 ("ingest", bench::ingest(settings, events, clients).await?)

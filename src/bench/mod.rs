@@ -1,5 +1,8 @@
 //! `herald bench`: reproducible measurements against the real local servers, printed and saved as JSON.
 
+pub mod sink;
+pub mod suite;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -52,10 +55,12 @@ async fn clean_up(ctx: &Context) {
 pub fn save(name: &str, result: &Value) -> anyhow::Result<PathBuf> {
     let dir = PathBuf::from("var/bench");
     std::fs::create_dir_all(&dir)?;
-    let path = dir.join(format!(
-        "{}-{name}.json",
-        Utc::now().format("%Y%m%dT%H%M%SZ")
-    ));
+    // The whole suite's file is named by its time alone: var/bench/<timestamp>.json.
+    let stamp = Utc::now().format("%Y%m%dT%H%M%SZ");
+    let path = match name {
+        "all" => dir.join(format!("{stamp}.json")),
+        _ => dir.join(format!("{stamp}-{name}.json")),
+    };
     std::fs::write(&path, serde_json::to_vec_pretty(result)?)?;
     Ok(path)
 }
@@ -603,131 +608,348 @@ async fn stop_role(mut child: tokio::process::Child) {
     let _ = tokio::time::timeout(Duration::from_secs(20), child.wait()).await;
 }
 
-/// Campaign fan-out: one event to `recipients` users (a segment), email through a real
-/// SMTP server on `smtp_port` (Postfix's smtp-sink in `scripts/bench`), `herald api` and
-/// `herald worker` as separate processes → deliveries/s from accept to the last outcome,
-/// CPU seconds per 1,000 deliveries and peak RSS of each process.
-pub async fn fanout(
-    settings: Settings,
-    recipients: usize,
-    smtp_port: u16,
-) -> anyhow::Result<Value> {
-    let settings = isolated(settings, "fanout");
+/// A campaign scenario: what it sends and whether high-lane probes run beside it.
+#[derive(Debug, Clone, Copy)]
+pub struct Campaign {
+    /// Deliveries in the campaign (for mixed channels, a third of this many users).
+    pub deliveries: usize,
+    /// Email + SMS + push instead of email only.
+    pub mixed: bool,
+    /// High-priority single-recipient events per second posted while the campaign
+    /// drains, and before it on an idle system; 0: none.
+    pub probe_per_sec: f64,
+    /// An SMTP server that accepts everything (Postfix's smtp-sink in `scripts/bench`).
+    pub smtp_port: u16,
+}
+
+/// herald's api and worker as processes of their own, configured for a scenario.
+struct Roles {
+    api: tokio::process::Child,
+    worker: tokio::process::Child,
+    base: String,
+    client: reqwest::Client,
+    key: String,
+}
+
+impl Roles {
+    /// Email through smtp-sink, SMS and push through the provider sink at `sink`.
+    async fn start(
+        ctx: &Context,
+        settings: &Settings,
+        smtp_port: u16,
+        sink: &str,
+    ) -> anyhow::Result<Self> {
+        let (_, key) = ctx
+            .store
+            .create_key("bench", &[crate::domain::Scope::Admin], Some(1e9))
+            .await?;
+        let dir = PathBuf::from("var/bench/config").join(&settings.amqp.prefix);
+        std::fs::create_dir_all(&dir)?;
+        let service_account =
+            std::env::current_dir()?.join("tests/fixtures/fcm/service-account.json");
+        std::fs::write(
+            dir.join("bench.toml"),
+            format!(
+                r#"[email]
+transport = "smtp"
+[email.smtp]
+host = "127.0.0.1"
+port = {smtp_port}
+[[sms.providers]]
+name = "twilio"
+kind = "twilio"
+base_url = "{sink}"
+account_sid = "ACbench"
+auth_token = "bench"
+from = "+15550000000"
+[[push.providers]]
+name = "fcm"
+kind = "fcm"
+service_account_file = "{}"
+base_url = "{sink}"
+token_uri = "{sink}/token"
+"#,
+                service_account.display()
+            ),
+        )?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let config = [
+            ("HERALD_CONFIG_DIR", dir.display().to_string()),
+            ("HERALD_ENV", "bench".to_owned()),
+        ];
+        let mut api_env = config.to_vec();
+        api_env.push(("HERALD__SERVER__BIND", format!("127.0.0.1:{port}")));
+        let api = spawn_role(settings, "api", &api_env)?;
+        let worker = spawn_role(settings, "worker", &config)?;
+        let base = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::new();
+        wait_ready(&client, &base).await?;
+        Ok(Self {
+            api,
+            worker,
+            base,
+            client,
+            key,
+        })
+    }
+
+    fn pids(&self) -> anyhow::Result<[(&'static str, u32); 2]> {
+        Ok([
+            ("api", self.api.id().context("api pid")?),
+            ("worker", self.worker.id().context("worker pid")?),
+        ])
+    }
+
+    /// Posts an event; returns its notification id.
+    async fn post(&self, event: &Value) -> anyhow::Result<String> {
+        let accepted: Value = self
+            .client
+            .post(format!("{}/v1/events", self.base))
+            .bearer_auth(&self.key)
+            .json(event)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        Ok(accepted["notification_id"]
+            .as_str()
+            .context("notification id")?
+            .to_owned())
+    }
+
+    async fn stop(self) {
+        stop_role(self.api).await;
+        stop_role(self.worker).await;
+    }
+}
+
+/// Waits until a notification has its final status (30 min at most) and returns it.
+async fn finished(ctx: &Context, id: &str) -> anyhow::Result<crate::store::NotificationDoc> {
+    let started = Instant::now();
+    loop {
+        let n = ctx
+            .store
+            .get_notification(id)
+            .await?
+            .context("notification")?;
+        use crate::domain::NotificationStatus as S;
+        if matches!(n.status, S::Completed | S::PartiallyFailed | S::Failed) {
+            return Ok(n);
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(1_800),
+            "notification {id} did not finish in 30 min"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Posts high-priority single-recipient emails at `per_sec` until `stop` is cancelled
+/// (or `count` are posted); returns their notification ids.
+async fn probe(
+    roles: &Roles,
+    per_sec: f64,
+    count: usize,
+    stop: CancellationToken,
+) -> anyhow::Result<Vec<String>> {
+    let mut ids = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / per_sec));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while ids.len() < count && !stop.is_cancelled() {
+        tick.tick().await;
+        ids.push(
+            roles
+                .post(
+                    &json!({"event_type": "welcome", "priority": "high", "channels": ["email"],
+                    "recipients": {"user_ids": ["probe-user"]}, "payload": {}}),
+                )
+                .await?,
+        );
+    }
+    Ok(ids)
+}
+
+/// Accept → sent latency (ms) of each probe, once all of them are final.
+async fn probe_latencies(ctx: &Context, ids: &[String]) -> anyhow::Result<Vec<i64>> {
+    let mut took = Vec::with_capacity(ids.len());
+    for id in ids {
+        finished(ctx, id).await?;
+        let filter = crate::store::DeliveryFilter {
+            notification_id: Some(id.clone()),
+            ..Default::default()
+        };
+        for d in ctx.store.find_deliveries(&filter, None, 10).await?.items {
+            if let (Some(sent), Some(accepted)) = (d.sent_at, d.accepted_at) {
+                took.push(sent.timestamp_millis() - accepted.timestamp_millis());
+            }
+        }
+    }
+    took.sort_unstable();
+    Ok(took)
+}
+
+fn latency_summary(sorted: &[i64]) -> Value {
+    json!({"count": sorted.len(), "p50_ms": percentile(sorted, 50.0),
+        "p99_ms": percentile(sorted, 99.0), "max_ms": sorted.last().copied().unwrap_or(0)})
+}
+
+/// Campaign fan-out: one event to a segment (`herald api` and `herald worker` as
+/// separate processes; email through smtp-sink, SMS and push through a sink answering
+/// like Twilio and FCM) → deliveries/s from accept to the last outcome, CPU seconds per
+/// 1,000 deliveries and peak RSS of each process; with probes, the high lane's accept →
+/// sent latency while the campaign drains, against the same probes on an idle system.
+pub async fn campaign(settings: Settings, c: Campaign) -> anyhow::Result<Value> {
+    let name = match (c.mixed, c.probe_per_sec > 0.0) {
+        (_, true) => "priority",
+        (true, false) => "mixed",
+        (false, false) => "fanout",
+    };
+    let settings = isolated(settings, name);
     let ctx = Context::build(settings.clone()).await?;
     ctx.store.migrate().await?;
     let started = Instant::now();
-    for chunk in (0..recipients).collect::<Vec<_>>().chunks(5_000) {
-        let users: Vec<UserDoc> = chunk
+    let (users, channels) = if c.mixed {
+        (c.deliveries.div_ceil(3), json!(["email", "sms", "push"]))
+    } else {
+        (c.deliveries, json!(["email"]))
+    };
+    let deliveries = if c.mixed { users * 3 } else { users };
+    for chunk in (0..users).collect::<Vec<_>>().chunks(5_000) {
+        let docs: Vec<UserDoc> = chunk
             .iter()
             .map(|i| UserDoc {
                 id: format!("user-{i:07}"),
                 email: Some(format!("user{i}@example.com")),
+                phone: c.mixed.then(|| format!("+1555{i:07}")),
+                push_tokens: if c.mixed {
+                    vec![format!("token-{i}")]
+                } else {
+                    Vec::new()
+                },
                 first_name: Some("Bench".into()),
-                tags: vec!["fanout".into()],
+                tags: vec!["campaign".into()],
                 ..Default::default()
             })
             .collect();
-        ctx.store.upsert_users(&users).await?;
+        ctx.store.upsert_users(&docs).await?;
     }
+    ctx.store
+        .put_user(UserDoc {
+            id: "probe-user".into(),
+            email: Some("probe@example.com".into()),
+            first_name: Some("Probe".into()),
+            ..Default::default()
+        })
+        .await?;
+    ctx.store
+        .put_content(
+            "bench-episode",
+            mongodb::bson::doc! {"show": "Bench", "title": "Pilot", "season": 1, "episode": 1},
+        )
+        .await?;
     println!(
-        "{recipients} recipients written in {:.1} s",
+        "{name}: {users} recipients written in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    let (_, key) = ctx
-        .store
-        .create_key("bench", &[crate::domain::Scope::Admin], Some(1e9))
+    let (sink, received) = sink::start().await?;
+    let roles = Roles::start(&ctx, &settings, c.smtp_port, &sink).await?;
+    let pids = roles.pids()?;
+
+    // The same probes on the idle system first, for comparison.
+    let probe_count = (c.probe_per_sec * 5.0).ceil() as usize;
+    let idle = if c.probe_per_sec > 0.0 {
+        let ids = probe(
+            &roles,
+            c.probe_per_sec,
+            probe_count,
+            CancellationToken::new(),
+        )
         .await?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let smtp = [
-        ("HERALD__EMAIL__TRANSPORT", "smtp".to_owned()),
-        ("HERALD__EMAIL__SMTP__HOST", "127.0.0.1".to_owned()),
-        ("HERALD__EMAIL__SMTP__PORT", smtp_port.to_string()),
-    ];
-    let mut api_env = smtp.to_vec();
-    api_env.push(("HERALD__SERVER__BIND", format!("127.0.0.1:{port}")));
-    let api = spawn_role(&settings, "api", &api_env)?;
-    let worker = spawn_role(&settings, "worker", &smtp)?;
-    let pids = [
-        ("api", api.id().context("api pid")?),
-        ("worker", worker.id().context("worker pid")?),
-    ];
-    let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::new();
-    wait_ready(&client, &base).await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+        Some(probe_latencies(&ctx, &ids).await?)
+    } else {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        None
+    };
+
     let cpu_before: Vec<f64> = pids
         .iter()
         .map(|(_, p)| cpu_seconds(*p).unwrap_or(0.0))
         .collect();
     let started = Instant::now();
-    let accepted: Value = client
-        .post(format!("{base}/v1/events"))
-        .bearer_auth(&key)
-        .json(
-            &json!({"event_type": "welcome", "priority": "low", "channels": ["email"],
-            "recipients": {"segment": {"tag": "fanout"}}, "payload": {}}),
-        )
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
+    let id = roles
+        .post(&json!({"event_type": "new_episode", "priority": "low", "channels": channels,
+            "recipients": {"segment": {"tag": "campaign"}}, "payload": {"content": ["bench-episode"]}}))
         .await?;
-    let id = accepted["notification_id"]
-        .as_str()
-        .context("notification id")?
-        .to_owned();
-    let notification = loop {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let n: Value = client
-            .get(format!("{base}/v1/notifications/{id}"))
-            .bearer_auth(&key)
-            .send()
-            .await?
-            .json()
-            .await?;
-        if ["completed", "partially_failed", "failed"].contains(&n["status"].as_str().unwrap_or(""))
-        {
-            break n;
-        }
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(1_800),
-            "the campaign did not finish in 30 min"
-        );
+    let stop = CancellationToken::new();
+    let (notification, probes) = if c.probe_per_sec > 0.0 {
+        // Probes start once the low lane has a backlog to jump.
+        let probing = async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            probe(&roles, c.probe_per_sec, usize::MAX, stop.clone()).await
+        };
+        let draining = async {
+            let n = finished(&ctx, &id).await;
+            stop.cancel();
+            n
+        };
+        let (n, p) = tokio::join!(draining, probing);
+        (n?, p?)
+    } else {
+        (finished(&ctx, &id).await?, Vec::new())
     };
     let secs = started.elapsed().as_secs_f64();
     let mut processes = serde_json::Map::new();
     let mut cpu_total = 0.0;
-    for ((name, pid), before) in pids.iter().zip(&cpu_before) {
+    for ((role, pid), before) in pids.iter().zip(&cpu_before) {
         let cpu = cpu_seconds(*pid).unwrap_or(0.0) - before;
         cpu_total += cpu;
         processes.insert(
-            (*name).to_owned(),
+            (*role).to_owned(),
             json!({"cpu_seconds": (cpu * 10.0).round() / 10.0, "peak_rss_mb": peak_rss_mb(*pid).map(|r| r.round())}),
         );
     }
-    stop_role(api).await;
-    stop_role(worker).await;
-    let sent = notification["counts"]["sent"].as_i64().unwrap_or(0);
-    let rate = recipients as f64 / secs;
+    let backlog = if c.probe_per_sec > 0.0 {
+        Some(probe_latencies(&ctx, &probes).await?)
+    } else {
+        None
+    };
+    roles.stop().await;
+    let rate = deliveries as f64 / secs;
+    let cpu_per_1000 = (cpu_total / deliveries as f64 * 1000.0 * 100.0).round() / 100.0;
     println!(
-        "fan-out: {recipients} emails in {secs:.1} s = {rate:.0} deliveries/s (sent {sent}, status {}); {:.2} CPU s per 1,000; {}",
-        notification["status"],
-        cpu_total / recipients as f64 * 1000.0,
+        "{name}: {deliveries} deliveries ({channels}) in {secs:.1} s = {rate:.0} deliveries/s; sent {}, status {:?}; {cpu_per_1000:.2} CPU s per 1,000; {}",
+        notification.counts.sent,
+        notification.status,
         Value::Object(processes.clone())
     );
-    clean_up(&ctx).await;
-    Ok(json!({
-        "bench": "fanout",
-        "recipients": recipients,
+    let mut result = json!({
+        "bench": name,
+        "deliveries": deliveries,
+        "channels": channels,
         "seconds": (secs * 10.0).round() / 10.0,
         "deliveries_per_sec": rate.round(),
-        "sent": sent,
-        "counts": notification["counts"],
-        "cpu_seconds_per_1000": (cpu_total / recipients as f64 * 1000.0 * 100.0).round() / 100.0,
+        "counts": serde_json::to_value(notification.counts)?,
+        "sink_received": {"sms": received.sms.load(std::sync::atomic::Ordering::Relaxed),
+            "push": received.push.load(std::sync::atomic::Ordering::Relaxed)},
+        "cpu_seconds_per_1000": cpu_per_1000,
         "processes": processes,
-    }))
+    });
+    if let (Some(idle), Some(backlog)) = (idle, backlog) {
+        println!(
+            "priority: high-lane accept→sent idle p50 {} / p99 {} / max {} ms; while {deliveries} low deliveries drain p50 {} / p99 {} / max {} ms ({} probes at {}/s)",
+            percentile(&idle, 50.0), percentile(&idle, 99.0), idle.last().copied().unwrap_or(0),
+            percentile(&backlog, 50.0), percentile(&backlog, 99.0), backlog.last().copied().unwrap_or(0),
+            backlog.len(), c.probe_per_sec
+        );
+        result["high_lane"] = json!({"per_sec": c.probe_per_sec, "idle": latency_summary(&idle),
+            "under_backlog": latency_summary(&backlog)});
+    }
+    clean_up(&ctx).await;
+    let _ = std::fs::remove_dir_all(PathBuf::from("var/bench/config").join(&settings.amqp.prefix));
+    Ok(result)
 }
 
 #[cfg(test)]

@@ -1,0 +1,319 @@
+//! `herald bench all`: every scenario in one run, each figure beside the machine's own
+//! ceilings from the same run; one JSON file and the README's performance table.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use serde_json::{json, Value};
+
+use super::Campaign;
+use crate::config::Settings;
+
+const TABLE_START: &str = "<!-- bench:start -->";
+const TABLE_END: &str = "<!-- bench:end -->";
+
+/// Scenario sizes: the full run (under 15 minutes here) or `--quick` (under 2).
+struct Sizes {
+    ceiling_messages: usize,
+    ceiling_docs: usize,
+    ingest_events: usize,
+    ingest_clients: usize,
+    fanout: usize,
+    mixed: usize,
+    priority: usize,
+    probe_per_sec: f64,
+    schedules: usize,
+    schedule_window_secs: u64,
+}
+
+impl Sizes {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                ceiling_messages: 10_000,
+                ceiling_docs: 10_000,
+                ingest_events: 3_000,
+                ingest_clients: 32,
+                fanout: 5_000,
+                mixed: 3_000,
+                priority: 5_000,
+                probe_per_sec: 20.0,
+                schedules: 500,
+                schedule_window_secs: 10,
+            }
+        } else {
+            Self {
+                ceiling_messages: 100_000,
+                ceiling_docs: 100_000,
+                ingest_events: 30_000,
+                ingest_clients: 64,
+                fanout: 100_000,
+                mixed: 100_000,
+                priority: 100_000,
+                probe_per_sec: 20.0,
+                schedules: 10_000,
+                schedule_window_secs: 60,
+            }
+        }
+    }
+}
+
+pub async fn all(
+    settings: Settings,
+    quick: bool,
+    smtp_port: u16,
+    readme: &Path,
+) -> anyhow::Result<Value> {
+    let z = Sizes::new(quick);
+    let started = Instant::now();
+    let campaign = |deliveries, mixed, probe_per_sec| Campaign {
+        deliveries,
+        mixed,
+        probe_per_sec,
+        smtp_port,
+    };
+    let ceilings = super::ceilings(settings.clone(), z.ceiling_messages, z.ceiling_docs).await?;
+    let ingest = super::ingest(settings.clone(), z.ingest_events, z.ingest_clients).await?;
+    let fanout = super::campaign(settings.clone(), campaign(z.fanout, false, 0.0)).await?;
+    let mixed = super::campaign(settings.clone(), campaign(z.mixed, true, 0.0)).await?;
+    let priority = super::campaign(
+        settings.clone(),
+        campaign(z.priority, false, z.probe_per_sec),
+    )
+    .await?;
+    let scheduler = super::scheduler(settings, z.schedules, z.schedule_window_secs, 2).await?;
+    let seconds = started.elapsed().as_secs_f64().round();
+
+    let rabbit = ceilings["rabbitmq"]["publish_confirmed_per_sec"]
+        .as_f64()
+        .unwrap_or(0.0)
+        .min(
+            ceilings["rabbitmq"]["consume_acked_per_sec"]
+                .as_f64()
+                .unwrap_or(0.0),
+        );
+    let mongo_insert = ceilings["mongodb"]["insert_per_sec"]
+        .as_f64()
+        .unwrap_or(0.0);
+    let mongo_updates = ceilings["mongodb"]["updates_in_transactions_per_sec"]
+        .as_f64()
+        .unwrap_or(0.0);
+    let ratio = |x: &Value, ceiling: f64| {
+        let x = x.as_f64().unwrap_or(0.0);
+        if ceiling > 0.0 {
+            (x / ceiling * 100.0).round() / 100.0
+        } else {
+            0.0
+        }
+    };
+    let ratios = json!({
+        "ingest_to_rabbitmq": ratio(&ingest["accepted_per_sec"], rabbit),
+        "ingest_to_mongodb_insert": ratio(&ingest["accepted_per_sec"], mongo_insert),
+        "fanout_to_rabbitmq": ratio(&fanout["deliveries_per_sec"], rabbit),
+        "fanout_to_mongodb_txn_updates": ratio(&fanout["deliveries_per_sec"], mongo_updates),
+        "mixed_to_rabbitmq": ratio(&mixed["deliveries_per_sec"], rabbit),
+    });
+    let result = json!({
+        "bench": "all",
+        "quick": quick,
+        "seconds": seconds,
+        "at": chrono::Utc::now().to_rfc3339(),
+        "ceilings": ceilings,
+        "ingest": ingest,
+        "fanout": fanout,
+        "mixed": mixed,
+        "priority": priority,
+        "scheduler": scheduler,
+        "ratios": ratios,
+    });
+    let table = table(&result);
+    println!("\n{table}");
+    if quick {
+        println!("(--quick: sizes too small to publish; the README table is left as it is)");
+    } else {
+        write_readme(readme, &table)?;
+        println!("README performance table updated: {}", readme.display());
+    }
+    Ok(result)
+}
+
+/// The Markdown table of one full run.
+fn table(r: &Value) -> String {
+    let f = |v: &Value| match v.as_f64() {
+        Some(x) if x >= 10_000.0 => {
+            let s = format!("{:.0}", x);
+            let (head, tail) = s.split_at(s.len() - 3);
+            format!("{head},{tail}")
+        }
+        Some(x) if x.fract() == 0.0 => format!("{x:.0}"),
+        Some(x) => format!("{x}"),
+        None => v.to_string(),
+    };
+    let c = &r["ceilings"];
+    let rss = |s: &Value| {
+        format!(
+            "api {} / worker {} MB",
+            f(&s["processes"]["api"]["peak_rss_mb"]),
+            f(&s["processes"]["worker"]["peak_rss_mb"])
+        )
+    };
+    let campaign = |s: &Value, ratio: &str| {
+        format!(
+            "{} deliveries/s ({} in {} s; sent {}); {} CPU s per 1,000; RSS {} | {} of RabbitMQ",
+            f(&s["deliveries_per_sec"]),
+            f(&s["deliveries"]),
+            f(&s["seconds"]),
+            f(&s["counts"]["sent"]),
+            f(&s["cpu_seconds_per_1000"]),
+            rss(s),
+            f(&r["ratios"][ratio])
+        )
+    };
+    let p = &r["priority"]["high_lane"];
+    let i = &r["ingest"];
+    let s = &r["scheduler"];
+    let rows = [
+        (
+            "ceiling: RabbitMQ publish with confirms / consume with acks, persistent 160 B, one queue".to_owned(),
+            format!(
+                "{} / {} msg/s | —",
+                f(&c["rabbitmq"]["publish_confirmed_per_sec"]),
+                f(&c["rabbitmq"]["consume_acked_per_sec"])
+            ),
+        ),
+        (
+            "ceiling: MongoDB bulk insert / transactions of 64 updates + 1 counter".to_owned(),
+            format!(
+                "{} docs/s / {} txn/s ({} updates/s) | —",
+                f(&c["mongodb"]["insert_per_sec"]),
+                f(&c["mongodb"]["transactions_per_sec"]),
+                f(&c["mongodb"]["updates_in_transactions_per_sec"])
+            ),
+        ),
+        (
+            format!(
+                "ingest: {} clients, {} single-recipient events (target ≥ 5,000/s)",
+                f(&i["clients"]),
+                f(&i["events"])
+            ),
+            format!(
+                "{} events/s, p50 {} ms, p99 {} ms, {} refused; RSS api {} MB | {} of RabbitMQ, {} of MongoDB insert",
+                f(&i["accepted_per_sec"]),
+                f(&i["response_ms"]["p50"]),
+                f(&i["response_ms"]["p99"]),
+                f(&i["refused"]),
+                f(&i["api_peak_rss_mb"]),
+                f(&r["ratios"]["ingest_to_rabbitmq"]),
+                f(&r["ratios"]["ingest_to_mongodb_insert"])
+            ),
+        ),
+        (
+            format!(
+                "campaign fan-out: one event, {} email recipients, smtp-sink (target ≥ 5,000/s and ≥ 0.25 of RabbitMQ; RSS ≤ 150 MB)",
+                f(&r["fanout"]["deliveries"])
+            ),
+            campaign(&r["fanout"], "fanout_to_rabbitmq"),
+        ),
+        (
+            format!(
+                "mixed channels: {} deliveries, email + SMS + push (Twilio- and FCM-like HTTP sink)",
+                f(&r["mixed"]["deliveries"])
+            ),
+            campaign(&r["mixed"], "mixed_to_rabbitmq"),
+        ),
+        (
+            format!(
+                "priority: high events at {}/s while {} low deliveries drain, accept → sent (target p99 ≤ 100 ms)",
+                f(&p["per_sec"]),
+                f(&r["priority"]["deliveries"])
+            ),
+            format!(
+                "idle p50 {} / p99 {} / max {} ms; under backlog p50 {} / p99 {} / max {} ms ({} probes) | —",
+                f(&p["idle"]["p50_ms"]),
+                f(&p["idle"]["p99_ms"]),
+                f(&p["idle"]["max_ms"]),
+                f(&p["under_backlog"]["p50_ms"]),
+                f(&p["under_backlog"]["p99_ms"]),
+                f(&p["under_backlog"]["max_ms"]),
+                f(&p["under_backlog"]["count"])
+            ),
+        ),
+        (
+            format!(
+                "scheduler: {} schedules due within {} s, 2 racing instances",
+                f(&s["schedules"]),
+                f(&s["window_secs"])
+            ),
+            format!(
+                "fire lag p50 {} / p99 {} / max {} ms; {} duplicates, {} missed | —",
+                f(&s["lag_ms"]["p50"]),
+                f(&s["lag_ms"]["p99"]),
+                f(&s["lag_ms"]["max"]),
+                f(&s["duplicates"]),
+                f(&s["missed"])
+            ),
+        ),
+    ];
+    let mut out = String::from("| scenario | result | ratio to the ceilings |\n|---|---|---|\n");
+    for (scenario, result) in rows {
+        out.push_str(&format!("| {scenario} | {result} |\n"));
+    }
+    out.push_str(&format!(
+        "\n`scripts/bench` on {}; the whole run took {} s.\n",
+        r["at"]
+            .as_str()
+            .unwrap_or_default()
+            .get(..10)
+            .unwrap_or_default(),
+        f(&r["seconds"])
+    ));
+    out
+}
+
+/// Replaces what lies between the README's table markers.
+fn write_readme(path: &Path, table: &str) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let (Some(a), Some(b)) = (text.find(TABLE_START), text.find(TABLE_END)) else {
+        anyhow::bail!(
+            "{} has no `{TABLE_START}` … `{TABLE_END}` markers",
+            path.display()
+        );
+    };
+    anyhow::ensure!(a < b, "the table markers are out of order");
+    let updated = format!("{}{TABLE_START}\n{table}{}", &text[..a], &text[b..]);
+    std::fs::write(path, updated).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_readme_table_is_replaced_between_its_markers_only() {
+        let dir = std::env::temp_dir().join(format!("herald-readme-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("README.md");
+        std::fs::write(
+            &path,
+            format!(
+                "intro\n{}\nold table\n{}\noutro\n",
+                super::TABLE_START,
+                super::TABLE_END
+            ),
+        )
+        .expect("write");
+        super::write_readme(&path, "| new |\n").expect("updated");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert_eq!(
+            text,
+            format!(
+                "intro\n{}\n| new |\n{}\noutro\n",
+                super::TABLE_START,
+                super::TABLE_END
+            )
+        );
+        std::fs::write(&path, "no markers").expect("write");
+        assert!(super::write_readme(&path, "x").is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
