@@ -35,6 +35,20 @@ fn isolated(mut settings: Settings, name: &str) -> Settings {
     settings
 }
 
+/// A context on this run's database, migrated, with one user who has an email address.
+async fn with_bench_user(settings: &Settings) -> anyhow::Result<Context> {
+    let ctx = Context::build(settings.clone()).await?;
+    ctx.store.migrate().await?;
+    ctx.store
+        .put_user(UserDoc {
+            id: "bench-user".into(),
+            email: Some("bench@example.com".into()),
+            ..Default::default()
+        })
+        .await?;
+    Ok(ctx)
+}
+
 async fn clean_up(ctx: &Context) {
     if let Err(e) = ctx.broker.delete_topology().await {
         tracing::warn!(
@@ -74,15 +88,7 @@ pub async fn scheduler(
     instances: usize,
 ) -> anyhow::Result<Value> {
     let settings = isolated(settings, "scheduler");
-    let ctx = Context::build(settings.clone()).await?;
-    ctx.store.migrate().await?;
-    ctx.store
-        .put_user(UserDoc {
-            id: "bench-user".into(),
-            email: Some("bench@example.com".into()),
-            ..Default::default()
-        })
-        .await?;
+    let ctx = with_bench_user(&settings).await?;
     let lead = Duration::from_secs(5);
     let start = Utc::now() + chrono::Duration::from_std(lead)?;
     let step_ms = (window_secs * 1000) as f64 / schedules.max(1) as f64;
@@ -468,15 +474,7 @@ fn peak_rss_mb(pid: u32) -> Option<f64> {
 /// response times; each answer comes after the durable write.
 pub async fn ingest(settings: Settings, events: usize, clients: usize) -> anyhow::Result<Value> {
     let settings = isolated(settings, "ingest");
-    let ctx = Context::build(settings.clone()).await?;
-    ctx.store.migrate().await?;
-    ctx.store
-        .put_user(UserDoc {
-            id: "bench-user".into(),
-            email: Some("bench@example.com".into()),
-            ..Default::default()
-        })
-        .await?;
+    let ctx = with_bench_user(&settings).await?;
     let (_, key) = ctx
         .store
         .create_key("bench", &[crate::domain::Scope::EventsWrite], Some(1e9))
