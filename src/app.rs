@@ -16,10 +16,10 @@ use crate::store::{Accepted, NotificationDoc, OutboxDoc, Store};
 use crate::templates::{part_name, Origin, PartSource, Templates};
 use crate::worker::enrich::Enricher;
 
-/// Clients and shared state, built once at start and cloned cheaply (everything is behind `Arc`).
 /// At most this many accepted events share one transaction.
 const INTAKE_BATCH_MAX: usize = 256;
 
+/// Clients and shared state, built once at start and cloned cheaply (everything is behind `Arc`).
 #[derive(Clone)]
 pub struct Context {
     pub settings: Arc<Settings>,

@@ -124,6 +124,25 @@ pub(crate) fn expires(days: u32) -> Option<DateTime> {
 }
 
 /// True when a write failed on a unique index.
+/// The documents with these `_id`s, in one `$in` query, keyed by id.
+async fn by_ids<T>(
+    collection: &Collection<T>,
+    ids: &[String],
+    id_of: impl Fn(&T) -> &String,
+) -> anyhow::Result<HashMap<String, T>>
+where
+    T: serde::de::DeserializeOwned + Send + Sync,
+{
+    Ok(collection
+        .find(doc! {"_id": {"$in": ids}})
+        .await?
+        .try_collect::<Vec<_>>()
+        .await?
+        .into_iter()
+        .map(|d| (id_of(&d).clone(), d))
+        .collect())
+}
+
 pub fn is_duplicate_key(err: &mongodb::error::Error) -> bool {
     const DUPLICATE_KEY: i32 = 11000;
     match err.kind.as_ref() {
@@ -600,15 +619,7 @@ impl Store {
 
     /// Users by id, in one query.
     pub async fn get_users(&self, ids: &[String]) -> anyhow::Result<HashMap<String, UserDoc>> {
-        Ok(self
-            .users()
-            .find(doc! {"_id": {"$in": ids}})
-            .await?
-            .try_collect::<Vec<_>>()
-            .await?
-            .into_iter()
-            .map(|u| (u.id.clone(), u))
-            .collect())
+        by_ids(&self.users(), ids, |u| &u.id).await
     }
 
     /// Creates or replaces a group and its whole membership, atomically.
@@ -962,15 +973,7 @@ impl Store {
         &self,
         ids: &[String],
     ) -> anyhow::Result<HashMap<String, DeliveryDoc>> {
-        Ok(self
-            .deliveries()
-            .find(doc! {"_id": {"$in": ids}})
-            .await?
-            .try_collect::<Vec<_>>()
-            .await?
-            .into_iter()
-            .map(|d| (d.id.clone(), d))
-            .collect())
+        by_ids(&self.deliveries(), ids, |d| &d.id).await
     }
 
     /// Writes a batch of outcomes — each delivery's status and attempt, and every
