@@ -870,10 +870,11 @@ impl Store {
                             .filter(|d| !have.contains(&(d.user_id.as_str(), d.channel)))
                             .collect();
                         if !fresh.is_empty() {
-                            deliveries
-                                .insert_many(fresh.iter().copied())
-                                .session(&mut *s)
-                                .await?;
+                            // Counters and rollups first, the bulk insert last: outcome
+                            // transactions increment the same documents all the time, and a
+                            // write to a document changed after this transaction's snapshot
+                            // aborts it. Written first, the window for that is a few
+                            // milliseconds instead of the whole insert.
                             let n = fresh.len() as i64;
                             notifications
                                 .update_one(
@@ -888,6 +889,10 @@ impl Store {
                                 moves.add(d, DeliveryStatus::Queued, None, 1, None);
                             }
                             moves.write(db, s, *stats_days).await?;
+                            deliveries
+                                .insert_many(fresh.iter().copied())
+                                .session(&mut *s)
+                                .await?;
                         }
                         Ok(existing
                             .iter()
