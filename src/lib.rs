@@ -20,12 +20,15 @@
 //! - `scheduler`  — cron campaigns: fire times with DST rules, misfire plans, the claiming tick.
 //! - `seed`       — demo data.
 //! - `bench`      — `herald bench`: measurements against the real local servers.
+//! - `chaos`      — `herald chaos`: faults injected into real processes, every delivery accounted for.
+//! - `testbed`    — loopback SMTP sink with fault modes and a cuttable TCP proxy (tests, bench, chaos).
 
 pub mod api;
 pub mod app;
 pub mod batch;
 pub mod bench;
 pub mod channels;
+pub mod chaos;
 pub mod cli;
 pub mod config;
 pub mod domain;
@@ -40,4 +43,5 @@ pub mod shutdown;
 pub mod store;
 pub mod telemetry;
 pub mod templates;
+pub mod testbed;
 pub mod worker;

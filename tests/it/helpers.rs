@@ -1,17 +1,14 @@
-//! `spawn_app()` and the real servers tests talk to: an SMTP server that records what it
-//! receives, and a TCP proxy that can cut herald off from RabbitMQ.
+//! `spawn_app()` and the real servers tests talk to (herald's test bed: an SMTP server that
+//! records what it receives, a TCP proxy that can cut herald off from RabbitMQ).
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use herald::app::Context;
 use herald::config::Settings;
 use mongodb::bson::{doc, Document};
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -40,14 +37,17 @@ fn init_logs() {
     }
 }
 
-// ---- SMTP --------------------------------------------------------------------------------
+// ---- SMTP ----------------------------------------------------------------------------------
 
-/// A message as the SMTP server received it.
+/// A message as the SMTP server received it, with its MIME parts decoded on demand.
 #[derive(Debug, Clone)]
-pub struct Mail {
-    pub from: String,
-    pub to: Vec<String>,
-    pub data: String,
+pub struct Mail(pub herald::testbed::Mail);
+
+impl std::ops::Deref for Mail {
+    type Target = herald::testbed::Mail;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl Mail {
@@ -71,195 +71,40 @@ impl Mail {
     }
 }
 
-/// A real SMTP server on loopback (RFC 5321 subset lettre uses) that records every message.
+/// herald's test-bed SMTP server, answering with test [`Mail`]s.
 #[derive(Clone)]
-pub struct SmtpServer {
-    pub port: u16,
-    mails: Arc<Mutex<Vec<Mail>>>,
-    arrived: Arc<Notify>,
-    /// The next N messages are refused with this reply (e.g. `451 try later`).
-    refusals: Arc<Mutex<(usize, String)>>,
-    /// Every message offered, accepted or refused.
-    offered: Arc<Mutex<usize>>,
+pub struct SmtpServer(herald::testbed::SmtpServer);
+
+impl std::ops::Deref for SmtpServer {
+    type Target = herald::testbed::SmtpServer;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl SmtpServer {
     pub async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind smtp");
-        let server = Self {
-            port: listener.local_addr().expect("addr").port(),
-            mails: Arc::default(),
-            arrived: Arc::default(),
-            refusals: Arc::default(),
-            offered: Arc::default(),
-        };
-        let s = server.clone();
-        tokio::spawn(async move {
-            while let Ok((sock, _)) = listener.accept().await {
-                let s = s.clone();
-                tokio::spawn(async move {
-                    let _ = s.session(sock).await;
-                });
-            }
-        });
-        server
-    }
-
-    async fn session(&self, sock: TcpStream) -> std::io::Result<()> {
-        let (r, mut w) = sock.into_split();
-        let mut lines = BufReader::new(r);
-        w.write_all(b"220 herald-test ESMTP\r\n").await?;
-        let (mut from, mut to) = (String::new(), Vec::new());
-        let mut line = String::new();
-        loop {
-            line.clear();
-            if lines.read_line(&mut line).await? == 0 {
-                return Ok(());
-            }
-            let cmd = line.trim_end().to_owned();
-            let upper = cmd.to_ascii_uppercase();
-            let reply: &[u8] = if upper.starts_with("EHLO") {
-                b"250-herald-test\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
-            } else if upper.starts_with("HELO") || upper.starts_with("NOOP") {
-                b"250 OK\r\n"
-            } else if upper.starts_with("MAIL FROM:") {
-                from = cmd[10..].trim().trim_matches(['<', '>']).to_owned();
-                to.clear();
-                b"250 OK\r\n"
-            } else if upper.starts_with("RCPT TO:") {
-                to.push(cmd[8..].trim().trim_matches(['<', '>']).to_owned());
-                b"250 OK\r\n"
-            } else if upper == "DATA" {
-                w.write_all(b"354 end with .\r\n").await?;
-                let mut data = String::new();
-                loop {
-                    line.clear();
-                    if lines.read_line(&mut line).await? == 0 {
-                        return Ok(());
-                    }
-                    if line == ".\r\n" || line == ".\n" {
-                        break;
-                    }
-                    data.push_str(line.strip_prefix('.').unwrap_or(&line));
-                }
-                *self.offered.lock().expect("lock") += 1;
-                let refusal = {
-                    let mut r = self.refusals.lock().expect("lock");
-                    (r.0 > 0).then(|| {
-                        r.0 -= 1;
-                        format!("{}\r\n", r.1)
-                    })
-                };
-                if let Some(reply) = refusal {
-                    to.clear();
-                    w.write_all(reply.as_bytes()).await?;
-                    continue;
-                }
-                self.mails.lock().expect("lock").push(Mail {
-                    from: from.clone(),
-                    to: std::mem::take(&mut to),
-                    data,
-                });
-                self.arrived.notify_waiters();
-                b"250 OK queued\r\n"
-            } else if upper == "RSET" {
-                to.clear();
-                b"250 OK\r\n"
-            } else if upper == "QUIT" {
-                w.write_all(b"221 bye\r\n").await?;
-                return Ok(());
-            } else {
-                b"502 command not implemented\r\n"
-            };
-            w.write_all(reply).await?;
-        }
-    }
-
-    /// Refuses the next `n` messages with `reply` (`451 ...` is transient, `550 ...` permanent).
-    pub fn refuse_next(&self, n: usize, reply: &str) {
-        *self.refusals.lock().expect("lock") = (n, reply.to_owned());
-    }
-
-    /// Messages offered so far, refused ones included.
-    pub fn offered(&self) -> usize {
-        *self.offered.lock().expect("lock")
+        Self(
+            herald::testbed::SmtpServer::start()
+                .await
+                .expect("bind smtp"),
+        )
     }
 
     pub fn mails(&self) -> Vec<Mail> {
-        self.mails.lock().expect("lock").clone()
+        self.0.mails().into_iter().map(Mail).collect()
     }
 
     /// Waits until at least `n` messages arrived (or panics after `secs`).
     pub async fn wait_for(&self, n: usize, secs: u64) -> Vec<Mail> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-        loop {
-            let notified = self.arrived.notified();
-            let mails = self.mails();
-            if mails.len() >= n {
-                return mails;
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                panic!(
-                    "expected {n} emails within {secs}s, got {}",
-                    self.mails().len()
-                );
-            }
+        match self.0.wait_for(n, Duration::from_secs(secs)).await {
+            Ok(mails) => mails.into_iter().map(Mail).collect(),
+            Err(got) => panic!("expected {n} emails within {secs}s, got {}", got.len()),
         }
     }
 }
 
-// ---- a TCP proxy that can be cut ----------------------------------------------------------
-
-/// Forwards loopback connections to `target` while up; when down, refuses new
-/// connections and cuts the open ones — RabbitMQ as seen from a partitioned herald.
-#[derive(Clone)]
-pub struct TcpProxy {
-    pub port: u16,
-    up: Arc<Mutex<(bool, CancellationToken)>>,
-}
-
-impl TcpProxy {
-    pub async fn start(target: String, up: bool) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let proxy = Self {
-            port: listener.local_addr().expect("addr").port(),
-            up: Arc::new(Mutex::new((up, CancellationToken::new()))),
-        };
-        let p = proxy.clone();
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let (is_up, cut) = {
-                    let g = p.up.lock().expect("lock");
-                    (g.0, g.1.clone())
-                };
-                if !is_up {
-                    drop(inbound);
-                    continue;
-                }
-                let target = target.clone();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(&target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut.cancelled() => {}
-                    }
-                });
-            }
-        });
-        proxy
-    }
-
-    pub fn set_up(&self, up: bool) {
-        let mut g = self.up.lock().expect("lock");
-        if !up {
-            g.1.cancel();
-            g.1 = CancellationToken::new();
-        }
-        g.0 = up;
-    }
-}
+pub use herald::testbed::TcpProxy;
 
 /// `host:port` of the broker in `amqp_url()`.
 pub fn amqp_host_port() -> String {

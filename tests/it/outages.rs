@@ -8,7 +8,9 @@ use crate::helpers::{amqp_host_port, spawn_app_with, TcpProxy, TestOptions};
 
 #[tokio::test]
 async fn an_event_accepted_while_rabbitmq_is_down_is_delivered_when_it_is_back() {
-    let proxy = TcpProxy::start(amqp_host_port(), false).await;
+    let proxy = TcpProxy::start(amqp_host_port(), false)
+        .await
+        .expect("proxy");
     let app = spawn_app_with(TestOptions {
         amqp_url: Some(format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port)),
         ..Default::default()
@@ -57,5 +59,60 @@ async fn an_event_accepted_while_rabbitmq_is_down_is_delivered_when_it_is_back()
     app.wait_finished(body["notification_id"].as_str().expect("id"), 30)
         .await;
     assert_eq!(app.smtp.wait_for(2, 5).await.len(), 2);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn past_the_backlog_bound_events_are_refused_with_503_and_retry_after_writing_nothing() {
+    use crate::helpers::Roles;
+    // No worker: jobs stay on the lanes, so the backlog only grows.
+    let app = spawn_app_with(TestOptions {
+        roles: Roles::ApiOnly,
+        env: vec![("HERALD__EVENTS__MAX_BACKLOG".into(), "2".into())],
+        ..Default::default()
+    })
+    .await;
+    app.put_user("u1", json!({"email": "one@example.com"}))
+        .await;
+    let event = |i: usize| {
+        json!({"event_id": format!("e{i}"), "event_type": "greeting", "channels": ["email"],
+               "recipients": {"user_ids": ["u1"]}, "payload": {"note": "x"}})
+    };
+    for i in 0..3 {
+        assert_eq!(app.post_event(&event(i)).await.0, 202);
+    }
+    // The relay publishes the three dispatch jobs; the API's reading of the backlog is at
+    // most half a second old.
+    let mut refused = None;
+    for i in 3..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let response = app
+            .http
+            .post(app.url("/v1/events"))
+            .json(&event(i))
+            .send()
+            .await
+            .expect("answer");
+        if response.status() == 503 {
+            refused = Some(response);
+            break;
+        }
+    }
+    let response = refused.expect("a 503 once three jobs wait");
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!(retry_after >= 1);
+    let body: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "overloaded", "{body}");
+    let accepted = app.count("notifications").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        app.count("notifications").await,
+        accepted,
+        "a refused event writes nothing"
+    );
     app.stop().await;
 }

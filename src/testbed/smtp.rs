@@ -1,0 +1,245 @@
+//! An SMTP server on loopback (the RFC 5321 subset lettre uses) that records every message and can misbehave on purpose.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify};
+
+/// A message as the server received it.
+#[derive(Debug, Clone)]
+pub struct Mail {
+    pub from: String,
+    pub to: Vec<String>,
+    pub data: String,
+}
+
+impl Mail {
+    /// The raw value of a header (first occurrence, unfolded only by trimming).
+    pub fn raw_header(&self, name: &str) -> Option<&str> {
+        self.data
+            .split("\r\n")
+            .take_while(|l| !l.is_empty())
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case(name).then(|| v.trim())
+            })
+    }
+
+    /// herald's `X-Herald-Delivery-Id`: which delivery this message is.
+    pub fn delivery_id(&self) -> Option<&str> {
+        self.raw_header("X-Herald-Delivery-Id")
+    }
+}
+
+#[derive(Default)]
+struct State {
+    mails: Vec<Mail>,
+    /// The next N messages are refused with this reply.
+    refusals: (usize, String),
+    offered: usize,
+    /// While set, `MAIL FROM` gets this reply (a `421` also closes the connection).
+    storm: Option<String>,
+    /// Connections idle for longer than this are closed by the server.
+    idle_close: Option<Duration>,
+    last_arrival: Option<Instant>,
+}
+
+/// A real SMTP server on loopback that records what it receives.
+#[derive(Clone)]
+pub struct SmtpServer {
+    pub port: u16,
+    state: Arc<Mutex<State>>,
+    arrived: Arc<Notify>,
+    /// While true, new connections get no greeting (a hanging provider).
+    hang: Arc<watch::Sender<bool>>,
+}
+
+impl SmtpServer {
+    pub async fn start() -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let server = Self {
+            port: listener.local_addr()?.port(),
+            state: Arc::default(),
+            arrived: Arc::default(),
+            hang: Arc::new(watch::channel(false).0),
+        };
+        let s = server.clone();
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let _ = s.session(sock).await;
+                });
+            }
+        });
+        Ok(server)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn session(&self, sock: TcpStream) -> std::io::Result<()> {
+        let mut hang = self.hang.subscribe();
+        // Held without a greeting until the hang ends (or the client gives up).
+        if hang.wait_for(|h| !*h).await.is_err() {
+            return Ok(());
+        }
+        let (r, mut w) = sock.into_split();
+        let mut lines = BufReader::new(r);
+        w.write_all(b"220 herald-test ESMTP\r\n").await?;
+        let (mut from, mut to) = (String::new(), Vec::new());
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let idle_close = self.lock().idle_close;
+            let read = lines.read_line(&mut line);
+            let n = match idle_close {
+                Some(idle) => match tokio::time::timeout(idle, read).await {
+                    Ok(n) => n?,
+                    Err(_) => return Ok(()),
+                },
+                None => read.await?,
+            };
+            if n == 0 {
+                return Ok(());
+            }
+            let cmd = line.trim_end().to_owned();
+            let upper = cmd.to_ascii_uppercase();
+            let reply: &[u8] = if upper.starts_with("EHLO") {
+                b"250-herald-test\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+            } else if upper.starts_with("HELO") || upper.starts_with("NOOP") {
+                b"250 OK\r\n"
+            } else if upper.starts_with("MAIL FROM:") {
+                let storm = self.lock().storm.clone();
+                if let Some(storm) = storm {
+                    w.write_all(format!("{storm}\r\n").as_bytes()).await?;
+                    if storm.starts_with("421") {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                from = cmd[10..].trim().trim_matches(['<', '>']).to_owned();
+                to.clear();
+                b"250 OK\r\n"
+            } else if upper.starts_with("RCPT TO:") {
+                to.push(cmd[8..].trim().trim_matches(['<', '>']).to_owned());
+                b"250 OK\r\n"
+            } else if upper == "DATA" {
+                w.write_all(b"354 end with .\r\n").await?;
+                let mut data = String::new();
+                loop {
+                    line.clear();
+                    if lines.read_line(&mut line).await? == 0 {
+                        return Ok(());
+                    }
+                    if line == ".\r\n" || line == ".\n" {
+                        break;
+                    }
+                    data.push_str(line.strip_prefix('.').unwrap_or(&line));
+                }
+                let refusal = {
+                    let mut s = self.lock();
+                    s.offered += 1;
+                    let r = &mut s.refusals;
+                    (r.0 > 0).then(|| {
+                        r.0 -= 1;
+                        format!("{}\r\n", r.1)
+                    })
+                };
+                if let Some(reply) = refusal {
+                    to.clear();
+                    w.write_all(reply.as_bytes()).await?;
+                    continue;
+                }
+                {
+                    let mut s = self.lock();
+                    s.mails.push(Mail {
+                        from: from.clone(),
+                        to: std::mem::take(&mut to),
+                        data,
+                    });
+                    s.last_arrival = Some(Instant::now());
+                }
+                self.arrived.notify_waiters();
+                b"250 OK queued\r\n"
+            } else if upper == "RSET" {
+                to.clear();
+                b"250 OK\r\n"
+            } else if upper == "QUIT" {
+                w.write_all(b"221 bye\r\n").await?;
+                return Ok(());
+            } else {
+                b"502 command not implemented\r\n"
+            };
+            w.write_all(reply).await?;
+        }
+    }
+
+    /// Refuses the next `n` messages with `reply` (`451 ...` is transient, `550 ...` permanent).
+    pub fn refuse_next(&self, n: usize, reply: &str) {
+        self.lock().refusals = (n, reply.to_owned());
+    }
+
+    /// While `Some`, every `MAIL FROM` gets this reply (`421 ...` also closes the connection).
+    pub fn set_storm(&self, reply: Option<&str>) {
+        self.lock().storm = reply.map(str::to_owned);
+    }
+
+    /// Closes connections that stay idle longer than this (`None`: never).
+    pub fn set_idle_close(&self, idle: Option<Duration>) {
+        self.lock().idle_close = idle;
+    }
+
+    /// While true, new connections wait without a greeting.
+    pub fn set_hang(&self, hang: bool) {
+        self.hang.send_replace(hang);
+    }
+
+    /// Messages offered so far, refused ones included.
+    pub fn offered(&self) -> usize {
+        self.lock().offered
+    }
+
+    pub fn mails(&self) -> Vec<Mail> {
+        self.lock().mails.clone()
+    }
+
+    /// Messages accepted so far.
+    pub fn count(&self) -> usize {
+        self.lock().mails.len()
+    }
+
+    /// When the last message was accepted.
+    pub fn last_arrival(&self) -> Option<Instant> {
+        self.lock().last_arrival
+    }
+
+    /// How many times each delivery id arrived (messages without one under "").
+    pub fn delivery_ids(&self) -> HashMap<String, u32> {
+        let mut ids = HashMap::new();
+        for m in &self.lock().mails {
+            *ids.entry(m.delivery_id().unwrap_or_default().to_owned())
+                .or_insert(0) += 1;
+        }
+        ids
+    }
+
+    /// Waits until at least `n` messages arrived; `Err` with what did arrive after `wait`.
+    pub async fn wait_for(&self, n: usize, wait: Duration) -> Result<Vec<Mail>, Vec<Mail>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.arrived.notified();
+            let mails = self.mails();
+            if mails.len() >= n {
+                return Ok(mails);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(self.mails());
+            }
+        }
+    }
+}
