@@ -1,6 +1,6 @@
 //! Handlebars templates: files `templates/<event_type>/<part>[.<locale>].hbs`, overridden through the API; strict.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
@@ -116,7 +116,8 @@ pub fn part_name(name: &str) -> Option<&'static str> {
 struct Registry {
     escaped: Handlebars<'static>,
     plain: Handlebars<'static>,
-    names: HashSet<String>,
+    /// Every registered name, with its `{{#each}}` depth.
+    names: HashMap<String, usize>,
     parts: Vec<PartSource>,
 }
 
@@ -129,13 +130,96 @@ pub struct CompileError {
     pub reason: String,
 }
 
-/// Checks that a template compiles.
+/// `{{#each}}` blocks nest at most this deep.
+pub const MAX_EACH_DEPTH: usize = 3;
+/// A render may iterate at most this many times in all (the longest array or object in
+/// its data, to the power of the template's `{{#each}}` depth).
+pub const MAX_ITERATIONS: u64 = 100_000;
+/// A rendered part is at most this long.
+pub const MAX_OUTPUT_BYTES: usize = 1 << 20;
+
+/// Checks that a template compiles and stays within what herald renders: no partials or
+/// decorators (a template could include itself), `{{#each}}` nested at most
+/// [`MAX_EACH_DEPTH`] deep. Templates come through the API, so they are untrusted.
 pub fn compile(source: &str) -> Result<handlebars::Template, CompileError> {
-    handlebars::Template::compile(source).map_err(|e| CompileError {
+    checked(source).map(|(t, _)| t)
+}
+
+/// [`compile`], also returning the template's `{{#each}}` depth.
+fn checked(source: &str) -> Result<(handlebars::Template, usize), CompileError> {
+    let t = handlebars::Template::compile(source).map_err(|e| CompileError {
         line: e.pos().map(|p| p.0),
         column: e.pos().map(|p| p.1),
         reason: e.reason().to_string(),
-    })
+    })?;
+    let depth = each_depth(&t).map_err(|reason| CompileError {
+        line: None,
+        column: None,
+        reason,
+    })?;
+    if depth > MAX_EACH_DEPTH {
+        return Err(CompileError {
+            line: None,
+            column: None,
+            reason: format!("{{{{#each}}}} blocks nest {depth} deep; at most {MAX_EACH_DEPTH}"),
+        });
+    }
+    Ok((t, depth))
+}
+
+/// How deep `{{#each}}` blocks nest; partials and decorators are refused.
+fn each_depth(t: &handlebars::Template) -> Result<usize, String> {
+    use handlebars::template::{Parameter, TemplateElement as E};
+    let mut deepest = 0;
+    for e in &t.elements {
+        let d = match e {
+            E::HelperBlock(h) => {
+                let inner = [&h.template, &h.inverse]
+                    .into_iter()
+                    .flatten()
+                    .map(each_depth)
+                    .try_fold(0, |a, d| d.map(|d| a.max(d)))?;
+                let is_each = matches!(&h.name, Parameter::Name(n) if n == "each");
+                inner + usize::from(is_each)
+            }
+            E::PartialExpression(_) | E::PartialBlock(_) => {
+                return Err("partials (`{{> name}}`) are not supported".into())
+            }
+            E::DecoratorExpression(_) | E::DecoratorBlock(_) => {
+                return Err("decorators (`{{* name}}`) are not supported".into())
+            }
+            _ => 0,
+        };
+        deepest = deepest.max(d);
+    }
+    Ok(deepest)
+}
+
+/// The longest array or object anywhere in `v` (what one `{{#each}}` can iterate).
+fn widest(v: &Value) -> u64 {
+    match v {
+        Value::Array(a) => a.iter().map(widest).fold(a.len() as u64, u64::max),
+        Value::Object(o) => o.values().map(widest).fold(o.len() as u64, u64::max),
+        _ => 0,
+    }
+}
+
+/// A writer that refuses to grow past [`MAX_OUTPUT_BYTES`].
+struct Bounded(Vec<u8>);
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > MAX_OUTPUT_BYTES {
+            return Err(std::io::Error::other(format!(
+                "the output would exceed {MAX_OUTPUT_BYTES} bytes"
+            )));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl Registry {
@@ -145,10 +229,10 @@ impl Registry {
         let mut plain = Handlebars::new();
         plain.set_strict_mode(true);
         plain.register_escape_fn(handlebars::no_escape);
-        let mut names = HashSet::new();
+        let mut names = HashMap::new();
         for p in &parts {
             let name = key(&p.event_type, p.part, p.locale.as_deref());
-            let compiled = compile(&p.source).map_err(|e| {
+            let (compiled, depth) = checked(&p.source).map_err(|e| {
                 anyhow::anyhow!("template {}/{} ({:?}): {e}", p.event_type, p.part, p.origin)
             })?;
             if p.part.ends_with(".html") {
@@ -156,7 +240,7 @@ impl Registry {
             } else {
                 plain.register_template(&name, compiled);
             }
-            names.insert(name);
+            names.insert(name, depth);
         }
         Ok(Self {
             escaped,
@@ -300,7 +384,7 @@ impl Templates {
 
     fn has(&self, event_type: &str, part: &str) -> bool {
         let prefix = format!("{event_type}/{part}/");
-        self.registry().names.iter().any(|n| n.starts_with(&prefix))
+        self.registry().names.keys().any(|n| n.starts_with(&prefix))
     }
 
     /// The channels an event type has templates for (the default when an event names none).
@@ -329,21 +413,31 @@ impl Templates {
         let current = self.registry();
         for l in locale_chain(locale) {
             let name = key(event_type, part, l);
-            if !current.names.contains(&name) {
+            let Some(&depth) = current.names.get(&name) else {
                 continue;
+            };
+            let failed = |reason: String| TemplateError::Render {
+                name: format!("{event_type}/{part}"),
+                reason,
+            };
+            let iterations = widest(ctx).saturating_pow(depth as u32);
+            if depth > 0 && iterations > MAX_ITERATIONS {
+                return Err(failed(format!(
+                    "its {{{{#each}}}} blocks could iterate {iterations} times over this data; at most {MAX_ITERATIONS}"
+                )));
             }
             let registry = if part.ends_with(".html") {
                 &current.escaped
             } else {
                 &current.plain
             };
-            return registry
-                .render(&name, ctx)
+            let mut out = Bounded(Vec::new());
+            registry
+                .render_to_write(&name, ctx, &mut out)
+                .map_err(|e| failed(e.to_string()))?;
+            return String::from_utf8(out.0)
                 .map(Some)
-                .map_err(|e| TemplateError::Render {
-                    name: format!("{event_type}/{part}"),
-                    reason: e.to_string(),
-                });
+                .map_err(|e| failed(e.to_string()));
         }
         Ok(None)
     }
@@ -582,5 +676,130 @@ mod tests {
         assert_eq!(err.reason(), "template_missing");
         assert_eq!(t.channels_for("welcome"), vec![Channel::Email]);
         assert!(t.channels_for("nope").is_empty());
+    }
+}
+
+/// Properties over arbitrary (untrusted) templates and data: compiling and rendering never
+/// panic, and a rendered part never exceeds [`MAX_OUTPUT_BYTES`].
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::{Channel, Origin, PartSource, Rendered, Templates, MAX_OUTPUT_BYTES};
+
+    fn source() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            "[a-z <>&\"]{0,8}",
+            Just("{{payload.a}}".to_owned()),
+            Just("{{{payload.a}}}".to_owned()),
+            Just("{{#each payload.list}}".to_owned()),
+            Just("{{/each}}".to_owned()),
+            Just("{{#if payload.a}}".to_owned()),
+            Just("{{else}}".to_owned()),
+            Just("{{/if}}".to_owned()),
+            Just("{{this}}".to_owned()),
+            Just("{{@index}}".to_owned()),
+            Just("{{> other}}".to_owned()),
+            Just("{{".to_owned()),
+            Just("}}".to_owned()),
+            Just("{{lookup payload.list 0}}".to_owned()),
+        ];
+        prop::collection::vec(piece, 0..24).prop_map(|p| p.concat())
+    }
+
+    proptest! {
+        #[test]
+        fn untrusted_templates_compile_or_refuse_and_render_bounded(
+            src in source(),
+            a in ".{0,200}",
+            list in prop::collection::vec(".{0,50}", 0..64),
+        ) {
+            let part = |part: &'static str| PartSource {
+                event_type: "fuzz".into(),
+                part,
+                locale: None,
+                source: src.clone(),
+                origin: Origin::Api,
+            };
+            let Ok(t) = Templates::from_parts(vec![part("email.subject"), part("email.html")]) else {
+                return Ok(());
+            };
+            let ctx = json!({"payload": {"a": a, "list": list}, "user": {}});
+            if let Ok(Rendered::Email { subject, html, .. }) = t.render("fuzz", Channel::Email, None, &ctx) {
+                prop_assert!(subject.len() <= MAX_OUTPUT_BYTES);
+                prop_assert!(html.map_or(0, |h| h.len()) <= MAX_OUTPUT_BYTES);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod bounds {
+    use serde_json::json;
+
+    use super::{compile, Channel, Origin, PartSource, TemplateError, Templates};
+
+    /// An email whose subject is `source` (and whose text is fixed).
+    fn subject_only(source: &str) -> Templates {
+        let part = |part, source: &str| PartSource {
+            event_type: "t".into(),
+            part,
+            locale: None,
+            source: source.into(),
+            origin: Origin::Api,
+        };
+        Templates::from_parts(vec![part("email.subject", source), part("email.txt", "x")])
+            .expect("compiles")
+    }
+
+    fn render_error(t: &Templates, ctx: serde_json::Value) -> String {
+        match t.render("t", Channel::Email, None, &ctx) {
+            Err(e @ TemplateError::Render { .. }) => {
+                assert_eq!(e.reason(), "template_error");
+                e.to_string()
+            }
+            other => panic!("expected a render error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn partials_decorators_and_deep_loops_are_refused_when_saved() {
+        let partial = compile("hi {{> welcome}}").expect_err("partial");
+        assert!(partial.reason.contains("partials"), "{partial}");
+        let decorator = compile("{{*inline}}").expect_err("decorator");
+        assert!(decorator.reason.contains("decorators"), "{decorator}");
+        let deep =
+            "{{#each a}}{{#each b}}{{#each c}}{{#each d}}x{{/each}}{{/each}}{{/each}}{{/each}}";
+        assert!(compile(deep)
+            .expect_err("too deep")
+            .reason
+            .contains("nest 4 deep"));
+        let ok = "{{#each a}}{{#if b}}{{#each c}}{{#each d}}x{{/each}}{{/each}}{{/if}}{{/each}}";
+        compile(ok).expect("three deep is allowed");
+    }
+
+    #[test]
+    fn nested_loops_over_wide_data_are_refused_before_rendering() {
+        let t = subject_only("{{#each payload.a}}{{#each ../payload.a}}{{/each}}{{/each}}");
+        let wide: Vec<u32> = (0..1_000).collect();
+        let why = render_error(&t, json!({"payload": {"a": wide}}));
+        assert!(why.contains("1000000 times"), "{why}");
+        let narrow: Vec<u32> = (0..100).collect();
+        t.render(
+            "t",
+            Channel::Email,
+            None,
+            &json!({"payload": {"a": narrow}}),
+        )
+        .expect("10,000 iterations render");
+    }
+
+    #[test]
+    fn output_past_the_bound_is_an_error_not_a_huge_message() {
+        let t = subject_only("{{#each payload.list}}{{../payload.big}}{{/each}}");
+        let big = "x".repeat(100_000);
+        let why = render_error(&t, json!({"payload": {"big": big, "list": vec![1; 20]}}));
+        assert!(why.contains("exceed"), "{why}");
     }
 }

@@ -532,3 +532,86 @@ mod tests {
         assert_eq!(e.event_id.as_deref(), Some("key-1"));
     }
 }
+
+/// Properties over arbitrary input: the parser never panics, and every refusal carries one
+/// of the stable codes (the API maps each to a 4xx).
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use serde_json::{json, Value};
+
+    use super::{parse_event, EventLimits};
+
+    const LIMITS: EventLimits = EventLimits {
+        max_payload_bytes: 4096,
+        max_inline_recipients: 50,
+    };
+    const CODES: [&str; 4] = [
+        "malformed_json",
+        "validation_failed",
+        "no_recipients",
+        "payload_too_large",
+    ];
+
+    /// Any JSON value, a few levels deep.
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(|f| json!(f)),
+            ".{0,40}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..8).prop_map(Value::from),
+                prop::collection::btree_map(".{0,12}", inner, 0..8)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// An event whose known fields hold arbitrary values (the shapes a client gets wrong).
+    fn event_like() -> impl Strategy<Value = Value> {
+        let field = prop_oneof![
+            Just("event_type"),
+            Just("event_id"),
+            Just("priority"),
+            Just("channels"),
+            Just("recipients"),
+            Just("payload"),
+            Just("locale"),
+            Just("send_at"),
+            Just("recurring"),
+            Just("timezone"),
+        ];
+        prop::collection::btree_map(field, any_json(), 0..10)
+            .prop_map(|m| Value::Object(m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()))
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_and_refusals_have_a_stable_code(body in prop::collection::vec(any::<u8>(), 0..512)) {
+            if let Err(e) = parse_event(&body, None, LIMITS) {
+                prop_assert!(CODES.contains(&e.code()));
+            }
+        }
+
+        #[test]
+        fn arbitrary_event_shapes_never_panic_and_refusals_have_a_stable_code(
+            event in event_like(),
+            key in proptest::option::of(".{0,80}"),
+        ) {
+            let body = serde_json::to_vec(&event).expect("serializable");
+            match parse_event(&body, key.as_deref(), LIMITS) {
+                Err(e) => {
+                    prop_assert!(CODES.contains(&e.code()));
+                    prop_assert!(!e.message().is_empty());
+                }
+                Ok(parsed) => {
+                    prop_assert!(!parsed.recipients.is_empty() || parsed.recurring.is_some());
+                }
+            }
+        }
+    }
+}

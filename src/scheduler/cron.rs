@@ -404,3 +404,57 @@ mod tests {
         assert!(more);
     }
 }
+
+/// Properties over arbitrary input: parsing never panics; fire instants are strictly
+/// increasing, after the given instant, and as many as asked for (a schedule that fires
+/// at all fires at least once every 8 years).
+#[cfg(test)]
+mod properties {
+    use chrono::{TimeZone, Utc};
+    use proptest::prelude::*;
+
+    use super::CronSpec;
+
+    fn field(max: u32) -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("*".to_owned()),
+            (0..=max).prop_map(|n| n.to_string()),
+            (0..=max, 0..=max).prop_map(|(a, b)| format!("{}-{}", a.min(b), a.max(b))),
+            (1..=max.max(1)).prop_map(|n| format!("*/{n}")),
+            (0..=max, 0..=max).prop_map(|(a, b)| format!("{a},{b}")),
+        ]
+    }
+
+    fn expression() -> impl Strategy<Value = String> {
+        (field(59), field(23), field(28), field(12), field(6)).prop_map(|(m, h, dom, mon, dow)| {
+            format!(
+                "{m} {h} {} {} {dow}",
+                dom.replace('0', "1"),
+                mon.replace('0', "1")
+            )
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_text_never_panics(text in ".{0,64}", tz in ".{0,32}") {
+            let _ = text.parse::<CronSpec>();
+            let _ = super::parse_tz(&tz);
+        }
+
+        #[test]
+        fn fire_instants_increase_strictly_after_the_start(
+            expr in expression(),
+            zone in 0..chrono_tz::TZ_VARIANTS.len(),
+            start in 0i64..4_000_000_000,
+        ) {
+            let Ok(spec) = expr.parse::<CronSpec>() else { return Ok(()) };
+            let tz = chrono_tz::TZ_VARIANTS[zone];
+            let after = Utc.timestamp_opt(start, 0).single().expect("in range");
+            let fires = spec.next_after(tz, after, 5);
+            prop_assert!(fires.len() <= 5);
+            prop_assert!(fires.iter().all(|t| *t > after), "{expr} in {tz}: {fires:?}");
+            prop_assert!(fires.windows(2).all(|w| w[0] < w[1]), "{expr} in {tz}: {fires:?}");
+        }
+    }
+}
