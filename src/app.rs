@@ -35,6 +35,8 @@ pub struct Context {
     pub schedule_wake: Arc<Notify>,
     /// Accepted events, group-committed: concurrent requests share one transaction.
     pub intake: Batcher<(NotificationDoc, OutboxDoc), Accepted>,
+    /// Delivery work waiting, as `POST /v1/events` checks it before accepting.
+    pub backlog: Arc<crate::ingest::Backlog>,
     /// Names this process in delivery claims (host:pid:random).
     pub instance: String,
     /// The stored templates this process has applied.
@@ -78,6 +80,7 @@ impl Context {
             schedule_wake: Arc::new(Notify::new()),
             instance,
             intake,
+            backlog: Arc::default(),
             templates_seen: Arc::default(),
         })
     }

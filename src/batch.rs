@@ -9,7 +9,24 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-type Reply<O> = oneshot::Sender<Result<O, Arc<str>>>;
+/// A failed batch's message, and whether it was a failure of the moment.
+type Failure = (Arc<str>, bool);
+type Reply<O> = oneshot::Sender<Result<O, Failure>>;
+
+/// A round trip failed for a reason of the moment (MongoDB or RabbitMQ unreachable, the
+/// documents held by another transaction); kept as a type so every request a failed batch
+/// answers can still tell.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Temporary(pub String);
+
+/// True when `e` is a failure of the moment — a server down or switching over, documents
+/// held by another transaction — that will pass without anything changing in the request.
+pub fn is_temporary(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<Temporary>())
+        || crate::store::is_temporary(e)
+        || crate::queue::is_unreachable(e)
+}
 
 /// A handle for submitting requests; the batching task ends when every handle is dropped.
 pub struct Batcher<I, O> {
@@ -46,15 +63,16 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                         }
                     }
                     result => {
-                        let why: Arc<str> = match result {
-                            Err(e) => format!("{e:#}").into(),
-                            Ok(o) => {
-                                format!("{name}: {} answers to {count} requests", o.len()).into()
-                            }
+                        let (why, down): Failure = match result {
+                            Err(e) => (format!("{e:#}").into(), is_temporary(&e)),
+                            Ok(o) => (
+                                format!("{name}: {} answers to {count} requests", o.len()).into(),
+                                false,
+                            ),
                         };
                         tracing::error!(error = %why, count, batch = name, "batch failed");
                         for reply in replies {
-                            let _ = reply.send(Err(Arc::clone(&why)));
+                            let _ = reply.send(Err((Arc::clone(&why), down)));
                         }
                     }
                 }
@@ -71,7 +89,10 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         answer
             .await
             .map_err(|_| stopped())?
-            .map_err(|e| anyhow::anyhow!("{e}"))
+            .map_err(|(why, down)| match down {
+                true => anyhow::Error::new(Temporary(why.to_string())),
+                false => anyhow::anyhow!("{why}"),
+            })
     }
 }
 

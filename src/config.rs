@@ -163,6 +163,8 @@ pub struct AmqpSettings {
 pub struct EventSettings {
     pub max_payload_bytes: usize,
     pub max_inline_recipients: usize,
+    /// Jobs waiting (lanes + outbox) past which new events are refused with 503; 0: no bound.
+    pub max_backlog: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -180,6 +182,8 @@ pub struct WorkerSettings {
     pub normal_concurrency: u16,
     pub low_concurrency: u16,
     pub claim_timeout_secs: i64,
+    /// A redelivered job whose delivery was claimed less than this ago waits for its sender.
+    pub redelivery_grace_secs: i64,
     pub commit_batch_max: usize,
     pub fanout_batch_size: usize,
     /// Provider calls per delivery before it is `dead`.

@@ -1,6 +1,6 @@
 //! Accepting an event — one code path for REST and the `herald.events` exchange.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use mongodb::bson::{self, DateTime, Document};
@@ -13,6 +13,46 @@ use crate::scheduler::definition::{self, ScheduleError};
 use crate::store::{
     bson_time, Accepted, Counts, NotificationDoc, OutboxDoc, RecipientsDoc, ScheduleDoc,
 };
+
+/// A backlog reading is reused for this long, so a burst of requests costs one look.
+const BACKLOG_FRESH: Duration = Duration::from_millis(500);
+
+/// How much delivery work waits — jobs ready on the three lanes plus outbox entries not
+/// yet relayed — as this process last read it.
+#[derive(Default)]
+pub struct Backlog(tokio::sync::Mutex<Option<(Instant, u64)>>);
+
+impl Backlog {
+    /// The current backlog (at most `BACKLOG_FRESH` old). A part that cannot be read
+    /// counts as empty: an unreachable RabbitMQ is the outbox's job, not a reason to refuse.
+    pub async fn current(&self, ctx: &Context) -> u64 {
+        let mut cached = self.0.lock().await;
+        if let Some((at, n)) = *cached {
+            if at.elapsed() < BACKLOG_FRESH {
+                return n;
+            }
+        }
+        let mut n = ctx.store.outbox_backlog().await.unwrap_or(0);
+        for p in [Priority::High, Priority::Normal, Priority::Low] {
+            let lane = ctx.broker.names().lane(p);
+            n += u64::from(ctx.broker.queue_depth(lane).await.unwrap_or(0));
+        }
+        *cached = Some((Instant::now(), n));
+        n
+    }
+
+    /// `Err(backlog)` while the backlog is past `events.max_backlog` (0: never).
+    pub async fn admit(&self, ctx: &Context) -> Result<(), u64> {
+        let bound = ctx.settings.events.max_backlog;
+        if bound == 0 {
+            return Ok(());
+        }
+        match self.current(ctx).await {
+            n if n > bound => Err(n),
+            _ => Ok(()),
+        }
+    }
+}
 
 /// Why an otherwise well-formed event was refused.
 #[derive(Debug, thiserror::Error)]

@@ -130,17 +130,13 @@ pub async fn require(
         Err(e) => return ApiError::from(e).into_response(),
     };
     if let Err(wait) = auth.admit(&key) {
-        let mut r = ApiError::new(
+        return ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",
             "this API key is over its request rate; retry after the given seconds",
         )
+        .retry_after(wait.as_secs_f64().ceil() as u64)
         .into_response();
-        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
-            r.headers_mut().insert(header::RETRY_AFTER, v);
-        }
-        return r;
     }
     if !scope.granted_by(&key.scopes) {
         return ApiError::new(

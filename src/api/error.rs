@@ -18,6 +18,8 @@ pub struct ApiError {
     pub details: Vec<FieldError>,
     /// Logged, never sent.
     pub cause: Option<anyhow::Error>,
+    /// Sent as `Retry-After` (seconds).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -28,6 +30,15 @@ impl ApiError {
             message: message.into(),
             details: Vec::new(),
             cause: None,
+            retry_after: None,
+        }
+    }
+
+    /// The same error, telling the client when to try again.
+    pub fn retry_after(self, secs: u64) -> Self {
+        Self {
+            retry_after: Some(secs.max(1)),
+            ..self
         }
     }
 
@@ -116,10 +127,14 @@ impl IntoResponse for ApiError {
             body["error"]["details"] = json!(self.details);
         }
         let mut response = (self.status, Json(body)).into_response();
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+        // Every 503 says when to come back; a 429 says so through `retry_after`.
+        let retry_after = self
+            .retry_after
+            .or((self.status == StatusCode::SERVICE_UNAVAILABLE).then_some(1));
+        if let Some(secs) = retry_after {
             response
                 .headers_mut()
-                .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
         }
         response
     }

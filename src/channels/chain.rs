@@ -164,7 +164,8 @@ impl Provider for Chain {
     }
 
     /// A transient failure or an open breaker moves on to the next provider; a permanent
-    /// failure is the recipient's and is returned at once (another provider would fail too).
+    /// failure is the recipient's and is returned at once (another provider would fail too),
+    /// and so is an unknown outcome (another provider could deliver it twice).
     async fn send(&self, message: &OutboundMessage) -> Result<Receipt, DeliveryError> {
         let mut last: Option<DeliveryError> = None;
         for m in &self.members {
@@ -187,6 +188,11 @@ impl Provider for Chain {
                 }
                 Err(e @ DeliveryError::Permanent { .. }) => {
                     m.breaker.success();
+                    return Err(e);
+                }
+                Err(e @ DeliveryError::Unknown { .. }) => {
+                    // It may have been delivered: another provider could send it twice.
+                    m.breaker.failure();
                     return Err(e);
                 }
                 Err(e) => {

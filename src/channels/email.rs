@@ -12,7 +12,7 @@ use lettre::transport::smtp::PoolConfig;
 use lettre::{AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use mongodb::bson::doc;
 
-use super::smtp_pool::SmtpPool;
+use super::smtp_pool::{PoolError, SmtpPool};
 use super::{DeliveryError, Destination, OutboundMessage, Provider, Receipt};
 use crate::config::{EmailSettings, EmailTransportKind, SmtpSecurity};
 use crate::templates::Rendered;
@@ -150,29 +150,35 @@ impl Provider for SmtpEmail {
 
     async fn send(&self, message: &OutboundMessage) -> Result<Receipt, DeliveryError> {
         let email = compose(&self.from, message, self.name())?;
-        // 5xx replies will fail again; everything else (4xx, timeouts, I/O) may not.
+        // 5xx replies will fail again; a connection lost after the content went out may
+        // have delivered it; everything else (4xx, timeouts before, I/O) may work later.
+        let name = self.name();
         let sent = match &self.transport {
             Smtp::Pool(pool) => pool
                 .send(email.envelope(), &email.formatted())
                 .await
-                .map_err(|e| (e.is_permanent(), e.to_string())),
-            Smtp::Lettre(t) => t
-                .send(email)
-                .await
-                .map_err(|e| (e.is_permanent(), e.to_string())),
-        };
-        match sent {
-            Ok(response) => Ok(Receipt {
-                provider: self.name().to_owned(),
-                invalid_tokens: Vec::new(),
-                response: doc! {
-                    "smtp_code": response.code().to_string(),
-                    "smtp_message": response.message().collect::<Vec<_>>().join(" "),
-                },
+                .map_err(|e| match e {
+                    PoolError::Unknown(message) => DeliveryError::Unknown {
+                        provider: name.to_owned(),
+                        message,
+                    },
+                    e if e.is_permanent() => DeliveryError::permanent(name, e.to_string()),
+                    e => DeliveryError::transient(name, e.to_string()),
+                }),
+            Smtp::Lettre(t) => t.send(email).await.map_err(|e| match e.is_permanent() {
+                true => DeliveryError::permanent(name, e.to_string()),
+                false => DeliveryError::transient(name, e.to_string()),
             }),
-            Err((true, e)) => Err(DeliveryError::permanent(self.name(), e)),
-            Err((false, e)) => Err(DeliveryError::transient(self.name(), e)),
-        }
+        };
+        let response = sent?;
+        Ok(Receipt {
+            provider: name.to_owned(),
+            invalid_tokens: Vec::new(),
+            response: doc! {
+                "smtp_code": response.code().to_string(),
+                "smtp_message": response.message().collect::<Vec<_>>().join(" "),
+            },
+        })
     }
 }
 

@@ -48,7 +48,8 @@ enum TokenResult {
     Sent(String),
     /// UNREGISTERED or INVALID_ARGUMENT: the token is dead.
     Invalid(String),
-    Transient(DeliveryError),
+    /// Not sent: transient, or of unknown outcome.
+    Failed(DeliveryError),
 }
 
 impl Fcm {
@@ -145,7 +146,7 @@ impl Fcm {
         for renew in [false, true] {
             let token = match self.access_token(renew).await {
                 Ok(t) => t,
-                Err(e) => return TokenResult::Transient(e),
+                Err(e) => return TokenResult::Failed(e),
             };
             let answer = match self
                 .client
@@ -156,12 +157,7 @@ impl Fcm {
                 .await
             {
                 Ok(a) => a,
-                Err(e) => {
-                    return TokenResult::Transient(DeliveryError::transient(
-                        &self.name,
-                        format!("request failed: {e}"),
-                    ))
-                }
+                Err(e) => return TokenResult::Failed(DeliveryError::from_request(&self.name, &e)),
             };
             let status = answer.status().as_u16();
             let wait = retry_after(answer.headers());
@@ -181,7 +177,7 @@ impl Fcm {
                     return TokenResult::Invalid(code)
                 }
                 _ => {
-                    return TokenResult::Transient(DeliveryError::Transient {
+                    return TokenResult::Failed(DeliveryError::Transient {
                         provider: self.name.clone(),
                         message: format!("HTTP {status} {code}"),
                         retry_after: wait,
@@ -190,7 +186,7 @@ impl Fcm {
                 }
             }
         }
-        TokenResult::Transient(DeliveryError::transient(
+        TokenResult::Failed(DeliveryError::transient(
             &self.name,
             "unauthorized after renewing the token",
         ))
@@ -211,7 +207,7 @@ impl Provider for Fcm {
         else {
             return Err(DeliveryError::permanent(&self.name, "FCM sends push only"));
         };
-        let (mut sent, mut invalid, mut reasons, mut transient) =
+        let (mut sent, mut invalid, mut reasons, mut failed) =
             (Vec::new(), Vec::new(), Vec::new(), None);
         for device in tokens {
             match self
@@ -223,7 +219,12 @@ impl Provider for Fcm {
                     invalid.push(device.clone());
                     reasons.push(why);
                 }
-                TokenResult::Transient(e) => transient = Some(e),
+                // An unknown outcome outweighs a transient failure: no retry may repeat it.
+                TokenResult::Failed(e) => {
+                    if !matches!(failed, Some(DeliveryError::Unknown { .. })) {
+                        failed = Some(e);
+                    }
+                }
             }
         }
         if !sent.is_empty() {
@@ -233,7 +234,7 @@ impl Provider for Fcm {
                 invalid_tokens: invalid,
             });
         }
-        if let Some(e) = transient {
+        if let Some(e) = failed {
             return Err(e);
         }
         Err(DeliveryError::Permanent {

@@ -73,27 +73,46 @@ pub enum DeliveryError {
         /// Push tokens the provider says are dead (every one of the user's, here).
         invalid_tokens: Vec<String>,
     },
+    /// The message may or may not have reached the provider (the connection broke or
+    /// timed out after it was handed over): sending again could deliver it twice, so it
+    /// is neither retried nor failed over, but recorded `failed`/`outcome_unknown`.
+    #[error("{provider}: outcome unknown: {message}")]
+    Unknown { provider: String, message: String },
 }
 
 impl DeliveryError {
     pub fn provider(&self) -> &str {
         match self {
             DeliveryError::Transient { provider, .. }
-            | DeliveryError::Permanent { provider, .. } => provider,
+            | DeliveryError::Permanent { provider, .. }
+            | DeliveryError::Unknown { provider, .. } => provider,
         }
     }
     pub fn message(&self) -> &str {
         match self {
-            DeliveryError::Transient { message, .. } | DeliveryError::Permanent { message, .. } => {
-                message
-            }
+            DeliveryError::Transient { message, .. }
+            | DeliveryError::Permanent { message, .. }
+            | DeliveryError::Unknown { message, .. } => message,
         }
     }
     /// Push tokens to remove from the user.
     pub fn invalid_tokens(&self) -> &[String] {
         match self {
             DeliveryError::Permanent { invalid_tokens, .. } => invalid_tokens,
-            DeliveryError::Transient { .. } => &[],
+            DeliveryError::Transient { .. } | DeliveryError::Unknown { .. } => &[],
+        }
+    }
+
+    /// An HTTP request that failed without an answer: transient if it never connected,
+    /// otherwise (a timeout, a reset after the request was written) of unknown outcome.
+    pub fn from_request(provider: &str, e: &reqwest::Error) -> Self {
+        if e.is_connect() || e.is_builder() {
+            DeliveryError::transient(provider, format!("request failed: {e}"))
+        } else {
+            DeliveryError::Unknown {
+                provider: provider.to_owned(),
+                message: format!("no answer to a request that was sent: {e}"),
+            }
         }
     }
 
@@ -105,7 +124,7 @@ impl DeliveryError {
     pub fn retry_after(&self) -> Option<std::time::Duration> {
         match self {
             DeliveryError::Transient { retry_after, .. } => *retry_after,
-            DeliveryError::Permanent { .. } => None,
+            DeliveryError::Permanent { .. } | DeliveryError::Unknown { .. } => None,
         }
     }
 

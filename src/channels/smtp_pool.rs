@@ -5,13 +5,15 @@
 //! message waited for the server's delayed ACK (~40 ms on Linux). Here the protocol is
 //! still lettre's (`AsyncSmtpConnection`); only the socket and the pool are ours.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use lettre::address::Envelope;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{AsyncSmtpConnection, TlsParameters};
-use lettre::transport::smtp::extension::ClientId;
+use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
+use lettre::transport::smtp::extension::{ClientId, MailBodyParameter, MailParameter};
 use lettre::transport::smtp::response::Response;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
@@ -28,6 +30,10 @@ pub enum PoolError {
     Connect(String, std::io::Error),
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+    /// The connection broke (or the deadline passed) after the message content was
+    /// written: the server may have queued it.
+    #[error("{0}")]
+    Unknown(String),
 }
 
 impl PoolError {
@@ -70,12 +76,24 @@ impl SmtpPool {
     }
 
     /// Sends one message on a pooled connection (at most `max_size` at once); the whole
-    /// exchange is bounded by the timeout, and a connection that failed is not reused.
+    /// exchange is bounded by the timeout, and a connection that failed is not reused. A
+    /// pooled connection that turns out dead before the message content went out (the
+    /// server closed it while idle) is replaced once, at once.
     pub async fn send(&self, envelope: &Envelope, message: &[u8]) -> Result<Response, PoolError> {
         let _slot = self.slots.acquire().await.expect("the pool never closes");
+        let content_sent = AtomicBool::new(false);
         let work = async {
-            let mut conn = self.connection().await?;
-            match conn.send(envelope, message).await {
+            let (mut conn, reused) = self.connection().await?;
+            let mut result = exchange(&mut conn, envelope, message, &content_sent).await;
+            if let Err(e) = &result {
+                let nothing_sent = !content_sent.load(Ordering::SeqCst);
+                if reused && nothing_sent && !is_reply(e) {
+                    conn.abort().await;
+                    conn = self.connect().await?;
+                    result = exchange(&mut conn, envelope, message, &content_sent).await;
+                }
+            }
+            match result {
                 Ok(response) => {
                     if !conn.has_broken() {
                         self.lock().push((conn, Instant::now()));
@@ -84,13 +102,24 @@ impl SmtpPool {
                 }
                 Err(e) => {
                     conn.abort().await;
-                    Err(PoolError::Smtp(e))
+                    if content_sent.load(Ordering::SeqCst) && !is_reply(&e) {
+                        Err(PoolError::Unknown(format!(
+                            "the connection failed after the message was sent: {e}"
+                        )))
+                    } else {
+                        Err(PoolError::Smtp(e))
+                    }
                 }
             }
         };
-        tokio::time::timeout(self.timeout, work)
-            .await
-            .unwrap_or(Err(PoolError::Timeout(self.timeout)))
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(result) => result,
+            Err(_) if content_sent.load(Ordering::SeqCst) => Err(PoolError::Unknown(format!(
+                "no answer within {:?} after the message was sent",
+                self.timeout
+            ))),
+            Err(_) => Err(PoolError::Timeout(self.timeout)),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(AsyncSmtpConnection, Instant)>> {
@@ -98,13 +127,14 @@ impl SmtpPool {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn connection(&self) -> Result<AsyncSmtpConnection, PoolError> {
+    /// An idle pooled connection (`true`), or a new one.
+    async fn connection(&self) -> Result<(AsyncSmtpConnection, bool), PoolError> {
         loop {
             let Some((mut conn, since)) = self.lock().pop() else {
-                return self.connect().await;
+                return Ok((self.connect().await?, false));
             };
             if since.elapsed() < CHECK_AFTER_IDLE || conn.test_connected().await {
-                return Ok(conn);
+                return Ok((conn, true));
             }
             conn.abort().await;
         }
@@ -130,4 +160,35 @@ impl SmtpPool {
         }
         Ok(conn)
     }
+}
+
+/// An SMTP reply (4xx or 5xx), as opposed to a broken connection.
+fn is_reply(e: &lettre::transport::smtp::Error) -> bool {
+    e.is_transient() || e.is_permanent()
+}
+
+/// One mail transaction, step by step, so the caller knows whether the content went out
+/// (`content_sent`): before it, a failure delivered nothing.
+async fn exchange(
+    conn: &mut AsyncSmtpConnection,
+    envelope: &Envelope,
+    message: &[u8],
+    content_sent: &AtomicBool,
+) -> Result<Response, lettre::transport::smtp::Error> {
+    let mut params = Vec::new();
+    let non_ascii = |a: &lettre::Address| !AsRef::<str>::as_ref(a).is_ascii();
+    if envelope.from().is_some_and(non_ascii) || envelope.to().iter().any(non_ascii) {
+        params.push(MailParameter::SmtpUtfEight);
+    }
+    if !message.is_ascii() {
+        params.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+    }
+    conn.command(Mail::new(envelope.from().cloned(), params))
+        .await?;
+    for to in envelope.to() {
+        conn.command(Rcpt::new(to.clone(), Vec::new())).await?;
+    }
+    conn.command(Data).await?;
+    content_sent.store(true, Ordering::SeqCst);
+    conn.message(message).await
 }

@@ -86,7 +86,7 @@ impl Provider for Twilio {
             ])
             .send()
             .await
-            .map_err(|e| DeliveryError::transient(&self.name, format!("request failed: {e}")))?;
+            .map_err(|e| DeliveryError::from_request(&self.name, &e))?;
         let status = response.status();
         let wait = retry_after(response.headers());
         let body = response.bytes().await.unwrap_or_default();

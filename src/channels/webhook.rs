@@ -158,10 +158,11 @@ impl Provider for Webhook {
         for (k, v) in &self.headers {
             request = request.header(k, v);
         }
-        let response =
-            request.body(body).send().await.map_err(|e| {
-                DeliveryError::transient(&self.name, format!("request failed: {e}"))
-            })?;
+        let response = request
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| DeliveryError::from_request(&self.name, &e))?;
         let status = response.status();
         let wait = retry_after(response.headers());
         let answer = bounded_body(response, self.max_response_bytes).await;

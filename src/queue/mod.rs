@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::StreamExt;
+use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
@@ -59,6 +60,11 @@ impl Names {
         format!("{}.retry.{}.{tier}", self.prefix, p.as_str())
     }
 
+    /// What every name starts with (`amqp.prefix`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     pub fn lane(&self, p: Priority) -> &str {
         match p {
             Priority::High => &self.lanes[0],
@@ -67,6 +73,18 @@ impl Names {
         }
     }
 }
+
+/// True when `e` came from the AMQP connection (RabbitMQ down, unreachable or closing
+/// the channel), as opposed to a failure of the request itself.
+pub fn is_unreachable(e: &anyhow::Error) -> bool {
+    e.chain()
+        .any(|c| c.is::<lapin::Error>() || c.is::<tokio::time::error::Elapsed>())
+}
+
+/// How often a job may fail for reasons of its own before it is parked with its error.
+pub const MAX_JOB_RETRIES: u32 = 5;
+/// The header counting those failures.
+const RETRIES_HEADER: &str = "x-herald-retries";
 
 /// A message to publish.
 #[derive(Debug, Clone)]
@@ -92,8 +110,11 @@ pub struct Incoming {
 pub enum Disposition {
     /// Done (its outcome is committed).
     Ack,
-    /// Could not be handled now (a dependency is down): back to the queue.
+    /// Could not be handled now (a dependency is down): back to the queue, uncounted.
     Requeue,
+    /// Failed for a reason that may be its own: back to the queue with its failure
+    /// counted; parked (like `Reject`) with this error after [`MAX_JOB_RETRIES`].
+    Retry { error: String },
     /// Never acceptable: move it to the rejected queue with the reason, then ack.
     Reject { code: String, message: String },
 }
@@ -340,15 +361,23 @@ impl Broker {
                     };
                     let handler = handler.clone();
                     let broker = Arc::clone(self);
+                    let queue = queue.to_owned();
                     running.spawn(async move {
+                        // A copy republished after a failure is a redelivery too: the
+                        // handler that failed may have left work half done.
                         let incoming = Incoming {
                             body: delivery.data.clone(),
-                            redelivered: delivery.redelivered,
+                            redelivered: delivery.redelivered || retries(&delivery) > 0,
                         };
-                        let disposition = handler(incoming).await;
+                        let disposition = match handler(incoming).await {
+                            Disposition::Retry { error } => {
+                                broker.count_retry(&queue, &delivery, error).await
+                            }
+                            other => other,
+                        };
                         let settled = match disposition {
                             Disposition::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
-                            Disposition::Requeue => delivery
+                            Disposition::Requeue | Disposition::Retry { .. } => delivery
                                 .acker
                                 .nack(BasicNackOptions { requeue: true, ..Default::default() })
                                 .await,
@@ -418,6 +447,36 @@ impl Broker {
 }
 
 impl Broker {
+    /// A failed job's next step: republished to its queue with its failure count (then
+    /// `Ack` for this copy), or `Reject` once it failed [`MAX_JOB_RETRIES`] times. If the
+    /// copy cannot be published, the message goes back uncounted (`Requeue`).
+    async fn count_retry(&self, queue: &str, delivery: &Delivery, error: String) -> Disposition {
+        let failed = retries(delivery) + 1;
+        if failed >= MAX_JOB_RETRIES {
+            return Disposition::Reject {
+                code: "retries_exhausted".to_owned(),
+                message: format!("failed {failed} times; last: {error}"),
+            };
+        }
+        let copy = Outgoing {
+            exchange: String::new(),
+            routing_key: queue.to_owned(),
+            body: delivery.data.clone(),
+            headers: vec![(RETRIES_HEADER.to_owned(), failed.to_string())],
+            expiration_ms: None,
+        };
+        match self.publish_confirmed(&[copy]).await {
+            Ok(()) => Disposition::Ack,
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "could not count a retry; requeueing"
+                );
+                Disposition::Requeue
+            }
+        }
+    }
+
     /// Parks a message in the rejected queue with its reason; it is never requeued forever
     /// nor dropped silently.
     async fn reject(&self, body: &[u8], code: &str, message: &str) -> anyhow::Result<()> {
@@ -450,6 +509,20 @@ impl Broker {
 }
 
 /// Declares every exchange, queue and binding; idempotent.
+/// How often this message failed for reasons of its own so far.
+fn retries(delivery: &Delivery) -> u32 {
+    let Some(headers) = delivery.properties.headers() else {
+        return 0;
+    };
+    match headers.inner().get(RETRIES_HEADER) {
+        Some(AMQPValue::LongString(s)) => std::str::from_utf8(s.as_bytes())
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
+        _ => 0,
+    }
+}
+
 async fn declare_topology(ch: &Channel, names: &Names) -> anyhow::Result<()> {
     let durable = ExchangeDeclareOptions {
         durable: true,

@@ -307,3 +307,74 @@ mod tests {
         assert_eq!(LogCursor::decode(""), None);
     }
 }
+
+impl Store {
+    /// Deliveries still `sending` under a claim made before `cutoff` (at most `limit`):
+    /// their worker stopped, or their job was lost, between the provider call and the commit.
+    pub async fn stale_claims(
+        &self,
+        cutoff: DateTime,
+        limit: i64,
+    ) -> anyhow::Result<Vec<DeliveryDoc>> {
+        Ok(self
+            .deliveries()
+            .find(doc! {"status": "sending", "claim.claimed_at": {"$lt": cutoff}})
+            .projection(doc! {"attempts": 0})
+            .limit(limit)
+            .await?
+            .try_collect()
+            .await?)
+    }
+}
+
+/// A delivery record as an audit reads it: tolerant of records herald cannot decode.
+#[derive(Debug, Clone)]
+pub struct AuditedDelivery {
+    pub id: String,
+    pub notification_id: String,
+    pub schedule_id: Option<String>,
+    /// The stored status, or `?` when it is not a string.
+    pub status: String,
+    pub reason: Option<String>,
+}
+
+impl AuditedDelivery {
+    pub fn is_terminal(&self) -> bool {
+        matches!(self.status.as_str(), "sent" | "skipped" | "failed" | "dead")
+    }
+}
+
+impl Store {
+    /// Every delivery record, whatever its shape (the chaos suite's accounting).
+    pub async fn delivery_audit(&self) -> anyhow::Result<Vec<AuditedDelivery>> {
+        let raw: Vec<Document> = self
+            .deliveries()
+            .clone_with_type::<Document>()
+            .find(doc! {})
+            .projection(doc! {"notification_id": 1, "schedule_id": 1, "status": 1, "reason": 1})
+            .await?
+            .try_collect()
+            .await?;
+        let text = |d: &Document, k: &str| d.get_str(k).ok().map(str::to_owned);
+        Ok(raw
+            .iter()
+            .map(|d| AuditedDelivery {
+                id: text(d, "_id").unwrap_or_default(),
+                notification_id: text(d, "notification_id").unwrap_or_default(),
+                schedule_id: text(d, "schedule_id"),
+                status: text(d, "status").unwrap_or_else(|| "?".into()),
+                reason: text(d, "reason"),
+            })
+            .collect())
+    }
+
+    /// Writes a delivery record no herald would write (its status is a number): a test
+    /// bed's poison, for checking that a job about it is parked, not retried forever.
+    pub async fn insert_unreadable_delivery(&self, id: &str) -> anyhow::Result<()> {
+        self.deliveries()
+            .clone_with_type::<Document>()
+            .insert_one(doc! {"_id": id, "notification_id": "poison", "status": 42})
+            .await?;
+        Ok(())
+    }
+}

@@ -15,9 +15,11 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::{FutureExt, Stream, TryStreamExt};
-use mongodb::bson::{self, doc, DateTime, Document};
-use mongodb::error::{ErrorKind, WriteFailure};
-use mongodb::options::{ClientOptions, IndexOptions, UpdateOneModel, WriteModel};
+use mongodb::bson::{self, doc, DateTime, Document, RawDocumentBuf};
+use mongodb::error::{ErrorKind, PartialBulkWriteResult, WriteFailure};
+use mongodb::options::{
+    Acknowledgment, ClientOptions, IndexOptions, UpdateOneModel, WriteConcern, WriteModel,
+};
 use mongodb::{Client, Collection, Database, IndexModel};
 
 use crate::config::{MongoSettings, RetentionSettings};
@@ -123,26 +125,120 @@ pub(crate) fn expires(days: u32) -> Option<DateTime> {
     crate::config::expiry(days, chrono::Utc::now()).map(bson_time)
 }
 
-/// True when a write failed on a unique index.
-/// The documents with these `_id`s, in one `$in` query, keyed by id.
+/// The documents with these `_id`s, in one `$in` query, keyed by id; each decoded on its
+/// own, so one record herald cannot read fails only itself, not the whole batch.
 async fn by_ids<T>(
     collection: &Collection<T>,
     ids: &[String],
-    id_of: impl Fn(&T) -> &String,
-) -> anyhow::Result<HashMap<String, T>>
+) -> anyhow::Result<HashMap<String, Result<T, String>>>
 where
     T: serde::de::DeserializeOwned + Send + Sync,
 {
-    Ok(collection
+    let raw: Vec<RawDocumentBuf> = collection
+        .clone_with_type::<RawDocumentBuf>()
         .find(doc! {"_id": {"$in": ids}})
         .await?
-        .try_collect::<Vec<_>>()
-        .await?
+        .try_collect()
+        .await?;
+    Ok(raw
         .into_iter()
-        .map(|d| (id_of(&d).clone(), d))
+        .filter_map(|d| {
+            let id = d.get_str("_id").ok()?.to_owned();
+            let decoded = bson::from_slice::<T>(d.as_bytes())
+                .map_err(|e| format!("record `{id}` cannot be read: {e}"));
+            Some((id, decoded))
+        })
         .collect())
 }
 
+/// True when MongoDB could not do it now — unreachable, switching over, or the documents
+/// held by another transaction — as opposed to a failure of the request itself.
+pub fn is_temporary(e: &anyhow::Error) -> bool {
+    is_write_conflict(e) || is_unreachable(e)
+}
+
+/// True when `e` says MongoDB could not be reached or is switching over.
+fn is_unreachable(e: &anyhow::Error) -> bool {
+    // Server codes for "not now": host unreachable/not found, network timeout, shutdown,
+    // stepdown, not primary, interrupted at shutdown, socket exception.
+    const NOT_NOW: [i32; 12] = [
+        6, 7, 89, 91, 189, 9001, 10107, 11600, 11602, 13435, 13436, 262,
+    ];
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<mongodb::error::Error>())
+        .any(|m| {
+            [
+                "TransientTransactionError",
+                "RetryableWriteError",
+                "UnknownTransactionCommitResult",
+            ]
+            .iter()
+            .any(|l| m.contains_label(l))
+                || match m.kind.as_ref() {
+                    ErrorKind::ServerSelection { .. }
+                    | ErrorKind::Io(_)
+                    | ErrorKind::ConnectionPoolCleared { .. }
+                    | ErrorKind::DnsResolve { .. } => true,
+                    ErrorKind::Command(c) => NOT_NOW.contains(&c.code),
+                    _ => false,
+                }
+        })
+}
+
+/// MongoDB's WriteConflict: another transaction touched the same document first.
+const WRITE_CONFLICT: i32 = 112;
+/// A batch that keeps conflicting is given up after this many tries.
+const CONFLICT_TRIES: u32 = 10;
+
+/// True when `e` is (or, in a bulk write, holds only) write conflicts. MongoDB reports one
+/// inside a transaction as a `TransientTransactionError`, which the driver's `and_run`
+/// retries; SecantusDB reports it as a per-operation error of the bulk write, which it
+/// does not, so herald retries those itself.
+pub fn is_write_conflict(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<mongodb::error::Error>())
+        .any(|m| match m.kind.as_ref() {
+            ErrorKind::Command(c) => c.code == WRITE_CONFLICT,
+            ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == WRITE_CONFLICT,
+            ErrorKind::BulkWrite(b) => {
+                !b.write_errors.is_empty()
+                    && b.write_errors.values().all(|w| w.code == WRITE_CONFLICT)
+            }
+            _ => false,
+        })
+}
+
+/// A short pause, growing with `round` and jittered, before trying a conflicting write again.
+async fn conflict_pause(round: u32) {
+    let ms = 2u64 << round.min(6);
+    tokio::time::sleep(Duration::from_millis(ms + rand::random::<u64>() % ms)).await;
+}
+
+/// Runs a transaction again (a few times, after short pauses) while it fails on a write
+/// conflict; any other outcome is returned as it is.
+async fn conflict_retried<T, F, Fut>(mut attempt: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let mut round = 0;
+    loop {
+        match attempt().await {
+            Err(e) if is_write_conflict(&e) && round + 1 < CONFLICT_TRIES => {
+                tracing::debug!(
+                    error = format!("{e:#}"),
+                    round,
+                    "transaction conflicted; again"
+                );
+                conflict_pause(round).await;
+                round += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// True when a write failed on a unique index.
 pub fn is_duplicate_key(err: &mongodb::error::Error) -> bool {
     const DUPLICATE_KEY: i32 = 11000;
     match err.kind.as_ref() {
@@ -169,6 +265,15 @@ impl Store {
         options
             .server_selection_timeout
             .get_or_insert(Duration::from_secs(5));
+        // An acknowledged write must survive the server crashing right after: a claim or
+        // an outcome lost after its email went out would be sent again or never accounted
+        // for. Majority + journal, unless the URI says otherwise.
+        options.write_concern.get_or_insert(
+            WriteConcern::builder()
+                .w(Acknowledgment::Majority)
+                .journal(true)
+                .build(),
+        );
         let client = Client::with_options(options).context("building the MongoDB client")?;
         let db = client.database(&settings.database);
         Ok(Self {
@@ -618,8 +723,11 @@ impl Store {
     }
 
     /// Users by id, in one query.
-    pub async fn get_users(&self, ids: &[String]) -> anyhow::Result<HashMap<String, UserDoc>> {
-        by_ids(&self.users(), ids, |u| &u.id).await
+    pub async fn get_users(
+        &self,
+        ids: &[String],
+    ) -> anyhow::Result<HashMap<String, Result<UserDoc, String>>> {
+        by_ids(&self.users(), ids).await
     }
 
     /// Creates or replaces a group and its whole membership, atomically.
@@ -830,6 +938,14 @@ impl Store {
         notification_id: &str,
         planned: Vec<DeliveryDoc>,
     ) -> anyhow::Result<Vec<QueuedDelivery>> {
+        conflict_retried(|| self.insert_delivery_batch_once(notification_id, &planned)).await
+    }
+
+    async fn insert_delivery_batch_once(
+        &self,
+        notification_id: &str,
+        planned: &[DeliveryDoc],
+    ) -> anyhow::Result<Vec<QueuedDelivery>> {
         if planned.is_empty() {
             return Ok(Vec::new());
         }
@@ -933,52 +1049,83 @@ impl Store {
     /// Claims many deliveries in one round trip (one conditional update each, unordered);
     /// returns, per claim, whether this worker got the delivery.
     pub async fn claim_deliveries(&self, claims: &[DeliveryClaim]) -> anyhow::Result<Vec<bool>> {
-        if claims.is_empty() {
-            return Ok(Vec::new());
-        }
         let deliveries = self.deliveries();
         let at = now();
-        let models = claims
-            .iter()
-            .map(|c| {
-                let claim = ClaimDoc {
-                    attempt_id: c.attempt_id.clone(),
-                    from: c.from,
-                    claimed_at: at,
-                    worker: c.worker.clone(),
-                };
-                Ok(WriteModel::UpdateOne(
-                    UpdateOneModel::builder()
-                        .namespace(deliveries.namespace())
-                        .filter(doc! {"_id": &c.delivery_id, "status": c.from.as_str()})
-                        .update(doc! {"$set": {"status": "sending",
-                        "claim": bson::to_bson(&claim)?, "updated_at": at}})
-                        .build(),
-                ))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let written = self
-            .client
-            .bulk_write(models)
-            .ordered(false)
-            .verbose_results()
-            .await?;
-        Ok((0..claims.len())
-            .map(|k| {
-                written
-                    .update_results
-                    .get(&k)
-                    .is_some_and(|u| u.modified_count == 1)
-            })
-            .collect())
+        let model = |c: &DeliveryClaim| -> anyhow::Result<WriteModel> {
+            let claim = ClaimDoc {
+                attempt_id: c.attempt_id.clone(),
+                from: c.from,
+                claimed_at: at,
+                worker: c.worker.clone(),
+            };
+            Ok(WriteModel::UpdateOne(
+                UpdateOneModel::builder()
+                    .namespace(deliveries.namespace())
+                    .filter(doc! {"_id": &c.delivery_id, "status": c.from.as_str()})
+                    .update(doc! {"$set": {"status": "sending",
+                    "claim": bson::to_bson(&claim)?, "updated_at": at}})
+                    .build(),
+            ))
+        };
+        let modified = |results: &HashMap<usize, mongodb::results::UpdateResult>, k: usize| {
+            results.get(&k).is_some_and(|u| u.modified_count == 1)
+        };
+        let mut claimed = vec![false; claims.len()];
+        // Indexes of the claims still to write: all, then those that hit a write conflict.
+        let mut pending: Vec<usize> = (0..claims.len()).collect();
+        for round in 0..CONFLICT_TRIES {
+            if pending.is_empty() {
+                break;
+            }
+            let models = pending
+                .iter()
+                .map(|&i| model(&claims[i]))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let e = match self
+                .client
+                .bulk_write(models)
+                .ordered(false)
+                .verbose_results()
+                .await
+            {
+                Ok(written) => {
+                    for (k, &i) in pending.iter().enumerate() {
+                        claimed[i] = modified(&written.update_results, k);
+                    }
+                    return Ok(claimed);
+                }
+                Err(e) => e,
+            };
+            let ErrorKind::BulkWrite(b) = e.kind.as_ref() else {
+                return Err(e.into());
+            };
+            if !is_write_conflict(&anyhow::Error::new(e.clone())) {
+                return Err(e.into());
+            }
+            if let Some(PartialBulkWriteResult::Verbose(partial)) = &b.partial_result {
+                for (k, &i) in pending.iter().enumerate() {
+                    claimed[i] = modified(&partial.update_results, k);
+                }
+            }
+            let mut conflicted: Vec<usize> = b.write_errors.keys().map(|&k| pending[k]).collect();
+            conflicted.sort_unstable();
+            pending = conflicted;
+            conflict_pause(round).await;
+        }
+        anyhow::ensure!(
+            pending.is_empty(),
+            "{} claims kept conflicting",
+            pending.len()
+        );
+        Ok(claimed)
     }
 
     /// Deliveries by id, in one round trip.
     pub async fn get_deliveries(
         &self,
         ids: &[String],
-    ) -> anyhow::Result<HashMap<String, DeliveryDoc>> {
-        by_ids(&self.deliveries(), ids, |d| &d.id).await
+    ) -> anyhow::Result<HashMap<String, Result<DeliveryDoc, String>>> {
+        by_ids(&self.deliveries(), ids).await
     }
 
     /// Writes a batch of outcomes — each delivery's status and attempt, and every
@@ -986,6 +1133,10 @@ impl Store {
     /// errors), then finishes notifications that have nothing pending. Returns, per
     /// outcome, whether it was written (false: its precondition no longer held).
     pub async fn commit_outcomes(&self, outcomes: &[Outcome]) -> anyhow::Result<Vec<bool>> {
+        conflict_retried(|| self.commit_outcomes_once(outcomes)).await
+    }
+
+    async fn commit_outcomes_once(&self, outcomes: &[Outcome]) -> anyhow::Result<Vec<bool>> {
         if outcomes.is_empty() {
             return Ok(Vec::new());
         }
@@ -1056,13 +1207,28 @@ impl Store {
                                                 | DeliveryStatus::Deferred
                                         )
                                     }
-                                    Precondition::Claimed { attempt_id } => {
-                                        filter.insert("claim.attempt_id", attempt_id);
-                                        state
-                                            .claim
-                                            .as_ref()
-                                            .is_some_and(|c| &c.attempt_id == attempt_id)
-                                    }
+                                    Precondition::Claimed { attempt_id } => match &state.claim {
+                                        Some(c) => {
+                                            filter.insert("claim.attempt_id", attempt_id);
+                                            &c.attempt_id == attempt_id
+                                        }
+                                        // Unclaimed although this attempt claimed it: the
+                                        // database lost the claim's acknowledged write (a
+                                        // crash). The send happened, so its outcome counts.
+                                        None if matches!(
+                                            state.status,
+                                            DeliveryStatus::Queued
+                                                | DeliveryStatus::Retrying
+                                                | DeliveryStatus::Deferred
+                                        ) =>
+                                        {
+                                            filter.insert("status", state.status.as_str());
+                                            filter.insert("claim", bson::Bson::Null);
+                                            tracing::warn!(delivery_id = %o.delivery_id, "the delivery's claim was lost by the database; recording the outcome anyway");
+                                            true
+                                        }
+                                        None => false,
+                                    },
                                 };
                                 if !holds {
                                     continue;

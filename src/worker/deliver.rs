@@ -15,7 +15,8 @@ use crate::channels::{DeliveryError, Destination, OutboundMessage, Provider};
 use crate::domain::preferences::{Preferences, Verdict};
 use crate::domain::{Channel, DeliveryStatus, Priority};
 use crate::store::{
-    AttemptDoc, DeliveryClaim, DeliveryDoc, NotificationDoc, Outcome, Precondition, Retry, UserDoc,
+    AttemptDoc, ClaimDoc, DeliveryClaim, DeliveryDoc, NotificationDoc, Outcome, Precondition,
+    Retry, UserDoc,
 };
 
 /// What a delivery shares with every other delivery of its notification, loaded once.
@@ -167,7 +168,12 @@ pub async fn deliver(
     redelivered: bool,
 ) -> anyhow::Result<()> {
     let committer = &shared.commits;
-    let Some(d) = shared.deliveries.call(delivery_id.to_owned()).await? else {
+    let Some(d) = shared
+        .deliveries
+        .call(delivery_id.to_owned())
+        .await?
+        .map_err(super::Unprocessable)?
+    else {
         tracing::warn!("job for an unknown delivery; dropping it");
         return Ok(());
     };
@@ -193,7 +199,12 @@ pub async fn deliver(
     };
 
     let enriched = match shared.notifications.get(ctx, &d.notification_id).await {
-        Ok(n) => match shared.users.call(d.user_id.clone()).await {
+        Ok(n) => match shared
+            .users
+            .call(d.user_id.clone())
+            .await
+            .and_then(|u| u.map_err(|e| anyhow::Error::new(super::Unprocessable(e))))
+        {
             Ok(local) => ctx
                 .enricher
                 .user(local, &d.user_id)
@@ -347,8 +358,17 @@ pub async fn deliver(
                     "provider_unavailable",
                     Some(retry),
                 ),
-                None if e.is_transient() => (DeliveryStatus::Dead, "retries_exhausted", None),
-                None => (DeliveryStatus::Failed, "provider_rejected", None),
+                None => match e {
+                    DeliveryError::Transient { .. } => {
+                        (DeliveryStatus::Dead, "retries_exhausted", None)
+                    }
+                    DeliveryError::Unknown { .. } => {
+                        (DeliveryStatus::Failed, "outcome_unknown", None)
+                    }
+                    DeliveryError::Permanent { .. } => {
+                        (DeliveryStatus::Failed, "provider_rejected", None)
+                    }
+                },
             };
             (
                 status,
@@ -426,9 +446,11 @@ fn backoff(ctx: &Context, n: i32, lane: Priority, at_least: Option<std::time::Du
 
 /// A delivery found `sending`: its worker may have died between the provider call and
 /// the commit. Re-sending blindly could send twice, so it is recorded `failed` with
-/// `outcome_unknown` (visible, replayable) — when the job was redelivered by RabbitMQ
-/// (its consumer died) or the claim is older than the claim timeout. Otherwise another
-/// live worker holds it, and this copy of the job is dropped.
+/// `outcome_unknown` (visible, replayable) — once the claim is older than the claim
+/// timeout, or, for a job RabbitMQ redelivered (its consumer's channel is gone), older
+/// than the redelivery grace; younger, the claiming worker may only have lost its channel
+/// and still be finishing, so the job waits ([`super::Later`]). A job not redelivered is
+/// another copy while a live worker holds the delivery, and is dropped.
 async fn resolve_sending(
     ctx: &Context,
     committer: &super::committer::Committer,
@@ -438,38 +460,51 @@ async fn resolve_sending(
     let Some(claim) = &d.claim else {
         return Ok(());
     };
-    let stale = millis_since(claim.claimed_at) > ctx.settings.worker.claim_timeout_secs * 1000;
-    if !redelivered && !stale {
-        tracing::debug!("delivery is being sent by another worker");
-        return Ok(());
+    let w = &ctx.settings.worker;
+    let age = millis_since(claim.claimed_at);
+    if age <= w.claim_timeout_secs * 1000 {
+        if !redelivered {
+            tracing::debug!("delivery is being sent by another worker");
+            return Ok(());
+        }
+        if age <= w.redelivery_grace_secs * 1000 {
+            return Err(super::Later(format!(
+                "delivery claimed {age} ms ago by {}; waiting for it to finish",
+                claim.worker
+            ))
+            .into());
+        }
     }
     tracing::warn!(worker = %claim.worker, "delivery left `sending` by a stopped worker; recording outcome_unknown");
-    let now = DateTime::now();
-    committer
-        .call(Outcome {
-            delivery_id: d.id.clone(),
-            notification_id: d.notification_id.clone(),
-            channel: d.channel,
-            precondition: Precondition::Claimed {
-                attempt_id: claim.attempt_id.clone(),
-            },
-            status: DeliveryStatus::Failed,
-            reason: Some("outcome_unknown".to_owned()),
+    committer.call(outcome_unknown(d, claim)).await
+}
+
+/// The outcome of a delivery whose worker stopped between the provider call and the
+/// commit: `failed`/`outcome_unknown`, under that worker's claim.
+pub(super) fn outcome_unknown(d: &DeliveryDoc, claim: &ClaimDoc) -> Outcome {
+    Outcome {
+        delivery_id: d.id.clone(),
+        notification_id: d.notification_id.clone(),
+        channel: d.channel,
+        precondition: Precondition::Claimed {
+            attempt_id: claim.attempt_id.clone(),
+        },
+        status: DeliveryStatus::Failed,
+        reason: Some("outcome_unknown".to_owned()),
+        provider: None,
+        retry: None,
+        attempt: Some(AttemptDoc {
+            attempt_id: claim.attempt_id.clone(),
             provider: None,
-            retry: None,
-            attempt: Some(AttemptDoc {
-                attempt_id: claim.attempt_id.clone(),
-                provider: None,
-                started_at: claim.claimed_at,
-                finished_at: now,
-                duration_ms: millis_since(claim.claimed_at),
-                status: DeliveryStatus::Failed,
-                error: Some(
-                    "the worker stopped between the provider call and recording its outcome; not re-sent"
-                        .to_owned(),
-                ),
-                response: None,
-            }),
-        })
-        .await
+            started_at: claim.claimed_at,
+            finished_at: DateTime::now(),
+            duration_ms: millis_since(claim.claimed_at),
+            status: DeliveryStatus::Failed,
+            error: Some(
+                "the worker stopped between the provider call and recording its outcome; not re-sent"
+                    .to_owned(),
+            ),
+            response: None,
+        }),
+    }
 }

@@ -23,8 +23,9 @@ use deliver::NotificationCache;
 /// batched round trips (reads, claims, commits).
 pub struct Shared {
     pub notifications: NotificationCache,
-    pub deliveries: Batcher<String, Option<DeliveryDoc>>,
-    pub users: Batcher<String, Option<UserDoc>>,
+    /// A record that exists but cannot be decoded answers `Err` (for its job alone).
+    pub deliveries: Batcher<String, Result<Option<DeliveryDoc>, String>>,
+    pub users: Batcher<String, Result<Option<UserDoc>, String>>,
     pub claims: Batcher<DeliveryClaim, bool>,
     pub commits: Committer,
 }
@@ -38,7 +39,10 @@ impl Shared {
             let store = store.clone();
             async move {
                 let found = store.get_deliveries(&ids).await?;
-                Ok(ids.iter().map(|id| found.get(id).cloned()).collect())
+                Ok(ids
+                    .iter()
+                    .map(|id| found.get(id).cloned().transpose())
+                    .collect())
             }
         });
         let store = ctx.store.clone();
@@ -47,7 +51,10 @@ impl Shared {
             async move {
                 // One batch often asks for a user several times (one delivery per channel).
                 let found = store.get_users(&ids).await?;
-                Ok(ids.iter().map(|id| found.get(id).cloned()).collect())
+                Ok(ids
+                    .iter()
+                    .map(|id| found.get(id).cloned().transpose())
+                    .collect())
             }
         });
         let store = ctx.store.clone();
@@ -86,14 +93,82 @@ pub async fn handle(ctx: &Context, shared: &Shared, message: Incoming) -> Dispos
     };
     match result {
         Ok(()) => Disposition::Ack,
-        Err(e) => {
-            // MongoDB or RabbitMQ is unreachable: the job goes back and is tried again.
-            tracing::warn!(error = format!("{e:#}"), ?job, "job failed; requeueing");
+        Err(e) if e.is::<Unprocessable>() => {
+            tracing::error!(
+                error = format!("{e:#}"),
+                ?job,
+                "job can never be handled; parking it"
+            );
+            Disposition::Reject {
+                code: "unprocessable_job".to_owned(),
+                message: format!("{e:#}"),
+            }
+        }
+        Err(e) if e.is::<Later>() => {
+            tracing::debug!(error = format!("{e:#}"), ?job, "job must wait; requeueing");
             tokio::time::sleep(Duration::from_millis(500)).await;
             Disposition::Requeue
         }
+        Err(e) => {
+            tracing::warn!(error = format!("{e:#}"), ?job, "job failed; requeueing");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if crate::batch::is_temporary(&e) {
+                // MongoDB or RabbitMQ is down, or another transaction holds the documents
+                // (a killed worker's, until the server expires it): no fault of the job's;
+                // it waits, uncounted.
+                Disposition::Requeue
+            } else {
+                // Maybe the job's own fault: counted, and parked once it keeps failing.
+                Disposition::Retry {
+                    error: format!("{e:#}"),
+                }
+            }
+        }
     }
 }
+
+/// Resolves deliveries left `sending` past the claim timeout that no job will bring back
+/// (a commit lost with its job already acked, a job parked): `failed`/`outcome_unknown`,
+/// never re-sent. Every worker sweeps; the claim precondition makes it idempotent.
+async fn sweep_stale_claims(ctx: Context, commits: Committer, cancel: CancellationToken) {
+    let timeout_ms = ctx.settings.worker.claim_timeout_secs.max(1) * 1000;
+    let every = Duration::from_millis((timeout_ms / 2) as u64);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let cutoff = mongodb::bson::DateTime::from_millis(
+            mongodb::bson::DateTime::now().timestamp_millis() - timeout_ms,
+        );
+        let stale = match ctx.store.stale_claims(cutoff, 500).await {
+            Ok(stale) => stale,
+            Err(e) => {
+                tracing::warn!(error = format!("{e:#}"), "could not look for stale claims");
+                continue;
+            }
+        };
+        for d in &stale {
+            let Some(claim) = &d.claim else { continue };
+            tracing::warn!(delivery_id = %d.id, worker = %claim.worker, "delivery `sending` past the claim timeout; recording outcome_unknown");
+            if let Err(e) = commits.call(deliver::outcome_unknown(d, claim)).await {
+                tracing::warn!(error = format!("{e:#}"), "could not resolve a stale claim");
+            }
+        }
+    }
+}
+
+/// A job that cannot be decided yet (another worker may still be sending its delivery):
+/// back to the queue after a pause, uncounted.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Later(pub String);
+
+/// A job that will fail the same way however often it is tried (its record cannot be
+/// read): parked with the reason at once.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unprocessable(pub String);
 
 /// Runs the pool until cancelled; in-flight jobs finish and commit before it returns.
 pub async fn run(ctx: Context, cancel: CancellationToken) -> anyhow::Result<()> {
@@ -118,10 +193,16 @@ pub async fn run(ctx: Context, cancel: CancellationToken) -> anyhow::Result<()> 
             handler,
         )));
     }
+    let sweeper = tokio::spawn(sweep_stale_claims(
+        ctx.clone(),
+        shared.commits.clone(),
+        cancel.clone(),
+    ));
     tracing::info!("worker pool running");
     for lane in lanes {
         let _ = lane.await;
     }
+    let _ = sweeper.await;
     drop(shared);
     for task in batch_tasks {
         let _ = task.await;

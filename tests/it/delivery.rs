@@ -232,9 +232,11 @@ async fn a_delivery_left_sending_by_a_dead_worker_is_failed_outcome_unknown_not_
 
 #[tokio::test]
 async fn a_job_redelivered_after_its_worker_died_mid_send_is_not_sent_again() {
-    // Only the API runs; this test plays the worker that dies.
+    // Only the API runs; this test plays the worker that dies. Its claim is taken for a
+    // dead worker's one second after it was made.
     let app = spawn_app_with(TestOptions {
         roles: Roles::ApiOnly,
+        env: vec![("HERALD__WORKER__REDELIVERY_GRACE_SECS".into(), "1".into())],
         ..Default::default()
     })
     .await;

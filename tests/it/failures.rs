@@ -177,3 +177,26 @@ async fn a_bulk_replay_re_enqueues_every_matching_dead_letter() {
     assert_eq!(n["counts"]["sent"], 3);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_pooled_connection_the_server_closed_while_idle_is_replaced_without_a_retry() {
+    let app = spawn_app().await;
+    app.smtp
+        .set_idle_close(Some(std::time::Duration::from_millis(150)));
+    let first = one_email(&app).await;
+    assert_eq!(app.wait_finished(&first, 20).await["counts"]["sent"], 1);
+    // The pooled connection is reused within the pool's idle check, but the server has
+    // closed it by now: nothing was sent on it, so a new connection sends at once.
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let (status, body) = app
+        .post_event(&json!({"event_type": "greeting", "channels": ["email"],
+                            "recipients": {"user_ids": ["u1"]}, "payload": {"note": "y"}}))
+        .await;
+    assert_eq!(status, 202);
+    let second = body["notification_id"].as_str().expect("id").to_owned();
+    assert_eq!(app.wait_finished(&second, 20).await["counts"]["sent"], 1);
+    let d = only_delivery(&app, &second).await;
+    assert_eq!(d["attempts"], 1, "sent on the first attempt: {d}");
+    assert_eq!(app.smtp.mails().len(), 2);
+    app.stop().await;
+}

@@ -39,6 +39,9 @@ impl From<AcceptError> for ApiError {
     }
 }
 
+/// How long a client refused for overload is asked to wait.
+const OVERLOAD_RETRY_SECS: u64 = 2;
+
 pub async fn post_event(
     State(ctx): State<Context>,
     Extension(limit): Extension<BodyLimit>,
@@ -58,6 +61,17 @@ pub async fn post_event(
     let key = key.map(str::to_owned);
     let body = read_body(req, limit.0).await?;
     let event = parse_event(&body, key.as_deref(), ctx.event_limits())?;
+    if let Err(waiting) = ctx.backlog.admit(&ctx).await {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            format!(
+                "{waiting} deliveries are waiting (the bound is {}); nothing was written, retry after the given seconds",
+                ctx.settings.events.max_backlog
+            ),
+        )
+        .retry_after(OVERLOAD_RETRY_SECS));
+    }
     let (status, n) = match accept_event(&ctx, event, "api").await? {
         Intake::Notification(Accepted::New(n)) => (StatusCode::ACCEPTED, n),
         Intake::Notification(Accepted::Duplicate(n)) => (StatusCode::OK, n),
