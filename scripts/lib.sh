@@ -60,6 +60,16 @@ secantus_installed() {
     cargo install --list 2>/dev/null | grep -q "^secantus-mdb v$SECANTUS_VERSION:"
 }
 
+# The SecantusDB server binary, built once and cached in ~/.cargo/bin.
+ensure_secantus_installed() {
+  secantus_installed && return 0
+  apt_install cmake build-essential pkg-config
+  say "installing SecantusDB $SECANTUS_VERSION (once; about 9 minutes on 2 cores)"
+  local started=$SECONDS
+  cargo install secantus-mdb --version "$SECANTUS_VERSION" --ignore-rust-version --quiet
+  say "SecantusDB installed in $((SECONDS - started))s"
+}
+
 # MongoDB: MONGODB_URI if set; otherwise SecantusDB (built once, cached in ~/.cargo/bin),
 # run as a separate process (it is GPL; herald never links it) with data under var/.
 SECANTUS_STARTED=""
@@ -73,13 +83,7 @@ ensure_mongodb() {
     say "MongoDB: SecantusDB already running on port $SECANTUS_PORT"
     return 0
   fi
-  if ! secantus_installed; then
-    apt_install cmake build-essential pkg-config
-    say "installing SecantusDB $SECANTUS_VERSION (once; about 9 minutes on 2 cores)"
-    local started=$SECONDS
-    cargo install secantus-mdb --version "$SECANTUS_VERSION" --ignore-rust-version --quiet
-    say "SecantusDB installed in $((SECONDS - started))s"
-  fi
+  ensure_secantus_installed
   mkdir -p "$HERALD_VAR/secantus"
   say "MongoDB: starting SecantusDB on port $SECANTUS_PORT (data in var/secantus)"
   nohup secantusd-rs --port "$SECANTUS_PORT" --storage-path "$HERALD_VAR/secantus" \

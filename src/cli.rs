@@ -46,6 +46,25 @@ pub enum Command {
     /// Measure against the real local servers (a throw-away database and queues).
     #[command(subcommand)]
     Bench(Bench),
+    /// Inject faults into herald's own processes (a throw-away database and queues per
+    /// fault) and account for every accepted delivery: lost, duplicated, unexpected.
+    Chaos {
+        /// The short form (CI): 1,000-delivery campaigns, shorter faults.
+        #[arg(long)]
+        quick: bool,
+        /// Only these faults (repeatable); all by default.
+        #[arg(long, value_enum)]
+        fault: Vec<crate::chaos::Fault>,
+        /// Deliveries per campaign (default 10,000; 1,000 with --quick).
+        #[arg(long)]
+        deliveries: Option<usize>,
+        /// The MongoDB-compatible server the harness runs (and kills).
+        #[arg(long, default_value = "secantusd-rs")]
+        database_server: PathBuf,
+        /// Rewrite the table in this README (full runs only).
+        #[arg(long)]
+        readme: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -5,7 +5,7 @@ use clap::Parser;
 
 use herald::cli::{Bench, Cli, Command, Keys};
 use herald::domain::Scope;
-use herald::{app::Context, bench, config::Settings, roles, seed, shutdown, telemetry};
+use herald::{app::Context, bench, chaos, config::Settings, roles, seed, shutdown, telemetry};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -64,6 +64,16 @@ async fn main() -> anyhow::Result<()> {
         println!("saved {}", bench::save(name, &result)?.display());
         return Ok(());
     }
+    if let Command::Chaos {
+        quick,
+        fault,
+        deliveries,
+        database_server,
+        readme,
+    } = cli.command
+    {
+        return run_chaos(settings, quick, fault, deliveries, database_server, readme).await;
+    }
     let ctx = Context::build(settings).await?;
     let cancel = shutdown::on_signal();
     let result = match cli.command {
@@ -92,7 +102,7 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Bench(_) => Ok(()),
+        Command::Bench(_) | Command::Chaos { .. } => Ok(()),
     };
     if let Err(e) = &result {
         tracing::error!(error = format!("{e:#}"), "herald stopped with an error");
@@ -153,4 +163,45 @@ async fn bind_listener(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net:
     tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding server.bind {addr}"))
+}
+
+/// `herald chaos`: runs the faults, prints and saves the table; fails if any row lost or
+/// doubled a delivery.
+async fn run_chaos(
+    settings: Settings,
+    quick: bool,
+    faults: Vec<chaos::Fault>,
+    deliveries: Option<usize>,
+    database_server: std::path::PathBuf,
+    readme: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
+    let opts = chaos::Options {
+        deliveries: deliveries.unwrap_or(if quick { 1_000 } else { 10_000 }),
+        singles_per_sec: if quick { 10.0 } else { 20.0 },
+        faults: if faults.is_empty() {
+            chaos::ALL.to_vec()
+        } else {
+            faults
+        },
+        database_server,
+        quick,
+    };
+    let complete = opts.faults.len() == chaos::ALL.len();
+    let rows = chaos::run(settings, opts).await?;
+    println!("\n{}", chaos::table(&rows));
+    println!("saved {}", chaos::save(&rows, quick)?.display());
+    if let (Some(readme), false, true) = (readme, quick, complete) {
+        chaos::write_readme(&readme, &rows, "scripts/chaos")?;
+        println!("updated {}", readme.display());
+    }
+    let failed: Vec<&str> = rows
+        .iter()
+        .filter(|r| !r.passed())
+        .map(|r| r.fault.as_str())
+        .collect();
+    anyhow::ensure!(
+        failed.is_empty(),
+        "faults that lost or doubled deliveries: {failed:?}"
+    );
+    Ok(())
 }

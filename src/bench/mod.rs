@@ -457,7 +457,7 @@ pub async fn ceilings(settings: Settings, messages: usize, docs: usize) -> anyho
 }
 
 /// Peak resident memory of a process (`VmHWM`), in MB.
-fn peak_rss_mb(pid: u32) -> Option<f64> {
+pub(crate) fn peak_rss_mb(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: f64 = status
         .lines()
