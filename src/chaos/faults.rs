@@ -281,8 +281,9 @@ async fn inject(
 }
 
 const CONSUMER_TIMEOUT_MS: u64 = 2_000;
-/// RabbitMQ's default (30 min).
+/// RabbitMQ's defaults (30 min; a channel tick a minute).
 const DEFAULT_CONSUMER_TIMEOUT_MS: u64 = 1_800_000;
+const DEFAULT_CHANNEL_TICK_MS: u64 = 60_000;
 
 /// RabbitMQ's consumer timeout (`None`: back to the default). Channels check it on their
 /// tick, once a minute by default, so the tick is shortened with it.
@@ -292,7 +293,7 @@ fn consumer_timeout(ms: Option<u64>) -> anyhow::Result<()> {
             "application:set_env(rabbit, consumer_timeout, {ms}), application:set_env(rabbit, channel_tick_interval, 500)."
         ),
         None => format!(
-            "application:set_env(rabbit, consumer_timeout, {DEFAULT_CONSUMER_TIMEOUT_MS}), application:unset_env(rabbit, channel_tick_interval)."
+            "application:set_env(rabbit, consumer_timeout, {DEFAULT_CONSUMER_TIMEOUT_MS}), application:set_env(rabbit, channel_tick_interval, {DEFAULT_CHANNEL_TICK_MS})."
         ),
     };
     rabbitmqctl(&["eval", &eval])
