@@ -492,7 +492,7 @@ pub async fn ingest(settings: Settings, events: usize, clients: usize) -> anyhow
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(clients)
         .build()?;
-    wait_ready(&client, &base).await?;
+    wait_ready(&client, &base, Duration::from_secs(10)).await?;
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
@@ -580,9 +580,13 @@ fn spawn_role(
         .with_context(|| format!("starting `herald {role}`"))
 }
 
-/// Waits until the API at `base` says MongoDB and RabbitMQ answer (10 s at most).
-async fn wait_ready(client: &reqwest::Client, base: &str) -> anyhow::Result<()> {
-    for _ in 0..100 {
+/// Waits until the API at `base` says MongoDB and RabbitMQ answer (`within` at most).
+pub(crate) async fn wait_ready(
+    client: &reqwest::Client,
+    base: &str,
+    within: Duration,
+) -> anyhow::Result<()> {
+    for _ in 0..within.as_millis() / 100 {
         if client
             .get(format!("{base}/ready"))
             .send()
@@ -593,7 +597,7 @@ async fn wait_ready(client: &reqwest::Client, base: &str) -> anyhow::Result<()> 
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    anyhow::bail!("`herald api` did not become ready")
+    anyhow::bail!("`herald api` did not become ready within {within:?}")
 }
 
 /// SIGTERM, then up to 20 s for the role to drain and exit.
@@ -683,7 +687,7 @@ token_uri = "{sink}/token"
         let worker = spawn_role(settings, "worker", &config)?;
         let base = format!("http://127.0.0.1:{port}");
         let client = reqwest::Client::new();
-        wait_ready(&client, &base).await?;
+        wait_ready(&client, &base, Duration::from_secs(10)).await?;
         Ok(Self {
             api,
             worker,

@@ -231,6 +231,7 @@ async fn inject(
             bed.smtp.set_hang(true);
             tokio::time::sleep(Duration::from_secs(4)).await;
             bed.smtp.set_hang(false);
+            notes = "recovery waits out the email circuit breaker's 30 s cooldown".into();
             Instant::now()
         }
         Fault::SchedulerKills => {

@@ -363,19 +363,7 @@ impl Bed {
     }
 
     async fn wait_ready(&self) -> anyhow::Result<()> {
-        for _ in 0..300 {
-            if self
-                .client
-                .get(format!("{}/ready", self.base))
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success())
-            {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        anyhow::bail!("`herald api` did not become ready in 30 s")
+        crate::bench::wait_ready(&self.client, &self.base, Duration::from_secs(30)).await
     }
 
     /// `kill -9` a role's process.

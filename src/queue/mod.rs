@@ -508,7 +508,6 @@ impl Broker {
     }
 }
 
-/// Declares every exchange, queue and binding; idempotent.
 /// How often this message failed for reasons of its own so far.
 fn retries(delivery: &Delivery) -> u32 {
     let Some(headers) = delivery.properties.headers() else {
@@ -523,6 +522,7 @@ fn retries(delivery: &Delivery) -> u32 {
     }
 }
 
+/// Declares every exchange, queue and binding; idempotent.
 async fn declare_topology(ch: &Channel, names: &Names) -> anyhow::Result<()> {
     let durable = ExchangeDeclareOptions {
         durable: true,
