@@ -365,6 +365,8 @@ impl Store {
             .create_indexes([
                 unique(doc! {"event_id": 1}, "event_id_unique"),
                 plain(doc! {"created_at": -1}, "created_at"),
+                // The sweep for notifications left unfinished.
+                plain(doc! {"status": 1, "updated_at": 1}, "status_updated_at"),
                 expiry_index(),
             ])
             .await
@@ -533,6 +535,31 @@ impl Store {
             )
             .await?;
         self.finalize_notification(id).await
+    }
+
+    /// Notifications still `dispatching` though their fan-out is done and nothing is
+    /// pending, untouched since `cutoff`: the process that would have finished them
+    /// stopped in between (at most `limit` ids).
+    pub async fn unfinished_notifications(
+        &self,
+        cutoff: DateTime,
+        limit: i64,
+    ) -> anyhow::Result<Vec<String>> {
+        let found: Vec<Document> = self
+            .notifications()
+            .clone_with_type::<Document>()
+            .find(doc! {"status": "dispatching", "updated_at": {"$lt": cutoff},
+                "fanout_done": true, "counts.queued": 0, "counts.retrying": 0,
+                "counts.deferred": 0})
+            .projection(doc! {"_id": 1})
+            .limit(limit)
+            .await?
+            .try_collect()
+            .await?;
+        Ok(found
+            .iter()
+            .filter_map(|d| d.get_str("_id").ok().map(str::to_owned))
+            .collect())
     }
 
     /// Sets the final status once nothing is pending; guarded so it can run any number of times.

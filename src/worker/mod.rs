@@ -129,7 +129,9 @@ pub async fn handle(ctx: &Context, shared: &Shared, message: Incoming) -> Dispos
 
 /// Resolves deliveries left `sending` past the claim timeout that no job will bring back
 /// (a commit lost with its job already acked, a job parked): `failed`/`outcome_unknown`,
-/// never re-sent. Every worker sweeps; the claim precondition makes it idempotent.
+/// never re-sent; and finishes notifications whose finishing step was cut off (a process
+/// killed between a commit and finalizing). Every worker sweeps; the claim precondition
+/// and the guarded finalize make it idempotent.
 async fn sweep_stale_claims(ctx: Context, commits: Committer, cancel: CancellationToken) {
     let timeout_ms = ctx.settings.worker.claim_timeout_secs.max(1) * 1000;
     let every = Duration::from_millis((timeout_ms / 2) as u64);
@@ -153,6 +155,13 @@ async fn sweep_stale_claims(ctx: Context, commits: Committer, cancel: Cancellati
             tracing::warn!(delivery_id = %d.id, worker = %claim.worker, "delivery `sending` past the claim timeout; recording outcome_unknown");
             if let Err(e) = commits.call(deliver::outcome_unknown(d, claim)).await {
                 tracing::warn!(error = format!("{e:#}"), "could not resolve a stale claim");
+            }
+        }
+        let unfinished = ctx.store.unfinished_notifications(cutoff, 500).await;
+        for id in unfinished.unwrap_or_default() {
+            tracing::warn!(notification_id = %id, "finishing a notification left dispatching");
+            if let Err(e) = ctx.store.finalize_notification(&id).await {
+                tracing::warn!(error = format!("{e:#}"), "could not finish a notification");
             }
         }
     }
