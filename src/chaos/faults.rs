@@ -217,7 +217,11 @@ async fn inject(
             let closed = bed.log_lines("worker", "consumer lost");
             notes = format!(
                 "RabbitMQ closed {closed} consumer channels; each reopened{}",
-                if closed == 0 { " (FAIL: none closed)" } else { "" }
+                if closed == 0 {
+                    " (FAIL: none closed)"
+                } else {
+                    ""
+                }
             );
             Instant::now()
         }

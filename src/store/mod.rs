@@ -548,9 +548,11 @@ impl Store {
         let found: Vec<Document> = self
             .notifications()
             .clone_with_type::<Document>()
-            .find(doc! {"status": "dispatching", "updated_at": {"$lt": cutoff},
+            .find(
+                doc! {"status": "dispatching", "updated_at": {"$lt": cutoff},
                 "fanout_done": true, "counts.queued": 0, "counts.retrying": 0,
-                "counts.deferred": 0})
+                "counts.deferred": 0},
+            )
             .projection(doc! {"_id": 1})
             .limit(limit)
             .await?
