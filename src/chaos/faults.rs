@@ -189,6 +189,18 @@ async fn inject(
                 bed.amqp.cut();
                 tokio::time::sleep(Duration::from_millis(700)).await;
             }
+            // Then a silent network: connections open, nothing moving, until heartbeats
+            // (5 s here) give them up.
+            let before = bed.log_lines("", "consumer lost");
+            bed.amqp.set_stalled(true);
+            tokio::time::sleep(Duration::from_secs(STALL_SECS)).await;
+            bed.amqp.set_stalled(false);
+            let noticed = bed.log_lines("", "consumer lost").saturating_sub(before);
+            notes =
+                format!(
+                "3 cuts, then a {STALL_SECS} s stall: {noticed} warnings of lost RabbitMQ links{}",
+                if noticed == 0 { " (FAIL: the stall went unnoticed)" } else { "" }
+            );
             Instant::now()
         }
         Fault::Poison => {
@@ -284,6 +296,9 @@ async fn inject(
     }
     Ok((recovery, notes))
 }
+
+/// How long `connection-cuts` keeps RabbitMQ's connections silent.
+const STALL_SECS: u64 = 15;
 
 const CONSUMER_TIMEOUT_MS: u64 = 2_000;
 /// RabbitMQ's defaults (30 min; a channel tick a minute).

@@ -1,16 +1,20 @@
-//! A TCP proxy on loopback that can refuse new connections and cut the open ones.
+//! A TCP proxy on loopback that can refuse new connections, cut the open ones, or stall them.
 
 use std::sync::{Arc, Mutex};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// Forwards loopback connections to `target` while up; when down, refuses new
-/// connections and cuts the open ones — a server as seen from a partitioned herald.
+/// connections and cuts the open ones — a server as seen from a partitioned herald. While
+/// stalled, connections stay open but no byte moves either way (a silent network).
 #[derive(Clone)]
 pub struct TcpProxy {
     pub port: u16,
     up: Arc<Mutex<(bool, CancellationToken)>>,
+    stalled: Arc<watch::Sender<bool>>,
 }
 
 impl TcpProxy {
@@ -19,10 +23,11 @@ impl TcpProxy {
         let proxy = Self {
             port: listener.local_addr()?.port(),
             up: Arc::new(Mutex::new((up, CancellationToken::new()))),
+            stalled: Arc::new(watch::channel(false).0),
         };
         let p = proxy.clone();
         tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
                 let (is_up, cut) = {
                     let g = p.lock();
                     (g.0, g.1.clone())
@@ -32,14 +37,18 @@ impl TcpProxy {
                     continue;
                 }
                 let target = target.clone();
+                let stalled = p.stalled.subscribe();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(&target).await else {
+                    let Ok(outbound) = TcpStream::connect(&target).await else {
                         return;
                     };
                     let _ = inbound.set_nodelay(true);
                     let _ = outbound.set_nodelay(true);
+                    let (ir, iw) = inbound.into_split();
+                    let (or, ow) = outbound.into_split();
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = pump(ir, ow, stalled.clone()) => {}
+                        _ = pump(or, iw, stalled) => {}
                         _ = cut.cancelled() => {}
                     }
                 });
@@ -68,4 +77,28 @@ impl TcpProxy {
         g.1.cancel();
         g.1 = CancellationToken::new();
     }
+
+    /// While true, bytes are held instead of forwarded (connections stay open).
+    pub fn set_stalled(&self, stalled: bool) {
+        self.stalled.send_replace(stalled);
+    }
+}
+
+/// Copies one direction, holding bytes while stalled; ends when either side closes.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut stalled: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if stalled.wait_for(|s| !*s).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
 }
