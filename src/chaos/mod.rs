@@ -226,7 +226,8 @@ struct Bed {
     slots: HashSet<String>,
 }
 
-/// Per-fault configuration beyond the bed's defaults (a TOML fragment).
+/// The bed's `chaos.toml`: SMTP to the sink, short timeouts and retries, plus the
+/// fault's own `extra` TOML.
 fn config_toml(smtp_port: u16, smtp_timeout_secs: u64, extra: &str) -> String {
     format!(
         r#"[email]

@@ -365,7 +365,7 @@ impl Store {
             .create_indexes([
                 unique(doc! {"event_id": 1}, "event_id_unique"),
                 plain(doc! {"created_at": -1}, "created_at"),
-                // The sweep for notifications left unfinished.
+                // The sweeps for notifications left undispatched or unfinished.
                 plain(doc! {"status": 1, "updated_at": 1}, "status_updated_at"),
                 expiry_index(),
             ])
@@ -562,6 +562,25 @@ impl Store {
             .iter()
             .filter_map(|d| d.get_str("_id").ok().map(str::to_owned))
             .collect())
+    }
+
+    /// Notifications whose fan-out has not finished and that nothing has touched since
+    /// `cutoff` (a fan-out batch touches `updated_at`): their dispatch job was lost (at
+    /// most `limit`, with their lanes). Dispatch is idempotent, so running it again is safe.
+    pub async fn undispatched_notifications(
+        &self,
+        cutoff: DateTime,
+        limit: i64,
+    ) -> anyhow::Result<Vec<(String, crate::domain::Priority)>> {
+        let found: Vec<NotificationDoc> = self
+            .notifications()
+            .find(doc! {"status": {"$in": ["accepted", "dispatching"]},
+            "updated_at": {"$lt": cutoff}, "fanout_done": {"$ne": true}})
+            .limit(limit)
+            .await?
+            .try_collect()
+            .await?;
+        Ok(found.into_iter().map(|n| (n.id, n.priority)).collect())
     }
 
     /// Sets the final status once nothing is pending; guarded so it can run any number of times.

@@ -14,7 +14,7 @@ use crate::app::Context;
 use crate::batch::Batcher;
 use crate::domain::Priority;
 use crate::queue::messages::Job;
-use crate::queue::{Disposition, Incoming};
+use crate::queue::{Disposition, Incoming, Outgoing};
 use crate::store::{DeliveryClaim, DeliveryDoc, UserDoc};
 use committer::Committer;
 use deliver::NotificationCache;
@@ -129,8 +129,9 @@ pub async fn handle(ctx: &Context, shared: &Shared, message: Incoming) -> Dispos
 
 /// Resolves deliveries left `sending` past the claim timeout that no job will bring back
 /// (a commit lost with its job already acked, a job parked): `failed`/`outcome_unknown`,
-/// never re-sent; and finishes notifications whose finishing step was cut off (a process
-/// killed between a commit and finalizing). Every worker sweeps; the claim precondition
+/// never re-sent; dispatches again notifications whose fan-out went idle unfinished (a
+/// lost dispatch job); and finishes notifications whose finishing step was cut off (a
+/// process killed between a commit and finalizing). Every worker sweeps; the claim precondition
 /// and the guarded finalize make it idempotent.
 async fn sweep_stale_claims(ctx: Context, commits: Committer, cancel: CancellationToken) {
     let timeout_ms = ctx.settings.worker.claim_timeout_secs.max(1) * 1000;
@@ -156,6 +157,27 @@ async fn sweep_stale_claims(ctx: Context, commits: Committer, cancel: Cancellati
             if let Err(e) = commits.call(deliver::outcome_unknown(d, claim)).await {
                 tracing::warn!(error = format!("{e:#}"), "could not resolve a stale claim");
             }
+        }
+        let undispatched = ctx.store.undispatched_notifications(cutoff, 100).await;
+        let jobs: Vec<Outgoing> = undispatched
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(id, lane)| {
+                tracing::warn!(notification_id = %id, "fan-out idle past the claim timeout; dispatching again");
+                Outgoing {
+                    exchange: ctx.broker.names().jobs_exchange.clone(),
+                    routing_key: lane.as_str().to_owned(),
+                    body: Job::Dispatch {
+                        notification_id: id,
+                    }
+                    .encode(),
+                    headers: Vec::new(),
+                    expiration_ms: None,
+                }
+            })
+            .collect();
+        if let Err(e) = ctx.broker.publish_confirmed(&jobs).await {
+            tracing::warn!(error = format!("{e:#}"), "could not dispatch again");
         }
         let unfinished = ctx.store.unfinished_notifications(cutoff, 500).await;
         for id in unfinished.unwrap_or_default() {
