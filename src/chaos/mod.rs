@@ -348,6 +348,10 @@ impl Bed {
             .open(self.logs.join(format!("{}.log", role.label())))?;
         let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
         cmd.arg(role.command())
+            // The shortcuts outrank HERALD__*: they would bypass the harness's database
+            // server and proxy.
+            .env_remove("MONGODB_URI")
+            .env_remove("AMQP_URL")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
