@@ -55,13 +55,39 @@ ensure_rabbitmq() {
   wait_port 5672 90 "rabbitmq-server"
 }
 
+# The console's browser tests: Node.js, Debian's Chromium and playwright-core from npm
+# (installed into tests/ui/node_modules once, again only when the lock file changes).
+ensure_browser_tools() {
+  { command -v node && command -v npm; } >/dev/null 2>&1 || apt_install nodejs npm
+  [ -x /usr/bin/chromium ] || apt_install chromium chromium-driver
+  local ui="$HERALD_ROOT/tests/ui"
+  if [ ! -d "$ui/node_modules/playwright-core" ] ||
+    [ "$ui/package-lock.json" -nt "$ui/node_modules/.package-lock.json" ]; then
+    say "npm ci in tests/ui (playwright-core; it drives Debian's Chromium)"
+    npm ci --prefix "$ui" --no-audit --no-fund --loglevel=error >/dev/null
+  fi
+}
+
 secantus_installed() {
   command -v secantusd-rs >/dev/null 2>&1 &&
     cargo install --list 2>/dev/null | grep -q "^secantus-mdb v$SECANTUS_VERSION:"
 }
 
 # The SecantusDB server binary, built once and cached in ~/.cargo/bin.
-ensure_secantus_installed() {
+ensure_# The console's browser tests: Node.js, Debian's Chromium and playwright-core from npm
+# (installed into tests/ui/node_modules once, again only when the lock file changes).
+ensure_browser_tools() {
+  { command -v node && command -v npm; } >/dev/null 2>&1 || apt_install nodejs npm
+  [ -x /usr/bin/chromium ] || apt_install chromium chromium-driver
+  local ui="$HERALD_ROOT/tests/ui"
+  if [ ! -d "$ui/node_modules/playwright-core" ] ||
+    [ "$ui/package-lock.json" -nt "$ui/node_modules/.package-lock.json" ]; then
+    say "npm ci in tests/ui (playwright-core; it drives Debian's Chromium)"
+    npm ci --prefix "$ui" --no-audit --no-fund --loglevel=error >/dev/null
+  fi
+}
+
+secantus_installed() {
   secantus_installed && return 0
   apt_install cmake build-essential pkg-config
   say "installing SecantusDB $SECANTUS_VERSION (once; about 9 minutes on 2 cores)"

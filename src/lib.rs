@@ -17,6 +17,7 @@
 //! - `channels`   — providers per channel (SMTP/file email, recorded SMS/push).
 //! - `templates`  — Handlebars templates, compiled once.
 //! - `api`        — axum routes and the error shape (the only layer knowing HTTP).
+//! - `console`    — the web console at `/ui`: sign-in and embedded pages over the API.
 //! - `scheduler`  — cron campaigns: fire times with DST rules, misfire plans, the claiming tick.
 //! - `seed`       — demo data.
 //! - `bench`      — `herald bench`: measurements against the real local servers.
@@ -31,6 +32,7 @@ pub mod channels;
 pub mod chaos;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod domain;
 pub mod ingest;
 pub mod metrics;

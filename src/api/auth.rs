@@ -49,7 +49,8 @@ impl Auth {
         self.settings.enabled
     }
 
-    async fn identify(&self, presented: &str) -> anyhow::Result<Option<Arc<ApiKeyDoc>>> {
+    /// The key `presented` is, if it is a live one (briefly cached).
+    pub async fn identify(&self, presented: &str) -> anyhow::Result<Option<Arc<ApiKeyDoc>>> {
         let ttl = Duration::from_secs(self.settings.cache_secs);
         if let Some((key, at)) = lock(&self.verified).get(presented) {
             if at.elapsed() < ttl {
@@ -93,6 +94,25 @@ impl Auth {
     }
 }
 
+/// The console's session cookie: the API key itself, `HttpOnly` and `SameSite=Strict`.
+pub const CONSOLE_COOKIE: &str = "herald_console";
+/// Sent by the console's scripts with every request that changes something: a request
+/// authenticated by the cookie alone must carry it, which a cross-site form cannot.
+pub const CONSOLE_HEADER: &str = "x-herald-console";
+
+/// The value of the console's cookie, if the request has one.
+pub fn console_cookie(headers: &axum::http::HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == CONSOLE_COOKIE)
+        .map(|(_, value)| value.trim().to_owned())
+        .filter(|v| !v.is_empty())
+}
+
 fn unauthorized(code: &'static str, message: &str) -> Response {
     let mut r = ApiError::new(StatusCode::UNAUTHORIZED, code, message).into_response();
     r.headers_mut()
@@ -118,11 +138,25 @@ pub async fn require(
                 .or_else(|| v.strip_prefix("bearer "))
         })
         .map(|v| v.trim().to_owned());
-    let Some(presented) = presented else {
-        return unauthorized(
-            "missing_api_key",
-            "send an API key as `Authorization: Bearer <key>`",
-        );
+    let presented = match presented {
+        Some(key) => key,
+        None => match console_cookie(req.headers()) {
+            Some(_) if !req.method().is_safe() && !req.headers().contains_key(CONSOLE_HEADER) => {
+                return ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "console_header_missing",
+                    format!("a request signed in by the console's cookie that changes something must carry `{CONSOLE_HEADER}: 1`"),
+                )
+                .into_response();
+            }
+            Some(key) => key,
+            None => {
+                return unauthorized(
+                    "missing_api_key",
+                    "send an API key as `Authorization: Bearer <key>`",
+                )
+            }
+        },
     };
     let key = match auth.identify(&presented).await {
         Ok(Some(key)) => key,

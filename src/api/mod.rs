@@ -116,6 +116,15 @@ pub fn routes(ctx: &Context, auth: Arc<Auth>) -> (Router<Context>, Value) {
             deliveries::stream,
         )
         .get(
+            "/v1/deliveries/{id}/preview",
+            Op::new(
+                "deliveries",
+                "the message rendered now from the current template and profile",
+                LOGS,
+            ),
+            deliveries::preview,
+        )
+        .get(
             "/v1/deliveries/{id}",
             Op::new("deliveries", "one delivery with every attempt", LOGS)
                 .ok(200, Some("DeliveryDetail")),
@@ -134,6 +143,15 @@ pub fn routes(ctx: &Context, auth: Arc<Auth>) -> (Router<Context>, Value) {
                 ])
                 .ok(200, Some("Stats")),
             stats::deliveries,
+        )
+        .get(
+            "/v1/queues",
+            Op::new(
+                "deliveries",
+                "jobs waiting per priority lane and in the outbox (null: no answer within 2 s)",
+                LOGS,
+            ),
+            service::queues,
         )
         .get(
             "/v1/dead-letters",
@@ -211,6 +229,16 @@ pub fn routes(ctx: &Context, auth: Arc<Auth>) -> (Router<Context>, Value) {
                 .ok(201, Some("Object")),
             schedules::create,
         )
+        .post(
+            "/v1/schedules/preview",
+            Op::new(
+                "campaigns",
+                "the next fire times of a cron expression in a zone, before saving",
+                CAMPAIGNS,
+            )
+            .body("CronPreview"),
+            schedules::preview,
+        )
         .get(
             "/v1/schedules/{id}",
             Op::new("campaigns", "one schedule", CAMPAIGNS).ok(200, Some("Schedule")),
@@ -260,6 +288,16 @@ pub fn routes(ctx: &Context, auth: Arc<Auth>) -> (Router<Context>, Value) {
                 CAMPAIGNS,
             ),
             templates::list,
+        )
+        .get(
+            "/v1/templates/{event_type}/{channel}",
+            Op::new(
+                "templates",
+                "the source of one channel's parts, as deliveries use them",
+                CAMPAIGNS,
+            )
+            .query(&[("locale", "one locale (default: the base template)")]),
+            templates::get,
         )
         .post(
             "/v1/templates/preview",
@@ -326,6 +364,7 @@ pub fn router(ctx: Context) -> Router {
     let auth = Arc::new(Auth::new(ctx.store.clone(), ctx.settings.auth.clone()));
     let (routes, spec) = routes(&ctx, auth.clone());
     routes
+        .merge(crate::console::routes(auth.clone()))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(from_fn_with_state(ctx.clone(), observe))
         // Bodies are read (and bounded) by our extractors so every refusal has our shape.

@@ -18,6 +18,7 @@ use crate::store::{
     AttemptDoc, ClaimDoc, DeliveryClaim, DeliveryDoc, NotificationDoc, Outcome, Precondition,
     Retry, UserDoc,
 };
+use crate::templates::{Rendered, TemplateError};
 
 /// What a delivery shares with every other delivery of its notification, loaded once.
 pub struct NotificationContext {
@@ -99,6 +100,51 @@ fn user_json(u: &UserDoc) -> Value {
         "first_name": u.first_name, "last_name": u.last_name,
         "birthday_date": u.birthday_date, "locale": u.locale, "timezone": u.timezone,
     })
+}
+
+/// The message of delivery `d` for `user`, as the worker renders it.
+fn render(
+    ctx: &Context,
+    d: &DeliveryDoc,
+    n: &NotificationContext,
+    user: &UserDoc,
+) -> Result<Rendered, TemplateError> {
+    let render_ctx = json!({
+        "user": user_json(user),
+        "payload": n.payload,
+        "content": n.content,
+        "event_type": n.event_type,
+        "notification_id": d.notification_id,
+    });
+    ctx.templates.render(
+        &d.event_type,
+        d.channel,
+        user.locale.as_deref(),
+        &render_ctx,
+    )
+}
+
+/// What delivery `d` renders to now, from the current templates and the recipient's
+/// current profile (for the log's preview; nothing is stored or sent). `Ok(None)`: the
+/// notification or the recipient no longer exists.
+pub async fn render_now(
+    ctx: &Context,
+    d: &DeliveryDoc,
+) -> anyhow::Result<Option<Result<Rendered, TemplateError>>> {
+    let Some(n) = ctx.store.get_notification(&d.notification_id).await? else {
+        return Ok(None);
+    };
+    let n = load_context(ctx, &n).await.map_err(anyhow::Error::from)?;
+    let local = ctx.store.get_user(&d.user_id).await?;
+    let Some(user) = ctx
+        .enricher
+        .user(local, &d.user_id)
+        .await
+        .map_err(anyhow::Error::from)?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(render(ctx, d, &n, &user)))
 }
 
 fn destination(
@@ -261,19 +307,7 @@ pub async fn deliver(
             return Ok(());
         }
     }
-    let render_ctx = json!({
-        "user": user_json(&user),
-        "payload": n.payload,
-        "content": n.content,
-        "event_type": n.event_type,
-        "notification_id": d.notification_id,
-    });
-    let content = match ctx.templates.render(
-        &d.event_type,
-        d.channel,
-        user.locale.as_deref(),
-        &render_ctx,
-    ) {
+    let content = match render(ctx, &d, &n, &user) {
         Ok(c) => c,
         Err(e) => {
             let now = DateTime::now();

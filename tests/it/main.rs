@@ -3,6 +3,7 @@
 mod helpers;
 
 mod access;
+mod console;
 mod delivery;
 mod enrichment;
 mod events;

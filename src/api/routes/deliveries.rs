@@ -174,6 +174,34 @@ pub async fn get(
     Ok(Json(body))
 }
 
+/// The delivery's message rendered now (current template, current profile), as the
+/// worker would render it; a template that fails says why instead.
+pub async fn preview(
+    State(ctx): State<Context>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let d = ctx
+        .store
+        .get_delivery(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("delivery", &id))?;
+    let rendered = crate::worker::deliver::render_now(&ctx, &d)
+        .await?
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "recipient_gone",
+                "the delivery's notification or recipient no longer exists; nothing to render",
+            )
+        })?
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.reason(), e.to_string()))?;
+    Ok(Json(json!({
+        "delivery_id": d.id,
+        "channel": d.channel,
+        "rendered": super::templates::rendered_json(rendered),
+    })))
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StreamQuery {

@@ -4,16 +4,19 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::rfc3339;
 use crate::api::error::{ApiError, JsonBody, QueryParams};
 use crate::app::Context;
+use crate::domain::event::parse_time;
 use crate::domain::FieldError;
+use crate::scheduler::cron::{parse_tz, CronSpec};
 use crate::scheduler::definition::{self, parse_schedule, ScheduleError, ScheduleInput};
-use crate::scheduler::{self as sched, cron::CronSpec};
+use crate::scheduler::{self as sched};
 use crate::store::{RecipientsDoc, ScheduleDoc, ScheduleStatus};
 
 impl From<ScheduleError> for ApiError {
@@ -329,18 +332,107 @@ pub async fn next(
     }
     let s = load(&ctx, &id).await?;
     let input = input_of(&s)?;
-    let from = input.start_at.map_or(Utc::now(), |t| t.max(Utc::now()));
-    let spec: &CronSpec = &input.cron;
-    let items: Vec<Value> = spec
-        .next_after(input.tz, from - chrono::Duration::milliseconds(1), count)
+    let items = fires(&input.cron, input.tz, input.start_at, input.end_at, count);
+    Ok(Json(json!({"timezone": s.timezone, "items": items})))
+}
+
+/// The next `count` fire times from now (or `start_at`), none after `end_at`, each in UTC
+/// and in the schedule's zone.
+fn fires(
+    spec: &CronSpec,
+    tz: Tz,
+    start_at: Option<DateTime<Utc>>,
+    end_at: Option<DateTime<Utc>>,
+    count: usize,
+) -> Vec<Value> {
+    let from = start_at.map_or(Utc::now(), |t| t.max(Utc::now()));
+    spec.next_after(tz, from - chrono::Duration::milliseconds(1), count)
         .into_iter()
-        .filter(|t| input.end_at.is_none_or(|e| *t <= e))
+        .filter(|t| end_at.is_none_or(|e| *t <= e))
         .map(|t| {
             json!({
                 "at": t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                "local": t.with_timezone(&input.tz).to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
+                "local": t.with_timezone(&tz).to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
             })
         })
-        .collect();
-    Ok(Json(json!({"timezone": s.timezone, "items": items})))
+        .collect()
+}
+
+/// `POST /v1/schedules/preview`: `{cron, timezone?, start_at?, end_at?, count?}` → the next
+/// fire times, or the same field errors (and codes) a create would give. Writes nothing.
+pub async fn preview(JsonBody(body): JsonBody<Value>) -> Result<Json<Value>, ApiError> {
+    let Some(obj) = body.as_object() else {
+        return Err(ApiError::validation(vec![FieldError::new(
+            "body",
+            "must be a JSON object",
+        )]));
+    };
+    let mut errors = Vec::new();
+    for key in obj.keys() {
+        if !["cron", "timezone", "start_at", "end_at", "count"].contains(&key.as_str()) {
+            errors.push(FieldError::new(
+                crate::domain::truncate(key, 32),
+                "unknown field (cron, timezone, start_at, end_at, count)",
+            ));
+        }
+    }
+    let mut code = "validation_failed";
+    let cron = match obj.get("cron") {
+        Some(Value::String(c)) => c
+            .parse::<CronSpec>()
+            .map_err(|e| {
+                code = "invalid_cron";
+                errors.push(FieldError::new("cron", e));
+            })
+            .ok(),
+        _ => {
+            code = "invalid_cron";
+            errors.push(FieldError::new("cron", "is required (a string)"));
+            None
+        }
+    };
+    let timezone = match obj.get("timezone") {
+        None | Some(Value::Null) => "UTC".to_owned(),
+        Some(Value::String(t)) => t.clone(),
+        Some(_) => {
+            errors.push(FieldError::new("timezone", "must be a string"));
+            String::new()
+        }
+    };
+    let tz = parse_tz(&timezone)
+        .map_err(|e| {
+            if code == "validation_failed" {
+                code = "unknown_timezone";
+            }
+            errors.push(FieldError::new("timezone", e));
+        })
+        .ok();
+    let start_at = parse_time("start_at", obj.get("start_at"), &mut errors);
+    let end_at = parse_time("end_at", obj.get("end_at"), &mut errors);
+    if let (Some(s), Some(e)) = (start_at, end_at) {
+        if e <= s {
+            errors.push(FieldError::new("end_at", "must be after start_at"));
+        }
+    }
+    let count = match obj.get("count") {
+        None | Some(Value::Null) => 5,
+        Some(v) => match v.as_u64().filter(|c| (1..=100).contains(c)) {
+            Some(c) => c as usize,
+            None => {
+                errors.push(FieldError::new("count", "must be between 1 and 100"));
+                0
+            }
+        },
+    };
+    match (cron, tz) {
+        (Some(cron), Some(tz)) if errors.is_empty() => {
+            let items = fires(&cron, tz, start_at, end_at, count);
+            Ok(Json(json!({"timezone": timezone, "items": items})))
+        }
+        _ => {
+            let mut err = ApiError::validation(errors);
+            err.code = code;
+            Err(err)
+        }
+    }
 }

@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{Html, IntoResponse};
 use axum::{Extension, Json};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::app::Context;
 use crate::domain::Priority;
@@ -17,23 +17,50 @@ use crate::metrics::LaneLabels;
 #[derive(Clone)]
 pub struct Spec(pub Arc<Value>);
 
-/// Refreshes the gauges read from RabbitMQ and MongoDB, then renders every metric.
-pub async fn metrics(State(ctx): State<Context>) -> impl IntoResponse {
+/// Jobs waiting in each priority lane and in the outbox, each read within 2 s (`None`
+/// when RabbitMQ or MongoDB did not answer in time); the gauges are updated on the way.
+async fn backlog(ctx: &Context) -> (Vec<(Priority, Option<u32>)>, Option<u64>) {
     let limit = Duration::from_secs(2);
+    let mut lanes = Vec::new();
     for lane in [Priority::High, Priority::Normal, Priority::Low] {
         let queue = ctx.broker.names().lane(lane).to_owned();
-        if let Ok(Ok(depth)) = tokio::time::timeout(limit, ctx.broker.queue_depth(&queue)).await {
-            ctx.metrics
-                .queue_depth
-                .get_or_create(&LaneLabels {
-                    lane: lane.as_str().to_owned(),
-                })
-                .set(i64::from(depth));
+        let depth = match tokio::time::timeout(limit, ctx.broker.queue_depth(&queue)).await {
+            Ok(Ok(depth)) => {
+                ctx.metrics
+                    .queue_depth
+                    .get_or_create(&LaneLabels {
+                        lane: lane.as_str().to_owned(),
+                    })
+                    .set(i64::from(depth));
+                Some(depth)
+            }
+            _ => None,
+        };
+        lanes.push((lane, depth));
+    }
+    let outbox = match tokio::time::timeout(limit, ctx.store.outbox_backlog()).await {
+        Ok(Ok(backlog)) => {
+            ctx.metrics.outbox_backlog.set(backlog as i64);
+            Some(backlog)
         }
-    }
-    if let Ok(Ok(backlog)) = tokio::time::timeout(limit, ctx.store.outbox_backlog()).await {
-        ctx.metrics.outbox_backlog.set(backlog as i64);
-    }
+        _ => None,
+    };
+    (lanes, outbox)
+}
+
+/// `GET /v1/queues`: jobs waiting per priority lane and in the outbox, now.
+pub async fn queues(State(ctx): State<Context>) -> Json<Value> {
+    let (lanes, outbox) = backlog(&ctx).await;
+    let lanes: serde_json::Map<String, Value> = lanes
+        .into_iter()
+        .map(|(lane, depth)| (lane.as_str().to_owned(), json!(depth)))
+        .collect();
+    Json(json!({"lanes": lanes, "outbox": outbox}))
+}
+
+/// Refreshes the gauges read from RabbitMQ and MongoDB, then renders every metric.
+pub async fn metrics(State(ctx): State<Context>) -> impl IntoResponse {
+    backlog(&ctx).await;
     (
         [(
             header::CONTENT_TYPE,

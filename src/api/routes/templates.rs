@@ -11,7 +11,7 @@ use serde_json::{json, Map, Value};
 use crate::api::error::{ApiError, JsonBody};
 use crate::app::Context;
 use crate::domain::{Channel, EventType, FieldError};
-use crate::templates::{compile, valid_locale, Rendered};
+use crate::templates::{compile, valid_locale, Origin, PartSource, Rendered, Templates};
 
 /// The body's field for each part of a channel.
 fn fields(channel: Channel) -> &'static [(&'static str, &'static str)] {
@@ -83,6 +83,40 @@ pub struct LocaleQuery {
     locale: Option<String>,
 }
 
+/// The source of one channel's parts (for one locale, or the base template), keyed by
+/// the body fields `PUT` takes, so an editor can load, change and store them back.
+pub async fn get(
+    State(ctx): State<Context>,
+    Path((event_type, channel)): Path<(String, String)>,
+    Query(q): Query<LocaleQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let (event_type, channel) = parse_target(&event_type, &channel, q.locale.as_deref())?;
+    let parts: Vec<_> = ctx
+        .templates
+        .parts()
+        .into_iter()
+        .filter(|p| {
+            p.event_type == event_type.as_str() && p.channel() == channel && p.locale == q.locale
+        })
+        .collect();
+    let Some(origin) = parts.first().map(|p| p.origin) else {
+        return Err(ApiError::not_found(
+            "template",
+            &format!("{event_type}/{channel}"),
+        ));
+    };
+    let mut fields_json = Map::new();
+    for p in &parts {
+        if let Some((field, _)) = fields(channel).iter().find(|(_, part)| *part == p.part) {
+            fields_json.insert((*field).to_owned(), json!(p.source));
+        }
+    }
+    Ok(Json(json!({
+        "event_type": event_type, "channel": channel, "locale": q.locale,
+        "origin": origin, "parts": fields_json,
+    })))
+}
+
 /// Stores the parts of one channel (and locale): `{"locale", "subject", "html", "text"}`
 /// for email, `{"text"}` for SMS, `{"title", "body"}` for push. A part that does not
 /// compile is refused with its line and column.
@@ -102,14 +136,45 @@ pub async fn put(
         }
     };
     let (event_type, channel) = parse_target(&event_type, &channel, locale.as_deref())?;
+    let body: Map<String, Value> = body.into_iter().filter(|(k, _)| k != "locale").collect();
+    let parts = parse_parts(channel, &body)?;
+    let names: Vec<&str> = parts.iter().map(|(p, _)| *p).collect();
+    let existed = ctx.templates.parts().iter().any(|p| {
+        p.event_type == event_type.as_str() && p.channel() == channel && p.locale == locale
+    });
+    let parts: Vec<(String, String)> = parts
+        .into_iter()
+        .map(|(p, source)| (p.to_owned(), source))
+        .collect();
+    ctx.store
+        .put_templates(event_type.as_str(), channel, locale.as_deref(), &parts)
+        .await?;
+    ctx.sync_templates().await?;
+    let status = if existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((
+        status,
+        Json(
+            json!({"event_type": event_type, "channel": channel, "locale": locale, "parts": names, "origin": "api"}),
+        ),
+    ))
+}
+
+/// The parts of one channel from body fields (`subject`, `html`, `text` for email…), each
+/// compiled with the bounds every template gets; refused with each field's problem (a
+/// part that does not compile: `template_invalid`, with its line and column).
+fn parse_parts(
+    channel: Channel,
+    body: &Map<String, Value>,
+) -> Result<Vec<(&'static str, String)>, ApiError> {
     let allowed = fields(channel);
     let mut errors = Vec::new();
     let mut parts = Vec::new();
     let mut compile_failed = false;
-    for (k, v) in &body {
-        if k == "locale" {
-            continue;
-        }
+    for (k, v) in body {
         let Some((_, part)) = allowed.iter().find(|(f, _)| f == k) else {
             let names: Vec<&str> = allowed.iter().map(|(f, _)| *f).collect();
             errors.push(FieldError::new(
@@ -120,7 +185,7 @@ pub async fn put(
         };
         match v {
             Value::String(source) if source.len() <= 256 * 1024 => match compile(source) {
-                Ok(_) => parts.push(((*part).to_owned(), source.clone())),
+                Ok(_) => parts.push((*part, source.clone())),
                 Err(e) => {
                     compile_failed = true;
                     errors.push(FieldError::new(k.clone(), e.to_string()));
@@ -130,7 +195,7 @@ pub async fn put(
             _ => errors.push(FieldError::new(k.clone(), "must be a string")),
         }
     }
-    let has = |p: &str| parts.iter().any(|(q, _)| q == p);
+    let has = |p: &str| parts.iter().any(|(q, _)| *q == p);
     match channel {
         Channel::Email if !has("email.subject") => {
             errors.push(FieldError::new("subject", "is required"))
@@ -152,25 +217,7 @@ pub async fn put(
         }
         return Err(err);
     }
-    let existed = ctx.templates.parts().iter().any(|p| {
-        p.event_type == event_type.as_str() && p.channel() == channel && p.locale == locale
-    });
-    ctx.store
-        .put_templates(event_type.as_str(), channel, locale.as_deref(), &parts)
-        .await?;
-    ctx.sync_templates().await?;
-    let status = if existed {
-        StatusCode::OK
-    } else {
-        StatusCode::CREATED
-    };
-    let names: Vec<&String> = parts.iter().map(|(p, _)| p).collect();
-    Ok((
-        status,
-        Json(
-            json!({"event_type": event_type, "channel": channel, "locale": locale, "parts": names, "origin": "api"}),
-        ),
-    ))
+    Ok(parts)
 }
 
 /// Removes the stored parts; the files (if any) apply again.
@@ -206,6 +253,8 @@ pub struct PreviewBody {
     payload: Map<String, Value>,
     #[serde(default)]
     content: Vec<Value>,
+    /// Unsaved parts (the fields `PUT` takes) to render instead of the stored template.
+    draft: Option<Map<String, Value>>,
 }
 
 /// Renders with sample data exactly as a delivery would (same context, strict mode).
@@ -229,8 +278,25 @@ pub async fn preview(
         "event_type": event_type,
         "notification_id": "preview",
     });
-    let rendered = ctx
-        .templates
+    let draft = match &body.draft {
+        None => None,
+        Some(fields) => {
+            let parts = parse_parts(channel, fields)?
+                .into_iter()
+                .map(|(part, source)| PartSource {
+                    event_type: event_type.as_str().to_owned(),
+                    part,
+                    locale: body.locale.clone(),
+                    source,
+                    origin: Origin::Api,
+                })
+                .collect();
+            Some(Templates::from_parts(parts).map_err(ApiError::internal)?)
+        }
+    };
+    let rendered = draft
+        .as_ref()
+        .unwrap_or(&ctx.templates)
         .render(
             event_type.as_str(),
             channel,
@@ -238,7 +304,14 @@ pub async fn preview(
             &context,
         )
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.reason(), e.to_string()))?;
-    let out = match rendered {
+    Ok(Json(
+        json!({"event_type": event_type, "channel": channel, "locale": body.locale, "rendered": rendered_json(rendered)}),
+    ))
+}
+
+/// A rendered message as the API shows it.
+pub fn rendered_json(rendered: Rendered) -> Value {
+    match rendered {
         Rendered::Email {
             subject,
             html,
@@ -249,8 +322,5 @@ pub async fn preview(
         }
         Rendered::Push { title, body, data } => json!({"title": title, "body": body, "data": data}),
         Rendered::Webhook { body } => json!({"body": body}),
-    };
-    Ok(Json(
-        json!({"event_type": event_type, "channel": channel, "locale": body.locale, "rendered": out}),
-    ))
+    }
 }

@@ -1,0 +1,214 @@
+// The console, end to end, in Debian's headless Chromium: sign in, find a delivery by its
+// user and open it, watch the live tail (and pause it), read the overview, replay a dead
+// letter, create a campaign and see its next fires, pause it, edit and preview a template.
+// tests/it/console.rs seeds herald and runs this; it checks herald's side afterwards.
+// Every page is screenshotted into $SCREENSHOTS.
+import { chromium } from "playwright-core";
+import assert from "node:assert/strict";
+import { mkdirSync } from "node:fs";
+
+const need = (name) => {
+  const v = process.env[name];
+  if (!v) throw new Error(`${name} is not set`);
+  return v;
+};
+const base = need("HERALD_URL");
+const key = need("HERALD_KEY");
+const shots = need("SCREENSHOTS");
+const findUser = need("FIND_USER");
+const deadUser = need("DEAD_USER");
+const campaignName = need("CAMPAIGN_NAME");
+mkdirSync(shots, { recursive: true });
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+});
+const context = await browser.newContext({ viewport: { width: 1366, height: 860 }, timezoneId: "America/New_York" });
+context.setDefaultTimeout(15_000);
+const page = await context.newPage();
+const problems = [];
+page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
+page.on("console", (m) => { if (m.type() === "error" && !/401|403|404|422/.test(m.text())) problems.push(`console: ${m.text()}`); });
+// Nothing may leave loopback: every asset comes from herald itself.
+page.on("request", (r) => {
+  const u = new URL(r.url());
+  if (!["127.0.0.1", "localhost"].includes(u.hostname) && !["data:", "about:"].includes(u.protocol)) problems.push(`off-box request: ${r.url()}`);
+});
+
+let n = 0;
+async function step(name, fn) {
+  const t = Date.now();
+  await fn();
+  console.log(`ok ${++n} - ${name} (${Date.now() - t} ms)`);
+}
+const shot = (name) => page.screenshot({ path: `${shots}/${name}.png`, fullPage: false });
+
+// Every form control on the page has a name a screen reader can read.
+async function labelled(where) {
+  const unlabelled = await page.$$eval("input:not([type=hidden]), select, textarea", (els) =>
+    els.filter((e) => e.offsetParent !== null && !(e.labels && e.labels.length) && !e.getAttribute("aria-label"))
+      .map((e) => e.outerHTML.slice(0, 80)));
+  assert.deepEqual(unlabelled, [], `unlabelled controls on ${where}`);
+}
+
+async function post(path, body) {
+  const r = await fetch(`${base}${path}`, { method: "POST", headers: { Authorization: `Bearer ${key}`, "Content-Type": "application/json" }, body: JSON.stringify(body) });
+  const text = await r.text();
+  assert.ok(r.ok, `${path}: ${r.status} ${text}`);
+  return JSON.parse(text);
+}
+
+try {
+  await step("signing in needs a live key", async () => {
+    await page.goto(`${base}/ui`);
+    await page.waitForURL(`${base}/ui/login`);
+    await labelled("sign-in");
+    await page.fill("#key", "hrld_nope_0000");
+    await page.click("button[type=submit]");
+    await page.waitForSelector("#login-error");
+    assert.match(await page.textContent("#login-error"), /unknown or revoked/);
+    await shot("login");
+    await page.fill("#key", key);
+    await page.click("button[type=submit]");
+    await page.waitForURL(/\/ui#?\/?.*$/);
+    await page.waitForSelector("h1:text('Deliveries')");
+    assert.match(await page.textContent("#who"), /console-e2e/);
+  });
+
+  await step("the keyboard reaches the skip link first, and it moves focus to the page", async () => {
+    await page.keyboard.press("Tab");
+    assert.equal(await page.evaluate(() => document.activeElement.id), "skip");
+    await page.keyboard.press("Enter");
+    assert.equal(await page.evaluate(() => document.activeElement.id), "main");
+  });
+
+  let deliveryId;
+  await step("find a delivery by its user and open it", async () => {
+    await labelled("deliveries");
+    await page.fill("input[name=user_id]", findUser);
+    await page.press("input[name=user_id]", "Enter");
+    await page.waitForURL(new RegExp(`user_id=${findUser}`));
+    const row = page.locator("tbody tr[data-delivery]").first();
+    await row.waitFor();
+    const users = await page.$$eval("tbody tr[data-delivery] td:nth-child(2)", (tds) => tds.map((t) => t.textContent));
+    assert.ok(users.length >= 1 && users.every((u) => u === findUser), `only ${findUser}'s deliveries: ${users}`);
+    await shot("deliveries");
+    deliveryId = await row.getAttribute("data-delivery");
+    await row.locator("a").click();
+    await page.waitForURL(new RegExp(`#/deliveries/${deliveryId}$`));
+    await page.waitForSelector("#delivery-status .badge.sent");
+    await page.waitForSelector("[data-preview=subject]");
+    assert.match(await page.textContent("[data-preview=subject]"), /Hello/);
+    assert.ok((await page.locator("table[aria-label=Attempts] tbody tr").count()) >= 1, "an attempt is listed");
+    await shot("delivery");
+  });
+
+  await step("the live tail shows a new status change, and holds changes while paused", async () => {
+    await page.click("nav a[data-section=live]");
+    await page.waitForSelector("#live-state.on");
+    await post("/v1/events", { event_type: "greeting", channels: ["email"], recipients: { user_ids: [findUser] }, payload: { note: "live" } });
+    await page.waitForSelector("table[aria-label^='Status changes'] tbody tr");
+    await page.waitForFunction(() => [...document.querySelectorAll("tbody .badge")].some((b) => b.textContent === "sent"));
+    await page.click("#live-pause");
+    assert.equal(await page.getAttribute("#live-pause", "aria-pressed"), "true");
+    const before = await page.locator("tbody tr").count();
+    await post("/v1/events", { event_type: "greeting", channels: ["email"], recipients: { user_ids: [findUser] }, payload: { note: "paused" } });
+    await page.waitForFunction(() => /held while paused/.test(document.getElementById("live-held").textContent));
+    assert.equal(await page.locator("tbody tr").count(), before, "no row added while paused");
+    await shot("live");
+    await page.click("#live-pause");
+    await page.waitForFunction((b) => document.querySelectorAll("tbody tr").length > b, before);
+  });
+
+  await step("the overview draws its charts", async () => {
+    await page.click("nav a[data-section=overview]");
+    await page.waitForSelector("svg[aria-label='Deliveries per hour by status'] rect");
+    await page.waitForSelector("svg[aria-label='Jobs waiting per lane']");
+    assert.ok(Number((await page.textContent("#kpi-total")).replace(/\D/g, "")) >= 2, "deliveries counted");
+    await labelled("overview");
+    await shot("overview");
+  });
+
+  await step("replay a dead letter", async () => {
+    await page.click("nav a[data-section=dead-letters]");
+    const row = page.locator("tr[data-letter]", { hasText: deadUser });
+    await row.waitFor();
+    assert.match(await row.textContent(), /provider_rejected/);
+    await labelled("dead letters");
+    await shot("dead-letters");
+    await row.getByRole("button", { name: `Replay the delivery to ${deadUser}` }).click();
+    await row.locator(".state .badge.replayed").waitFor();
+    await page.waitForSelector("#toast .note:text('Replayed')");
+  });
+
+  let scheduleUrl;
+  await step("create a campaign: the cron preview follows the typing and shows errors", async () => {
+    await page.click("nav a[data-section=campaigns]");
+    await page.click("#new-campaign");
+    await page.waitForSelector("#cron-preview ol li");
+    await labelled("new campaign");
+    await page.fill("input[name=cron]", "61 9 * * *");
+    await page.waitForSelector("[data-error-for=cron]:not(:empty)");
+    assert.equal(await page.getAttribute("input[name=cron]", "aria-invalid"), "true");
+    await page.fill("input[name=cron]", "30 8 * * MON-FRI");
+    await page.fill("input[name=timezone]", "Europe/Paris");
+    await page.waitForFunction(() => !document.querySelector("[data-error-for=cron]").textContent
+      && document.querySelectorAll("#cron-preview li").length === 5
+      && [...document.querySelectorAll("#cron-preview li time")].every((t) => /T0[67]:30:00Z$/.test(t.getAttribute("datetime"))));
+    await page.fill("input[name=name]", campaignName);
+    await page.fill("input[name=event_type]", "greeting");
+    await page.fill("input[name=user_ids]", findUser);
+    await page.check("input[name=channels][value=email]");
+    await shot("campaign-new");
+    await page.click("main button[type=submit]");
+    await page.waitForURL(/#\/campaigns\/[^/]+$/);
+    scheduleUrl = page.url();
+    await page.waitForSelector("#campaign-status .badge.active");
+    assert.equal(await page.locator("#next-fires li").count(), 5);
+    await shot("campaign");
+  });
+
+  await step("pause the campaign", async () => {
+    await page.click("#pause");
+    await page.waitForSelector("#campaign-status .badge.paused");
+    await page.waitForSelector("#resume");
+    await page.click("nav a[data-section=campaigns]");
+    const row = page.locator("tr[data-schedule]", { hasText: campaignName });
+    await row.locator(".badge.paused").waitFor();
+    await shot("campaigns");
+    assert.ok(scheduleUrl);
+  });
+
+  await step("edit a template, see a compile error, preview the draft, save it", async () => {
+    await page.click("nav a[data-section=templates]");
+    await page.click("a[href='#/templates/greeting/email']");
+    await page.waitForSelector("#part-subject");
+    assert.equal(await page.inputValue("#part-subject"), "Hello {{user.first_name}}");
+    await labelled("template");
+    await page.fill("#part-subject", "Welcome {{user.first_name");
+    await page.click("#preview");
+    await page.waitForSelector("#part-subject-error:not(:empty)");
+    await page.fill("#part-subject", "Welcome aboard, {{user.first_name}}");
+    await page.click("#preview");
+    await page.waitForSelector("#template-preview .error-box:has-text('payload.note')");
+    await page.fill("#sample-payload", JSON.stringify({ note: "from the console" }));
+    await page.click("#preview");
+    await page.waitForSelector("#template-preview [data-preview=subject]:text('Welcome aboard, Ana')");
+    await shot("template");
+    await page.click("main button[type=submit]");
+    await page.waitForSelector("#toast .note:text('Template saved')");
+  });
+
+  assert.deepEqual(problems, [], "no script errors, no request off the machine");
+  console.log(`all ${n} steps passed; screenshots in ${shots}`);
+} catch (e) {
+  await page.screenshot({ path: `${shots}/failure.png`, fullPage: true }).catch(() => {});
+  console.error(`not ok - ${e.stack || e}`);
+  console.error(`at ${page.url()}:\n${await page.$eval("main", (m) => m.outerHTML.slice(0, 4000)).catch(() => "(no page)")}`);
+  if (problems.length) console.error(problems.join("\n"));
+  process.exitCode = 1;
+} finally {
+  await browser.close();
+}
