@@ -74,20 +74,7 @@ secantus_installed() {
 }
 
 # The SecantusDB server binary, built once and cached in ~/.cargo/bin.
-ensure_# The console's browser tests: Node.js, Debian's Chromium and playwright-core from npm
-# (installed into tests/ui/node_modules once, again only when the lock file changes).
-ensure_browser_tools() {
-  { command -v node && command -v npm; } >/dev/null 2>&1 || apt_install nodejs npm
-  [ -x /usr/bin/chromium ] || apt_install chromium chromium-driver
-  local ui="$HERALD_ROOT/tests/ui"
-  if [ ! -d "$ui/node_modules/playwright-core" ] ||
-    [ "$ui/package-lock.json" -nt "$ui/node_modules/.package-lock.json" ]; then
-    say "npm ci in tests/ui (playwright-core; it drives Debian's Chromium)"
-    npm ci --prefix "$ui" --no-audit --no-fund --loglevel=error >/dev/null
-  fi
-}
-
-secantus_installed() {
+ensure_secantus_installed() {
   secantus_installed && return 0
   apt_install cmake build-essential pkg-config
   say "installing SecantusDB $SECANTUS_VERSION (once; about 9 minutes on 2 cores)"

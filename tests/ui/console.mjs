@@ -109,13 +109,15 @@ try {
     await page.click("nav a[data-section=live]");
     await page.waitForSelector("#live-state.on");
     await post("/v1/events", { event_type: "greeting", channels: ["email"], recipients: { user_ids: [findUser] }, payload: { note: "live" } });
-    await page.waitForSelector("table[aria-label^='Status changes'] tbody tr");
-    await page.waitForFunction(() => [...document.querySelectorAll("tbody .badge")].some((b) => b.textContent === "sent"));
+    // These wait on herald's whole pipeline, which shares two cores with the other tests.
+    const pipeline = { timeout: 60_000 };
+    await page.waitForSelector("table[aria-label^='Status changes'] tbody tr", pipeline);
+    await page.waitForFunction(() => [...document.querySelectorAll("tbody .badge")].some((b) => b.textContent === "sent"), null, pipeline);
     await page.click("#live-pause");
     assert.equal(await page.getAttribute("#live-pause", "aria-pressed"), "true");
     const before = await page.locator("tbody tr").count();
     await post("/v1/events", { event_type: "greeting", channels: ["email"], recipients: { user_ids: [findUser] }, payload: { note: "paused" } });
-    await page.waitForFunction(() => /held while paused/.test(document.getElementById("live-held").textContent));
+    await page.waitForFunction(() => /held while paused/.test(document.getElementById("live-held").textContent), null, pipeline);
     assert.equal(await page.locator("tbody tr").count(), before, "no row added while paused");
     await shot("live");
     await page.click("#live-pause");

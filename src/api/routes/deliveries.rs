@@ -144,16 +144,19 @@ pub async fn list(
     })))
 }
 
+async fn load(ctx: &Context, id: &str) -> Result<DeliveryDoc, ApiError> {
+    ctx.store
+        .get_delivery(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("delivery", id))
+}
+
 /// One delivery with every attempt and what the provider answered.
 pub async fn get(
     State(ctx): State<Context>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let d = ctx
-        .store
-        .get_delivery(&id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("delivery", &id))?;
+    let d = load(&ctx, &id).await?;
     let mut body = delivery_json(&d);
     body["attempt_log"] = d
         .attempts
@@ -180,11 +183,7 @@ pub async fn preview(
     State(ctx): State<Context>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let d = ctx
-        .store
-        .get_delivery(&id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("delivery", &id))?;
+    let d = load(&ctx, &id).await?;
     let rendered = crate::worker::deliver::render_now(&ctx, &d)
         .await?
         .ok_or_else(|| {
