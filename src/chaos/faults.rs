@@ -226,7 +226,16 @@ async fn inject(
             bed.smtp.set_hang(true);
             tokio::time::sleep(Duration::from_secs(4)).await;
             bed.smtp.set_hang(false);
-            let closed = bed.log_lines("worker", "consumer lost");
+            // A worker notices the closed channel when its in-flight sends return: give
+            // the log a moment rather than count too early.
+            let mut closed = 0;
+            for _ in 0..40 {
+                closed = bed.log_lines("worker", "consumer lost");
+                if closed > 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
             notes = format!(
                 "RabbitMQ closed {closed} consumer channels; each reopened{}",
                 if closed == 0 {

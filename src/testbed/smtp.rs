@@ -53,7 +53,8 @@ pub struct SmtpServer {
     pub port: u16,
     state: Arc<Mutex<State>>,
     arrived: Arc<Notify>,
-    /// While true, new connections get no greeting (a hanging provider).
+    /// While true, new connections get no greeting and open ones no answer to `MAIL
+    /// FROM` (a hanging provider, pooled connections included).
     hang: Arc<watch::Sender<bool>>,
 }
 
@@ -114,6 +115,9 @@ impl SmtpServer {
             } else if upper.starts_with("HELO") || upper.starts_with("NOOP") {
                 b"250 OK\r\n"
             } else if upper.starts_with("MAIL FROM:") {
+                if hang.wait_for(|h| !*h).await.is_err() {
+                    return Ok(());
+                }
                 let storm = self.lock().storm.clone();
                 if let Some(storm) = storm {
                     w.write_all(format!("{storm}\r\n").as_bytes()).await?;

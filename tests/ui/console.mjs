@@ -128,6 +128,8 @@ try {
     await page.click("nav a[data-section=overview]");
     await page.waitForSelector("svg[aria-label='Deliveries per hour by status'] rect");
     await page.waitForSelector("svg[aria-label='Jobs waiting per lane']");
+    await page.waitForSelector("svg[aria-label='Send latency percentiles per channel'] rect");
+    await page.waitForSelector("svg[aria-label='Success rate per provider'] rect");
     assert.ok(Number((await page.textContent("#kpi-total")).replace(/\D/g, "")) >= 2, "deliveries counted");
     await labelled("overview");
     await shot("overview");

@@ -460,7 +460,9 @@ async function overviewPage(m, token) {
         hbars(Object.entries(providers).map(([k, v]) => ({ label: k, value: v.done ? v.sent / v.done : null })), "Success rate per provider", pct, "#0d9488"))),
     h("div", { class: "row" },
       h("section", { class: "card", "aria-label": "Send latency" }, h("h2", {}, "Send latency (accept → sent)"),
-        h("table", {}, h("thead", {}, h("tr", {}, ["Channel", "p50", "p90", "p99"].map((t) => h("th", { scope: "col", class: t === "Channel" ? "" : "num" }, t)))),
+        hbars(channels.flatMap(([c, v]) => ["p50", "p90", "p99"].map((p) => ({ label: `${c} ${p}`, value: (v.send_latency_ms || {})[p], color: CHANNEL_COLORS[c] }))),
+          "Send latency percentiles per channel", ms, "#2563eb"),
+        h("table", { class: "small" }, h("thead", {}, h("tr", {}, ["Channel", "p50", "p90", "p99"].map((t) => h("th", { scope: "col", class: t === "Channel" ? "" : "num" }, t)))),
           h("tbody", {}, channels.map(([c, v]) => h("tr", {}, h("td", {}, c), ["p50", "p90", "p99"].map((p) => h("td", { class: "num" }, ms((v.send_latency_ms || {})[p])))))))),
       h("section", { class: "card", "aria-label": "Queue depth" }, h("h2", {}, "Queue depth per priority lane"), queues,
         h("p", { class: "muted small" }, "Refreshed every 5 seconds."))));
