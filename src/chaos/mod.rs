@@ -10,7 +10,7 @@
 
 mod faults;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -638,6 +638,8 @@ impl Bed {
             notes,
         };
         row.accepted += self.slots.len();
+        // Why each `unknown` is unknown (its last error, up to its first colon).
+        let mut unknown_causes: BTreeMap<String, usize> = BTreeMap::new();
         let mut final_per_notification: HashMap<&str, usize> = HashMap::new();
         let mut fired: HashMap<&str, usize> = HashMap::new();
         let mut seen = HashSet::new();
@@ -671,7 +673,12 @@ impl Bed {
                 ("sent", true) => row.delivered += 1,
                 ("sent", false) => row.lost += 1,
                 ("failed", true) if d.reason.as_deref() == Some("outcome_unknown") => {
-                    row.unknown += 1
+                    row.unknown += 1;
+                    let cause = d.last_error.as_deref().unwrap_or("no error recorded");
+                    let cause = cause.split(':').next().unwrap_or(cause);
+                    *unknown_causes
+                        .entry(crate::domain::truncate(cause, 60))
+                        .or_insert(0) += 1;
                 }
                 (_, true) => row.unexpected += 1,
                 _ => {}
@@ -694,6 +701,15 @@ impl Bed {
             .keys()
             .filter(|id| !seen.contains(id.as_str()))
             .count();
+        if !unknown_causes.is_empty() {
+            let causes: Vec<String> = unknown_causes
+                .iter()
+                .map(|(cause, n)| format!("{n} {cause}"))
+                .collect();
+            row.notes = format!("{}; unknown: {}", row.notes, causes.join(", "))
+                .trim_start_matches("; ")
+                .to_owned();
+        }
         Ok(row)
     }
 

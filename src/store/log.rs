@@ -336,6 +336,7 @@ pub struct AuditedDelivery {
     /// The stored status, or `?` when it is not a string.
     pub status: String,
     pub reason: Option<String>,
+    pub last_error: Option<String>,
 }
 
 impl AuditedDelivery {
@@ -351,7 +352,7 @@ impl Store {
             .deliveries()
             .clone_with_type::<Document>()
             .find(doc! {})
-            .projection(doc! {"notification_id": 1, "schedule_id": 1, "status": 1, "reason": 1})
+            .projection(doc! {"notification_id": 1, "schedule_id": 1, "status": 1, "reason": 1, "last_error": 1})
             .await?
             .try_collect()
             .await?;
@@ -364,6 +365,7 @@ impl Store {
                 schedule_id: text(d, "schedule_id"),
                 status: text(d, "status").unwrap_or_else(|| "?".into()),
                 reason: text(d, "reason"),
+                last_error: text(d, "last_error"),
             })
             .collect())
     }

@@ -510,12 +510,19 @@ async fn resolve_sending(
         }
     }
     tracing::warn!(worker = %claim.worker, "delivery left `sending` by a stopped worker; recording outcome_unknown");
-    committer.call(outcome_unknown(d, claim)).await
+    committer
+        .call(outcome_unknown(
+            d,
+            claim,
+            "its job came back while it was `sending`",
+        ))
+        .await
 }
 
 /// The outcome of a delivery whose worker stopped between the provider call and the
-/// commit: `failed`/`outcome_unknown`, under that worker's claim.
-pub(super) fn outcome_unknown(d: &DeliveryDoc, claim: &ClaimDoc) -> Outcome {
+/// commit: `failed`/`outcome_unknown`, under that worker's claim. `found` says how it
+/// was found (the job returned, or the sweep), for whoever reads the attempt.
+pub(super) fn outcome_unknown(d: &DeliveryDoc, claim: &ClaimDoc, found: &str) -> Outcome {
     Outcome {
         delivery_id: d.id.clone(),
         notification_id: d.notification_id.clone(),
@@ -534,10 +541,10 @@ pub(super) fn outcome_unknown(d: &DeliveryDoc, claim: &ClaimDoc) -> Outcome {
             finished_at: DateTime::now(),
             duration_ms: millis_since(claim.claimed_at),
             status: DeliveryStatus::Failed,
-            error: Some(
-                "the worker stopped between the provider call and recording its outcome; not re-sent"
-                    .to_owned(),
-            ),
+            error: Some(format!(
+                "{found}: worker {} stopped between the provider call and recording its outcome; not re-sent",
+                claim.worker
+            )),
             response: None,
         }),
     }

@@ -154,7 +154,14 @@ async fn sweep_stale_claims(ctx: Context, commits: Committer, cancel: Cancellati
         for d in &stale {
             let Some(claim) = &d.claim else { continue };
             tracing::warn!(delivery_id = %d.id, worker = %claim.worker, "delivery `sending` past the claim timeout; recording outcome_unknown");
-            if let Err(e) = commits.call(deliver::outcome_unknown(d, claim)).await {
+            if let Err(e) = commits
+                .call(deliver::outcome_unknown(
+                    d,
+                    claim,
+                    "still `sending` past the claim timeout",
+                ))
+                .await
+            {
                 tracing::warn!(error = format!("{e:#}"), "could not resolve a stale claim");
             }
         }
