@@ -121,6 +121,17 @@ pub(super) async fn run(
                 .await?;
             // Stragglers (a send whose commit is still in flight) land before counting.
             tokio::time::sleep(Duration::from_secs(1)).await;
+            let notes = match fault {
+                // What herald found missing after the restart: records it had written,
+                // with the database's acknowledgement, and read back before the crash.
+                Fault::DatabaseRestart => format!(
+                    "acknowledged writes the restarted database no longer had: {} claims, {} deliveries, {} notifications",
+                    bed.log_lines("worker", "claim was lost by the database"),
+                    bed.log_lines("worker", "job for an unknown delivery"),
+                    bed.log_lines("worker", "unknown notification; dropping"),
+                ),
+                _ => notes,
+            };
             bed.account(fault, recovery, notes).await
         }
         Err(e) => Err(e),

@@ -187,7 +187,14 @@ fn is_unreachable(e: &anyhow::Error) -> bool {
 
 /// MongoDB's WriteConflict: another transaction touched the same document first.
 const WRITE_CONFLICT: i32 = 112;
-/// A batch that keeps conflicting is given up after this many tries.
+/// A transaction that keeps conflicting is tried again for this long (and at least
+/// `CONFLICT_TRIES` times). Every conflict means another transaction committed, so this
+/// is progress, not a livelock; and giving up is costly: an outcome commit that fails
+/// leaves its delivery `sending` although the worker knows what the provider answered,
+/// until the claim timeout turns it into `outcome_unknown` (the chaos suite's `overload`
+/// saw 80 so, with 10 tries in ~1 s on documents every transaction increments). Kept
+/// under the claim timeout the chaos bed uses (30 s; the default is 300 s).
+const CONFLICT_BUDGET: Duration = Duration::from_secs(20);
 const CONFLICT_TRIES: u32 = 10;
 
 /// True when `e` is (or, in a bulk write, holds only) write conflicts. MongoDB reports one
@@ -208,23 +215,28 @@ pub fn is_write_conflict(e: &anyhow::Error) -> bool {
         })
 }
 
-/// A short pause, growing with `round` and jittered, before trying a conflicting write again.
+/// A short pause, growing with `round` (to at most ~250 ms) and jittered, before trying a
+/// conflicting write again.
 async fn conflict_pause(round: u32) {
     let ms = 2u64 << round.min(6);
     tokio::time::sleep(Duration::from_millis(ms + rand::random::<u64>() % ms)).await;
 }
 
-/// Runs a transaction again (a few times, after short pauses) while it fails on a write
-/// conflict; any other outcome is returned as it is.
+/// Runs a transaction again (after short pauses, for up to `CONFLICT_BUDGET`) while it
+/// fails on a write conflict; any other outcome is returned as it is.
 async fn conflict_retried<T, F, Fut>(mut attempt: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<T>>,
 {
+    let started = std::time::Instant::now();
     let mut round = 0;
     loop {
         match attempt().await {
-            Err(e) if is_write_conflict(&e) && round + 1 < CONFLICT_TRIES => {
+            Err(e)
+                if is_write_conflict(&e)
+                    && (round + 1 < CONFLICT_TRIES || started.elapsed() < CONFLICT_BUDGET) =>
+            {
                 tracing::debug!(
                     error = format!("{e:#}"),
                     round,
