@@ -524,7 +524,11 @@ impl SseReader {
         if let Some(id) = last_id {
             req = req.header("last-event-id", id);
         }
-        let resp = req.send().await.expect("stream");
+        // Bounded: a stream that never answers fails the test instead of hanging the suite.
+        let resp = tokio::time::timeout(Duration::from_secs(30), req.send())
+            .await
+            .expect("the stream answers within 30 s")
+            .expect("stream");
         assert_eq!(resp.status(), 200);
         assert!(resp.headers()["content-type"]
             .to_str()

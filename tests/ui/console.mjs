@@ -108,10 +108,13 @@ try {
   await step("the live tail shows a new status change, and holds changes while paused", async () => {
     await page.click("nav a[data-section=live]");
     await page.waitForSelector("#live-state.on");
-    await post("/v1/events", { event_type: "greeting", channels: ["email"], recipients: { user_ids: [findUser] }, payload: { note: "live" } });
+    const live = await post("/v1/events", { event_type: "greeting", channels: ["email"], recipients: { user_ids: [findUser] }, payload: { note: "live" } });
     // These wait on herald's whole pipeline, which shares two cores with the other tests.
     const pipeline = { timeout: 60_000 };
-    await page.waitForSelector("table[aria-label^='Status changes'] tbody tr", pipeline);
+    await page.waitForSelector("table[aria-label^='Status changes'] tbody tr", pipeline).catch(async (e) => {
+      const r = await fetch(`${base}/v1/deliveries?notification_id=${live.notification_id}`, { headers: { Authorization: `Bearer ${key}` } });
+      throw new Error(`${e.message}\nthe live event's deliveries meanwhile: ${await r.text()}; stream state: ${await page.textContent("#live-state")}`);
+    });
     await page.waitForFunction(() => [...document.querySelectorAll("tbody .badge")].some((b) => b.textContent === "sent"), null, pipeline);
     await page.click("#live-pause");
     assert.equal(await page.getAttribute("#live-pause", "aria-pressed"), "true");

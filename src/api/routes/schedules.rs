@@ -14,9 +14,9 @@ use crate::api::error::{ApiError, JsonBody, QueryParams};
 use crate::app::Context;
 use crate::domain::event::parse_time;
 use crate::domain::FieldError;
+use crate::scheduler as sched;
 use crate::scheduler::cron::{parse_tz, CronSpec};
 use crate::scheduler::definition::{self, parse_schedule, ScheduleError, ScheduleInput};
-use crate::scheduler::{self as sched};
 use crate::store::{RecipientsDoc, ScheduleDoc, ScheduleStatus};
 
 impl From<ScheduleError> for ApiError {
@@ -399,14 +399,18 @@ pub async fn preview(JsonBody(body): JsonBody<Value>) -> Result<Json<Value>, Api
             String::new()
         }
     };
-    let tz = parse_tz(&timezone)
-        .map_err(|e| {
-            if code == "validation_failed" {
-                code = "unknown_timezone";
-            }
-            errors.push(FieldError::new("timezone", e));
-        })
-        .ok();
+    // (Not a string: already refused above.)
+    let tz = match obj.get("timezone") {
+        Some(v) if !v.is_string() && !v.is_null() => None,
+        _ => parse_tz(&timezone)
+            .map_err(|e| {
+                if code == "validation_failed" {
+                    code = "unknown_timezone";
+                }
+                errors.push(FieldError::new("timezone", e));
+            })
+            .ok(),
+    };
     let start_at = parse_time("start_at", obj.get("start_at"), &mut errors);
     let end_at = parse_time("end_at", obj.get("end_at"), &mut errors);
     if let (Some(s), Some(e)) = (start_at, end_at) {
