@@ -226,6 +226,10 @@ struct Bed {
     slots: HashSet<String>,
 }
 
+/// The bed's `worker.max_attempts`; the harness's own context uses it too, so its queue
+/// names (one delay queue per retry) match the processes' and all are deleted after.
+const MAX_ATTEMPTS: u32 = 12;
+
 /// The bed's `chaos.toml`: SMTP to the sink, short timeouts and retries, plus the
 /// fault's own `extra` TOML.
 fn config_toml(smtp_port: u16, smtp_timeout_secs: u64, extra: &str) -> String {
@@ -241,7 +245,7 @@ claim_timeout_secs = 30
 redelivery_grace_secs = 12
 retry_base_ms = 200
 retry_max_ms = 4000
-max_attempts = 12
+max_attempts = {MAX_ATTEMPTS}
 [outbox]
 poll_interval_ms = 200
 lease_secs = 3
@@ -267,6 +271,7 @@ impl Bed {
         settings.mongodb.uri = Secret::new(db.uri());
         settings.mongodb.database = format!("herald_chaos_{name}_{stamp}");
         settings.amqp.prefix = format!("herald-chaos-{name}-{stamp}");
+        settings.worker.max_attempts = MAX_ATTEMPTS;
         let ctx = Context::build(settings.clone()).await?;
         ctx.store.migrate().await?;
         let users: Vec<UserDoc> = (0..opts.deliveries)

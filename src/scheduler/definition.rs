@@ -71,6 +71,21 @@ const FIELDS: [&str; 11] = [
     "misfire_policy",
 ];
 
+/// `start_at` and `end_at` of a definition, the end after the start.
+pub fn parse_window(
+    obj: &Map<String, Value>,
+    errors: &mut Vec<FieldError>,
+) -> (Option<DateTime<Utc>>, Option<DateTime<Utc>>) {
+    let start_at = parse_time("start_at", obj.get("start_at"), errors);
+    let end_at = parse_time("end_at", obj.get("end_at"), errors);
+    if let (Some(s), Some(e)) = (start_at, end_at) {
+        if e <= s {
+            errors.push(FieldError::new("end_at", "must be after start_at"));
+        }
+    }
+    (start_at, end_at)
+}
+
 /// Parses a whole definition (a create body, or a stored schedule with a PATCH merged in).
 pub fn parse_schedule(body: &Value) -> Result<ScheduleInput, ScheduleError> {
     let Some(obj) = body.as_object() else {
@@ -125,13 +140,7 @@ pub fn parse_schedule(body: &Value) -> Result<ScheduleInput, ScheduleError> {
             })
             .ok(),
     };
-    let start_at = parse_time("start_at", obj.get("start_at"), &mut errors);
-    let end_at = parse_time("end_at", obj.get("end_at"), &mut errors);
-    if let (Some(s), Some(e)) = (start_at, end_at) {
-        if e <= s {
-            errors.push(FieldError::new("end_at", "must be after start_at"));
-        }
-    }
+    let (start_at, end_at) = parse_window(obj, &mut errors);
     let event_type = match text("event_type", &mut errors) {
         Some(t) => EventType::parse(&t)
             .map_err(|e| errors.push(FieldError::new("event_type", e)))

@@ -84,6 +84,7 @@ async fn requests_without_a_valid_key_are_401_and_without_the_scope_403() {
         let r = reqwest::get(app.url(open)).await.expect("request");
         assert!(r.status().is_success(), "{open}: {}", r.status());
     }
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -136,6 +137,7 @@ async fn keys_are_shown_once_stored_as_hashes_and_revocable() {
         .await;
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["error"]["details"][0]["field"], "scopes");
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -201,6 +203,7 @@ async fn a_key_created_by_the_cli_works_and_replace_revokes_the_old_one() {
         1,
         "{listed}"
     );
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -229,6 +232,7 @@ async fn a_key_over_its_rate_gets_429_with_retry_after() {
     // Other keys are not slowed by it.
     let (status, _) = app.get("/v1/deliveries").await;
     assert_eq!(status, 200);
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -247,6 +251,7 @@ async fn metrics_can_require_a_key() {
         .await
         .expect("request");
     assert_eq!(r.status(), 200);
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -283,6 +288,7 @@ async fn metrics_count_deliveries_requests_and_report_queue_depth() {
     ] {
         assert!(text.contains(needle), "missing `{needle}` in\n{text}");
     }
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -321,6 +327,7 @@ async fn a_worker_without_the_api_serves_its_metrics_on_metrics_bind() {
         ),
         "{text}"
     );
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -412,6 +419,7 @@ async fn the_openapi_document_lists_exactly_the_routes_served() {
         docs.contains("/openapi.json") && !docs.contains("https://"),
         "docs are self-contained"
     );
+    app.stop().await;
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

@@ -380,4 +380,5 @@ async fn a_recipient_on_several_channels_gets_each_even_when_their_lookups_share
     assert_eq!(n["counts"]["sent"], 24, "{n}");
     assert_eq!(n["counts"]["skipped"], 0, "{n}");
     assert_eq!(app.smtp.wait_for(12, 10).await.len(), 12);
+    app.stop().await;
 }

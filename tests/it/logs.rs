@@ -421,6 +421,7 @@ async fn the_delivery_log_filters_pages_counts_and_stats_agree_with_the_raw_reco
             );
         }
     }
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -480,6 +481,7 @@ async fn every_delivery_log_query_shape_walks_an_index_without_sorting() {
         }
     }
     assert_eq!(shapes, 256);
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -500,6 +502,7 @@ async fn log_queries_refuse_bad_filters_and_foreign_cursors() {
     }
     let (status, body) = app.get("/v1/stats/deliveries?group_by=colour").await;
     assert_eq!(status, 422, "{body}");
+    app.stop().await;
 }
 
 /// One server-sent event.
@@ -656,6 +659,7 @@ async fn the_stream_reports_status_changes_and_resumes_after_a_reconnect_without
     .await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["code"], "invalid_cursor");
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -733,4 +737,5 @@ async fn finished_records_expire_by_status_through_ttl_indexes() {
         );
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
+    app.stop().await;
 }

@@ -12,7 +12,6 @@ use serde_json::{json, Value};
 use super::rfc3339;
 use crate::api::error::{ApiError, JsonBody, QueryParams};
 use crate::app::Context;
-use crate::domain::event::parse_time;
 use crate::domain::FieldError;
 use crate::scheduler as sched;
 use crate::scheduler::cron::{parse_tz, CronSpec};
@@ -411,13 +410,7 @@ pub async fn preview(JsonBody(body): JsonBody<Value>) -> Result<Json<Value>, Api
             })
             .ok(),
     };
-    let start_at = parse_time("start_at", obj.get("start_at"), &mut errors);
-    let end_at = parse_time("end_at", obj.get("end_at"), &mut errors);
-    if let (Some(s), Some(e)) = (start_at, end_at) {
-        if e <= s {
-            errors.push(FieldError::new("end_at", "must be after start_at"));
-        }
-    }
+    let (start_at, end_at) = definition::parse_window(obj, &mut errors);
     let count = match obj.get("count") {
         None | Some(Value::Null) => 5,
         Some(v) => match v.as_u64().filter(|c| (1..=100).contains(c)) {
