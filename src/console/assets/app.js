@@ -548,20 +548,25 @@ function firesList(items, zone) {
     h("time", { datetime: f.at }, fmtTime(f.at, zone)), h("span", { class: "muted" }, ` · your time ${fmtTime(f.at, viewerZone)}`))));
 }
 
-async function campaignsPage(m, token) {
-  const { items } = await api("/v1/schedules?limit=500");
-  if (!current(token)) return;
-  const act = (id, what) => async (e) => {
+// A click handler that pauses, resumes or triggers a schedule, then redraws the page.
+function scheduleAction(id, what) {
+  return async (e) => {
     e.target.disabled = true;
     try {
-      await api(`/v1/schedules/${encodeURIComponent(id)}/${what}`, { method: "POST" });
-      toast(`${what === "trigger" ? "Triggered" : what === "pause" ? "Paused" : "Resumed"}`);
+      const r = await api(`/v1/schedules/${encodeURIComponent(id)}/${what}`, { method: "POST" });
+      toast(what === "trigger" ? `Triggered: notification ${r.notification_id || "—"}` : `Campaign ${what === "pause" ? "paused" : "resumed"}`);
       route();
     } catch (err) {
       e.target.disabled = false;
       toast(`${err.message} (${err.code})`, true);
     }
   };
+}
+
+async function campaignsPage(m, token) {
+  const { items } = await api("/v1/schedules?limit=500");
+  if (!current(token)) return;
+  const act = scheduleAction;
   render(h("h1", {}, "Campaigns"),
     h("div", { class: "actions" }, h("a", { href: "#/campaigns/new", class: "button primary", id: "new-campaign" }, "New campaign")),
     items.length
@@ -586,17 +591,7 @@ async function campaignPage(m, token) {
     api(`/v1/schedules/${encodeURIComponent(id)}/runs?limit=50`),
   ]);
   if (!current(token)) return;
-  const act = (what) => async (e) => {
-    e.target.disabled = true;
-    try {
-      const r = await api(`/v1/schedules/${encodeURIComponent(id)}/${what}`, { method: "POST" });
-      toast(what === "trigger" ? `Triggered: notification ${r.notification_id || "—"}` : `Campaign ${what === "pause" ? "paused" : "resumed"}`);
-      route();
-    } catch (err) {
-      e.target.disabled = false;
-      toast(`${err.message} (${err.code})`, true);
-    }
-  };
+  const act = (what) => scheduleAction(id, what);
   const r = c.recipients || {};
   render(
     h("p", {}, h("a", { href: "#/campaigns" }, "← Campaigns")),
