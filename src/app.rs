@@ -31,6 +31,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Wakes this process's outbox relay right after an accept commits.
     pub outbox_wake: Arc<Notify>,
+    /// Accepted entries handed straight to this process's relay.
+    pub handoff: Arc<crate::outbox::Handoff>,
     /// Wakes this process's scheduler when a schedule changes here.
     pub schedule_wake: Arc<Notify>,
     /// Accepted events, group-committed: concurrent requests share one transaction.
@@ -77,6 +79,7 @@ impl Context {
             enricher,
             metrics: Arc::default(),
             outbox_wake: Arc::new(Notify::new()),
+            handoff: Arc::default(),
             schedule_wake: Arc::new(Notify::new()),
             instance,
             intake,

@@ -148,7 +148,7 @@ pub async fn accept(ctx: &Context, event: NewEvent, source: &str) -> Result<Acce
     }
     let payload = payload_document(&event.payload)?;
     let due_at = event.send_at.filter(|t| *t > Utc::now());
-    let (notification, outbox) = new_notification(
+    let (notification, mut outbox) = new_notification(
         NotificationSpec {
             event_id: event.event_id,
             event_type: event.event_type.to_string(),
@@ -162,10 +162,14 @@ pub async fn accept(ctx: &Context, event: NewEvent, source: &str) -> Result<Acce
         },
         due_at,
     );
+    let handed = ctx.handoff.lease(ctx, &mut outbox).then(|| outbox.clone());
     let accepted = ctx.intake.call((notification, outbox)).await?;
     if matches!(accepted, Accepted::New(_)) {
         ctx.metrics.accepted(source);
-        ctx.outbox_wake.notify_one();
+        match handed {
+            Some(entry) => ctx.handoff.send(entry),
+            None => ctx.outbox_wake.notify_one(),
+        }
     }
     Ok(accepted)
 }

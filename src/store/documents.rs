@@ -152,7 +152,6 @@ pub struct ClaimDoc {
 pub struct DeliveryClaim {
     pub delivery_id: String,
     pub from: DeliveryStatus,
-    pub attempt_id: String,
     pub worker: String,
 }
 

@@ -406,11 +406,16 @@ impl Store {
         &self,
         ids: &[String],
     ) -> anyhow::Result<Vec<NotificationDoc>> {
-        Ok(self
+        let found: Vec<NotificationDoc> = self
             .notifications()
             .find(doc! {"_id": {"$in": ids}})
             .await?
             .try_collect()
-            .await?)
+            .await?;
+        let mut out = Vec::with_capacity(found.len());
+        for n in found {
+            out.extend(self.with_progress(Some(n)).await?);
+        }
+        Ok(out)
     }
 }

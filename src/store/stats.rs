@@ -9,7 +9,7 @@ use mongodb::bson::{doc, Bson, DateTime, Document};
 use mongodb::{ClientSession, Collection, Database, IndexModel};
 
 use super::{DeliveryDoc, Store};
-use crate::domain::DeliveryStatus;
+use crate::domain::{DeliveryStatus, Priority};
 
 pub(crate) const DELIVERY_STATS: &str = "delivery_stats";
 /// Accept-to-sent histograms per (hour, channel): few documents, so percentiles over a
@@ -44,12 +44,25 @@ struct StatKey {
 /// Counter moves of one transaction, merged per rollup document before writing.
 #[derive(Debug, Default)]
 pub(crate) struct StatMoves {
+    /// Appended to each rollup document's id: writers that run concurrently all the time
+    /// (fan-out and outcome commits) keep their own documents, so their transactions do
+    /// not conflict on them; readers sum over all of them.
+    shard: String,
     counts: BTreeMap<StatKey, i64>,
     /// (hour, channel) -> bucket -> count
     latency: BTreeMap<(i64, &'static str), BTreeMap<u32, i64>>,
 }
 
 impl StatMoves {
+    /// Moves kept on rollup documents of their own: those of `writer` (`fanout`,
+    /// `commit`) for deliveries of `lane`.
+    pub(crate) fn sharded(writer: &str, lane: Priority) -> Self {
+        Self {
+            shard: format!("|{writer}-{}", lane.as_str()),
+            ..Self::default()
+        }
+    }
+
     /// Counts `delta` deliveries like `d` under `status` and `provider`; a `sent` one may
     /// bring its accept-to-sent latency.
     pub(crate) fn add(
@@ -103,8 +116,8 @@ impl StatMoves {
             let hour = DateTime::from_millis(key.hour_ms);
             // A string `_id`: SecantusDB's update path scans for a sub-document `_id`.
             let id = format!(
-                "{}|{}|{}|{}|{}",
-                key.hour_ms, key.channel, key.event_type, key.provider, key.status
+                "{}|{}|{}|{}|{}{}",
+                key.hour_ms, key.channel, key.event_type, key.provider, key.status, self.shard
             );
             let on_insert = doc! {"h": hour, "c": key.channel, "e": &key.event_type,
             "p": &key.provider, "s": key.status, "expire_at": expiry(hour)};
@@ -131,7 +144,7 @@ impl StatMoves {
             let hour = DateTime::from_millis(hour_ms);
             latency
                 .update_one(
-                    doc! {"_id": format!("{hour_ms}|{channel}")},
+                    doc! {"_id": format!("{hour_ms}|{channel}{}", self.shard)},
                     doc! {"$inc": inc,
                     "$setOnInsert": {"h": hour, "c": channel, "expire_at": expiry(hour)}},
                 )
@@ -417,7 +430,7 @@ pub(crate) fn latency_of(d: &DeliveryDoc, sent_at: Option<DateTime>) -> Option<i
     Some(sent.timestamp_millis() - accepted.timestamp_millis())
 }
 
-fn number(b: Option<&Bson>) -> i64 {
+pub(crate) fn number(b: Option<&Bson>) -> i64 {
     match b {
         Some(Bson::Int32(n)) => i64::from(*n),
         Some(Bson::Int64(n)) => *n,

@@ -6,17 +6,24 @@ use std::sync::Arc;
 use tokio::task::JoinHandle;
 
 use crate::batch::Batcher;
+use crate::domain::Priority;
 use crate::metrics::Metrics;
 use crate::store::{Outcome, Store};
 
 /// Submits an outcome and returns once it is committed; only then may its message be acked.
 pub type Committer = Batcher<Outcome, ()>;
 
-pub fn start(store: Store, metrics: Arc<Metrics>, batch_max: usize) -> (Committer, JoinHandle<()>) {
+/// The committer of one priority lane (it picks the rollup documents the lane counts on).
+pub fn start(
+    store: Store,
+    metrics: Arc<Metrics>,
+    batch_max: usize,
+    lane: Priority,
+) -> (Committer, JoinHandle<()>) {
     Batcher::start("commit", batch_max, move |outcomes: Vec<Outcome>| {
         let (store, metrics) = (store.clone(), Arc::clone(&metrics));
         async move {
-            let applied = store.commit_outcomes(&outcomes).await?;
+            let applied = store.commit_outcomes(&outcomes, lane).await?;
             record(&metrics, &outcomes, &applied);
             Ok(vec![(); outcomes.len()])
         }

@@ -327,17 +327,15 @@ pub async fn deliver(
         }
     };
 
-    let attempt_id = uuid::Uuid::new_v4().to_string();
     let claim = DeliveryClaim {
         delivery_id: d.id.clone(),
         from,
-        attempt_id: attempt_id.clone(),
         worker: ctx.instance.clone(),
     };
-    if !shared.claims.call(claim).await? {
+    let Some(attempt_id) = shared.claims.call(claim).await? else {
         tracing::debug!("another worker holds this delivery");
         return Ok(());
-    }
+    };
     // SMS is length-checked: the log says how many segments it cost.
     let segments = match &content {
         crate::templates::Rendered::Sms { text } => {

@@ -19,20 +19,26 @@ use crate::store::{DeliveryClaim, DeliveryDoc, UserDoc};
 use committer::Committer;
 use deliver::NotificationCache;
 
-/// What every delivery job of this process shares: the notification cache and the
-/// batched round trips (reads, claims, commits).
+/// What a lane's delivery jobs share: the process's notification cache and the lane's
+/// own batched round trips (reads, claims, commits). Each lane batches on its own, so a
+/// high-priority delivery never waits for a round trip of the low lane's backlog.
 pub struct Shared {
-    pub notifications: NotificationCache,
+    pub notifications: Arc<NotificationCache>,
     /// A record that exists but cannot be decoded answers `Err` (for its job alone).
     pub deliveries: Batcher<String, Result<Option<DeliveryDoc>, String>>,
     pub users: Batcher<String, Result<Option<UserDoc>, String>>,
-    pub claims: Batcher<DeliveryClaim, bool>,
+    /// The attempt id, when this worker got the delivery.
+    pub claims: Batcher<DeliveryClaim, Option<String>>,
     pub commits: Committer,
 }
 
 impl Shared {
-    /// Starts the batching tasks; they end when the last `Shared` is dropped.
-    fn start(ctx: &Context) -> (Arc<Self>, Vec<tokio::task::JoinHandle<()>>) {
+    /// Starts one lane's batching tasks; they end when the last `Shared` is dropped.
+    fn start(
+        ctx: &Context,
+        lane: Priority,
+        notifications: Arc<NotificationCache>,
+    ) -> (Arc<Self>, Vec<tokio::task::JoinHandle<()>>) {
         let max = ctx.settings.worker.commit_batch_max;
         let store = ctx.store.clone();
         let (deliveries, t1) = Batcher::start("deliveries", max, move |ids: Vec<String>| {
@@ -62,9 +68,9 @@ impl Shared {
             let store = store.clone();
             async move { store.claim_deliveries(&claims).await }
         });
-        let (commits, t4) = committer::start(ctx.store.clone(), ctx.metrics.clone(), max);
+        let (commits, t4) = committer::start(ctx.store.clone(), ctx.metrics.clone(), max, lane);
         let shared = Self {
-            notifications: NotificationCache::default(),
+            notifications,
             deliveries,
             users,
             claims,
@@ -210,14 +216,19 @@ pub struct Unprocessable(pub String);
 
 /// Runs the pool until cancelled; in-flight jobs finish and commit before it returns.
 pub async fn run(ctx: Context, cancel: CancellationToken) -> anyhow::Result<()> {
-    let (shared, batch_tasks) = Shared::start(&ctx);
+    let notifications = Arc::new(NotificationCache::default());
     let w = &ctx.settings.worker;
     let mut lanes = Vec::new();
+    let mut batch_tasks = Vec::new();
+    let mut sweeper_commits = None;
     for (priority, slots) in [
         (Priority::High, w.high_concurrency),
         (Priority::Normal, w.normal_concurrency),
         (Priority::Low, w.low_concurrency),
     ] {
+        let (shared, tasks) = Shared::start(&ctx, priority, Arc::clone(&notifications));
+        batch_tasks.extend(tasks);
+        sweeper_commits.get_or_insert_with(|| shared.commits.clone());
         let queue = ctx.broker.names().lane(priority).to_owned();
         let (ctx2, shared2) = (ctx.clone(), Arc::clone(&shared));
         let handler = move |m: Incoming| {
@@ -231,9 +242,10 @@ pub async fn run(ctx: Context, cancel: CancellationToken) -> anyhow::Result<()> 
             handler,
         )));
     }
+    // The sweep commits through the high lane's batcher: it is rarely busy.
     let sweeper = tokio::spawn(sweep_stale_claims(
         ctx.clone(),
-        shared.commits.clone(),
+        sweeper_commits.expect("three lanes"),
         cancel.clone(),
     ));
     tracing::info!("worker pool running");
@@ -241,7 +253,6 @@ pub async fn run(ctx: Context, cancel: CancellationToken) -> anyhow::Result<()> 
         let _ = lane.await;
     }
     let _ = sweeper.await;
-    drop(shared);
     for task in batch_tasks {
         let _ = task.await;
     }

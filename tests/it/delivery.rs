@@ -290,9 +290,10 @@ async fn a_job_redelivered_after_its_worker_died_mid_send_is_not_sent_again() {
                 assert!(app
                     .ctx
                     .store
-                    .claim_delivery(&d, DeliveryStatus::Queued, "doomed-attempt", "doomed")
+                    .claim_delivery(&d, DeliveryStatus::Queued, "doomed")
                     .await
-                    .expect("claim"));
+                    .expect("claim")
+                    .is_some());
                 delivery_id = Some(d);
             }
         }
@@ -380,5 +381,145 @@ async fn a_recipient_on_several_channels_gets_each_even_when_their_lookups_share
     assert_eq!(n["counts"]["sent"], 24, "{n}");
     assert_eq!(n["counts"]["skipped"], 0, "{n}");
     assert_eq!(app.smtp.wait_for(12, 10).await.len(), 12);
+    app.stop().await;
+}
+
+/// A delivery of `nid` to `user` by email, as the fan-out plans it.
+fn planned(nid: &str, user: &str) -> herald::store::DeliveryDoc {
+    let now = DateTime::now();
+    herald::store::DeliveryDoc {
+        id: uuid::Uuid::now_v7().to_string(),
+        notification_id: nid.to_owned(),
+        event_type: "greeting".to_owned(),
+        user_id: user.to_owned(),
+        channel: herald::domain::Channel::Email,
+        priority: herald::domain::Priority::Normal,
+        schedule_id: None,
+        status: DeliveryStatus::Queued,
+        reason: None,
+        provider: None,
+        attempt_count: 0,
+        attempts: Vec::new(),
+        last_error: None,
+        claim: None,
+        accepted_at: Some(now),
+        created_at: now,
+        updated_at: now,
+        sent_at: None,
+        expire_at: None,
+    }
+}
+
+#[tokio::test]
+async fn a_running_fan_out_is_counted_apart_and_claims_of_one_round_trip_skip_held_deliveries() {
+    // No worker: the test plays the fan-out and two workers itself.
+    let app = spawn_app_with(TestOptions {
+        roles: Roles::ApiOnly,
+        ..Default::default()
+    })
+    .await;
+    let (status, body) = app
+        .post_event(&json!({"event_type": "greeting", "channels": ["email"],
+                            "recipients": {"user_ids": ["u1", "u2"]}, "payload": {}}))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let nid = body["notification_id"].as_str().expect("id").to_owned();
+    let store = &app.ctx.store;
+    store.mark_dispatching(&nid).await.expect("dispatching");
+    let written = store
+        .insert_delivery_batch(&nid, vec![planned(&nid, "u1"), planned(&nid, "u2")])
+        .await
+        .expect("fan-out batch");
+    assert_eq!(written.len(), 2);
+
+    // Outcome commits write the notification's counts all the time; the fan-out's are
+    // kept on a document of their own while it runs, and readers see their sum.
+    let raw = |nid: String| {
+        let db = app.db.clone();
+        async move {
+            db.collection::<Document>("notifications")
+                .find_one(doc! {"_id": nid})
+                .await
+                .expect("read")
+                .expect("notification")
+        }
+    };
+    let stored = raw(nid.clone()).await;
+    assert_eq!(
+        stored
+            .get_document("counts")
+            .expect("counts")
+            .get_i64("total")
+            .unwrap_or(0),
+        0,
+        "{stored}"
+    );
+    let (_, n) = app.get(&format!("/v1/notifications/{nid}")).await;
+    assert_eq!(
+        (
+            n["counts"]["total"].as_i64(),
+            n["counts"]["queued"].as_i64()
+        ),
+        (Some(2), Some(2)),
+        "{n}"
+    );
+
+    // Claims: one round trip for many deliveries, one attempt id; a held one is skipped.
+    let [d1, d2] = [&written[0].delivery_id, &written[1].delivery_id];
+    let first = store
+        .claim_delivery(d1, DeliveryStatus::Queued, "w1")
+        .await
+        .expect("claim")
+        .expect("w1 got it");
+    let claims: Vec<herald::store::DeliveryClaim> = [d1, d2]
+        .iter()
+        .map(|d| herald::store::DeliveryClaim {
+            delivery_id: (*d).clone(),
+            from: DeliveryStatus::Queued,
+            worker: "w2".to_owned(),
+        })
+        .collect();
+    let got = store.claim_deliveries(&claims).await.expect("claims");
+    assert_eq!(got[0], None, "held by w1");
+    let second = got[1].clone().expect("w2 got the free one");
+    assert_ne!(first, second);
+    assert_eq!(
+        store.claim_deliveries(&claims).await.expect("claims"),
+        vec![None, None],
+        "nothing left to claim"
+    );
+    let d = app
+        .db
+        .collection::<Document>("deliveries")
+        .find_one(doc! {"_id": d2})
+        .await
+        .expect("read")
+        .expect("delivery");
+    assert_eq!(d.get_str("status"), Ok("sending"));
+    let claim = d.get_document("claim").expect("claim");
+    assert_eq!(claim.get_str("attempt_id"), Ok(second.as_str()));
+    assert_eq!(claim.get_str("worker"), Ok("w2"));
+
+    // The fan-out ends: its counts move onto the notification, its document goes.
+    store.mark_fanout_done(&nid).await.expect("done");
+    let stored = raw(nid.clone()).await;
+    assert_eq!(
+        stored
+            .get_document("counts")
+            .expect("counts")
+            .get_i64("total"),
+        Ok(2),
+        "{stored}"
+    );
+    assert_eq!(app.count("fanout_progress").await, 0);
+    let (_, n) = app.get(&format!("/v1/notifications/{nid}")).await;
+    assert_eq!(
+        (
+            n["counts"]["total"].as_i64(),
+            n["counts"]["queued"].as_i64()
+        ),
+        (Some(2), Some(2)),
+        "{n}"
+    );
     app.stop().await;
 }

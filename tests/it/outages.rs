@@ -116,3 +116,61 @@ async fn past_the_backlog_bound_events_are_refused_with_503_and_retry_after_writ
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn an_event_handed_to_a_relay_that_died_is_published_by_another_once_its_lease_ends() {
+    let app = spawn_app_with(TestOptions {
+        env: vec![("HERALD__OUTBOX__LEASE_SECS".into(), "2".into())],
+        ..Default::default()
+    })
+    .await;
+    app.put_user(
+        "u1",
+        json!({"email": "one@example.com", "first_name": "Ana"}),
+    )
+    .await;
+    // A second process: its relay starts (accepts are then handed to it) and dies at once.
+    let other = herald::app::Context::build((*app.ctx.settings).clone())
+        .await
+        .expect("context");
+    let relay = tokio::spawn(herald::outbox::run(
+        other.clone(),
+        tokio_util::sync::CancellationToken::new(),
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    relay.abort();
+    let _ = relay.await;
+
+    let event = herald::domain::event::parse_event(
+        br#"{"event_type": "greeting", "channels": ["email"],
+             "recipients": {"user_ids": ["u1"]}, "payload": {"note": "late"}}"#,
+        None,
+        other.event_limits(),
+    )
+    .expect("event");
+    let accepted = herald::ingest::accept(&other, event, "test")
+        .await
+        .expect("accepted");
+    let herald::store::Accepted::New(n) = accepted else {
+        panic!("a new notification")
+    };
+    let entry = app
+        .db
+        .collection::<mongodb::bson::Document>("outbox")
+        .find_one(mongodb::bson::doc! {"notification_id": &n.id})
+        .await
+        .expect("read")
+        .expect("the entry waits in the outbox");
+    let token = entry.get_str("lease_token").expect("leased");
+    assert!(token.starts_with("handoff:"), "{entry}");
+
+    // The test app's relay skips it while the lease holds, then publishes it.
+    let done = app.wait_finished(&n.id, 30).await;
+    assert_eq!(done["counts"]["sent"], 1, "{done}");
+    assert_eq!(
+        app.smtp.wait_for(1, 5).await[0].text().trim(),
+        "Hi Ana, late"
+    );
+    assert_eq!(app.count("outbox").await, 0);
+    app.stop().await;
+}
