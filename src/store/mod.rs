@@ -252,6 +252,22 @@ where
     }
 }
 
+/// The ids of the documents of `collection` that match `filter`.
+async fn ids_where(
+    collection: &Collection<Document>,
+    filter: Document,
+) -> anyhow::Result<HashSet<String>> {
+    Ok(collection
+        .find(filter)
+        .projection(doc! {"_id": 1})
+        .await?
+        .try_collect::<Vec<_>>()
+        .await?
+        .iter()
+        .filter_map(|d| d.get_str("_id").ok().map(str::to_owned))
+        .collect())
+}
+
 /// True when a write failed on a unique index.
 pub fn is_duplicate_key(err: &mongodb::error::Error) -> bool {
     const DUPLICATE_KEY: i32 = 11000;
@@ -653,16 +669,11 @@ impl Store {
             return Ok(Vec::new());
         }
         let ids: Vec<&str> = found.iter().map(|n| n.id.as_str()).collect();
-        let running: HashSet<String> = self
-            .fanout_progress()
-            .find(doc! {"_id": {"$in": ids}, "updated_at": {"$gte": cutoff}})
-            .projection(doc! {"_id": 1})
-            .await?
-            .try_collect::<Vec<_>>()
-            .await?
-            .iter()
-            .filter_map(|d| d.get_str("_id").ok().map(str::to_owned))
-            .collect();
+        let running = ids_where(
+            &self.fanout_progress(),
+            doc! {"_id": {"$in": ids}, "updated_at": {"$gte": cutoff}},
+        )
+        .await?;
         Ok(found
             .into_iter()
             .filter(|n| !running.contains(&n.id))
@@ -1247,17 +1258,11 @@ impl Store {
         if modified == ids.len() as u64 {
             return Ok(ids.iter().copied().collect());
         }
-        let mine: HashSet<String> = self
-            .deliveries()
-            .clone_with_type::<Document>()
-            .find(doc! {"_id": {"$in": ids}, "claim.attempt_id": token})
-            .projection(doc! {"_id": 1})
-            .await?
-            .try_collect::<Vec<_>>()
-            .await?
-            .iter()
-            .filter_map(|d| d.get_str("_id").ok().map(str::to_owned))
-            .collect();
+        let mine = ids_where(
+            &self.deliveries().clone_with_type(),
+            doc! {"_id": {"$in": ids}, "claim.attempt_id": token},
+        )
+        .await?;
         Ok(ids
             .iter()
             .copied()
