@@ -252,13 +252,11 @@ where
     }
 }
 
-/// The ids of the documents of `collection` that match `filter`.
-async fn ids_where(
-    collection: &Collection<Document>,
-    filter: Document,
-) -> anyhow::Result<HashSet<String>> {
-    Ok(collection
-        .find(filter)
+/// The ids of the documents `find` finds.
+async fn ids_found<C: FromIterator<String>>(
+    find: mongodb::action::Find<'_, Document>,
+) -> anyhow::Result<C> {
+    Ok(find
         .projection(doc! {"_id": 1})
         .await?
         .try_collect::<Vec<_>>()
@@ -629,23 +627,17 @@ impl Store {
         cutoff: DateTime,
         limit: i64,
     ) -> anyhow::Result<Vec<String>> {
-        let found: Vec<Document> = self
-            .notifications()
-            .clone_with_type::<Document>()
-            .find(
-                doc! {"status": "dispatching", "updated_at": {"$lt": cutoff},
-                "fanout_done": true, "counts.queued": 0, "counts.retrying": 0,
-                "counts.deferred": 0},
-            )
-            .projection(doc! {"_id": 1})
-            .limit(limit)
-            .await?
-            .try_collect()
-            .await?;
-        Ok(found
-            .iter()
-            .filter_map(|d| d.get_str("_id").ok().map(str::to_owned))
-            .collect())
+        let notifications = self.notifications().clone_with_type::<Document>();
+        ids_found(
+            notifications
+                .find(
+                    doc! {"status": "dispatching", "updated_at": {"$lt": cutoff},
+                    "fanout_done": true, "counts.queued": 0, "counts.retrying": 0,
+                    "counts.deferred": 0},
+                )
+                .limit(limit),
+        )
+        .await
     }
 
     /// Notifications whose fan-out has not finished and that nothing has touched since
@@ -669,9 +661,9 @@ impl Store {
             return Ok(Vec::new());
         }
         let ids: Vec<&str> = found.iter().map(|n| n.id.as_str()).collect();
-        let running = ids_where(
-            &self.fanout_progress(),
-            doc! {"_id": {"$in": ids}, "updated_at": {"$gte": cutoff}},
+        let running: HashSet<String> = ids_found(
+            self.fanout_progress()
+                .find(doc! {"_id": {"$in": ids}, "updated_at": {"$gte": cutoff}}),
         )
         .await?;
         Ok(found
@@ -718,19 +710,14 @@ impl Store {
     ) -> anyhow::Result<Vec<OutboxDoc>> {
         let now = now();
         let due = doc! {"due_at": {"$lte": now}, "lease_until": {"$lte": now}};
-        let ids: Vec<String> = self
-            .outbox()
-            .clone_with_type::<Document>()
-            .find(due.clone())
-            .sort(doc! {"due_at": 1})
-            .limit(limit)
-            .projection(doc! {"_id": 1})
-            .await?
-            .try_collect::<Vec<_>>()
-            .await?
-            .iter()
-            .filter_map(|d| d.get_str("_id").ok().map(str::to_owned))
-            .collect();
+        let outbox = self.outbox().clone_with_type::<Document>();
+        let ids: Vec<String> = ids_found(
+            outbox
+                .find(due.clone())
+                .sort(doc! {"due_at": 1})
+                .limit(limit),
+        )
+        .await?;
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -1258,11 +1245,10 @@ impl Store {
         if modified == ids.len() as u64 {
             return Ok(ids.iter().copied().collect());
         }
-        let mine = ids_where(
-            &self.deliveries().clone_with_type(),
-            doc! {"_id": {"$in": ids}, "claim.attempt_id": token},
-        )
-        .await?;
+        let deliveries = self.deliveries().clone_with_type::<Document>();
+        let mine: HashSet<String> =
+            ids_found(deliveries.find(doc! {"_id": {"$in": ids}, "claim.attempt_id": token}))
+                .await?;
         Ok(ids
             .iter()
             .copied()
