@@ -252,6 +252,16 @@ where
     }
 }
 
+/// `n` with a running fan-out's `progress` counted in (nothing once the fan-out is done:
+/// its counts have moved onto the notification).
+fn add_progress(mut n: NotificationDoc, progress: Option<&Document>) -> NotificationDoc {
+    if let (false, Some(p)) = (n.fanout_done, progress) {
+        n.counts.total += stats::number(p.get("total"));
+        n.counts.queued += stats::number(p.get("queued"));
+    }
+    n
+}
+
 /// The ids of the documents `find` finds.
 async fn ids_found<C: FromIterator<String>>(
     find: mongodb::action::Find<'_, Document>,
@@ -462,25 +472,29 @@ impl Store {
     }
 
     pub async fn get_notification(&self, id: &str) -> anyhow::Result<Option<NotificationDoc>> {
+        // The progress first: if the fan-out ends in between, the notification read next
+        // already holds the moved counts and says `fanout_done`, so nothing is counted
+        // twice or missed.
+        let progress = self.fanout_progress().find_one(doc! {"_id": id}).await?;
         let found = self.notifications().find_one(doc! {"_id": id}).await?;
-        self.with_progress(found).await
+        Ok(found.map(|n| add_progress(n, progress.as_ref())))
     }
 
     /// A notification's counts as readers see them: while its fan-out runs, the deliveries
     /// it has written so far are counted on a document of their own (see
-    /// [`Store::mark_fanout_done`]) and added here.
+    /// [`Store::mark_fanout_done`]) and added here. Read after the notification, a fan-out
+    /// that ends in between is missed for this one read ([`Store::get_notification`],
+    /// which decisions rely on, reads the other way round).
     pub(crate) async fn with_progress(
         &self,
         n: Option<NotificationDoc>,
     ) -> anyhow::Result<Option<NotificationDoc>> {
-        let Some(mut n) = n else { return Ok(None) };
-        if !n.fanout_done {
-            if let Some(p) = self.fanout_progress().find_one(doc! {"_id": &n.id}).await? {
-                n.counts.total += stats::number(p.get("total"));
-                n.counts.queued += stats::number(p.get("queued"));
-            }
+        let Some(n) = n else { return Ok(None) };
+        if n.fanout_done {
+            return Ok(Some(n));
         }
-        Ok(Some(n))
+        let progress = self.fanout_progress().find_one(doc! {"_id": &n.id}).await?;
+        Ok(Some(add_progress(n, progress.as_ref())))
     }
 
     /// Accepts many notifications in one transaction (concurrent requests' group commit).
