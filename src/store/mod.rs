@@ -7,6 +7,7 @@ pub mod keys;
 pub mod log;
 pub mod schedules;
 pub mod stats;
+mod status_writes;
 pub mod templates;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -17,9 +18,7 @@ use anyhow::Context as _;
 use futures::{FutureExt, Stream, TryStreamExt};
 use mongodb::bson::{self, doc, DateTime, Document, RawDocumentBuf};
 use mongodb::error::{ErrorKind, WriteFailure};
-use mongodb::options::{
-    Acknowledgment, ClientOptions, IndexOptions, UpdateOneModel, WriteConcern, WriteModel,
-};
+use mongodb::options::{Acknowledgment, ClientOptions, IndexOptions, ReturnDocument, WriteConcern};
 use mongodb::{Client, Collection, Database, IndexModel};
 
 use crate::config::{MongoSettings, RetentionSettings};
@@ -30,6 +29,7 @@ pub use keys::*;
 pub use log::*;
 pub use schedules::*;
 pub use stats::*;
+use status_writes::{status_write_models, Guard, StatusWrite};
 pub use templates::*;
 
 const NOTIFICATIONS: &str = "notifications";
@@ -1302,7 +1302,7 @@ impl Store {
             return Ok(Vec::new());
         }
         let mut session = self.client.start_session().await?;
-        let (touched, applied): (Vec<String>, Vec<bool>) =
+        let (finished, applied): (Vec<String>, Vec<bool>) =
             session
                 .start_transaction()
                 .and_run(
@@ -1348,31 +1348,26 @@ impl Store {
                                 .into_iter()
                                 .map(|d| (d.id.clone(), d))
                                 .collect();
-                            let mut models = Vec::new();
+                            let mut writes = Vec::new();
                             let mut plans = Vec::new();
+                            // One instant for the whole batch, so that equal outcomes write
+                            // equal fields and share one update below.
+                            let now = now();
                             for (i, o) in outcomes.iter().enumerate() {
                                 let Some(state) = current.get_mut(&o.delivery_id) else {
                                     continue;
                                 };
-                                let mut filter = doc! {"_id": &o.delivery_id};
-                                let holds = match &o.precondition {
-                                    Precondition::Unclaimed => {
-                                        filter.insert(
-                                            "status",
-                                            doc! {"$in": ["queued", "retrying", "deferred"]},
-                                        );
-                                        matches!(
-                                            state.status,
-                                            DeliveryStatus::Queued
-                                                | DeliveryStatus::Retrying
-                                                | DeliveryStatus::Deferred
-                                        )
-                                    }
+                                let guard = match &o.precondition {
+                                    Precondition::Unclaimed => matches!(
+                                        state.status,
+                                        DeliveryStatus::Queued
+                                            | DeliveryStatus::Retrying
+                                            | DeliveryStatus::Deferred
+                                    )
+                                    .then_some(Guard::Waiting),
                                     Precondition::Claimed { attempt_id } => match &state.claim {
-                                        Some(c) => {
-                                            filter.insert("claim.attempt_id", attempt_id);
-                                            &c.attempt_id == attempt_id
-                                        }
+                                        Some(c) => (&c.attempt_id == attempt_id)
+                                            .then(|| Guard::Claim(attempt_id.clone())),
                                         // Unclaimed although this attempt claimed it: the
                                         // database lost the claim's acknowledged write (a
                                         // crash). The send happened, so its outcome counts.
@@ -1383,18 +1378,15 @@ impl Store {
                                                 | DeliveryStatus::Deferred
                                         ) =>
                                         {
-                                            filter.insert("status", state.status.as_str());
-                                            filter.insert("claim", bson::Bson::Null);
                                             tracing::warn!(delivery_id = %o.delivery_id, "the delivery's claim was lost by the database; recording the outcome anyway");
-                                            true
+                                            Some(Guard::LostClaim(state.status))
                                         }
-                                        None => false,
+                                        None => None,
                                     },
                                 };
-                                if !holds {
+                                let Some(guard) = guard else {
                                     continue;
-                                }
-                                let now = now();
+                                };
                                 let mut set = doc! {
                                     "status": o.status.as_str(),
                                     "reason": o.reason.as_deref(),
@@ -1406,59 +1398,57 @@ impl Store {
                                 if o.status == DeliveryStatus::Sent {
                                     set.insert("sent_at", now);
                                 }
-                                let mut update = doc! {};
-                                match retention.delivery_expiry(o.status, chrono_time(now)) {
-                                    Some(at) => {
-                                        set.insert("expire_at", bson_time(at));
-                                    }
-                                    None => {
-                                        update.insert("$unset", doc! {"expire_at": ""});
-                                    }
+                                let expire_at = retention.delivery_expiry(o.status, chrono_time(now));
+                                if let Some(at) = expire_at {
+                                    set.insert("expire_at", bson_time(at));
                                 }
-                                if let Some(a) = &o.attempt {
-                                    set.insert("last_error", a.error.as_deref());
-                                    update.insert(
-                                        "$push",
-                                        doc! {"attempts": bson::to_bson(a)
-                                        .map_err(mongodb::error::Error::custom)?},
-                                    );
-                                    update.insert("$inc", doc! {"attempt_count": 1});
-                                }
-                                update.insert("$set", set);
-                                models.push(WriteModel::UpdateOne(
-                                    UpdateOneModel::builder()
-                                        .namespace(deliveries.namespace())
-                                        .filter(filter)
-                                        .update(update)
-                                        .build(),
-                                ));
-                                plans.push((i, state.clone(), now));
+                                let attempt = match &o.attempt {
+                                    Some(a) => {
+                                        set.insert("last_error", a.error.as_deref());
+                                        Some(
+                                            bson::to_bson(a)
+                                                .map_err(mongodb::error::Error::custom)?,
+                                        )
+                                    }
+                                    None => None,
+                                };
+                                writes.push(StatusWrite {
+                                    id: o.delivery_id.as_str(),
+                                    guard,
+                                    set,
+                                    unset_expiry: expire_at.is_none(),
+                                    attempt,
+                                });
+                                plans.push((i, state.clone()));
                                 // A later outcome for the same delivery sees this one's effect.
                                 state.status = o.status;
                                 if let Some(p) = &o.provider {
                                     state.provider = Some(p.clone());
                                 }
                             }
-                            // Every status change of the batch in one round trip.
-                            if !models.is_empty() {
+                            // Every status change of the batch in one round trip; equal
+                            // changes as one update of many deliveries.
+                            if !writes.is_empty() {
+                                let (models, expected) =
+                                    status_write_models(writes, deliveries.namespace());
                                 let written = client
                                     .bulk_write(models)
                                     .verbose_results()
                                     .session(&mut *s)
                                     .await?;
-                                for k in 0..plans.len() {
+                                for (k, n) in expected.into_iter().enumerate() {
                                     let matched = written
                                         .update_results
                                         .get(&k)
                                         .map_or(0, |u| u.matched_count);
-                                    if matched != 1 {
+                                    if matched != n {
                                         return Err(mongodb::error::Error::custom(
                                             "a delivery changed inside its outcome transaction",
                                         ));
                                     }
                                 }
                             }
-                            for (i, before, now) in plans {
+                            for (i, before) in plans {
                                 let o = &outcomes[i];
                                 applied[i] = true;
                                 // A retry is published through the outbox (never lost); a
@@ -1522,6 +1512,9 @@ impl Store {
                                 }
                             }
                             moves.write(db, s, retention.stats_days).await?;
+                            // Notifications this commit may have finished, told by the
+                            // counter write itself (no read after the commit).
+                            let mut finished = Vec::new();
                             for (id, counters) in &incs {
                                 let mut inc = Document::new();
                                 for (name, delta) in counters {
@@ -1532,22 +1525,30 @@ impl Store {
                                 if inc.is_empty() {
                                     continue;
                                 }
-                                notifications
-                                    .update_one(
+                                let after = notifications
+                                    .clone_with_type::<Document>()
+                                    .find_one_and_update(
                                         doc! {"_id": id},
-                                        doc! {"$inc": inc, "$set": {"updated_at": now()}},
+                                        doc! {"$inc": inc, "$set": {"updated_at": now}},
                                     )
+                                    .projection(
+                                        doc! {"status": 1, "fanout_done": 1, "counts": 1},
+                                    )
+                                    .return_document(ReturnDocument::After)
                                     .session(&mut *s)
                                     .await?;
+                                if after.as_ref().is_some_and(may_finish) {
+                                    finished.push(id.clone());
+                                }
                             }
-                            Ok((incs.into_keys().collect(), applied))
+                            Ok((finished, applied))
                         }
                         .boxed()
                     },
                 )
                 .await
                 .context("committing delivery outcomes")?;
-        for id in touched {
+        for id in finished {
             self.finalize_notification(&id).await?;
         }
         Ok(applied)
@@ -1558,4 +1559,18 @@ impl Store {
         self.db.drop().await?;
         Ok(())
     }
+}
+
+/// Whether a notification (status, fan-out flag and counts, as just written) has nothing
+/// left pending, so [`Store::finalize_notification`] may give it its final status. A
+/// fan-out marked done after this write finalizes on its own.
+fn may_finish(n: &Document) -> bool {
+    let counts: Counts = n
+        .get_document("counts")
+        .ok()
+        .and_then(|c| bson::from_document(c.clone()).ok())
+        .unwrap_or_default();
+    n.get_str("status") == Ok("dispatching")
+        && n.get_bool("fanout_done") == Ok(true)
+        && counts.pending() == 0
 }

@@ -513,3 +513,178 @@ async fn a_running_fan_out_is_counted_apart_and_claims_of_one_round_trip_skip_he
     assert_eq!(api_counts().await, (Some(2), Some(2)));
     app.stop().await;
 }
+
+#[tokio::test]
+async fn equal_outcomes_of_one_commit_share_a_write_and_each_delivery_keeps_its_own_attempt() {
+    use herald::store::{AttemptDoc, Outcome, Precondition, Retry};
+    // No worker: the test commits outcomes itself, as the worker's committer does.
+    let app = spawn_app_with(TestOptions {
+        roles: Roles::ApiOnly,
+        ..Default::default()
+    })
+    .await;
+    let users: Vec<String> = (1..=7).map(|i| format!("u{i}")).collect();
+    let (status, body) = app
+        .post_event(&json!({"event_type": "greeting", "channels": ["email"],
+                            "recipients": {"user_ids": users}, "payload": {}}))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let nid = body["notification_id"].as_str().expect("id").to_owned();
+    let store = &app.ctx.store;
+    store.mark_dispatching(&nid).await.expect("dispatching");
+    let written = store
+        .insert_delivery_batch(&nid, users.iter().map(|u| planned(&nid, u)).collect())
+        .await
+        .expect("fan-out batch");
+    store.mark_fanout_done(&nid).await.expect("done");
+    let ids: Vec<String> = written.iter().map(|d| d.delivery_id.clone()).collect();
+
+    // Five deliveries claimed in one round trip share one attempt id.
+    let claims: Vec<herald::store::DeliveryClaim> = ids[..5]
+        .iter()
+        .map(|d| herald::store::DeliveryClaim {
+            delivery_id: d.clone(),
+            from: DeliveryStatus::Queued,
+            worker: "w1".to_owned(),
+        })
+        .collect();
+    let tokens = store.claim_deliveries(&claims).await.expect("claims");
+    let token = tokens[0].clone().expect("claimed");
+    assert!(tokens.iter().all(|t| t.as_ref() == Some(&token)));
+
+    let attempt = |n: usize, status: DeliveryStatus, error: Option<&str>| AttemptDoc {
+        attempt_id: token.clone(),
+        provider: Some("smtp".to_owned()),
+        started_at: DateTime::now(),
+        finished_at: DateTime::now(),
+        duration_ms: n as i64,
+        status,
+        error: error.map(str::to_owned),
+        response: Some(doc! {"message_id": format!("$msg-{n}")}),
+    };
+    let outcome =
+        |n: usize, status: DeliveryStatus, reason: Option<&str>, error: Option<&str>| Outcome {
+            delivery_id: ids[n].clone(),
+            notification_id: nid.clone(),
+            channel: herald::domain::Channel::Email,
+            precondition: Precondition::Claimed {
+                attempt_id: token.clone(),
+            },
+            status,
+            reason: reason.map(str::to_owned),
+            provider: Some("smtp".to_owned()),
+            attempt: Some(attempt(n, status, error)),
+            retry: None,
+        };
+    let mut retrying = outcome(4, DeliveryStatus::Retrying, Some("smtp_4xx"), Some("busy"));
+    retrying.retry = Some(Retry {
+        delay_ms: 60_000,
+        retry_number: 1,
+        lane: herald::domain::Priority::Normal,
+        not_before: None,
+    });
+    let unclaimed = |n: usize| Outcome {
+        precondition: Precondition::Unclaimed,
+        attempt: None,
+        provider: None,
+        ..outcome(n, DeliveryStatus::Skipped, Some("opted_out"), None)
+    };
+    let mut stale = outcome(0, DeliveryStatus::Failed, Some("late"), None);
+    stale.precondition = Precondition::Claimed {
+        attempt_id: "an-older-attempt".to_owned(),
+    };
+    let applied = store
+        .commit_outcomes(
+            &[
+                outcome(0, DeliveryStatus::Sent, None, None),
+                outcome(1, DeliveryStatus::Sent, None, None),
+                outcome(2, DeliveryStatus::Sent, None, None),
+                // A reason that looks like a field path stays text.
+                outcome(3, DeliveryStatus::Failed, Some("$5 fee"), Some("rejected")),
+                retrying,
+                unclaimed(5),
+                unclaimed(6),
+                stale,
+            ],
+            herald::domain::Priority::Normal,
+        )
+        .await
+        .expect("commit");
+    assert_eq!(
+        applied,
+        vec![true, true, true, true, true, true, true, false]
+    );
+
+    let deliveries = app.db.collection::<Document>("deliveries");
+    for (n, (status, reason)) in [
+        ("sent", None),
+        ("sent", None),
+        ("sent", None),
+        ("failed", Some("$5 fee")),
+        ("retrying", Some("smtp_4xx")),
+        ("skipped", Some("opted_out")),
+        ("skipped", Some("opted_out")),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let d = deliveries
+            .find_one(doc! {"_id": &ids[n]})
+            .await
+            .expect("read")
+            .expect("delivery");
+        assert_eq!(d.get_str("status"), Ok(status), "{d}");
+        assert_eq!(d.get_str("reason").ok(), reason, "{d}");
+        let attempts = d.get_array("attempts").expect("attempts");
+        if n < 5 {
+            // Each delivery got its own attempt, once.
+            assert_eq!(attempts.len(), 1, "{d}");
+            assert_eq!(d.get_i32("attempt_count"), Ok(1), "{d}");
+            let a = attempts[0].as_document().expect("attempt");
+            assert_eq!(a.get_i64("duration_ms"), Ok(n as i64), "{d}");
+            assert_eq!(
+                a.get_document("response")
+                    .and_then(|r| r.get_str("message_id")),
+                Ok(format!("$msg-{n}").as_str()),
+                "{d}"
+            );
+        } else {
+            assert!(attempts.is_empty(), "{d}");
+            assert_eq!(d.get_i32("attempt_count"), Ok(0), "{d}");
+        }
+        assert_eq!(
+            d.get_datetime("sent_at").is_ok(),
+            status == "sent",
+            "sent_at only on sent: {d}"
+        );
+        assert_eq!(
+            d.get_datetime("expire_at").is_ok(),
+            status != "retrying",
+            "a final status expires, a retry does not: {d}"
+        );
+    }
+    assert_eq!(
+        deliveries
+            .find_one(doc! {"_id": &ids[3]})
+            .await
+            .expect("read")
+            .expect("delivery")
+            .get_str("last_error"),
+        Ok("rejected")
+    );
+    let (_, n) = app.get(&format!("/v1/notifications/{nid}")).await;
+    let c = &n["counts"];
+    assert_eq!(
+        (
+            c["sent"].as_i64(),
+            c["failed"].as_i64(),
+            c["retrying"].as_i64(),
+            c["skipped"].as_i64(),
+            c["queued"].as_i64()
+        ),
+        (Some(3), Some(1), Some(1), Some(2), Some(0)),
+        "{n}"
+    );
+    assert_eq!(app.count("dead_letters").await, 1, "the failed one");
+    app.stop().await;
+}
