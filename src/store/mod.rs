@@ -1199,7 +1199,14 @@ impl Store {
         claims: &[DeliveryClaim],
     ) -> anyhow::Result<Vec<Option<String>>> {
         let mut groups: BTreeMap<(&str, &str), Vec<usize>> = BTreeMap::new();
+        // Two copies of one delivery's job (a dispatch republished after a lost link) can
+        // ask in the same round trip: only the first may claim, or both would read the
+        // shared attempt id back as theirs and send.
+        let mut asked = HashSet::new();
         for (i, c) in claims.iter().enumerate() {
+            if !asked.insert(c.delivery_id.as_str()) {
+                continue;
+            }
             groups
                 .entry((c.from.as_str(), c.worker.as_str()))
                 .or_default()

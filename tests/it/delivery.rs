@@ -539,16 +539,19 @@ async fn equal_outcomes_of_one_commit_share_a_write_and_each_delivery_keeps_its_
     store.mark_fanout_done(&nid).await.expect("done");
     let ids: Vec<String> = written.iter().map(|d| d.delivery_id.clone()).collect();
 
-    // Five deliveries claimed in one round trip share one attempt id.
+    // Five deliveries claimed in one round trip share one attempt id; a second copy of
+    // one delivery's job asking in the same round trip gets nothing (it would send twice).
     let claims: Vec<herald::store::DeliveryClaim> = ids[..5]
         .iter()
+        .chain([&ids[0]])
         .map(|d| herald::store::DeliveryClaim {
             delivery_id: d.clone(),
             from: DeliveryStatus::Queued,
             worker: "w1".to_owned(),
         })
         .collect();
-    let tokens = store.claim_deliveries(&claims).await.expect("claims");
+    let mut tokens = store.claim_deliveries(&claims).await.expect("claims");
+    assert_eq!(tokens.pop(), Some(None), "the copy does not claim");
     let token = tokens[0].clone().expect("claimed");
     assert!(tokens.iter().all(|t| t.as_ref() == Some(&token)));
 
