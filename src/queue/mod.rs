@@ -86,6 +86,13 @@ pub const MAX_JOB_RETRIES: u32 = 5;
 /// The header counting those failures.
 const RETRIES_HEADER: &str = "x-herald-retries";
 
+/// How long a message's ack or nack may take before it is given up (the message returns).
+const SETTLE_WITHIN: Duration = Duration::from_secs(10);
+
+/// How long a consumer whose link was lost waits for its running handlers before it
+/// reconnects without them.
+const DRAIN_AFTER_LOSS: Duration = Duration::from_secs(15);
+
 /// A message to publish.
 #[derive(Debug, Clone)]
 pub struct Outgoing {
@@ -375,36 +382,61 @@ impl Broker {
                             }
                             other => other,
                         };
-                        let settled = match disposition {
-                            Disposition::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
-                            Disposition::Requeue | Disposition::Retry { .. } => delivery
-                                .acker
-                                .nack(BasicNackOptions { requeue: true, ..Default::default() })
-                                .await,
+                        let requeue = match disposition {
+                            Disposition::Ack => false,
+                            Disposition::Requeue | Disposition::Retry { .. } => true,
                             Disposition::Reject { code, message } => {
                                 match broker.reject(&delivery.data, &code, &message).await {
-                                    Ok(()) => delivery.acker.ack(BasicAckOptions::default()).await,
+                                    Ok(()) => false,
                                     Err(e) => {
                                         tracing::warn!(error = format!("{e:#}"), "could not park a rejected message; requeueing");
                                         tokio::time::sleep(Duration::from_millis(500)).await;
-                                        delivery
-                                            .acker
-                                            .nack(BasicNackOptions { requeue: true, ..Default::default() })
-                                            .await
+                                        true
                                     }
                                 }
                             }
                         };
-                        if let Err(e) = settled {
-                            // The channel is gone; RabbitMQ will redeliver the message.
-                            tracing::debug!(error = %e, "could not settle a message");
+                        let settled = async {
+                            if requeue {
+                                let requeue = BasicNackOptions { requeue: true, ..Default::default() };
+                                delivery.acker.nack(requeue).await
+                            } else {
+                                delivery.acker.ack(BasicAckOptions::default()).await
+                            }
+                        };
+                        // On a channel whose connection died, lapin may never answer a
+                        // settle; RabbitMQ redelivers the message either way.
+                        match tokio::time::timeout(SETTLE_WITHIN, settled).await {
+                            Ok(Ok(_)) => {}
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, "could not settle a message");
+                            }
+                            Err(_) => tracing::debug!("settling a message timed out"),
                         }
                     });
                 }
             }
         };
-        // Let in-flight handlers finish (they never stop mid-send) before leaving.
-        while running.join_next().await.is_some() {}
+        // Let in-flight handlers finish (they never stop mid-send) before leaving. After a
+        // lost link they get a bounded wait, then finish in the background: one stuck on
+        // the dead connection must not keep the lane from reconnecting (its message comes
+        // back to a live consumer; a delivery it holds is `sending`, which no copy re-sends).
+        let drain = async move { while running.join_next().await.is_some() {} };
+        if outcome.is_err() {
+            let mut drain = Box::pin(drain);
+            if tokio::time::timeout(DRAIN_AFTER_LOSS, &mut drain)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    queue,
+                    "handlers still running after the link was lost; reconnecting without them"
+                );
+                tokio::spawn(drain);
+            }
+        } else {
+            drain.await;
+        }
         let _ = channel.close(200, ShortString::from("bye")).await;
         outcome
     }
