@@ -441,7 +441,7 @@ pub async fn ceilings(settings: Settings, messages: usize, docs: usize) -> anyho
     let batch = 64;
     let mongo = ctx.store.measure_ceiling(docs, batch).await?;
     println!(
-        "MongoDB: bulk insert {:.0} docs/s; outcome-shaped transactions {:.0}/s ({batch} updates + 1 counter each = {:.0} updates/s)",
+        "MongoDB (deliveries' indexes): bulk insert {:.0} docs/s; outcome-shaped transactions {:.0}/s ({batch} outcomes each = {:.0} outcomes/s)",
         mongo.inserts_per_sec, mongo.transactions_per_sec, mongo.updates_per_sec
     );
     clean_up(&ctx).await;
@@ -774,23 +774,85 @@ async fn probe(
     Ok(ids)
 }
 
-/// Accept → sent latency (ms) of each probe, once all of them are final.
-async fn probe_latencies(ctx: &Context, ids: &[String]) -> anyhow::Result<Vec<i64>> {
-    let mut took = Vec::with_capacity(ids.len());
+/// The probes' accept → sent latencies (ms), and the same split into where the time went.
+struct ProbeTimes {
+    /// Accept → sent, sorted.
+    total: Vec<i64>,
+    /// (phase, sorted latencies): accepted → delivery written (dispatch and fan-out),
+    /// written → provider call (publish, consume, reads, render, claim), the provider
+    /// call, and its end → the committed outcome.
+    phases: Vec<(&'static str, Vec<i64>)>,
+}
+
+impl ProbeTimes {
+    fn summary(&self) -> Value {
+        let mut s = latency_summary(&self.total);
+        for (phase, took) in &self.phases {
+            s["phases"][*phase] =
+                json!({"p50_ms": percentile(took, 50.0), "p99_ms": percentile(took, 99.0)});
+        }
+        s
+    }
+
+    /// "phase p50/p99, ..." for the console.
+    fn phases_line(&self) -> String {
+        self.phases
+            .iter()
+            .map(|(phase, took)| {
+                format!(
+                    "{phase} {}/{}",
+                    percentile(took, 50.0),
+                    percentile(took, 99.0)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Accept → sent latency (ms) of each probe, once all of them are final, with its phases.
+async fn probe_latencies(ctx: &Context, ids: &[String]) -> anyhow::Result<ProbeTimes> {
+    let mut total = Vec::with_capacity(ids.len());
+    let mut phases: Vec<(&'static str, Vec<i64>)> = ["fan-out", "to claim", "send", "commit"]
+        .into_iter()
+        .map(|p| (p, Vec::with_capacity(ids.len())))
+        .collect();
     for id in ids {
         finished(ctx, id).await?;
         let filter = crate::store::DeliveryFilter {
             notification_id: Some(id.clone()),
             ..Default::default()
         };
-        for d in ctx.store.find_deliveries(&filter, None, 10).await?.items {
-            if let (Some(sent), Some(accepted)) = (d.sent_at, d.accepted_at) {
-                took.push(sent.timestamp_millis() - accepted.timestamp_millis());
+        let page = ctx.store.find_deliveries(&filter, None, 10).await?.items;
+        let ids: Vec<String> = page.into_iter().map(|d| d.id).collect();
+        for d in ctx.store.get_deliveries(&ids).await?.into_values() {
+            let d = d.map_err(|e| anyhow::anyhow!(e))?;
+            let (Some(sent), Some(accepted), Some(attempt)) =
+                (d.sent_at, d.accepted_at, d.attempts.last())
+            else {
+                continue;
+            };
+            let ms = |a: mongodb::bson::DateTime, b: mongodb::bson::DateTime| {
+                b.timestamp_millis() - a.timestamp_millis()
+            };
+            total.push(ms(accepted, sent));
+            let marks = [
+                accepted,
+                d.created_at,
+                attempt.started_at,
+                attempt.finished_at,
+                sent,
+            ];
+            for (i, (_, took)) in phases.iter_mut().enumerate() {
+                took.push(ms(marks[i], marks[i + 1]));
             }
         }
     }
-    took.sort_unstable();
-    Ok(took)
+    total.sort_unstable();
+    for (_, took) in &mut phases {
+        took.sort_unstable();
+    }
+    Ok(ProbeTimes { total, phases })
 }
 
 fn latency_summary(sorted: &[i64]) -> Value {
@@ -940,14 +1002,20 @@ pub async fn campaign(settings: Settings, c: Campaign) -> anyhow::Result<Value> 
         "processes": processes,
     });
     if let (Some(idle), Some(backlog)) = (idle, backlog) {
+        let (i, b) = (&idle.total, &backlog.total);
         println!(
             "priority: high-lane accept→sent idle p50 {} / p99 {} / max {} ms; while {deliveries} low deliveries drain p50 {} / p99 {} / max {} ms ({} probes at {}/s)",
-            percentile(&idle, 50.0), percentile(&idle, 99.0), idle.last().copied().unwrap_or(0),
-            percentile(&backlog, 50.0), percentile(&backlog, 99.0), backlog.last().copied().unwrap_or(0),
-            backlog.len(), c.probe_per_sec
+            percentile(i, 50.0), percentile(i, 99.0), i.last().copied().unwrap_or(0),
+            percentile(b, 50.0), percentile(b, 99.0), b.last().copied().unwrap_or(0),
+            b.len(), c.probe_per_sec
         );
-        result["high_lane"] = json!({"per_sec": c.probe_per_sec, "idle": latency_summary(&idle),
-            "under_backlog": latency_summary(&backlog)});
+        println!(
+            "priority: phases p50/p99 ms idle: {}; under backlog: {}",
+            idle.phases_line(),
+            backlog.phases_line()
+        );
+        result["high_lane"] = json!({"per_sec": c.probe_per_sec, "idle": idle.summary(),
+            "under_backlog": backlog.summary()});
     }
     clean_up(&ctx).await;
     let _ = std::fs::remove_dir_all(PathBuf::from("var/bench/config").join(&settings.amqp.prefix));

@@ -70,6 +70,26 @@ pub const LOG_INDEXES: &[(&str, &[&str])] = &[
     ("log_created", &[]),
 ];
 
+/// The index of each of [`LOG_INDEXES`].
+pub(super) fn log_index_models() -> impl Iterator<Item = IndexModel> {
+    LOG_INDEXES.iter().map(|(name, fields)| {
+        let mut keys = Document::new();
+        for f in *fields {
+            keys.insert(*f, 1);
+        }
+        keys.insert("created_at", -1);
+        keys.insert("_id", -1);
+        IndexModel::builder()
+            .keys(keys)
+            .options(
+                mongodb::options::IndexOptions::builder()
+                    .name((*name).to_owned())
+                    .build(),
+            )
+            .build()
+    })
+}
+
 /// The query document of a filter and a cursor.
 pub fn log_query(f: &DeliveryFilter, after: Option<&LogCursor>) -> Document {
     let mut q = Document::new();
@@ -152,31 +172,6 @@ pub fn decode_token(s: &str) -> Option<ResumeToken> {
 }
 
 impl Store {
-    pub(super) async fn index_log(&self) -> anyhow::Result<()> {
-        let models = LOG_INDEXES.iter().map(|(name, fields)| {
-            let mut keys = Document::new();
-            for f in *fields {
-                keys.insert(*f, 1);
-            }
-            keys.insert("created_at", -1);
-            keys.insert("_id", -1);
-            IndexModel::builder()
-                .keys(keys)
-                .options(
-                    mongodb::options::IndexOptions::builder()
-                        .name((*name).to_owned())
-                        .build(),
-                )
-                .build()
-        });
-        self.deliveries().create_indexes(models).await?;
-        // Replaced by the log indexes above (they also order ties on `_id`).
-        for old in ["notification_created", "user_created", "status_created"] {
-            let _ = self.deliveries().drop_index(old).await;
-        }
-        Ok(())
-    }
-
     /// One page of the delivery log, newest first, through the filter's index.
     pub async fn find_deliveries(
         &self,

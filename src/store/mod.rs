@@ -122,6 +122,25 @@ pub(crate) fn expiry_index() -> IndexModel {
         .build()
 }
 
+/// Every index of the deliveries collection: the recipient key that keeps a fan-out from
+/// writing a delivery twice, the retention TTL and the delivery log's indexes.
+pub(crate) fn delivery_indexes() -> Vec<IndexModel> {
+    let mut all = vec![
+        IndexModel::builder()
+            .keys(doc! {"notification_id": 1, "user_id": 1, "channel": 1})
+            .options(
+                IndexOptions::builder()
+                    .unique(true)
+                    .name("notification_user_channel_unique".to_owned())
+                    .build(),
+            )
+            .build(),
+        expiry_index(),
+    ];
+    all.extend(log::log_index_models());
+    all
+}
+
 /// A retention's expiry instant as stored, counted from now.
 pub(crate) fn expires(days: u32) -> Option<DateTime> {
     crate::config::expiry(days, chrono::Utc::now()).map(bson_time)
@@ -421,18 +440,13 @@ impl Store {
             .await
             .context("indexing outbox")?;
         self.deliveries()
-            .create_indexes([
-                unique(
-                    doc! {"notification_id": 1, "user_id": 1, "channel": 1},
-                    "notification_user_channel_unique",
-                ),
-                expiry_index(),
-            ])
+            .create_indexes(delivery_indexes())
             .await
             .context("indexing deliveries")?;
-        self.index_log()
-            .await
-            .context("indexing the delivery log")?;
+        // Replaced by the log indexes (they also order ties on `_id`).
+        for old in ["notification_created", "user_created", "status_created"] {
+            let _ = self.deliveries().drop_index(old).await;
+        }
         self.users()
             .create_indexes([
                 plain(doc! {"locale": 1}, "locale"),
