@@ -96,7 +96,7 @@ pub async fn all(
     let mongo_insert = ceilings["mongodb"]["insert_per_sec"]
         .as_f64()
         .unwrap_or(0.0);
-    let mongo_updates = ceilings["mongodb"]["updates_in_transactions_per_sec"]
+    let mongo_outcomes = ceilings["mongodb"]["outcomes_in_transactions_per_sec"]
         .as_f64()
         .unwrap_or(0.0);
     let ratio = |x: &Value, ceiling: f64| {
@@ -111,8 +111,9 @@ pub async fn all(
         "ingest_to_rabbitmq": ratio(&ingest["accepted_per_sec"], rabbit),
         "ingest_to_mongodb_insert": ratio(&ingest["accepted_per_sec"], mongo_insert),
         "fanout_to_rabbitmq": ratio(&fanout["deliveries_per_sec"], rabbit),
-        "fanout_to_mongodb_txn_updates": ratio(&fanout["deliveries_per_sec"], mongo_updates),
+        "fanout_to_mongodb_outcomes": ratio(&fanout["deliveries_per_sec"], mongo_outcomes),
         "mixed_to_rabbitmq": ratio(&mixed["deliveries_per_sec"], rabbit),
+        "mixed_to_mongodb_outcomes": ratio(&mixed["deliveries_per_sec"], mongo_outcomes),
     });
     let result = json!({
         "bench": "all",
@@ -158,16 +159,17 @@ fn table(r: &Value) -> String {
             f(&s["processes"]["worker"]["peak_rss_mb"])
         )
     };
-    let campaign = |s: &Value, ratio: &str| {
+    let campaign = |s: &Value, ratio: &str, mongo_ratio: &str| {
         format!(
-            "{} deliveries/s ({} in {} s; sent {}); {} CPU s per 1,000; RSS {} | {} of RabbitMQ",
+            "{} deliveries/s ({} in {} s; sent {}); {} CPU s per 1,000; RSS {} | {} of RabbitMQ, {} of MongoDB outcomes",
             f(&s["deliveries_per_sec"]),
             f(&s["deliveries"]),
             f(&s["seconds"]),
             f(&s["counts"]["sent"]),
             f(&s["cpu_seconds_per_1000"]),
             rss(s),
-            f(&r["ratios"][ratio])
+            f(&r["ratios"][ratio]),
+            f(&r["ratios"][mongo_ratio])
         )
     };
     let p = &r["priority"]["high_lane"];
@@ -183,12 +185,12 @@ fn table(r: &Value) -> String {
             ),
         ),
         (
-            "ceiling: MongoDB bulk insert / transactions of 64 updates + 1 counter".to_owned(),
+            "ceiling: MongoDB, on a collection with the deliveries' indexes: bulk insert / outcome-shaped transactions of 64 sent deliveries".to_owned(),
             format!(
-                "{} docs/s / {} txn/s ({} updates/s) | —",
+                "{} docs/s / {} txn/s ({} outcomes/s) | —",
                 f(&c["mongodb"]["insert_per_sec"]),
                 f(&c["mongodb"]["transactions_per_sec"]),
-                f(&c["mongodb"]["updates_in_transactions_per_sec"])
+                f(&c["mongodb"]["outcomes_in_transactions_per_sec"])
             ),
         ),
         (
@@ -213,14 +215,14 @@ fn table(r: &Value) -> String {
                 "campaign fan-out: one event, {} email recipients, smtp-sink (target ≥ 5,000/s and ≥ 0.25 of RabbitMQ; RSS ≤ 150 MB)",
                 f(&r["fanout"]["deliveries"])
             ),
-            campaign(&r["fanout"], "fanout_to_rabbitmq"),
+            campaign(&r["fanout"], "fanout_to_rabbitmq", "fanout_to_mongodb_outcomes"),
         ),
         (
             format!(
                 "mixed channels: {} deliveries, email + SMS + push (Twilio- and FCM-like HTTP sink)",
                 f(&r["mixed"]["deliveries"])
             ),
-            campaign(&r["mixed"], "mixed_to_rabbitmq"),
+            campaign(&r["mixed"], "mixed_to_rabbitmq", "mixed_to_mongodb_outcomes"),
         ),
         (
             format!(

@@ -21,8 +21,8 @@ const CLAIMED_TOGETHER: usize = 16;
 pub struct StoreCeiling {
     pub inserts_per_sec: f64,
     pub transactions_per_sec: f64,
-    /// Documents updated per second inside those transactions.
-    pub updates_per_sec: f64,
+    /// Deliveries given their outcome per second inside those transactions.
+    pub outcomes_per_sec: f64,
 }
 
 impl Store {
@@ -145,7 +145,7 @@ impl Store {
         Ok(StoreCeiling {
             inserts_per_sec,
             transactions_per_sec: transactions as f64 / secs,
-            updates_per_sec: docs as f64 / secs,
+            outcomes_per_sec: docs as f64 / secs,
         })
     }
 }
