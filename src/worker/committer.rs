@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use tokio::task::JoinHandle;
 
+use super::gate::LaneGate;
 use crate::batch::Batcher;
 use crate::domain::Priority;
 use crate::metrics::Metrics;
@@ -13,16 +14,19 @@ use crate::store::{Outcome, Store};
 /// Submits an outcome and returns once it is committed; only then may its message be acked.
 pub type Committer = Batcher<Outcome, ()>;
 
-/// The committer of one priority lane (it picks the rollup documents the lane counts on).
+/// The committer of one priority lane (it picks the rollup documents the lane counts on);
+/// each commit first waits for the lane's turn at the database.
 pub fn start(
     store: Store,
     metrics: Arc<Metrics>,
     batch_max: usize,
     lane: Priority,
+    gate: LaneGate,
 ) -> (Committer, JoinHandle<()>) {
     Batcher::start("commit", batch_max, move |outcomes: Vec<Outcome>| {
-        let (store, metrics) = (store.clone(), Arc::clone(&metrics));
+        let (store, metrics, gate) = (store.clone(), Arc::clone(&metrics), gate.clone());
         async move {
+            gate.turn().await;
             let applied = store.commit_outcomes(&outcomes, lane).await?;
             record(&metrics, &outcomes, &applied);
             Ok(vec![(); outcomes.len()])

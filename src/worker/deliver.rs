@@ -346,6 +346,8 @@ pub async fn deliver(
     let provider = ctx.channels.provider(d.channel);
     let started_at = DateTime::now();
     let clock = Instant::now();
+    // The lower lanes need not wait while a high-priority job waits for its provider.
+    let away = shared.gate.away();
     let result = provider
         .send(&OutboundMessage {
             delivery_id: d.id.clone(),
@@ -353,6 +355,7 @@ pub async fn deliver(
             content,
         })
         .await;
+    drop(away);
     let duration_ms = clock.elapsed().as_millis() as i64;
     let dead_tokens = match &result {
         Ok(r) => r.invalid_tokens.as_slice(),

@@ -6,11 +6,12 @@ use futures::{StreamExt, TryStreamExt};
 use mongodb::bson::DateTime;
 use tracing::instrument;
 
+use super::Shared;
 use crate::app::Context;
 use crate::domain::{Channel, DeliveryStatus, NotificationStatus};
 use crate::queue::messages::Job;
 use crate::queue::Outgoing;
-use crate::store::{DeliveryDoc, NotificationDoc, QueuedDelivery};
+use crate::store::{DeliveryDoc, FanoutBatch, NotificationDoc, QueuedDelivery};
 
 /// The channels a notification goes out on: the event's own list, else every channel
 /// with a template; with neither, email, so the missing template shows on the delivery.
@@ -29,7 +30,7 @@ pub fn channels_of(ctx: &Context, n: &NotificationDoc) -> Vec<Channel> {
 /// Writes and publishes the deliveries of one notification. Idempotent: a redelivered
 /// dispatch job writes only what is missing and republishes what is still queued.
 #[instrument(skip_all, fields(notification_id = %notification_id))]
-pub async fn dispatch(ctx: &Context, notification_id: &str) -> anyhow::Result<()> {
+pub async fn dispatch(ctx: &Context, shared: &Shared, notification_id: &str) -> anyhow::Result<()> {
     let Some(n) = ctx.store.get_notification(notification_id).await? else {
         tracing::warn!("dispatch job for an unknown notification; dropping it");
         return Ok(());
@@ -96,9 +97,13 @@ pub async fn dispatch(ctx: &Context, notification_id: &str) -> anyhow::Result<()
             })
             .collect();
         total += planned.len();
-        let queued = ctx
-            .store
-            .insert_delivery_batch(notification_id, planned)
+        // Written together with the lane's other fan-outs of the moment.
+        let queued = shared
+            .fanouts
+            .call(FanoutBatch {
+                notification_id: notification_id.to_owned(),
+                planned,
+            })
             .await?;
         publish(ctx, &queued).await?;
     }

@@ -4,6 +4,7 @@ pub mod committer;
 pub mod deliver;
 pub mod dispatch;
 pub mod enrich;
+pub mod gate;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,35 +16,50 @@ use crate::batch::Batcher;
 use crate::domain::Priority;
 use crate::queue::messages::Job;
 use crate::queue::{Disposition, Incoming, Outgoing};
-use crate::store::{DeliveryClaim, DeliveryDoc, UserDoc};
+use crate::store::{DeliveryClaim, DeliveryDoc, FanoutBatch, QueuedDelivery, UserDoc};
 use committer::Committer;
 use deliver::NotificationCache;
+use gate::{Gate, LaneGate};
+
+/// Fan-out batches (each up to `worker.fanout_batch_size` deliveries) one transaction
+/// writes at most: many single-recipient events share one, a campaign's long inserts do not
+/// pile up into one long transaction.
+const FANOUTS_PER_TRANSACTION: usize = 16;
 
 /// What a lane's delivery jobs share: the process's notification cache and the lane's
 /// own batched round trips (reads, claims, commits). Each lane batches on its own, so a
 /// high-priority delivery never waits for a round trip of the low lane's backlog.
 pub struct Shared {
+    /// The high lane goes first at the database, before the process's other lanes.
+    pub gate: LaneGate,
     pub notifications: Arc<NotificationCache>,
     /// A record that exists but cannot be decoded answers `Err` (for its job alone).
     pub deliveries: Batcher<String, Result<Option<DeliveryDoc>, String>>,
     pub users: Batcher<String, Result<Option<UserDoc>, String>>,
     /// The attempt id, when this worker got the delivery.
     pub claims: Batcher<DeliveryClaim, Option<String>>,
+    /// Fan-out batches of the lane's notifications written together: each answers the
+    /// deliveries to publish.
+    pub fanouts: Batcher<FanoutBatch, Vec<QueuedDelivery>>,
     pub commits: Committer,
 }
 
 impl Shared {
     /// Starts one lane's batching tasks; they end when the last `Shared` is dropped.
-    fn start(
+    pub fn start(
         ctx: &Context,
         lane: Priority,
+        gate: Arc<Gate>,
         notifications: Arc<NotificationCache>,
     ) -> (Arc<Self>, Vec<tokio::task::JoinHandle<()>>) {
         let max = ctx.settings.worker.commit_batch_max;
-        let store = ctx.store.clone();
+        // A lower lane's round trips wait while a high-priority job is at work.
+        let gate = LaneGate::new(gate, lane);
+        let (store, g) = (ctx.store.clone(), gate.clone());
         let (deliveries, t1) = Batcher::start("deliveries", max, move |ids: Vec<String>| {
-            let store = store.clone();
+            let (store, gate) = (store.clone(), g.clone());
             async move {
+                gate.turn().await;
                 let found = store.get_deliveries(&ids).await?;
                 Ok(ids
                     .iter()
@@ -51,10 +67,11 @@ impl Shared {
                     .collect())
             }
         });
-        let store = ctx.store.clone();
+        let (store, g) = (ctx.store.clone(), gate.clone());
         let (users, t2) = Batcher::start("users", max, move |ids: Vec<String>| {
-            let store = store.clone();
+            let (store, gate) = (store.clone(), g.clone());
             async move {
+                gate.turn().await;
                 // One batch often asks for a user several times (one delivery per channel).
                 let found = store.get_users(&ids).await?;
                 Ok(ids
@@ -63,20 +80,43 @@ impl Shared {
                     .collect())
             }
         });
-        let store = ctx.store.clone();
+        let (store, g) = (ctx.store.clone(), gate.clone());
         let (claims, t3) = Batcher::start("claims", max, move |claims: Vec<DeliveryClaim>| {
-            let store = store.clone();
-            async move { store.claim_deliveries(&claims).await }
+            let (store, gate) = (store.clone(), g.clone());
+            async move {
+                gate.turn().await;
+                store.claim_deliveries(&claims).await
+            }
         });
-        let (commits, t4) = committer::start(ctx.store.clone(), ctx.metrics.clone(), max, lane);
+        let (commits, t4) = committer::start(
+            ctx.store.clone(),
+            ctx.metrics.clone(),
+            max,
+            lane,
+            gate.clone(),
+        );
+        let (store, g) = (ctx.store.clone(), gate.clone());
+        let (fanouts, t5) = Batcher::start(
+            "fanouts",
+            FANOUTS_PER_TRANSACTION,
+            move |batches: Vec<FanoutBatch>| {
+                let (store, gate) = (store.clone(), g.clone());
+                async move {
+                    gate.turn().await;
+                    store.insert_delivery_batches(&batches).await
+                }
+            },
+        );
         let shared = Self {
+            gate,
             notifications,
             deliveries,
             users,
             claims,
             commits,
+            fanouts,
         };
-        (Arc::new(shared), vec![t1, t2, t3, t4])
+        (Arc::new(shared), vec![t1, t2, t3, t4, t5])
     }
 }
 
@@ -91,10 +131,16 @@ pub async fn handle(ctx: &Context, shared: &Shared, message: Incoming) -> Dispos
             }
         }
     };
-    let result = match &job {
-        Job::Dispatch { notification_id } => dispatch::dispatch(ctx, notification_id).await,
-        Job::Deliver { delivery_id, .. } => {
-            deliver::deliver(ctx, shared, delivery_id, message.redelivered).await
+    let result = {
+        // Not through the pauses below: a job put back is not at work.
+        let _at_work = shared.gate.job();
+        match &job {
+            Job::Dispatch { notification_id } => {
+                dispatch::dispatch(ctx, shared, notification_id).await
+            }
+            Job::Deliver { delivery_id, .. } => {
+                deliver::deliver(ctx, shared, delivery_id, message.redelivered).await
+            }
         }
     };
     match result {
@@ -217,6 +263,7 @@ pub struct Unprocessable(pub String);
 /// Runs the pool until cancelled; in-flight jobs finish and commit before it returns.
 pub async fn run(ctx: Context, cancel: CancellationToken) -> anyhow::Result<()> {
     let notifications = Arc::new(NotificationCache::default());
+    let gate = Arc::new(Gate::default());
     let w = &ctx.settings.worker;
     let mut lanes = Vec::new();
     let mut batch_tasks = Vec::new();
@@ -226,7 +273,12 @@ pub async fn run(ctx: Context, cancel: CancellationToken) -> anyhow::Result<()> 
         (Priority::Normal, w.normal_concurrency),
         (Priority::Low, w.low_concurrency),
     ] {
-        let (shared, tasks) = Shared::start(&ctx, priority, Arc::clone(&notifications));
+        let (shared, tasks) = Shared::start(
+            &ctx,
+            priority,
+            Arc::clone(&gate),
+            Arc::clone(&notifications),
+        );
         batch_tasks.extend(tasks);
         sweeper_commits.get_or_insert_with(|| shared.commits.clone());
         let queue = ctx.broker.names().lane(priority).to_owned();

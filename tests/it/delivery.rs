@@ -271,6 +271,13 @@ async fn a_job_redelivered_after_its_worker_died_mid_send_is_not_sent_again() {
         )
         .await
         .expect("consume");
+    // The doomed worker's fan-out round trips.
+    let (lane_shared, _tasks) = herald::worker::Shared::start(
+        &app.ctx,
+        herald::domain::Priority::Normal,
+        Default::default(),
+        Default::default(),
+    );
     let mut delivery_id = None;
     while delivery_id.is_none() {
         let m = tokio::time::timeout(Duration::from_secs(10), consumer.next())
@@ -280,7 +287,7 @@ async fn a_job_redelivered_after_its_worker_died_mid_send_is_not_sent_again() {
             .expect("delivery");
         match Job::decode(&m.data).expect("job") {
             Job::Dispatch { notification_id } => {
-                herald::worker::dispatch::dispatch(&app.ctx, &notification_id)
+                herald::worker::dispatch::dispatch(&app.ctx, &lane_shared, &notification_id)
                     .await
                     .expect("dispatch");
                 m.acker.ack(Default::default()).await.expect("ack");
@@ -385,6 +392,31 @@ async fn a_recipient_on_several_channels_gets_each_even_when_their_lookups_share
 }
 
 /// A delivery of `nid` to `user` by email, as the fan-out plans it.
+/// herald without a worker: the tests below play its parts themselves.
+async fn api_only() -> crate::helpers::TestApp {
+    spawn_app_with(TestOptions {
+        roles: Roles::ApiOnly,
+        ..Default::default()
+    })
+    .await
+}
+
+/// A greeting by email to `users`, accepted and marked dispatching; its notification id.
+async fn dispatching_greeting(app: &crate::helpers::TestApp, users: serde_json::Value) -> String {
+    let (status, body) = app
+        .post_event(&json!({"event_type": "greeting", "channels": ["email"],
+                            "recipients": {"user_ids": users}, "payload": {}}))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let nid = body["notification_id"].as_str().expect("id").to_owned();
+    app.ctx
+        .store
+        .mark_dispatching(&nid)
+        .await
+        .expect("dispatching");
+    nid
+}
+
 fn planned(nid: &str, user: &str) -> herald::store::DeliveryDoc {
     let now = DateTime::now();
     herald::store::DeliveryDoc {
@@ -413,19 +445,9 @@ fn planned(nid: &str, user: &str) -> herald::store::DeliveryDoc {
 #[tokio::test]
 async fn a_running_fan_out_is_counted_apart_and_claims_of_one_round_trip_skip_held_deliveries() {
     // No worker: the test plays the fan-out and two workers itself.
-    let app = spawn_app_with(TestOptions {
-        roles: Roles::ApiOnly,
-        ..Default::default()
-    })
-    .await;
-    let (status, body) = app
-        .post_event(&json!({"event_type": "greeting", "channels": ["email"],
-                            "recipients": {"user_ids": ["u1", "u2"]}, "payload": {}}))
-        .await;
-    assert_eq!(status, 202, "{body}");
-    let nid = body["notification_id"].as_str().expect("id").to_owned();
+    let app = api_only().await;
+    let nid = dispatching_greeting(&app, json!(["u1", "u2"])).await;
     let store = &app.ctx.store;
-    store.mark_dispatching(&nid).await.expect("dispatching");
     let written = store
         .insert_delivery_batch(&nid, vec![planned(&nid, "u1"), planned(&nid, "u2")])
         .await
@@ -515,23 +537,90 @@ async fn a_running_fan_out_is_counted_apart_and_claims_of_one_round_trip_skip_he
 }
 
 #[tokio::test]
+async fn fan_outs_of_one_moment_share_a_transaction_and_a_recipient_asked_twice_is_written_once() {
+    // No worker: the test plays the lane's fan-out batcher itself.
+    let app = api_only().await;
+    let a = &dispatching_greeting(&app, json!(["u1", "u2"])).await;
+    let b = &dispatching_greeting(&app, json!(["u3"])).await;
+    let batch = |nid: &str, users: &[&str]| herald::store::FanoutBatch {
+        notification_id: nid.to_owned(),
+        planned: users.iter().map(|u| planned(nid, u)).collect(),
+    };
+    // The third is a second copy of A's dispatch job, asking for u2 again meanwhile.
+    let batches = [
+        batch(a, &["u1", "u2"]),
+        batch(b, &["u3"]),
+        batch(a, &["u2"]),
+    ];
+    let ids = |written: &[herald::store::QueuedDelivery]| {
+        let mut ids: Vec<String> = written.iter().map(|q| q.delivery_id.clone()).collect();
+        ids.sort();
+        ids
+    };
+    let written = app
+        .ctx
+        .store
+        .insert_delivery_batches(&batches)
+        .await
+        .expect("one transaction");
+    assert_eq!(written.len(), 3);
+    assert_eq!((written[0].len(), written[1].len()), (2, 1));
+    assert!(written[0].iter().all(|q| &q.notification_id == a));
+    assert_eq!(written[1][0].notification_id, *b);
+    assert_eq!(written[2].len(), 1);
+    assert!(
+        written[0].contains(&written[2][0]),
+        "the copy got the delivery the first wrote"
+    );
+    let count = |nid: &str| {
+        let db = app.db.clone();
+        let nid = nid.to_owned();
+        async move {
+            db.collection::<Document>("deliveries")
+                .count_documents(doc! {"notification_id": nid})
+                .await
+                .expect("count")
+        }
+    };
+    assert_eq!((count(a).await, count(b).await), (2, 1));
+    let counts = |nid: &str| {
+        let nid = nid.to_owned();
+        let app = &app;
+        async move {
+            let (_, n) = app.get(&format!("/v1/notifications/{nid}")).await;
+            (
+                n["counts"]["total"].as_i64(),
+                n["counts"]["queued"].as_i64(),
+            )
+        }
+    };
+    assert_eq!(counts(a).await, (Some(2), Some(2)));
+    assert_eq!(counts(b).await, (Some(1), Some(1)));
+
+    // The same batches again (every dispatch job redelivered): nothing new is written, and
+    // each gets back its deliveries still queued, to publish again.
+    let again = app
+        .ctx
+        .store
+        .insert_delivery_batches(&batches)
+        .await
+        .expect("again");
+    for (first, second) in written.iter().zip(&again) {
+        assert_eq!(ids(first), ids(second));
+    }
+    assert_eq!((count(a).await, count(b).await), (2, 1));
+    assert_eq!(counts(a).await, (Some(2), Some(2)));
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn equal_outcomes_of_one_commit_share_a_write_and_each_delivery_keeps_its_own_attempt() {
     use herald::store::{AttemptDoc, Outcome, Precondition, Retry};
     // No worker: the test commits outcomes itself, as the worker's committer does.
-    let app = spawn_app_with(TestOptions {
-        roles: Roles::ApiOnly,
-        ..Default::default()
-    })
-    .await;
+    let app = api_only().await;
     let users: Vec<String> = (1..=7).map(|i| format!("u{i}")).collect();
-    let (status, body) = app
-        .post_event(&json!({"event_type": "greeting", "channels": ["email"],
-                            "recipients": {"user_ids": users}, "payload": {}}))
-        .await;
-    assert_eq!(status, 202, "{body}");
-    let nid = body["notification_id"].as_str().expect("id").to_owned();
+    let nid = dispatching_greeting(&app, json!(users)).await;
     let store = &app.ctx.store;
-    store.mark_dispatching(&nid).await.expect("dispatching");
     let written = store
         .insert_delivery_batch(&nid, users.iter().map(|u| planned(&nid, u)).collect())
         .await
