@@ -3,9 +3,10 @@
 //! Each lane has its own slots and batches, but all of them share one database, and a busy
 //! one answers every request slower. While this process runs a high-priority job, the
 //! normal and low lanes start no new round trip (those in flight finish), so the job's
-//! reads, claim and commit meet a database that is not busy with a campaign; its provider
-//! call does not count. A lane never waits more than [`MAX_YIELD`] per round trip, so a
-//! steady high-priority stream slows a campaign but cannot stop it. The requests held
+//! reads, claim and commit meet a database that is not busy with a campaign. Its provider
+//! call does not count; an enrichment service's answer does (rarely configured, bounded by
+//! `enrichment.timeout_ms`). A lane never waits more than [`MAX_YIELD`] per round trip, so
+//! a steady high-priority stream slows a campaign but cannot stop it. The requests held
 //! meanwhile join the next round trip, so the pause costs less throughput than its length.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
