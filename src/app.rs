@@ -36,7 +36,7 @@ pub struct Context {
     /// Wakes this process's scheduler when a schedule changes here.
     pub schedule_wake: Arc<Notify>,
     /// Accepted events, group-committed: concurrent requests share one transaction.
-    pub intake: Batcher<(NotificationDoc, OutboxDoc), Accepted>,
+    pub intake: Batcher<(NotificationDoc, OutboxDoc), anyhow::Result<Accepted>>,
     /// Delivery work waiting, as `POST /v1/events` checks it before accepting.
     pub backlog: Arc<crate::ingest::Backlog>,
     /// Names this process in delivery claims (host:pid:random).

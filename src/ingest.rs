@@ -163,7 +163,7 @@ pub async fn accept(ctx: &Context, event: NewEvent, source: &str) -> Result<Acce
         due_at,
     );
     let handed = ctx.handoff.lease(ctx, &mut outbox).then(|| outbox.clone());
-    let accepted = ctx.intake.call((notification, outbox)).await?;
+    let accepted = ctx.intake.call((notification, outbox)).await??;
     if matches!(accepted, Accepted::New(_)) {
         ctx.metrics.accepted(source);
         match handed {

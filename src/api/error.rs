@@ -85,7 +85,7 @@ impl ApiError {
             ..Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "storage_unavailable",
-                "the database is unreachable; nothing was written, try again",
+                "the database cannot take this right now; nothing was written, try again",
             )
         }
     }
@@ -93,18 +93,9 @@ impl ApiError {
 
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
-        // A driver error that is about reaching the server is worth a retry by the client.
-        let unreachable = e.chain().any(|c| {
-            c.downcast_ref::<mongodb::error::Error>().is_some_and(|m| {
-                matches!(
-                    m.kind.as_ref(),
-                    mongodb::error::ErrorKind::ServerSelection { .. }
-                        | mongodb::error::ErrorKind::Io(_)
-                        | mongodb::error::ErrorKind::ConnectionPoolCleared { .. }
-                )
-            })
-        });
-        if unreachable {
+        // A failure of the moment (the database unreachable, or the documents held by
+        // another transaction) is worth a retry by the client.
+        if crate::batch::is_temporary(&e) {
             Self::unavailable(e)
         } else {
             Self::internal(e)

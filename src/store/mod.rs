@@ -232,15 +232,44 @@ const CONFLICT_TRIES: u32 = 10;
 pub fn is_write_conflict(e: &anyhow::Error) -> bool {
     e.chain()
         .filter_map(|c| c.downcast_ref::<mongodb::error::Error>())
-        .any(|m| match m.kind.as_ref() {
-            ErrorKind::Command(c) => c.code == WRITE_CONFLICT,
-            ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == WRITE_CONFLICT,
-            ErrorKind::BulkWrite(b) => {
-                !b.write_errors.is_empty()
-                    && b.write_errors.values().all(|w| w.code == WRITE_CONFLICT)
-            }
-            _ => false,
-        })
+        .any(conflicted)
+}
+
+/// True when the driver's error is (or, in a bulk write, holds only) write conflicts.
+fn conflicted(m: &mongodb::error::Error) -> bool {
+    match m.kind.as_ref() {
+        ErrorKind::Command(c) => c.code == WRITE_CONFLICT,
+        ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == WRITE_CONFLICT,
+        ErrorKind::BulkWrite(b) => {
+            !b.write_errors.is_empty() && b.write_errors.values().all(|w| w.code == WRITE_CONFLICT)
+        }
+        ErrorKind::InsertMany(i) => i
+            .write_errors
+            .as_ref()
+            .is_some_and(|errs| !errs.is_empty() && errs.iter().all(|w| w.code == WRITE_CONFLICT)),
+        _ => false,
+    }
+}
+
+/// Commits the session's transaction if `written` succeeded (committing again while the
+/// commit's result is unknown: a commit is safe to repeat), and aborts it otherwise. One
+/// attempt of the transaction: a write conflict is returned, not retried as the driver's
+/// `and_run` does until the other transaction ends.
+async fn commit_or_abort(
+    session: &mut mongodb::ClientSession,
+    written: mongodb::error::Result<()>,
+) -> mongodb::error::Result<()> {
+    if let Err(e) = written {
+        let _ = session.abort_transaction().await;
+        return Err(e);
+    }
+    let mut tries = 0;
+    loop {
+        match session.commit_transaction().await {
+            Err(e) if e.contains_label("UnknownTransactionCommitResult") && tries < 3 => tries += 1,
+            result => return result,
+        }
+    }
 }
 
 /// A short pause, growing with `round` (to at most ~250 ms) and jittered, before trying a
@@ -252,7 +281,25 @@ async fn conflict_pause(round: u32) {
 
 /// Runs a transaction again (after short pauses, for up to `CONFLICT_BUDGET`) while it
 /// fails on a write conflict; any other outcome is returned as it is.
-async fn conflict_retried<T, F, Fut>(mut attempt: F) -> anyhow::Result<T>
+async fn conflict_retried<T, F, Fut>(attempt: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    conflict_retried_for(CONFLICT_TRIES, CONFLICT_BUDGET, attempt).await
+}
+
+/// Tries of an intake transaction whose event id another transaction holds: ~60 ms of
+/// pauses in all, enough for a live transaction to end.
+const ACCEPT_CONFLICT_TRIES: u32 = 5;
+
+/// Runs a transaction again while it fails on a write conflict, at least `tries` times
+/// in all and for as long as `budget` lasts; any other outcome is returned as it is.
+async fn conflict_retried_for<T, F, Fut>(
+    tries: u32,
+    budget: Duration,
+    mut attempt: F,
+) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<T>>,
@@ -262,8 +309,7 @@ where
     loop {
         match attempt().await {
             Err(e)
-                if is_write_conflict(&e)
-                    && (round + 1 < CONFLICT_TRIES || started.elapsed() < CONFLICT_BUDGET) =>
+                if is_write_conflict(&e) && (round + 1 < tries || started.elapsed() < budget) =>
             {
                 tracing::debug!(
                     error = format!("{e:#}"),
@@ -518,86 +564,91 @@ impl Store {
         Ok(Some(add_progress(n, progress.as_ref())))
     }
 
-    /// Accepts many notifications in one transaction (concurrent requests' group commit).
-    /// If any event id is taken, the batch falls back to one transaction per notification
-    /// so that each one learns its own answer.
+    /// Accepts many notifications in one transaction (concurrent requests' group commit),
+    /// answering each on its own. If an event id is taken, or held by another
+    /// transaction, the batch falls back to one transaction per notification so that
+    /// each one learns its own answer and one held id does not hold up the others.
     pub async fn accept_many(
         &self,
         batch: Vec<(NotificationDoc, OutboxDoc)>,
-    ) -> anyhow::Result<Vec<Accepted>> {
+    ) -> anyhow::Result<Vec<anyhow::Result<Accepted>>> {
         if batch.len() > 1 {
-            let (ns, os): (Vec<_>, Vec<_>) = batch.iter().map(|(n, o)| (n, o)).unzip();
             let mut session = self.client.start_session().await?;
-            let result = session
-                .start_transaction()
-                .and_run(
-                    (self.notifications(), self.outbox(), &ns, &os),
-                    |s, (notifications, outbox_coll, ns, os)| {
-                        async move {
-                            notifications
-                                .insert_many(ns.iter().copied())
-                                .session(&mut *s)
-                                .await?;
-                            outbox_coll
-                                .insert_many(os.iter().copied())
-                                .session(&mut *s)
-                                .await?;
-                            Ok(())
-                        }
-                        .boxed()
-                    },
-                )
-                .await;
-            match result {
+            session.start_transaction().await?;
+            let written = async {
+                self.notifications()
+                    .insert_many(batch.iter().map(|(n, _)| n))
+                    .session(&mut session)
+                    .await?;
+                self.outbox()
+                    .insert_many(batch.iter().map(|(_, o)| o))
+                    .session(&mut session)
+                    .await?;
+                Ok(())
+            }
+            .await;
+            match commit_or_abort(&mut session, written).await {
                 Ok(()) => {
                     return Ok(batch
                         .into_iter()
-                        .map(|(n, _)| Accepted::New(Box::new(n)))
+                        .map(|(n, _)| Ok(Accepted::New(Box::new(n))))
                         .collect())
                 }
-                Err(e) if is_duplicate_key(&e) => {}
+                Err(e) if is_duplicate_key(&e) || conflicted(&e) => {}
                 Err(e) => return Err(anyhow::Error::new(e).context("accepting notifications")),
             }
         }
         let mut answers = Vec::with_capacity(batch.len());
         for (n, o) in batch {
-            answers.push(self.accept(n, o).await?);
+            answers.push(self.accept(n, o).await);
         }
         Ok(answers)
     }
 
     /// Accepts one notification (its outbox entry in the same transaction); an event id
-    /// already taken answers with the original.
+    /// already taken answers with the original. An event id held by another transaction
+    /// (the same event accepted at the same moment elsewhere, or by a process that died
+    /// mid-transaction, until the server ends that transaction) is tried again only
+    /// briefly, then answered as a failure of the moment: the driver's own retry would
+    /// hold the request, and with it the whole intake, for as long as the other
+    /// transaction lives.
     pub async fn accept(
         &self,
         notification: NotificationDoc,
         outbox: OutboxDoc,
     ) -> anyhow::Result<Accepted> {
-        let mut session = self.client.start_session().await?;
-        let result = session
-            .start_transaction()
-            .and_run(
-                (self.notifications(), self.outbox(), &notification, &outbox),
-                |s, (notifications, outbox_coll, n, o)| {
-                    async move {
-                        notifications.insert_one(&**n).session(&mut *s).await?;
-                        outbox_coll.insert_one(&**o).session(&mut *s).await?;
-                        Ok(())
-                    }
-                    .boxed()
-                },
-            )
+        let result = conflict_retried_for(ACCEPT_CONFLICT_TRIES, Duration::ZERO, || async {
+            let mut session = self.client.start_session().await?;
+            session.start_transaction().await?;
+            let written = async {
+                self.notifications()
+                    .insert_one(&notification)
+                    .session(&mut session)
+                    .await?;
+                self.outbox()
+                    .insert_one(&outbox)
+                    .session(&mut session)
+                    .await?;
+                Ok(())
+            }
             .await;
+            Ok(commit_or_abort(&mut session, written).await?)
+        })
+        .await;
         match result {
             Ok(()) => Ok(Accepted::New(Box::new(notification))),
-            Err(e) if is_duplicate_key(&e) => {
+            Err(e)
+                if e.chain()
+                    .filter_map(|c| c.downcast_ref::<mongodb::error::Error>())
+                    .any(is_duplicate_key) =>
+            {
                 let existing = self
                     .find_notification_by_event_id(&notification.event_id)
                     .await?
                     .context("event id conflicted but the original is gone")?;
                 Ok(Accepted::Duplicate(Box::new(existing)))
             }
-            Err(e) => Err(anyhow::Error::new(e).context("accepting a notification")),
+            Err(e) => Err(e.context("accepting a notification")),
         }
     }
 

@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use crate::helpers::spawn_app;
+use crate::helpers::{spawn_app, spawn_app_with, Roles, TestOptions};
 
 #[tokio::test]
 async fn an_event_to_two_users_sends_exactly_two_rendered_emails() {
@@ -286,5 +286,69 @@ async fn bad_input_gets_a_stable_code_and_writes_nothing() {
     );
     assert_eq!(app.count("notifications").await, before, "nothing written");
     assert_eq!(app.count("outbox").await, 0, "nothing queued");
+    app.stop().await;
+}
+
+/// A process that dies in the middle of accepting an event leaves its transaction, and
+/// the event id it inserted, held until the server ends it (60 s by default). The
+/// client's retry of that event must be refused for the moment, and must not hold up
+/// the events accepted with it.
+#[tokio::test]
+async fn an_event_id_held_by_an_open_transaction_is_refused_for_the_moment_and_holds_up_nothing_else(
+) {
+    let app = spawn_app_with(TestOptions {
+        roles: Roles::ApiOnly,
+        ..TestOptions::default()
+    })
+    .await;
+    let mut held = app.db.client().start_session().await.expect("session");
+    held.start_transaction().await.expect("transaction");
+    app.db
+        .collection::<mongodb::bson::Document>("notifications")
+        .insert_one(mongodb::bson::doc! {"_id": "n-of-a-dead-api", "event_id": "held-1"})
+        .session(&mut held)
+        .await
+        .expect("insert in the open transaction");
+
+    let event = |id: &str| {
+        json!({"event_id": id, "event_type": "greeting", "channels": ["email"],
+               "recipients": {"user_ids": ["u1"]}})
+    };
+    let send = |body: serde_json::Value| {
+        let request = app.http.post(app.url("/v1/events")).json(&body);
+        async move {
+            let r = request.send().await.expect("request");
+            let retry_after = r.headers().get("retry-after").cloned();
+            let status = r.status().as_u16();
+            (
+                status,
+                retry_after,
+                r.json::<serde_json::Value>().await.expect("json"),
+            )
+        }
+    };
+    // Sent at once, so that most share the held one's group commit.
+    let all = futures::future::join_all(
+        std::iter::once(event("held-1"))
+            .chain((0..30).map(|i| event(&format!("free-{i}"))))
+            .map(send),
+    );
+    let answers = tokio::time::timeout(std::time::Duration::from_secs(20), all)
+        .await
+        .expect("every request answered while the transaction is still open");
+    let (status, retry_after, body) = &answers[0];
+    assert_eq!(*status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "storage_unavailable");
+    assert!(retry_after.is_some(), "a 503 says when to come back");
+    for (status, _, body) in &answers[1..] {
+        assert_eq!(*status, 202, "{body}");
+    }
+    assert_eq!(app.count("notifications").await, 30);
+
+    // Once the server has ended the dead transaction, the retry is accepted.
+    held.abort_transaction().await.expect("abort");
+    let (status, _, body) = send(event("held-1")).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(app.count("notifications").await, 31);
     app.stop().await;
 }
