@@ -10,6 +10,7 @@ use crate::channels::Channels;
 use crate::config::Settings;
 use crate::domain::event::EventLimits;
 use crate::metrics::Metrics;
+use crate::outbox::Handoff;
 use crate::queue::Broker;
 use crate::store::TemplatesVersion;
 use crate::store::{Accepted, NotificationDoc, OutboxDoc, Store};
@@ -32,7 +33,7 @@ pub struct Context {
     /// Wakes this process's outbox relay right after an accept commits.
     pub outbox_wake: Arc<Notify>,
     /// Accepted entries handed straight to this process's relay.
-    pub handoff: Arc<crate::outbox::Handoff>,
+    pub handoff: Arc<Handoff>,
     /// Wakes this process's scheduler when a schedule changes here.
     pub schedule_wake: Arc<Notify>,
     /// Accepted events, group-committed: concurrent requests share one transaction.
@@ -65,10 +66,15 @@ impl Context {
             std::process::id(),
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
-        let intake_store = store.clone();
+        let (outbox_wake, handoff) = (Arc::new(Notify::new()), Arc::<Handoff>::default());
+        let (intake_store, wake, relay) = (store.clone(), outbox_wake.clone(), handoff.clone());
         let (intake, _) = Batcher::start("intake", INTAKE_BATCH_MAX, move |batch| {
-            let store = intake_store.clone();
-            async move { store.accept_many(batch).await }
+            let (store, wake, relay) = (intake_store.clone(), wake.clone(), relay.clone());
+            async move {
+                let intaken = store.accept_many(batch).await?;
+                relay.pass(intaken.outbox, &wake);
+                Ok(intaken.answers)
+            }
         });
         Ok(Self {
             settings: Arc::new(settings),
@@ -78,8 +84,8 @@ impl Context {
             channels,
             enricher,
             metrics: Arc::default(),
-            outbox_wake: Arc::new(Notify::new()),
-            handoff: Arc::default(),
+            outbox_wake,
+            handoff,
             schedule_wake: Arc::new(Notify::new()),
             instance,
             intake,

@@ -162,14 +162,11 @@ pub async fn accept(ctx: &Context, event: NewEvent, source: &str) -> Result<Acce
         },
         due_at,
     );
-    let handed = ctx.handoff.lease(ctx, &mut outbox).then(|| outbox.clone());
+    ctx.handoff.lease(ctx, &mut outbox);
+    // The intake hands the committed outbox entries to this process's relay.
     let accepted = ctx.intake.call((notification, outbox)).await??;
     if matches!(accepted, Accepted::New(_)) {
         ctx.metrics.accepted(source);
-        match handed {
-            Some(entry) => ctx.handoff.send(entry),
-            None => ctx.outbox_wake.notify_one(),
-        }
     }
     Ok(accepted)
 }
@@ -242,6 +239,7 @@ pub fn new_notification(
         lease_until: now,
         lease_token: None,
         created_at: now,
+        also: Vec::new(),
     };
     (notification, outbox)
 }

@@ -4,7 +4,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use mongodb::bson::DateTime;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::app::Context;
@@ -30,7 +30,7 @@ impl Handoff {
     }
 
     /// Leases `entry` to this process's relay when one runs and the entry is due now;
-    /// returns whether it did (then [`Handoff::send`] the entry once it is committed).
+    /// returns whether it did (then [`Handoff::pass`] the entry once it is committed).
     pub fn lease(&self, ctx: &Context, entry: &mut OutboxDoc) -> bool {
         let now = DateTime::now();
         if entry.due_at > now || entry.delay_ms > 0 || self.sender().is_none() {
@@ -42,17 +42,28 @@ impl Handoff {
         true
     }
 
-    /// Hands a committed, leased entry to the relay. If the relay stopped meanwhile, the
-    /// entry waits for its lease to expire.
-    pub fn send(&self, entry: OutboxDoc) {
-        if self.sender().is_none_or(|tx| tx.send(entry).is_err()) {
-            tracing::debug!("outbox relay stopped; the entry waits for its lease");
+    /// Hands committed entries to the relay: those leased to it (see [`Handoff::lease`])
+    /// directly, and wakes it for the others. If the relay stopped meanwhile, the leased
+    /// entries wait for their lease to expire.
+    pub fn pass(&self, entries: Vec<OutboxDoc>, wake: &Notify) {
+        let sender = self.sender();
+        let mut waiting = false;
+        for entry in entries {
+            if entry.lease_token.is_none() {
+                waiting = true;
+            } else if sender.as_ref().is_none_or(|tx| tx.send(entry).is_err()) {
+                tracing::debug!("outbox relay stopped; the entry waits for its lease");
+            }
+        }
+        if waiting {
+            wake.notify_one();
         }
     }
 }
 
-/// The job an entry stands for: a dispatch to its lane, or a delivery — through a delay
-/// queue when it must wait (a retry's backoff), straight to its lane otherwise.
+/// The job an entry stands for: a dispatch to its lane (of all its notifications, in one
+/// message), or a delivery — through a delay queue when it must wait (a retry's
+/// backoff), straight to its lane otherwise.
 fn message(ctx: &Context, e: &OutboxDoc) -> Outgoing {
     let names = ctx.broker.names();
     let body = match &e.delivery_id {
@@ -60,8 +71,14 @@ fn message(ctx: &Context, e: &OutboxDoc) -> Outgoing {
             delivery_id: d.clone(),
             notification_id: e.notification_id.clone(),
         },
-        None => Job::Dispatch {
+        None if e.also.is_empty() => Job::Dispatch {
             notification_id: e.notification_id.clone(),
+        },
+        None => Job::DispatchMany {
+            notification_ids: std::iter::once(&e.notification_id)
+                .chain(&e.also)
+                .cloned()
+                .collect(),
         },
     }
     .encode();

@@ -11,6 +11,9 @@ pub const VERSION: u32 = 1;
 pub enum Job {
     /// Expand a notification's audience into deliveries.
     Dispatch { notification_id: String },
+    /// Expand several notifications' audiences: the events one group commit accepted on
+    /// one lane, published as one message instead of one each.
+    DispatchMany { notification_ids: Vec<String> },
     /// Send one delivery (recipient x channel).
     Deliver {
         delivery_id: String,
@@ -59,5 +62,9 @@ mod tests {
         assert!(String::from_utf8_lossy(&body).contains("\"v\":1"));
         assert_eq!(Job::decode(&body), Ok(job));
         assert!(Job::decode(br#"{"v":9,"kind":"dispatch","notification_id":"n"}"#).is_err());
+        let many = Job::DispatchMany {
+            notification_ids: vec!["a".into(), "b".into()],
+        };
+        assert_eq!(Job::decode(&many.encode()), Ok(many));
     }
 }

@@ -231,6 +231,7 @@ impl Store {
                                 lease_until: stamp,
                                 lease_token: None,
                                 created_at: stamp,
+                                also: Vec::new(),
                             })
                             .session(&mut *s)
                             .await?;

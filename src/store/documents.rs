@@ -102,6 +102,10 @@ pub struct OutboxDoc {
     pub lease_until: DateTime,
     pub lease_token: Option<String>,
     pub created_at: DateTime,
+    /// More notifications this dispatch entry stands for: an accept's group commit writes
+    /// one entry for the batch's dispatches its relay already holds, per lane.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub also: Vec<String>,
 }
 
 /// A recipient's profile.

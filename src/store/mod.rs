@@ -65,6 +65,39 @@ pub enum Accepted {
     Duplicate(Box<NotificationDoc>),
 }
 
+/// What a group commit did: each request's answer in order, and the outbox entries it
+/// wrote for the new notifications.
+pub struct Intaken {
+    pub answers: Vec<anyhow::Result<Accepted>>,
+    pub outbox: Vec<OutboxDoc>,
+}
+
+/// Folds the dispatch entries already leased to a relay (handed off: due now, no delay)
+/// into one entry per lane, so that a group commit writes, and the relay removes, one
+/// outbox entry per lane instead of one per event. The relay publishes each
+/// notification's dispatch job and removes the entry once every one is confirmed.
+fn bundled<'a>(entries: impl Iterator<Item = &'a OutboxDoc>) -> Vec<OutboxDoc> {
+    let mut out: Vec<OutboxDoc> = Vec::new();
+    let mut heads: HashMap<Priority, usize> = HashMap::new();
+    for e in entries {
+        let foldable = e.delivery_id.is_none() && e.delay_ms == 0 && e.lease_token.is_some();
+        match heads.get(&e.lane) {
+            Some(&i) if foldable && out[i].lease_token == e.lease_token => {
+                let head = &mut out[i];
+                head.due_at = head.due_at.min(e.due_at);
+                head.also.push(e.notification_id.clone());
+            }
+            _ => {
+                if foldable {
+                    heads.insert(e.lane, out.len());
+                }
+                out.push(e.clone());
+            }
+        }
+    }
+    out
+}
+
 /// What must hold for an outcome to be written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Precondition {
@@ -565,14 +598,16 @@ impl Store {
     }
 
     /// Accepts many notifications in one transaction (concurrent requests' group commit),
-    /// answering each on its own. If an event id is taken, or held by another
-    /// transaction, the batch falls back to one transaction per notification so that
-    /// each one learns its own answer and one held id does not hold up the others.
+    /// answering each on its own; its immediate dispatches share outbox entries
+    /// ([`bundled`]). If an event id is taken, or held by another transaction, the batch
+    /// falls back to one transaction per notification so that each one learns its own
+    /// answer and one held id does not hold up the others.
     pub async fn accept_many(
         &self,
         batch: Vec<(NotificationDoc, OutboxDoc)>,
-    ) -> anyhow::Result<Vec<anyhow::Result<Accepted>>> {
+    ) -> anyhow::Result<Intaken> {
         if batch.len() > 1 {
+            let entries = bundled(batch.iter().map(|(_, o)| o));
             let mut session = self.client.start_session().await?;
             session.start_transaction().await?;
             let written = async {
@@ -581,7 +616,7 @@ impl Store {
                     .session(&mut session)
                     .await?;
                 self.outbox()
-                    .insert_many(batch.iter().map(|(_, o)| o))
+                    .insert_many(&entries)
                     .session(&mut session)
                     .await?;
                 Ok(())
@@ -589,20 +624,28 @@ impl Store {
             .await;
             match commit_or_abort(&mut session, written).await {
                 Ok(()) => {
-                    return Ok(batch
-                        .into_iter()
-                        .map(|(n, _)| Ok(Accepted::New(Box::new(n))))
-                        .collect())
+                    return Ok(Intaken {
+                        answers: batch
+                            .into_iter()
+                            .map(|(n, _)| Ok(Accepted::New(Box::new(n))))
+                            .collect(),
+                        outbox: entries,
+                    })
                 }
                 Err(e) if is_duplicate_key(&e) || conflicted(&e) => {}
                 Err(e) => return Err(anyhow::Error::new(e).context("accepting notifications")),
             }
         }
         let mut answers = Vec::with_capacity(batch.len());
+        let mut outbox = Vec::new();
         for (n, o) in batch {
-            answers.push(self.accept(n, o).await);
+            let answer = self.accept(n, o.clone()).await;
+            if matches!(answer, Ok(Accepted::New(_))) {
+                outbox.push(o);
+            }
+            answers.push(answer);
         }
-        Ok(answers)
+        Ok(Intaken { answers, outbox })
     }
 
     /// Accepts one notification (its outbox entry in the same transaction); an event id
@@ -848,8 +891,16 @@ impl Store {
         Ok(())
     }
 
+    /// The jobs waiting in the outbox (an entry may stand for several dispatches).
     pub async fn outbox_backlog(&self) -> anyhow::Result<u64> {
-        Ok(self.outbox().count_documents(doc! {}).await?)
+        let jobs = doc! {"$add": [1, {"$size": {"$ifNull": ["$also", []]}}]};
+        let total = self
+            .outbox()
+            .aggregate([doc! {"$group": {"_id": null, "jobs": {"$sum": jobs}}}])
+            .await?
+            .try_next()
+            .await?;
+        Ok(total.map_or(0, |d| stats::number(d.get("jobs")).max(0) as u64))
     }
 
     // ---- users, groups, content ----------------------------------------------------------
@@ -1620,6 +1671,7 @@ impl Store {
                                             lease_until: stamp,
                                             lease_token: None,
                                             created_at: stamp,
+                                            also: Vec::new(),
                                         })
                                         .session(&mut *s)
                                         .await?;

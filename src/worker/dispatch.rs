@@ -27,6 +27,45 @@ pub fn channels_of(ctx: &Context, n: &NotificationDoc) -> Vec<Channel> {
     }
 }
 
+/// A `DispatchMany` job's notifications are dispatched this many at a time (their
+/// fan-outs share transactions through the lane's batcher).
+const DISPATCH_MANY_AT_ONCE: usize = 16;
+
+/// Dispatches several notifications. Those that fail go back to the lane as dispatch
+/// jobs of their own, so each is requeued, retried or parked for its own reason, and the
+/// others are not dispatched again; only if that publish fails does the whole job fail
+/// (dispatch is idempotent, so running it again is safe).
+pub async fn dispatch_many(
+    ctx: &Context,
+    shared: &Shared,
+    notification_ids: &[String],
+) -> anyhow::Result<()> {
+    let mut failed = Vec::new();
+    for ids in notification_ids.chunks(DISPATCH_MANY_AT_ONCE) {
+        let results =
+            futures::future::join_all(ids.iter().map(|id| dispatch(ctx, shared, id))).await;
+        for (id, result) in ids.iter().zip(results) {
+            let Err(e) = result else { continue };
+            tracing::warn!(notification_id = %id, error = format!("{e:#}"),
+                "dispatch failed; it goes back to the lane on its own");
+            failed.push(Outgoing {
+                exchange: ctx.broker.names().jobs_exchange.clone(),
+                routing_key: shared.lane.as_str().to_owned(),
+                body: Job::Dispatch {
+                    notification_id: id.clone(),
+                }
+                .encode(),
+                headers: Vec::new(),
+                expiration_ms: None,
+            });
+        }
+    }
+    if !failed.is_empty() {
+        ctx.broker.publish_confirmed(&failed).await?;
+    }
+    Ok(())
+}
+
 /// Writes and publishes the deliveries of one notification. Idempotent: a redelivered
 /// dispatch job writes only what is missing and republishes what is still queued.
 #[instrument(skip_all, fields(notification_id = %notification_id))]

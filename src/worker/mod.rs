@@ -30,6 +30,8 @@ const FANOUTS_PER_TRANSACTION: usize = 16;
 /// own batched round trips (reads, claims, commits). Each lane batches on its own, so a
 /// high-priority delivery never waits for a round trip of the low lane's backlog.
 pub struct Shared {
+    /// The lane these jobs come from.
+    pub lane: Priority,
     /// The high lane goes first at the database, before the process's other lanes.
     pub gate: LaneGate,
     pub notifications: Arc<NotificationCache>,
@@ -108,6 +110,7 @@ impl Shared {
             },
         );
         let shared = Self {
+            lane,
             gate,
             notifications,
             deliveries,
@@ -137,6 +140,9 @@ pub async fn handle(ctx: &Context, shared: &Shared, message: Incoming) -> Dispos
         match &job {
             Job::Dispatch { notification_id } => {
                 dispatch::dispatch(ctx, shared, notification_id).await
+            }
+            Job::DispatchMany { notification_ids } => {
+                dispatch::dispatch_many(ctx, shared, notification_ids).await
             }
             Job::Deliver { delivery_id, .. } => {
                 deliver::deliver(ctx, shared, delivery_id, message.redelivered).await

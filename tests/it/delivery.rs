@@ -292,6 +292,7 @@ async fn a_job_redelivered_after_its_worker_died_mid_send_is_not_sent_again() {
                     .expect("dispatch");
                 m.acker.ack(Default::default()).await.expect("ack");
             }
+            Job::DispatchMany { .. } => panic!("one event, one dispatch job"),
             Job::Deliver { delivery_id: d, .. } => {
                 // The doomed worker claims the delivery (as before a provider call) ...
                 assert!(app
@@ -778,5 +779,103 @@ async fn equal_outcomes_of_one_commit_share_a_write_and_each_delivery_keeps_its_
         "{n}"
     );
     assert_eq!(app.count("dead_letters").await, 1, "the failed one");
+    app.stop().await;
+}
+
+/// One job dispatching several notifications (a group commit's): a notification that
+/// cannot be dispatched goes back to the lane on its own and is parked for its own
+/// reason; the others are sent once.
+#[tokio::test]
+async fn a_dispatch_of_several_sends_the_good_ones_once_and_parks_only_the_broken_one() {
+    let app = spawn_app().await;
+    app.put_user(
+        "u1",
+        json!({"email": "one@example.com", "first_name": "Ana"}),
+    )
+    .await;
+    // Stored without an outbox entry: only the job below dispatches them.
+    let mut ids = Vec::new();
+    for note in ["first", "second"] {
+        let (n, _) = herald::ingest::new_notification(
+            herald::ingest::NotificationSpec {
+                event_id: None,
+                event_type: "greeting".into(),
+                priority: herald::domain::Priority::Normal,
+                recipients: herald::store::RecipientsDoc {
+                    user_ids: vec!["u1".into()],
+                    ..Default::default()
+                },
+                channels: Some(vec![herald::domain::Channel::Email]),
+                payload: doc! {"note": note},
+                source: "test".into(),
+                schedule_id: None,
+                upstream_created_at: None,
+            },
+            None,
+        );
+        app.db
+            .collection::<herald::store::NotificationDoc>("notifications")
+            .insert_one(&n)
+            .await
+            .expect("insert");
+        ids.push(n.id);
+    }
+    app.db
+        .collection::<Document>("notifications")
+        .insert_one(doc! {"_id": "broken", "event_id": "broken", "status": 42})
+        .await
+        .expect("insert");
+    app.ctx
+        .broker
+        .publish_confirmed(&[Outgoing {
+            exchange: app.ctx.broker.names().jobs_exchange.clone(),
+            routing_key: "normal".into(),
+            body: Job::DispatchMany {
+                notification_ids: vec![ids[0].clone(), "broken".into(), ids[1].clone()],
+            }
+            .encode(),
+            headers: vec![],
+            expiration_ms: None,
+        }])
+        .await
+        .expect("publish");
+
+    for id in &ids {
+        assert_eq!(app.wait_finished(id, 20).await["counts"]["sent"], 1);
+    }
+    // Parked once its retries are spent: a dispatch job of its own.
+    let ch = app.ctx.broker.channel().await.expect("channel");
+    let rejected = app.ctx.broker.names().rejected_queue.clone();
+    let get = || {
+        ch.basic_get(
+            rejected.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let parked = loop {
+        if let Some(m) = get().await.expect("get") {
+            break m;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "nothing parked");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        Job::decode(&parked.delivery.data),
+        Ok(Job::Dispatch {
+            notification_id: "broken".into()
+        })
+    );
+    app.wait_lane_drained(herald::domain::Priority::Normal)
+        .await;
+    let mut notes: Vec<String> = app
+        .smtp
+        .mails()
+        .iter()
+        .map(|m| m.text().trim().to_owned())
+        .collect();
+    notes.sort();
+    assert_eq!(notes, ["Hi Ana, first", "Hi Ana, second"], "each sent once");
+    assert!(get().await.expect("get").is_none(), "nothing else parked");
     app.stop().await;
 }

@@ -174,3 +174,93 @@ async fn an_event_handed_to_a_relay_that_died_is_published_by_another_once_its_l
     assert_eq!(app.count("outbox").await, 0);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_group_commit_writes_one_outbox_entry_per_lane_and_each_of_its_notifications_is_dispatched(
+) {
+    let app = spawn_app_with(TestOptions {
+        env: vec![("HERALD__OUTBOX__LEASE_SECS".into(), "2".into())],
+        ..Default::default()
+    })
+    .await;
+    app.put_user(
+        "u1",
+        json!({"email": "one@example.com", "first_name": "Ana"}),
+    )
+    .await;
+    // A second process whose relay took the hand-off and died before publishing.
+    let other = herald::app::Context::build((*app.ctx.settings).clone())
+        .await
+        .expect("context");
+    let relay = tokio::spawn(herald::outbox::run(
+        other.clone(),
+        tokio_util::sync::CancellationToken::new(),
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    relay.abort();
+    let _ = relay.await;
+
+    use herald::domain::Priority::{High, Normal};
+    let batch: Vec<_> = [Normal, High, Normal, Normal, High]
+        .into_iter()
+        .enumerate()
+        .map(|(i, priority)| {
+            let (n, mut o) = herald::ingest::new_notification(
+                herald::ingest::NotificationSpec {
+                    event_id: None,
+                    event_type: "greeting".into(),
+                    priority,
+                    recipients: herald::store::RecipientsDoc {
+                        user_ids: vec!["u1".into()],
+                        ..Default::default()
+                    },
+                    channels: Some(vec![herald::domain::Channel::Email]),
+                    payload: mongodb::bson::doc! {"note": format!("n{i}")},
+                    source: "test".into(),
+                    schedule_id: None,
+                    upstream_created_at: None,
+                },
+                None,
+            );
+            assert!(other.handoff.lease(&other, &mut o), "leased to the relay");
+            (n, o)
+        })
+        .collect();
+    let ids: Vec<String> = batch.iter().map(|(n, _)| n.id.clone()).collect();
+    let intaken = other.store.accept_many(batch).await.expect("accepted");
+    assert_eq!(intaken.answers.len(), 5);
+    assert!(intaken
+        .answers
+        .iter()
+        .all(|a| matches!(a, Ok(herald::store::Accepted::New(_)))));
+    let mut entries: Vec<(herald::domain::Priority, usize)> = intaken
+        .outbox
+        .iter()
+        .map(|o| (o.lane, 1 + o.also.len()))
+        .collect();
+    entries.sort_by_key(|(_, n)| *n);
+    assert_eq!(entries, [(High, 2), (Normal, 3)]);
+    // Written so: two entries stand for five dispatch jobs, and the backlog counts jobs.
+    assert_eq!(app.count("outbox").await, 2);
+    assert_eq!(app.ctx.store.outbox_backlog().await.expect("backlog"), 5);
+
+    // Once the dead relay's lease ends, the test app's relay publishes every job.
+    for id in &ids {
+        let done = app.wait_finished(id, 30).await;
+        assert_eq!(done["counts"]["sent"], 1, "{done}");
+    }
+    let mut notes: Vec<String> = app
+        .smtp
+        .wait_for(5, 5)
+        .await
+        .iter()
+        .map(|m| m.text().trim().to_owned())
+        .collect();
+    notes.sort();
+    assert_eq!(
+        notes,
+        (0..5).map(|i| format!("Hi Ana, n{i}")).collect::<Vec<_>>()
+    );
+    assert_eq!(app.count("outbox").await, 0);
+    app.stop().await;
+}
