@@ -608,21 +608,8 @@ impl Store {
     ) -> anyhow::Result<Intaken> {
         if batch.len() > 1 {
             let entries = bundled(batch.iter().map(|(_, o)| o));
-            let mut session = self.client.start_session().await?;
-            session.start_transaction().await?;
-            let written = async {
-                self.notifications()
-                    .insert_many(batch.iter().map(|(n, _)| n))
-                    .session(&mut session)
-                    .await?;
-                self.outbox()
-                    .insert_many(&entries)
-                    .session(&mut session)
-                    .await?;
-                Ok(())
-            }
-            .await;
-            match commit_or_abort(&mut session, written).await {
+            let notifications = batch.iter().map(|(n, _)| n);
+            match self.insert_accepted(notifications, &entries).await {
                 Ok(()) => {
                     return Ok(Intaken {
                         answers: batch
@@ -661,21 +648,8 @@ impl Store {
         outbox: OutboxDoc,
     ) -> anyhow::Result<Accepted> {
         let result = conflict_retried_for(ACCEPT_CONFLICT_TRIES, Duration::ZERO, || async {
-            let mut session = self.client.start_session().await?;
-            session.start_transaction().await?;
-            let written = async {
-                self.notifications()
-                    .insert_one(&notification)
-                    .session(&mut session)
-                    .await?;
-                self.outbox()
-                    .insert_one(&outbox)
-                    .session(&mut session)
-                    .await?;
-                Ok(())
-            }
-            .await;
-            Ok(commit_or_abort(&mut session, written).await?)
+            let entries = std::slice::from_ref(&outbox);
+            Ok(self.insert_accepted([&notification], entries).await?)
         })
         .await;
         match result {
@@ -693,6 +667,30 @@ impl Store {
             }
             Err(e) => Err(e.context("accepting a notification")),
         }
+    }
+
+    /// Inserts notifications and their outbox entries in one transaction, tried once
+    /// (see [`commit_or_abort`]).
+    async fn insert_accepted<'a>(
+        &self,
+        notifications: impl IntoIterator<Item = &'a NotificationDoc> + Send,
+        entries: &[OutboxDoc],
+    ) -> mongodb::error::Result<()> {
+        let mut session = self.client.start_session().await?;
+        session.start_transaction().await?;
+        let written = async {
+            self.notifications()
+                .insert_many(notifications)
+                .session(&mut session)
+                .await?;
+            self.outbox()
+                .insert_many(entries)
+                .session(&mut session)
+                .await?;
+            Ok(())
+        }
+        .await;
+        commit_or_abort(&mut session, written).await
     }
 
     /// Moves an accepted notification to `dispatching` (idempotent).

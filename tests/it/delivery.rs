@@ -11,7 +11,7 @@ use lapin::types::FieldTable;
 use mongodb::bson::{doc, DateTime, Document};
 use serde_json::json;
 
-use crate::helpers::{spawn_app, spawn_app_with, Roles, TestOptions};
+use crate::helpers::{greeting_to_u1, spawn_app, spawn_app_with, Roles, TestOptions};
 
 #[tokio::test]
 async fn recipients_without_address_or_template_are_accounted_for_with_a_reason() {
@@ -796,23 +796,7 @@ async fn a_dispatch_of_several_sends_the_good_ones_once_and_parks_only_the_broke
     // Stored without an outbox entry: only the job below dispatches them.
     let mut ids = Vec::new();
     for note in ["first", "second"] {
-        let (n, _) = herald::ingest::new_notification(
-            herald::ingest::NotificationSpec {
-                event_id: None,
-                event_type: "greeting".into(),
-                priority: herald::domain::Priority::Normal,
-                recipients: herald::store::RecipientsDoc {
-                    user_ids: vec!["u1".into()],
-                    ..Default::default()
-                },
-                channels: Some(vec![herald::domain::Channel::Email]),
-                payload: doc! {"note": note},
-                source: "test".into(),
-                schedule_id: None,
-                upstream_created_at: None,
-            },
-            None,
-        );
+        let (n, _) = greeting_to_u1(herald::domain::Priority::Normal, note);
         app.db
             .collection::<herald::store::NotificationDoc>("notifications")
             .insert_one(&n)

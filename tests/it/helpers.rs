@@ -161,6 +161,31 @@ pub struct TestApp {
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
+/// A greeting by email to user `u1` with `note`, as the API builds one: the notification
+/// and the outbox entry that dispatches it (neither stored).
+pub fn greeting_to_u1(
+    priority: herald::domain::Priority,
+    note: &str,
+) -> (herald::store::NotificationDoc, herald::store::OutboxDoc) {
+    herald::ingest::new_notification(
+        herald::ingest::NotificationSpec {
+            event_id: None,
+            event_type: "greeting".into(),
+            priority,
+            recipients: herald::store::RecipientsDoc {
+                user_ids: vec!["u1".into()],
+                ..Default::default()
+            },
+            channels: Some(vec![herald::domain::Channel::Email]),
+            payload: mongodb::bson::doc! {"note": note},
+            source: "test".into(),
+            schedule_id: None,
+            upstream_created_at: None,
+        },
+        None,
+    )
+}
+
 /// An HTTP client that sends `key` as a bearer token with every request.
 pub fn client_with_key(key: &str) -> reqwest::Client {
     let mut headers = reqwest::header::HeaderMap::new();

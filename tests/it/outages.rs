@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::helpers::{amqp_host_port, spawn_app_with, TcpProxy, TestOptions};
+use crate::helpers::{amqp_host_port, greeting_to_u1, spawn_app_with, TcpProxy, TestOptions};
 
 #[tokio::test]
 async fn an_event_accepted_while_rabbitmq_is_down_is_delivered_when_it_is_back() {
@@ -119,27 +119,7 @@ async fn past_the_backlog_bound_events_are_refused_with_503_and_retry_after_writ
 
 #[tokio::test]
 async fn an_event_handed_to_a_relay_that_died_is_published_by_another_once_its_lease_ends() {
-    let app = spawn_app_with(TestOptions {
-        env: vec![("HERALD__OUTBOX__LEASE_SECS".into(), "2".into())],
-        ..Default::default()
-    })
-    .await;
-    app.put_user(
-        "u1",
-        json!({"email": "one@example.com", "first_name": "Ana"}),
-    )
-    .await;
-    // A second process: its relay starts (accepts are then handed to it) and dies at once.
-    let other = herald::app::Context::build((*app.ctx.settings).clone())
-        .await
-        .expect("context");
-    let relay = tokio::spawn(herald::outbox::run(
-        other.clone(),
-        tokio_util::sync::CancellationToken::new(),
-    ));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    relay.abort();
-    let _ = relay.await;
+    let (app, other) = app_and_a_dead_relay().await;
 
     let event = herald::domain::event::parse_event(
         br#"{"event_type": "greeting", "channels": ["email"],
@@ -178,50 +158,14 @@ async fn an_event_handed_to_a_relay_that_died_is_published_by_another_once_its_l
 #[tokio::test]
 async fn a_group_commit_writes_one_outbox_entry_per_lane_and_each_of_its_notifications_is_dispatched(
 ) {
-    let app = spawn_app_with(TestOptions {
-        env: vec![("HERALD__OUTBOX__LEASE_SECS".into(), "2".into())],
-        ..Default::default()
-    })
-    .await;
-    app.put_user(
-        "u1",
-        json!({"email": "one@example.com", "first_name": "Ana"}),
-    )
-    .await;
-    // A second process whose relay took the hand-off and died before publishing.
-    let other = herald::app::Context::build((*app.ctx.settings).clone())
-        .await
-        .expect("context");
-    let relay = tokio::spawn(herald::outbox::run(
-        other.clone(),
-        tokio_util::sync::CancellationToken::new(),
-    ));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    relay.abort();
-    let _ = relay.await;
+    let (app, other) = app_and_a_dead_relay().await;
 
     use herald::domain::Priority::{High, Normal};
     let batch: Vec<_> = [Normal, High, Normal, Normal, High]
         .into_iter()
         .enumerate()
         .map(|(i, priority)| {
-            let (n, mut o) = herald::ingest::new_notification(
-                herald::ingest::NotificationSpec {
-                    event_id: None,
-                    event_type: "greeting".into(),
-                    priority,
-                    recipients: herald::store::RecipientsDoc {
-                        user_ids: vec!["u1".into()],
-                        ..Default::default()
-                    },
-                    channels: Some(vec![herald::domain::Channel::Email]),
-                    payload: mongodb::bson::doc! {"note": format!("n{i}")},
-                    source: "test".into(),
-                    schedule_id: None,
-                    upstream_created_at: None,
-                },
-                None,
-            );
+            let (n, mut o) = greeting_to_u1(priority, &format!("n{i}"));
             assert!(other.handoff.lease(&other, &mut o), "leased to the relay");
             (n, o)
         })
@@ -263,4 +207,30 @@ async fn a_group_commit_writes_one_outbox_entry_per_lane_and_each_of_its_notific
     );
     assert_eq!(app.count("outbox").await, 0);
     app.stop().await;
+}
+
+/// A test app whose user `u1` is Ana, and a second process of the same deployment whose
+/// relay started (so that its accepts are handed to it, leased for 2 s) and died at once.
+async fn app_and_a_dead_relay() -> (crate::helpers::TestApp, herald::app::Context) {
+    let app = spawn_app_with(TestOptions {
+        env: vec![("HERALD__OUTBOX__LEASE_SECS".into(), "2".into())],
+        ..Default::default()
+    })
+    .await;
+    app.put_user(
+        "u1",
+        json!({"email": "one@example.com", "first_name": "Ana"}),
+    )
+    .await;
+    let other = herald::app::Context::build((*app.ctx.settings).clone())
+        .await
+        .expect("context");
+    let relay = tokio::spawn(herald::outbox::run(
+        other.clone(),
+        tokio_util::sync::CancellationToken::new(),
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    relay.abort();
+    let _ = relay.await;
+    (app, other)
 }
