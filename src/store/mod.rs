@@ -74,8 +74,8 @@ pub struct Intaken {
 
 /// Folds the dispatch entries already leased to a relay (handed off: due now, no delay)
 /// into one entry per lane, so that a group commit writes, and the relay removes, one
-/// outbox entry per lane instead of one per event. The relay publishes each
-/// notification's dispatch job and removes the entry once every one is confirmed.
+/// outbox entry per lane instead of one per event. The relay publishes the entry as one
+/// `DispatchMany` job and removes it once RabbitMQ confirmed it.
 fn bundled<'a>(entries: impl Iterator<Item = &'a OutboxDoc>) -> Vec<OutboxDoc> {
     let mut out: Vec<OutboxDoc> = Vec::new();
     let mut heads: HashMap<Priority, usize> = HashMap::new();
