@@ -60,7 +60,8 @@ pub struct Row {
     pub duplicated: usize,
     /// Received by the sink but not accounted for by the log.
     pub unexpected: usize,
-    /// Logged `failed`/`outcome_unknown` (a send cut off mid-call): honest, replayable.
+    /// Logged `failed`/`outcome_unknown` (its sender died between the claim and recording
+    /// the outcome), whether or not the message reached the sink: honest, replayable.
     pub unknown: usize,
     /// Seconds from the repair until messages reached the sink again.
     pub recovery_s: f64,
@@ -677,13 +678,18 @@ impl Bed {
             match (d.status.as_str(), got) {
                 ("sent", true) => row.delivered += 1,
                 ("sent", false) => row.lost += 1,
-                ("failed", true) if d.reason.as_deref() == Some("outcome_unknown") => {
+                // Whether or not the message got out before the sender died: herald
+                // cannot know, so neither does this count; the notes tell them apart.
+                ("failed", _) if d.reason.as_deref() == Some("outcome_unknown") => {
                     row.unknown += 1;
                     let cause = d.last_error.as_deref().unwrap_or("no error recorded");
                     let cause = cause.split(':').next().unwrap_or(cause);
-                    *unknown_causes
-                        .entry(crate::domain::truncate(cause, 60))
-                        .or_insert(0) += 1;
+                    let cause = crate::domain::truncate(cause, 60);
+                    let cause = match got {
+                        true => cause,
+                        false => format!("{cause} (never reached the sink)"),
+                    };
+                    *unknown_causes.entry(cause).or_insert(0) += 1;
                 }
                 (_, true) => row.unexpected += 1,
                 _ => {}
