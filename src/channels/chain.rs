@@ -133,6 +133,14 @@ impl Breaker {
     pub fn is_open(&self) -> bool {
         self.lock().open_until.is_some()
     }
+
+    /// How long until an open breaker lets a trial through (`None` when it would now).
+    pub fn closed_for(&self) -> Option<Duration> {
+        let until = self.lock().open_until?;
+        until
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+    }
 }
 
 /// One provider with its guards.
@@ -170,8 +178,13 @@ impl Provider for Chain {
         let mut last: Option<DeliveryError> = None;
         for m in &self.members {
             if !m.breaker.allow() {
-                last.get_or_insert_with(|| {
-                    DeliveryError::transient(m.provider.name(), "circuit breaker open")
+                // Tried again no sooner than the breaker lets a trial through, so that
+                // the delivery's attempts are not spent while nothing can be sent.
+                last.get_or_insert_with(|| DeliveryError::Transient {
+                    provider: m.provider.name().to_owned(),
+                    message: "circuit breaker open".to_owned(),
+                    retry_after: m.breaker.closed_for(),
+                    throttled: false,
                 });
                 continue;
             }
@@ -233,6 +246,15 @@ mod tests {
         assert!(!b.allow(), "only one trial at a time");
         b.success();
         assert!(b.allow() && !b.is_open(), "closed again");
+    }
+
+    #[test]
+    fn an_open_breaker_says_how_long_until_its_trial() {
+        let b = Breaker::new(1, Duration::from_secs(30));
+        assert_eq!(b.closed_for(), None, "closed");
+        b.failure();
+        let left = b.closed_for().expect("open");
+        assert!(left > Duration::from_secs(29) && left <= Duration::from_secs(30));
     }
 
     #[tokio::test]

@@ -462,20 +462,31 @@ fn next_attempt(
 }
 
 /// Exponential backoff for the `n`th retry, capped and spread by jitter, never sooner
-/// than `at_least`.
+/// than `at_least` (a provider's `Retry-After`, an open breaker's cool-down). A wait
+/// longer than the backoff goes through the outbox's `due_at` rather than the retry's
+/// delay queue, where it would hold up the backoff-sized waits behind it (RabbitMQ
+/// expires messages only at a queue's head).
 fn backoff(ctx: &Context, n: i32, lane: Priority, at_least: Option<std::time::Duration>) -> Retry {
     let w = &ctx.settings.worker;
     let exp = w.retry_base_ms.saturating_mul(1u64 << (n - 1).clamp(0, 30));
     let spread = 1.0 + w.retry_jitter * (rand::random::<f64>() * 2.0 - 1.0);
-    let mut delay = ((exp.min(w.retry_max_ms) as f64) * spread) as u64;
-    if let Some(after) = at_least {
-        delay = delay.max(after.as_millis() as u64);
-    }
+    let delay = (((exp.min(w.retry_max_ms) as f64) * spread) as u64).clamp(1, w.retry_max_ms);
+    let not_before = at_least
+        .map(|d| d.as_millis() as u64)
+        .filter(|&wait| wait > delay)
+        .map(|wait| {
+            let until = chrono::Utc::now() + chrono::Duration::milliseconds(wait as i64);
+            crate::store::bson_time(until)
+        });
     Retry {
-        delay_ms: delay.clamp(1, w.retry_max_ms) as i64,
+        delay_ms: if not_before.is_some() {
+            0
+        } else {
+            delay as i64
+        },
         retry_number: n,
         lane,
-        not_before: None,
+        not_before,
     }
 }
 

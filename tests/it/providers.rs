@@ -167,6 +167,40 @@ async fn a_failing_provider_fails_over_and_its_breaker_opens_then_recovers() {
     app.stop().await;
 }
 
+/// While the only provider's breaker is open nothing can be sent: the deliveries that
+/// meet it wait for its trial instead of spending their attempts (3 here, 200 ms apart,
+/// against a 1.5 s cool-down) and going dead.
+#[tokio::test]
+async fn deliveries_meeting_an_open_breaker_wait_for_its_trial_without_spending_their_attempts() {
+    let twilio = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&twilio)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(created("SM1"))
+        .mount(&twilio)
+        .await;
+    let app = app_with(provider(
+        "only",
+        &twilio,
+        "breaker_failures = 1\nbreaker_cooldown_ms = 1500",
+    ))
+    .await;
+    let nid = sms_to(&app, 5).await;
+    let n = app.wait_finished(&nid, 30).await;
+    assert_eq!(n["counts"]["sent"], 5, "{n}");
+    assert_eq!(n["counts"]["dead"], 0, "{n}");
+    assert_eq!(
+        twilio.received_requests().await.map(|r| r.len()),
+        Some(6),
+        "one refused send, then one each"
+    );
+    app.stop().await;
+}
+
 /// Records when each request arrived.
 #[derive(Clone, Default)]
 struct Clock(Arc<Mutex<Vec<Instant>>>);
