@@ -175,17 +175,17 @@ impl Provider for Chain {
     /// failure is the recipient's and is returned at once (another provider would fail too),
     /// and so is an unknown outcome (another provider could deliver it twice).
     async fn send(&self, message: &OutboundMessage) -> Result<Receipt, DeliveryError> {
+        // The last provider that was called and failed; else the open breaker whose trial
+        // comes first (a wait of `None`: its cool-down is over, another call's trial is
+        // under way, and the usual backoff applies).
         let mut last: Option<DeliveryError> = None;
+        let mut soonest: Option<(&str, Option<Duration>)> = None;
         for m in &self.members {
             if !m.breaker.allow() {
-                // Tried again no sooner than the breaker lets a trial through, so that
-                // the delivery's attempts are not spent while nothing can be sent.
-                last.get_or_insert_with(|| DeliveryError::Transient {
-                    provider: m.provider.name().to_owned(),
-                    message: "circuit breaker open".to_owned(),
-                    retry_after: m.breaker.closed_for(),
-                    throttled: false,
-                });
+                let wait = m.breaker.closed_for();
+                if soonest.is_none_or(|(_, w)| wait < w) {
+                    soonest = Some((m.provider.name(), wait));
+                }
                 continue;
             }
             if let Some(l) = &m.limiter {
@@ -224,7 +224,16 @@ impl Provider for Chain {
                 }
             }
         }
+        // Only open breakers: tried again no sooner than the first of them lets a trial
+        // through, so that the delivery's attempts are not spent while nothing can be sent.
+        let breaker_open = soonest.map(|(provider, wait)| DeliveryError::Transient {
+            provider: provider.to_owned(),
+            message: "circuit breaker open".to_owned(),
+            retry_after: wait,
+            throttled: false,
+        });
         Err(last
+            .or(breaker_open)
             .unwrap_or_else(|| DeliveryError::transient("none", "the channel has no providers")))
     }
 }

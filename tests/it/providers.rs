@@ -167,22 +167,27 @@ async fn a_failing_provider_fails_over_and_its_breaker_opens_then_recovers() {
     app.stop().await;
 }
 
+/// The provider answers its first send 503 and every later one 201.
+async fn refuses_once_then_accepts(server: &MockServer) {
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(created("SM1"))
+        .mount(server)
+        .await;
+}
+
 /// While the only provider's breaker is open nothing can be sent: the deliveries that
 /// meet it wait for its trial instead of spending their attempts (3 here, 200 ms apart,
 /// against a 1.5 s cool-down) and going dead.
 #[tokio::test]
 async fn deliveries_meeting_an_open_breaker_wait_for_its_trial_without_spending_their_attempts() {
     let twilio = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(503))
-        .up_to_n_times(1)
-        .with_priority(1)
-        .mount(&twilio)
-        .await;
-    Mock::given(method("POST"))
-        .respond_with(created("SM1"))
-        .mount(&twilio)
-        .await;
+    refuses_once_then_accepts(&twilio).await;
     let app = app_with(provider(
         "only",
         &twilio,
@@ -197,6 +202,46 @@ async fn deliveries_meeting_an_open_breaker_wait_for_its_trial_without_spending_
         twilio.received_requests().await.map(|r| r.len()),
         Some(6),
         "one refused send, then one each"
+    );
+    app.stop().await;
+}
+
+/// With every provider's breaker open, a delivery waits for the trial that comes first,
+/// not for the first provider's: here the second provider's 1 s cool-down, not the first
+/// one's 60 s (the test gives up after 20 s).
+#[tokio::test]
+async fn with_every_breaker_open_a_delivery_waits_for_the_soonest_trial() {
+    let (slow, quick) = (MockServer::start().await, MockServer::start().await);
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&slow)
+        .await;
+    refuses_once_then_accepts(&quick).await;
+    let app = app_with(
+        provider(
+            "slow",
+            &slow,
+            "breaker_failures = 1\nbreaker_cooldown_ms = 60000",
+        ) + &provider(
+            "quick",
+            &quick,
+            "breaker_failures = 1\nbreaker_cooldown_ms = 1000",
+        ),
+    )
+    .await;
+    let nid = sms_to(&app, 1).await;
+    let n = app.wait_finished(&nid, 20).await;
+    assert_eq!(n["counts"]["sent"], 1, "{n}");
+    assert_eq!(first_delivery(&app, &nid).await["provider"], "quick");
+    assert_eq!(
+        slow.received_requests().await.map(|r| r.len()),
+        Some(1),
+        "the slow provider's breaker stayed open"
+    );
+    assert_eq!(
+        quick.received_requests().await.map(|r| r.len()),
+        Some(2),
+        "one refused send, then the trial"
     );
     app.stop().await;
 }
