@@ -1432,8 +1432,11 @@ impl Store {
         let claim = doc! {"attempt_id": token, "from": from, "claimed_at": at, "worker": worker};
         let mut round = 0;
         let modified = loop {
-            // A write conflict may leave some of the group claimed: writing again claims
+            // A write conflict may leave some of the group claimed, and a lost connection
+            // may have taken the answer of a claim the server made: writing again claims
             // the rest (the claimed ones no longer match), and the read below says which.
+            // Given up, the claimed ones would wait out the claim timeout and be recorded
+            // `outcome_unknown`, although nothing was sent.
             match self
                 .deliveries()
                 .update_many(
@@ -1446,7 +1449,7 @@ impl Store {
                 Ok(_) => break 0,
                 Err(e) => {
                     let e = anyhow::Error::new(e);
-                    if !is_write_conflict(&e) || round + 1 >= CONFLICT_TRIES {
+                    if !is_temporary(&e) || round + 1 >= CONFLICT_TRIES {
                         return Err(e.context("claiming deliveries"));
                     }
                     conflict_pause(round).await;

@@ -1,6 +1,9 @@
-//! A TCP proxy on loopback that can refuse new connections, cut the open ones, or stall them.
+//! A TCP proxy on loopback that can refuse new connections, cut the open ones, stall them,
+//! or cut one right after a chosen request, losing its answer.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -15,7 +18,11 @@ pub struct TcpProxy {
     pub port: u16,
     up: Arc<Mutex<(bool, CancellationToken)>>,
     stalled: Arc<watch::Sender<bool>>,
+    trap: Trap,
 }
+
+/// The bytes whose next request loses its answer (one shot).
+type Trap = Arc<Mutex<Option<Vec<u8>>>>;
 
 impl TcpProxy {
     pub async fn start(target: String, up: bool) -> std::io::Result<Self> {
@@ -24,6 +31,7 @@ impl TcpProxy {
             port: listener.local_addr()?.port(),
             up: Arc::new(Mutex::new((up, CancellationToken::new()))),
             stalled: Arc::new(watch::channel(false).0),
+            trap: Trap::default(),
         };
         let p = proxy.clone();
         tokio::spawn(async move {
@@ -38,6 +46,7 @@ impl TcpProxy {
                 }
                 let target = target.clone();
                 let stalled = p.stalled.subscribe();
+                let trap = Arc::clone(&p.trap);
                 tokio::spawn(async move {
                     let Ok(outbound) = TcpStream::connect(&target).await else {
                         return;
@@ -46,9 +55,10 @@ impl TcpProxy {
                     let _ = outbound.set_nodelay(true);
                     let (ir, iw) = inbound.into_split();
                     let (or, ow) = outbound.into_split();
+                    let deaf = Arc::new(AtomicBool::new(false));
                     tokio::select! {
-                        _ = pump(ir, ow, stalled.clone()) => {}
-                        _ = pump(or, iw, stalled) => {}
+                        _ = pump(ir, ow, stalled.clone(), Some(trap), Arc::clone(&deaf)) => {}
+                        _ = pump(or, iw, stalled, None, deaf) => {}
                         _ = cut.cancelled() => {}
                     }
                 });
@@ -82,13 +92,44 @@ impl TcpProxy {
     pub fn set_stalled(&self, stalled: bool) {
         self.stalled.send_replace(stalled);
     }
+
+    /// The next request that contains `bytes` reaches the server, but its answer never
+    /// comes back: the connection is cut once the server has had time to act on it.
+    pub fn lose_the_answer_to(&self, bytes: &[u8]) {
+        *self.trap.lock().unwrap_or_else(|p| p.into_inner()) = Some(bytes.to_vec());
+    }
+
+    /// Whether [`TcpProxy::lose_the_answer_to`]'s request is still to come.
+    pub fn trap_set(&self) -> bool {
+        self.trap
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+}
+
+/// Whether this chunk springs the trap (which then is gone).
+fn springs(trap: &Trap, chunk: &[u8]) -> bool {
+    let mut t = trap.lock().unwrap_or_else(|p| p.into_inner());
+    let hit = t
+        .as_deref()
+        .is_some_and(|b| !b.is_empty() && chunk.windows(b.len()).any(|w| w == b));
+    if hit {
+        *t = None;
+    }
+    hit
 }
 
 /// Copies one direction, holding bytes while stalled; ends when either side closes.
+/// Nothing more is forwarded once `deaf` is set: by a request (client to server, where
+/// `trap` is given) that springs the trap, which is forwarded and then, after the server
+/// has had time to act on it, its connection cut.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut stalled: watch::Receiver<bool>,
+    trap: Option<Trap>,
+    deaf: Arc<AtomicBool>,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
@@ -96,7 +137,20 @@ async fn pump(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if stalled.wait_for(|s| !*s).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+        if stalled.wait_for(|s| !*s).await.is_err() {
+            break;
+        }
+        let sprung = trap.as_ref().is_some_and(|t| springs(t, &buf[..n]));
+        if sprung {
+            deaf.store(true, Ordering::SeqCst);
+        } else if deaf.load(Ordering::SeqCst) {
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+        if sprung {
+            tokio::time::sleep(Duration::from_millis(300)).await;
             break;
         }
     }

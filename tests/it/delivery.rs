@@ -142,11 +142,7 @@ async fn a_group_and_inline_recipients_fan_out_once_per_user_and_channel() {
 }
 
 async fn one_sent_delivery(app: &crate::helpers::TestApp) -> (String, String) {
-    app.put_user(
-        "u1",
-        json!({"email": "one@example.com", "first_name": "Ana"}),
-    )
-    .await;
+    app.put_ana().await;
     let (_, body) = app
         .post_event(&json!({"event_type": "greeting", "channels": ["email"],
                             "recipients": {"user_ids": ["u1"]}, "payload": {"note": "x"}}))
@@ -240,11 +236,7 @@ async fn a_job_redelivered_after_its_worker_died_mid_send_is_not_sent_again() {
         ..Default::default()
     })
     .await;
-    app.put_user(
-        "u1",
-        json!({"email": "one@example.com", "first_name": "Ana"}),
-    )
-    .await;
+    app.put_ana().await;
     let (_, body) = app
         .post_event(&json!({"event_type": "greeting", "channels": ["email"],
                             "recipients": {"user_ids": ["u1"]}, "payload": {"note": "x"}}))
@@ -338,11 +330,7 @@ async fn the_embedded_defaults_write_each_email_as_an_eml_file() {
         ..Default::default()
     })
     .await;
-    app.put_user(
-        "u1",
-        json!({"email": "one@example.com", "first_name": "Ana"}),
-    )
-    .await;
+    app.put_ana().await;
     let (_, body) = app
         .post_event(&json!({"event_type": "greeting", "recipients": {"user_ids": ["u1"]}, "payload": {"note": "file me"}}))
         .await;
@@ -788,11 +776,7 @@ async fn equal_outcomes_of_one_commit_share_a_write_and_each_delivery_keeps_its_
 #[tokio::test]
 async fn a_dispatch_of_several_sends_the_good_ones_once_and_parks_only_the_broken_one() {
     let app = spawn_app().await;
-    app.put_user(
-        "u1",
-        json!({"email": "one@example.com", "first_name": "Ana"}),
-    )
-    .await;
+    app.put_ana().await;
     // Stored without an outbox entry: only the job below dispatches them.
     let mut ids = Vec::new();
     for note in ["first", "second"] {

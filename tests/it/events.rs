@@ -7,11 +7,7 @@ use crate::helpers::{spawn_app, spawn_app_with, Roles, TestOptions};
 #[tokio::test]
 async fn an_event_to_two_users_sends_exactly_two_rendered_emails() {
     let app = spawn_app().await;
-    app.put_user(
-        "u1",
-        json!({"email": "one@example.com", "first_name": "Ana"}),
-    )
-    .await;
+    app.put_ana().await;
     app.put_user(
         "u2",
         json!({"email": "two@example.com", "first_name": "Bo", "locale": "pt-BR"}),
@@ -89,11 +85,7 @@ async fn an_event_to_two_users_sends_exactly_two_rendered_emails() {
 #[tokio::test]
 async fn a_repeated_event_id_answers_the_original_with_200_and_sends_nothing_more() {
     let app = spawn_app().await;
-    app.put_user(
-        "u1",
-        json!({"email": "one@example.com", "first_name": "Ana"}),
-    )
-    .await;
+    app.put_ana().await;
     let event = json!({
         "event_id": "1b4e28ba-2fa1-11d2-883f-0016d3cca427",
         "event_type": "greeting", "channels": ["email"],

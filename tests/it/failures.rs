@@ -5,11 +5,7 @@ use serde_json::{json, Value};
 use crate::helpers::{spawn_app, TestApp};
 
 async fn one_email(app: &TestApp) -> String {
-    app.put_user(
-        "u1",
-        json!({"email": "one@example.com", "first_name": "Ana"}),
-    )
-    .await;
+    app.put_ana().await;
     let (status, body) = app
         .post_event(&json!({"event_type": "greeting", "channels": ["email"],
                             "recipients": {"user_ids": ["u1"]}, "payload": {"note": "x"}}))

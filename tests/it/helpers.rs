@@ -7,7 +7,7 @@ use std::time::Duration;
 use herald::app::Context;
 use herald::config::Settings;
 use mongodb::bson::{doc, Document};
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -106,6 +106,14 @@ impl SmtpServer {
 
 pub use herald::testbed::TcpProxy;
 
+/// `host:port` of the MongoDB server in `mongodb_uri()`, for a proxy in front of it.
+pub fn mongodb_host_port() -> String {
+    let uri = mongodb_uri();
+    let rest = uri.split("://").nth(1).unwrap_or("127.0.0.1:47017");
+    let hosts = rest.split(['/', '?']).next().unwrap_or(rest);
+    hosts.rsplit('@').next().unwrap_or(hosts).to_owned()
+}
+
 /// `host:port` of the broker in `amqp_url()`.
 pub fn amqp_host_port() -> String {
     let url = amqp_url();
@@ -132,6 +140,9 @@ pub struct TestOptions {
     pub roles: Roles,
     /// Point herald's AMQP connection somewhere else (a proxy).
     pub amqp_url: Option<String>,
+    /// Point herald's MongoDB connection somewhere else (a proxy); the test's own client
+    /// still connects directly.
+    pub mongodb_url: Option<String>,
     /// Extra `HERALD__*` variables.
     pub env: Vec<(String, String)>,
     /// A `config/test.toml` for what variables cannot say (provider lists).
@@ -143,6 +154,7 @@ impl Default for TestOptions {
         Self {
             roles: Roles::All,
             amqp_url: None,
+            mongodb_url: None,
             env: Vec::new(),
             config_toml: None,
         }
@@ -217,7 +229,10 @@ pub async fn spawn_app_with(options: TestOptions) -> TestApp {
     let files = std::env::temp_dir().join(format!("herald-test-{id}"));
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let mut vars: Vec<(String, String)> = vec![
-        ("MONGODB_URI".into(), mongodb_uri()),
+        (
+            "MONGODB_URI".into(),
+            options.mongodb_url.clone().unwrap_or_else(mongodb_uri),
+        ),
         (
             "AMQP_URL".into(),
             options.amqp_url.clone().unwrap_or_else(amqp_url),
@@ -375,6 +390,15 @@ impl TestApp {
     pub async fn put_user(&self, id: &str, body: Value) {
         let (status, body) = self.put(&format!("/v1/users/{id}"), &body).await;
         assert!(status == 201 || status == 200, "{status} {body}");
+    }
+
+    /// User `u1`: Ana, reached by email at one@example.com.
+    pub async fn put_ana(&self) {
+        self.put_user(
+            "u1",
+            json!({"email": "one@example.com", "first_name": "Ana"}),
+        )
+        .await;
     }
 
     /// Waits until the notification reaches a final status; returns its JSON.

@@ -23,11 +23,7 @@ fn header(props: &lapin::BasicProperties, name: &str) -> String {
 #[tokio::test]
 async fn events_from_the_exchange_share_the_rest_path_and_bad_ones_are_parked_with_a_reason() {
     let app = spawn_app().await;
-    app.put_user(
-        "u1",
-        json!({"email": "one@example.com", "first_name": "Ana"}),
-    )
-    .await;
+    app.put_ana().await;
     let exchange = app.ctx.broker.names().events_exchange.clone();
     let publish = |body: Vec<u8>| Outgoing {
         exchange: exchange.clone(),

@@ -17,11 +17,7 @@ async fn import(app: &TestApp, content_type: &str, body: String) -> (u16, serde_
 #[tokio::test]
 async fn a_stored_template_overrides_the_file_and_is_used_for_delivery() {
     let app = spawn_app().await;
-    app.put_user(
-        "u1",
-        json!({"email": "one@example.com", "first_name": "Ana"}),
-    )
-    .await;
+    app.put_ana().await;
     let (status, body) = app
         .put("/v1/templates/greeting/email", &json!({"subject": "Stored hello {{user.first_name}}", "text": "stored {{payload.note}}"}))
         .await;
