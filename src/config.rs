@@ -156,6 +156,7 @@ pub struct AmqpSettings {
     pub url: Secret,
     pub prefix: String,
     pub reconnect_max_ms: u64,
+    pub answer_within_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

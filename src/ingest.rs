@@ -16,6 +16,8 @@ use crate::store::{
 
 /// A backlog reading is reused for this long, so a burst of requests costs one look.
 const BACKLOG_FRESH: Duration = Duration::from_millis(500);
+/// How long the lanes' depths may take to read: requests wait for the reading.
+const LANES_READ_WITHIN: Duration = Duration::from_secs(1);
 
 /// How much delivery work waits — jobs ready on the three lanes plus outbox entries not
 /// yet relayed — as this process last read it.
@@ -23,8 +25,9 @@ const BACKLOG_FRESH: Duration = Duration::from_millis(500);
 pub struct Backlog(tokio::sync::Mutex<Option<(Instant, u64)>>);
 
 impl Backlog {
-    /// The current backlog (at most `BACKLOG_FRESH` old). A part that cannot be read
-    /// counts as empty: an unreachable RabbitMQ is the outbox's job, not a reason to refuse.
+    /// The current backlog (at most `BACKLOG_FRESH` old). A part that cannot be read, or
+    /// not within `LANES_READ_WITHIN`, counts as empty: an unreachable RabbitMQ is the
+    /// outbox's job, not a reason to refuse.
     pub async fn current(&self, ctx: &Context) -> u64 {
         let mut cached = self.0.lock().await;
         if let Some((at, n)) = *cached {
@@ -32,11 +35,18 @@ impl Backlog {
                 return n;
             }
         }
-        let mut n = ctx.store.outbox_backlog().await.unwrap_or(0);
-        for p in [Priority::High, Priority::Normal, Priority::Low] {
-            let lane = ctx.broker.names().lane(p);
-            n += u64::from(ctx.broker.queue_depth(lane).await.unwrap_or(0));
-        }
+        let lanes = async {
+            let mut n = 0;
+            for p in [Priority::High, Priority::Normal, Priority::Low] {
+                let lane = ctx.broker.names().lane(p);
+                n += u64::from(ctx.broker.queue_depth(lane).await.unwrap_or(0));
+            }
+            n
+        };
+        let n = ctx.store.outbox_backlog().await.unwrap_or(0)
+            + tokio::time::timeout(LANES_READ_WITHIN, lanes)
+                .await
+                .unwrap_or(0);
         *cached = Some((Instant::now(), n));
         n
     }

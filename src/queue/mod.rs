@@ -4,6 +4,7 @@ pub mod ceiling;
 pub mod messages;
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -86,9 +87,6 @@ pub const MAX_JOB_RETRIES: u32 = 5;
 /// The header counting those failures.
 const RETRIES_HEADER: &str = "x-herald-retries";
 
-/// How long a message's ack or nack may take before it is given up (the message returns).
-const SETTLE_WITHIN: Duration = Duration::from_secs(10);
-
 /// How long a consumer whose link was lost waits for its running handlers before it
 /// reconnects without them.
 const DRAIN_AFTER_LOSS: Duration = Duration::from_secs(15);
@@ -138,7 +136,15 @@ pub struct Broker {
     url: crate::config::Secret,
     names: Names,
     reconnect_max: Duration,
+    /// How long one exchange with RabbitMQ (opening a channel, a declare, a batch's
+    /// confirms) may take (`amqp.answer_within_ms`). lapin can leave one unanswered
+    /// forever when the connection dies under it: a channel asked for just as its I/O
+    /// loop stops is never opened nor refused. Past this the connection is taken for
+    /// dead, and the next use opens a new one.
+    answer_within: Duration,
     live: Mutex<Live>,
+    /// Set when an exchange went unanswered: the live connection is not reused.
+    silent: AtomicBool,
 }
 
 impl Broker {
@@ -147,7 +153,9 @@ impl Broker {
             url: settings.url.clone(),
             names: Names::new(&settings.prefix, retry_tiers),
             reconnect_max: Duration::from_millis(settings.reconnect_max_ms.max(50)),
+            answer_within: Duration::from_millis(settings.answer_within_ms.max(100)),
             live: Mutex::new(Live::default()),
+            silent: AtomicBool::new(false),
         }
     }
 
@@ -160,10 +168,26 @@ impl Broker {
         self.reconnect_max
     }
 
+    /// `op`, given up after `answer_within` (the connection then counts as dead).
+    async fn within<T, E: Into<anyhow::Error>>(
+        &self,
+        what: &str,
+        op: impl Future<Output = Result<T, E>>,
+    ) -> anyhow::Result<T> {
+        match tokio::time::timeout(self.answer_within, op).await {
+            Ok(result) => result.map_err(|e| e.into().context(what.to_owned())),
+            Err(elapsed) => {
+                self.silent.store(true, Ordering::SeqCst);
+                Err(anyhow::Error::new(elapsed).context(format!("{what}: no answer from RabbitMQ")))
+            }
+        }
+    }
+
     /// The live connection, opening (and declaring topology on) a new one if needed.
     async fn connection_locked(&self, live: &mut Live) -> anyhow::Result<Arc<Connection>> {
+        let silent = self.silent.swap(false, Ordering::SeqCst);
         if let Some(conn) = &live.conn {
-            if conn.status().connected() {
+            if conn.status().connected() && !silent {
                 return Ok(Arc::clone(conn));
             }
         }
@@ -171,18 +195,21 @@ impl Broker {
         live.publisher = None;
         let props =
             ConnectionProperties::default().with_connection_name(LongString::from("herald"));
-        let conn = tokio::time::timeout(
-            Duration::from_secs(5),
-            Connection::connect(self.url.expose(), props),
-        )
-        .await
-        .context("connecting to RabbitMQ timed out")?
-        .context("connecting to RabbitMQ")?;
-        let channel = conn.create_channel().await?;
-        declare_topology(&channel, &self.names).await?;
-        let _ = channel
-            .close(200, ShortString::from("topology declared"))
-            .await;
+        let conn = self
+            .within(
+                "connecting to RabbitMQ",
+                Connection::connect(self.url.expose(), props),
+            )
+            .await?;
+        self.within("declaring the topology", async {
+            let channel = conn.create_channel().await?;
+            declare_topology(&channel, &self.names).await?;
+            let _ = channel
+                .close(200, ShortString::from("topology declared"))
+                .await;
+            anyhow::Ok(())
+        })
+        .await?;
         let conn = Arc::new(conn);
         live.conn = Some(Arc::clone(&conn));
         Ok(conn)
@@ -194,23 +221,24 @@ impl Broker {
             let mut live = self.live.lock().await;
             self.connection_locked(&mut live).await?
         };
-        Ok(conn.create_channel().await?)
+        self.within("opening a channel", conn.create_channel())
+            .await
     }
 
     /// Messages ready in a queue (a passive declare: it never creates the queue).
     pub async fn queue_depth(&self, queue: &str) -> anyhow::Result<u32> {
         let ch = self.channel().await?;
-        let q = ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let q = self
+            .within(
+                "reading a queue's depth",
+                ch.queue_declare(queue.into(), passive, FieldTable::default()),
             )
             .await;
-        let _ = ch.close(200, "done".into()).await;
+        self.close_channel(&ch, "done").await;
         Ok(q?.message_count())
     }
 
@@ -228,8 +256,13 @@ impl Broker {
             }
         }
         let conn = self.connection_locked(&mut live).await?;
-        let ch = conn.create_channel().await?;
-        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        let ch = self
+            .within("opening the publisher's channel", async {
+                let ch = conn.create_channel().await?;
+                ch.confirm_select(ConfirmSelectOptions::default()).await?;
+                lapin::Result::Ok(ch)
+            })
+            .await?;
         live.publisher = Some(ch.clone());
         Ok(ch)
     }
@@ -244,58 +277,16 @@ impl Broker {
         if messages.is_empty() {
             return Ok(());
         }
-        let result = self.publish_inner(messages).await;
+        let result = async {
+            let ch = self.publisher().await?;
+            self.within("publishing to RabbitMQ", publish_on(&ch, messages))
+                .await
+        }
+        .await;
         if result.is_err() {
             self.forget_publisher().await;
         }
         result
-    }
-
-    async fn publish_inner(&self, messages: &[Outgoing]) -> anyhow::Result<()> {
-        let ch = self.publisher().await?;
-        let mut confirms = Vec::with_capacity(messages.len());
-        for m in messages {
-            let mut props = BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_content_type(ShortString::from("application/json"));
-            if !m.headers.is_empty() {
-                let mut table = FieldTable::default();
-                for (k, v) in &m.headers {
-                    table.insert(
-                        ShortString::from(k.as_str()),
-                        AMQPValue::LongString(LongString::from(v.as_str())),
-                    );
-                }
-                props = props.with_headers(table);
-            }
-            if let Some(ms) = m.expiration_ms {
-                props = props.with_expiration(ShortString::from(ms.to_string()));
-            }
-            let confirm = ch
-                .basic_publish(
-                    ShortString::from(m.exchange.as_str()),
-                    ShortString::from(m.routing_key.as_str()),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    &m.body,
-                    props,
-                )
-                .await
-                .context("publishing to RabbitMQ")?;
-            confirms.push(confirm);
-        }
-        for confirm in confirms {
-            let c = confirm.await.context("waiting for a publisher confirm")?;
-            if !c.is_ack() {
-                anyhow::bail!("RabbitMQ refused (nacked) a message");
-            }
-            if c.take_message().is_some() {
-                anyhow::bail!("RabbitMQ returned an unroutable message");
-            }
-        }
-        Ok(())
     }
 
     /// Consumes `queue` until `cancel`, running `handler` on each message concurrently
@@ -342,18 +333,21 @@ impl Broker {
         F: Future<Output = Disposition> + Send + 'static,
     {
         let channel = self.channel().await?;
-        channel
-            .basic_qos(prefetch, BasicQosOptions::default())
+        let mut consumer = self
+            .within(&format!("consuming {queue}"), async {
+                channel
+                    .basic_qos(prefetch, BasicQosOptions::default())
+                    .await?;
+                channel
+                    .basic_consume(
+                        ShortString::from(queue),
+                        ShortString::from(""),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+            })
             .await?;
-        let mut consumer = channel
-            .basic_consume(
-                ShortString::from(queue),
-                ShortString::from(""),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .with_context(|| format!("consuming {queue}"))?;
         tracing::debug!(queue, prefetch, "consuming");
         let mut running = JoinSet::new();
         let outcome = loop {
@@ -406,12 +400,8 @@ impl Broker {
                         };
                         // On a channel whose connection died, lapin may never answer a
                         // settle; RabbitMQ redelivers the message either way.
-                        match tokio::time::timeout(SETTLE_WITHIN, settled).await {
-                            Ok(Ok(_)) => {}
-                            Ok(Err(e)) => {
-                                tracing::debug!(error = %e, "could not settle a message");
-                            }
-                            Err(_) => tracing::debug!("settling a message timed out"),
+                        if let Err(e) = broker.within("settling a message", settled).await {
+                            tracing::debug!(error = format!("{e:#}"), "could not settle a message");
                         }
                     });
                 }
@@ -437,7 +427,7 @@ impl Broker {
         } else {
             drain.await;
         }
-        let _ = channel.close(200, ShortString::from("bye")).await;
+        self.close_channel(&channel, "bye").await;
         outcome
     }
 
@@ -454,26 +444,43 @@ impl Broker {
                 queues.push(self.names.retry_queue(p, tier));
             }
         }
-        for q in queues {
-            ch.queue_delete(ShortString::from(q.as_str()), QueueDeleteOptions::default())
-                .await?;
-        }
-        for ex in [&self.names.events_exchange, &self.names.jobs_exchange] {
-            ch.exchange_delete(ShortString::from(ex.as_str()), Default::default())
-                .await?;
-        }
-        ch.close(200, ShortString::from("topology deleted")).await?;
-        Ok(())
+        let deleted = self
+            .within("deleting the topology", async {
+                for q in queues {
+                    ch.queue_delete(ShortString::from(q.as_str()), QueueDeleteOptions::default())
+                        .await?;
+                }
+                for ex in [&self.names.events_exchange, &self.names.jobs_exchange] {
+                    ch.exchange_delete(ShortString::from(ex.as_str()), Default::default())
+                        .await?;
+                }
+                lapin::Result::Ok(())
+            })
+            .await;
+        self.close_channel(&ch, "topology deleted").await;
+        deleted
+    }
+
+    /// Closes a channel, not waiting long for RabbitMQ's answer (nothing depends on it).
+    async fn close_channel(&self, ch: &Channel, why: &str) {
+        let _ = self
+            .within("closing a channel", ch.close(200, ShortString::from(why)))
+            .await;
     }
 
     /// Closes the connection (on shutdown).
     pub async fn close(&self) {
         let mut live = self.live.lock().await;
         if let Some(ch) = live.publisher.take() {
-            let _ = ch.close(200, ShortString::from("shutdown")).await;
+            self.close_channel(&ch, "shutdown").await;
         }
         if let Some(conn) = live.conn.take() {
-            let _ = conn.close(200, ShortString::from("shutdown")).await;
+            let _ = self
+                .within(
+                    "closing the connection",
+                    conn.close(200, ShortString::from("shutdown")),
+                )
+                .await;
         }
     }
 }
@@ -512,32 +519,64 @@ impl Broker {
     /// Parks a message in the rejected queue with its reason; it is never requeued forever
     /// nor dropped silently.
     async fn reject(&self, body: &[u8], code: &str, message: &str) -> anyhow::Result<()> {
-        let ch = self.publisher().await?;
-        let names = &self.names;
-        let mut headers = FieldTable::default();
-        headers.insert(
-            ShortString::from("x-herald-error-code"),
-            AMQPValue::LongString(LongString::from(code)),
-        );
-        headers.insert(
-            ShortString::from("x-herald-error-message"),
-            AMQPValue::LongString(LongString::from(message)),
-        );
+        self.publish_confirmed(&[Outgoing {
+            exchange: String::new(),
+            routing_key: self.names.rejected_queue.clone(),
+            body: body.to_vec(),
+            headers: vec![
+                ("x-herald-error-code".to_owned(), code.to_owned()),
+                ("x-herald-error-message".to_owned(), message.to_owned()),
+            ],
+            expiration_ms: None,
+        }])
+        .await
+    }
+}
+
+/// Publishes `messages` on a confirming channel and waits for every confirm.
+async fn publish_on(ch: &Channel, messages: &[Outgoing]) -> anyhow::Result<()> {
+    let mut confirms = Vec::with_capacity(messages.len());
+    for m in messages {
+        let mut props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type(ShortString::from("application/json"));
+        if !m.headers.is_empty() {
+            let mut table = FieldTable::default();
+            for (k, v) in &m.headers {
+                table.insert(
+                    ShortString::from(k.as_str()),
+                    AMQPValue::LongString(LongString::from(v.as_str())),
+                );
+            }
+            props = props.with_headers(table);
+        }
+        if let Some(ms) = m.expiration_ms {
+            props = props.with_expiration(ShortString::from(ms.to_string()));
+        }
         let confirm = ch
             .basic_publish(
-                ShortString::from(""),
-                ShortString::from(names.rejected_queue.as_str()),
-                BasicPublishOptions::default(),
-                body,
-                BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_headers(headers),
+                ShortString::from(m.exchange.as_str()),
+                ShortString::from(m.routing_key.as_str()),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &m.body,
+                props,
             )
-            .await?
             .await?;
-        anyhow::ensure!(confirm.is_ack(), "RabbitMQ nacked a rejected message");
-        Ok(())
+        confirms.push(confirm);
     }
+    for confirm in confirms {
+        let c = confirm.await.context("waiting for a publisher confirm")?;
+        if !c.is_ack() {
+            anyhow::bail!("RabbitMQ refused (nacked) a message");
+        }
+        if c.take_message().is_some() {
+            anyhow::bail!("RabbitMQ returned an unroutable message");
+        }
+    }
+    Ok(())
 }
 
 /// How often this message failed for reasons of its own so far.

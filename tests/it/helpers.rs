@@ -205,8 +205,10 @@ pub fn client_with_key(key: &str) -> reqwest::Client {
         reqwest::header::AUTHORIZATION,
         format!("Bearer {key}").parse().expect("header value"),
     );
+    // A request left unanswered fails its test rather than holding up the whole suite.
     reqwest::Client::builder()
         .default_headers(headers)
+        .timeout(Duration::from_secs(60))
         .build()
         .expect("client")
 }

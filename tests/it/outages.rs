@@ -101,6 +101,56 @@ async fn an_event_accepted_while_rabbitmq_is_down_is_delivered_when_it_is_back()
     app.stop().await;
 }
 
+/// RabbitMQ stops answering on an open connection (the proxy holds every byte): a request
+/// to it that lapin never answers, nor refuses, must not hold anything up. Events are
+/// still accepted at once, and the one accepted during the silence is delivered, once,
+/// when RabbitMQ answers again. Before every AMQP exchange was bounded, the API's
+/// backlog reading waited forever for a channel, and with it every later `POST
+/// /v1/events` (a CI run hung on this).
+#[tokio::test]
+async fn an_event_posted_while_rabbitmq_answers_nothing_is_accepted_and_delivered_once_it_answers()
+{
+    let proxy = TcpProxy::start(amqp_host_port(), true)
+        .await
+        .expect("proxy");
+    let app = spawn_app_with(TestOptions {
+        amqp_url: Some(format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port)),
+        env: vec![("HERALD__AMQP__ANSWER_WITHIN_MS".into(), "1000".into())],
+        ..Default::default()
+    })
+    .await;
+    app.put_ana().await;
+    let event = |note: &str| {
+        json!({"event_type": "greeting", "channels": ["email"],
+               "recipients": {"user_ids": ["u1"]}, "payload": {"note": note}})
+    };
+    let (_, first) = app.post_event(&event("before")).await;
+    app.wait_finished(first["notification_id"].as_str().expect("id"), 20)
+        .await;
+
+    proxy.set_stalled(true);
+    // Past the backlog reading's freshness, so this request reads the lanes again.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (status, body) = app.post_event(&event("silence")).await;
+    assert_eq!(status, 202, "accepted on MongoDB alone: {body}");
+    let id = body["notification_id"].as_str().expect("id");
+    // Long enough for the relay's publish to go unanswered and be given up.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(app.smtp.mails().len(), 1);
+    let (ready, _) = app.get("/ready").await;
+    assert_eq!(ready, 503);
+
+    proxy.set_stalled(false);
+    let n = app.wait_finished(id, 30).await;
+    assert_eq!(n["counts"]["sent"], 1, "{n}");
+    let mails = app.smtp.wait_for(2, 5).await;
+    assert_eq!(mails[1].text().trim(), "Hi Ana, silence");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(app.smtp.mails().len(), 2, "sent once");
+    assert_eq!(app.count("outbox").await, 0);
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn past_the_backlog_bound_events_are_refused_with_503_and_retry_after_writing_nothing() {
     use crate::helpers::Roles;
