@@ -224,13 +224,11 @@ impl Provider for Chain {
                 }
             }
         }
-        // Only open breakers: tried again no sooner than the first of them lets a trial
-        // through, so that the delivery's attempts are not spent while nothing can be sent.
-        let breaker_open = soonest.map(|(provider, wait)| DeliveryError::Transient {
+        // Only open breakers: nothing was sent nor attempted; tried again no sooner than
+        // the first of them lets a trial through.
+        let breaker_open = soonest.map(|(provider, wait)| DeliveryError::CircuitOpen {
             provider: provider.to_owned(),
-            message: "circuit breaker open".to_owned(),
             retry_after: wait,
-            throttled: false,
         });
         Err(last
             .or(breaker_open)

@@ -78,6 +78,14 @@ pub enum DeliveryError {
     /// is neither retried nor failed over, but recorded `failed`/`outcome_unknown`.
     #[error("{provider}: outcome unknown: {message}")]
     Unknown { provider: String, message: String },
+    /// No provider was called: every one's circuit breaker is open. Not an attempt; worth
+    /// trying again when the soonest of them lets a trial through (`retry_after`; `None`
+    /// while a trial is under way).
+    #[error("{provider}: circuit breaker open")]
+    CircuitOpen {
+        provider: String,
+        retry_after: Option<std::time::Duration>,
+    },
 }
 
 impl DeliveryError {
@@ -85,7 +93,8 @@ impl DeliveryError {
         match self {
             DeliveryError::Transient { provider, .. }
             | DeliveryError::Permanent { provider, .. }
-            | DeliveryError::Unknown { provider, .. } => provider,
+            | DeliveryError::Unknown { provider, .. }
+            | DeliveryError::CircuitOpen { provider, .. } => provider,
         }
     }
     pub fn message(&self) -> &str {
@@ -93,13 +102,14 @@ impl DeliveryError {
             DeliveryError::Transient { message, .. }
             | DeliveryError::Permanent { message, .. }
             | DeliveryError::Unknown { message, .. } => message,
+            DeliveryError::CircuitOpen { .. } => "circuit breaker open",
         }
     }
     /// Push tokens to remove from the user.
     pub fn invalid_tokens(&self) -> &[String] {
         match self {
             DeliveryError::Permanent { invalid_tokens, .. } => invalid_tokens,
-            DeliveryError::Transient { .. } | DeliveryError::Unknown { .. } => &[],
+            _ => &[],
         }
     }
 
@@ -117,13 +127,18 @@ impl DeliveryError {
     }
 
     pub fn is_transient(&self) -> bool {
-        matches!(self, DeliveryError::Transient { .. })
+        matches!(
+            self,
+            DeliveryError::Transient { .. } | DeliveryError::CircuitOpen { .. }
+        )
     }
 
-    /// How long the provider asked us to wait (HTTP `Retry-After`).
+    /// How long the provider asked us to wait (HTTP `Retry-After`), or until an open
+    /// breaker's trial.
     pub fn retry_after(&self) -> Option<std::time::Duration> {
         match self {
-            DeliveryError::Transient { retry_after, .. } => *retry_after,
+            DeliveryError::Transient { retry_after, .. }
+            | DeliveryError::CircuitOpen { retry_after, .. } => *retry_after,
             DeliveryError::Permanent { .. } | DeliveryError::Unknown { .. } => None,
         }
     }

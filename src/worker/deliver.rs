@@ -371,6 +371,27 @@ pub async fn deliver(
             .await?;
     }
     let attempt_number = d.attempt_count + 1;
+    if let Err(DeliveryError::CircuitOpen { retry_after, .. }) = &result {
+        // Nothing was sent nor attempted: the delivery waits for the soonest trial (or,
+        // while one is under way, a backoff) without spending an attempt, so an outage
+        // longer than its attempts' backoff does not turn it dead unsent.
+        tracing::debug!(wait = ?retry_after, "every provider's circuit breaker is open");
+        committer
+            .call(Outcome {
+                delivery_id: d.id.clone(),
+                notification_id: d.notification_id.clone(),
+                channel: d.channel,
+                precondition: Precondition::Claimed { attempt_id },
+                status: DeliveryStatus::Retrying,
+                reason: Some("circuit_open".to_owned()),
+                provider: None,
+                attempt: None,
+                retry: Some(backoff(ctx, attempt_number, d.priority, *retry_after)),
+            })
+            .await?;
+        ctx.outbox_wake.notify_one();
+        return Ok(());
+    }
     let (status, reason, provider_name, error, response, retry) = match result {
         Ok(mut r) => {
             if let Some(n) = segments {
@@ -394,7 +415,7 @@ pub async fn deliver(
                     Some(retry),
                 ),
                 None => match e {
-                    DeliveryError::Transient { .. } => {
+                    DeliveryError::Transient { .. } | DeliveryError::CircuitOpen { .. } => {
                         (DeliveryStatus::Dead, "retries_exhausted", None)
                     }
                     DeliveryError::Unknown { .. } => {

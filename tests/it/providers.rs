@@ -206,6 +206,53 @@ async fn deliveries_meeting_an_open_breaker_wait_for_its_trial_without_spending_
     app.stop().await;
 }
 
+/// A trial that takes a while costs the deliveries waiting on it nothing: they come back
+/// after a backoff until it ends, without calling the provider or counting an attempt
+/// (3 attempts here, 200 ms apart, against a 1 s trial). Before, each return counted, and
+/// a herd that met the trial under way went dead unsent (seen as a flaky test under load).
+#[tokio::test]
+async fn deliveries_waiting_on_a_slow_trial_keep_their_attempts() {
+    let twilio = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&twilio)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(created("SM1").set_delay(Duration::from_secs(1)))
+        .mount(&twilio)
+        .await;
+    let app = app_with(provider(
+        "only",
+        &twilio,
+        "breaker_failures = 1\nbreaker_cooldown_ms = 500",
+    ))
+    .await;
+    let first = sms_to(&app, 1).await;
+    let refused = Instant::now();
+    while twilio.received_requests().await.map_or(0, |r| r.len()) == 0 {
+        assert!(refused.elapsed() < Duration::from_secs(10), "no request");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // These meet the open breaker, then its trial under way.
+    let rest = sms_to(&app, 4).await;
+    let n = app.wait_finished(&first, 30).await;
+    assert_eq!(n["counts"]["sent"], 1, "{n}");
+    let n = app.wait_finished(&rest, 30).await;
+    assert_eq!(n["counts"]["sent"], 4, "{n}");
+    assert_eq!(n["counts"]["dead"], 0, "{n}");
+    assert_eq!(
+        twilio.received_requests().await.map(|r| r.len()),
+        Some(6),
+        "one refused send, then one each"
+    );
+    for d in app.deliveries(&rest).await {
+        assert_eq!(d["attempts"], 1, "only the send counts: {d}");
+    }
+    app.stop().await;
+}
+
 /// With every provider's breaker open, a delivery waits for the trial that comes first,
 /// not for the first provider's: here the second provider's 1 s cool-down, not the first
 /// one's 60 s (the test gives up after 20 s).
