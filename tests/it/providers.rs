@@ -167,8 +167,8 @@ async fn a_failing_provider_fails_over_and_its_breaker_opens_then_recovers() {
     app.stop().await;
 }
 
-/// The provider answers its first send 503 and every later one 201.
-async fn refuses_once_then_accepts(server: &MockServer) {
+/// The provider answers its first send 503 and every later one `accepted`.
+async fn refuses_once_then(server: &MockServer, accepted: ResponseTemplate) {
     Mock::given(method("POST"))
         .respond_with(ResponseTemplate::new(503))
         .up_to_n_times(1)
@@ -176,7 +176,7 @@ async fn refuses_once_then_accepts(server: &MockServer) {
         .mount(server)
         .await;
     Mock::given(method("POST"))
-        .respond_with(created("SM1"))
+        .respond_with(accepted)
         .mount(server)
         .await;
 }
@@ -187,7 +187,7 @@ async fn refuses_once_then_accepts(server: &MockServer) {
 #[tokio::test]
 async fn deliveries_meeting_an_open_breaker_wait_for_its_trial_without_spending_their_attempts() {
     let twilio = MockServer::start().await;
-    refuses_once_then_accepts(&twilio).await;
+    refuses_once_then(&twilio, created("SM1")).await;
     let app = app_with(provider(
         "only",
         &twilio,
@@ -213,16 +213,7 @@ async fn deliveries_meeting_an_open_breaker_wait_for_its_trial_without_spending_
 #[tokio::test]
 async fn deliveries_waiting_on_a_slow_trial_keep_their_attempts() {
     let twilio = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(503))
-        .up_to_n_times(1)
-        .with_priority(1)
-        .mount(&twilio)
-        .await;
-    Mock::given(method("POST"))
-        .respond_with(created("SM1").set_delay(Duration::from_secs(1)))
-        .mount(&twilio)
-        .await;
+    refuses_once_then(&twilio, created("SM1").set_delay(Duration::from_secs(1))).await;
     let app = app_with(provider(
         "only",
         &twilio,
@@ -263,7 +254,7 @@ async fn with_every_breaker_open_a_delivery_waits_for_the_soonest_trial() {
         .respond_with(ResponseTemplate::new(503))
         .mount(&slow)
         .await;
-    refuses_once_then_accepts(&quick).await;
+    refuses_once_then(&quick, created("SM1")).await;
     let app = app_with(
         provider(
             "slow",
