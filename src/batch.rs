@@ -4,7 +4,10 @@
 //! deliveries' reads, claims and commits each become one MongoDB round trip per batch.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+
+use futures::FutureExt;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -56,7 +59,16 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
             while rx.recv_many(&mut batch, max).await > 0 {
                 let (inputs, replies): (Vec<I>, Vec<Reply<O>>) = batch.drain(..).unzip();
                 let count = inputs.len();
-                match run(inputs).await {
+                // A panicking round trip answers its batch with an error; the batcher
+                // lives on for the next one.
+                let result = match AssertUnwindSafe(run(inputs)).catch_unwind().await {
+                    Ok(result) => result,
+                    Err(panic) => Err(anyhow::anyhow!(
+                        "{name}: the round trip panicked: {}",
+                        crate::supervise::panic_message(&*panic)
+                    )),
+                };
+                match result {
                     Ok(outputs) if outputs.len() == count => {
                         for (reply, out) in replies.into_iter().zip(outputs) {
                             let _ = reply.send(Ok(out));
@@ -121,6 +133,18 @@ mod tests {
         assert_eq!(answers, (0..200u32).map(|i| i * 2).collect::<Vec<_>>());
         let rounds = calls.load(Ordering::SeqCst);
         assert!((4..200).contains(&rounds), "{rounds} round trips for 200");
+    }
+
+    #[tokio::test]
+    async fn a_panicking_round_trip_fails_its_batch_and_the_batcher_lives_on() {
+        let (b, task) = Batcher::start("panics", 8, |xs: Vec<u32>| async move {
+            assert!(!xs.contains(&0), "zero is poison");
+            Ok(xs)
+        });
+        let e = b.call(0).await.expect_err("its batch panicked");
+        assert!(e.to_string().contains("panicked"), "{e}");
+        assert_eq!(b.call(7).await.expect("the next batch runs"), 7);
+        assert!(!task.is_finished());
     }
 
     #[tokio::test]

@@ -121,7 +121,7 @@ pub struct AuthSettings {
     /// Serve `/metrics` without a key (scrapers usually sit on an internal network).
     pub open_metrics: bool,
     /// Requests per second per key (a token bucket), and how many may come at once.
-    pub rate_per_sec: f64,
+    pub rate_per_sec: crate::domain::Rate,
     pub burst: u32,
     /// A verified key is trusted this long before MongoDB is asked again; a revocation
     /// reaches other processes within this time.
@@ -456,11 +456,43 @@ impl Settings {
         if self.outbox.batch_size <= 0 || self.outbox.lease_secs <= 0 {
             return bad("outbox.batch_size / outbox.lease_secs", "must be positive");
         }
+        if self.environment == "production" && self.email.transport == EmailTransportKind::File {
+            return bad(
+                "email.transport",
+                "`file` only writes .eml files; with environment = \"production\" use \"smtp\"",
+            );
+        }
         if self.email.from.parse::<lettre::message::Mailbox>().is_err() {
             return bad(
                 "email.from",
                 "must be a mailbox such as `herald <herald@example.com>`",
             );
+        }
+        for (channel, settings) in [("sms", &self.sms), ("push", &self.push)] {
+            // In production a recorded message would be marked `sent` and reach nobody.
+            if self.environment == "production" {
+                if let Some(p) = settings
+                    .providers
+                    .iter()
+                    .find(|p| matches!(p.kind, ProviderKind::Record))
+                {
+                    let key = format!("{channel}.providers.{}.kind", p.name);
+                    return bad(
+                        &key,
+                        "`record` only writes messages to a file; with environment = \"production\" \
+                         configure a real provider (twilio or webhook for sms, fcm or webhook for push) \
+                         in config/production.toml",
+                    );
+                }
+            }
+            for p in &settings.providers {
+                if p.rate_per_sec != 0.0 {
+                    if let Err(why) = crate::domain::Rate::new(p.rate_per_sec) {
+                        let key = format!("{channel}.providers.{}.rate_per_sec", p.name);
+                        return bad(&key, &format!("{why}, or 0 for unlimited"));
+                    }
+                }
+            }
         }
         if self.events.max_payload_bytes == 0
             || self.events.max_payload_bytes > self.server.body_limit_bytes
@@ -521,6 +553,74 @@ mod tests {
         let shown = format!("{s:?}");
         assert!(!shown.contains("hunter2"));
         assert!(!shown.contains("topsecret"));
+    }
+
+    /// The shipped `config/` folder.
+    fn shipped() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config")
+    }
+
+    #[test]
+    fn production_refuses_providers_that_only_record() {
+        let err = Settings::load_from(&shipped(), &env(&[("HERALD_ENV", "production")]))
+            .expect_err("record providers in production");
+        let shown = format!("{err:#}");
+        assert!(shown.contains("sms.providers.record.kind"), "{shown}");
+
+        let dir = std::env::temp_dir().join(format!("herald-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let real = r#"environment = "production"
+[email]
+transport = "smtp"
+[[sms.providers]]
+name = "twilio"
+kind = "twilio"
+base_url = "https://api.twilio.com"
+account_sid = "AC123"
+auth_token = "secret"
+from = "+15550100"
+[[push.providers]]
+name = "gateway"
+kind = "webhook"
+url = "https://push.example.com/send"
+"#;
+        std::fs::write(dir.join("production.toml"), real).expect("write");
+        let s = Settings::load_from(&dir, &env(&[("HERALD_ENV", "production")]))
+            .expect("real providers load");
+        assert_eq!(
+            s.sms.providers.len(),
+            1,
+            "the file's providers replace the defaults"
+        );
+        assert!(matches!(
+            s.sms.providers[0].kind,
+            ProviderKind::Twilio { .. }
+        ));
+        let err = Settings::load_from(
+            &dir,
+            &env(&[
+                ("HERALD_ENV", "production"),
+                ("HERALD__EMAIL__TRANSPORT", "file"),
+            ]),
+        )
+        .expect_err("file email in production");
+        assert!(format!("{err:#}").contains("email.transport"), "{err:#}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn rates_a_token_bucket_cannot_honour_are_refused_naming_their_key() {
+        for bad in ["0", "-1", "NaN", "1e-30"] {
+            let err = Settings::load_from(
+                Path::new("/nonexistent"),
+                &env(&[("HERALD__AUTH__RATE_PER_SEC", bad)]),
+            )
+            .expect_err("must fail");
+            assert!(
+                format!("{err:#}").contains("rate_per_sec"),
+                "{bad}: {err:#}"
+            );
+        }
     }
 
     #[test]

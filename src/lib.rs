@@ -20,16 +20,12 @@
 //! - `console`    — the web console at `/ui`: sign-in and embedded pages over the API.
 //! - `scheduler`  — cron campaigns: fire times with DST rules, misfire plans, the claiming tick.
 //! - `seed`       — demo data.
-//! - `bench`      — `herald bench`: measurements against the real local servers.
-//! - `chaos`      — `herald chaos`: faults injected into real processes, every delivery accounted for.
-//! - `testbed`    — loopback SMTP sink with fault modes and a cuttable TCP proxy (tests, bench, chaos).
+//! - `supervise`  — spawned tasks whose panics and early ends stop the role, never pass silently.
 
 pub mod api;
 pub mod app;
 pub mod batch;
-pub mod bench;
 pub mod channels;
-pub mod chaos;
 pub mod cli;
 pub mod config;
 pub mod console;
@@ -43,7 +39,7 @@ pub mod scheduler;
 pub mod seed;
 pub mod shutdown;
 pub mod store;
+pub mod supervise;
 pub mod telemetry;
 pub mod templates;
-pub mod testbed;
 pub mod worker;

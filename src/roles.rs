@@ -48,7 +48,12 @@ async fn finish<F>(ctx: &Context, work: F, cancel: CancellationToken) -> anyhow:
 where
     F: std::future::Future<Output = anyhow::Result<()>>,
 {
-    let r = shutdown::drain(work, cancel, DRAIN).await;
+    let r = shutdown::drain(work, cancel.clone(), DRAIN).await;
+    if r.is_err() {
+        // Whatever else of this process still runs stops too: it exits non-zero and
+        // its supervisor starts it again.
+        cancel.cancel();
+    }
     ctx.broker.close().await;
     r
 }
@@ -80,7 +85,7 @@ pub async fn worker(ctx: Context, cancel: CancellationToken) -> anyhow::Result<(
             worker::run(ctx.clone(), cancel.clone()),
             outbox::run(ctx.clone(), cancel.clone()),
             refresh_templates(ctx.clone(), cancel.clone()),
-            api::serve_metrics(ctx.clone(), cancel.clone()),
+            api::serve_metrics(ctx.clone(), api::ProbeRole::Worker, cancel.clone()),
         )?;
         Ok(())
     };
@@ -95,7 +100,7 @@ pub async fn scheduler(ctx: Context, cancel: CancellationToken) -> anyhow::Resul
             scheduler::run(ctx.clone(), cancel.clone()),
             outbox::run(ctx.clone(), cancel.clone()),
             refresh_templates(ctx.clone(), cancel.clone()),
-            api::serve_metrics(ctx.clone(), cancel.clone()),
+            api::serve_metrics(ctx.clone(), api::ProbeRole::Scheduler, cancel.clone()),
         )?;
         Ok(())
     };

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -12,15 +12,15 @@ use axum::response::{IntoResponse, Response};
 use super::error::ApiError;
 use crate::channels::chain::TokenBucket;
 use crate::config::AuthSettings;
-use crate::domain::Scope;
+use crate::domain::{Rate, Scope};
 use crate::store::{ApiKeyDoc, Store};
 
 /// Verified keys (briefly cached) and a request budget per key.
 pub struct Auth {
     store: Store,
     settings: AuthSettings,
-    /// Presented key -> the key it is, and when that was looked up.
-    verified: Mutex<HashMap<String, (Arc<ApiKeyDoc>, Instant)>>,
+    /// Presented key -> the key it is, for `auth.cache_secs`; at most 10,000 keys.
+    verified: moka::sync::Cache<String, Arc<ApiKeyDoc>>,
     budgets: Mutex<HashMap<String, Arc<TokenBucket>>>,
 }
 
@@ -39,9 +39,12 @@ impl Auth {
     pub fn new(store: Store, settings: AuthSettings) -> Self {
         Self {
             store,
-            settings,
-            verified: Mutex::default(),
+            verified: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(Duration::from_secs(settings.cache_secs.max(1)))
+                .build(),
             budgets: Mutex::default(),
+            settings,
         }
     }
 
@@ -51,29 +54,27 @@ impl Auth {
 
     /// The key `presented` is, if it is a live one (briefly cached).
     pub async fn identify(&self, presented: &str) -> anyhow::Result<Option<Arc<ApiKeyDoc>>> {
-        let ttl = Duration::from_secs(self.settings.cache_secs);
-        if let Some((key, at)) = lock(&self.verified).get(presented) {
-            if at.elapsed() < ttl {
-                return Ok(Some(key.clone()));
+        if self.settings.cache_secs > 0 {
+            if let Some(key) = self.verified.get(presented) {
+                return Ok(Some(key));
             }
         }
         let Some(key) = self.store.verify_key(presented).await? else {
-            lock(&self.verified).remove(presented);
+            self.verified.invalidate(presented);
             return Ok(None);
         };
         let key = Arc::new(key);
-        let mut verified = lock(&self.verified);
-        // Bounded: a flood of distinct valid keys cannot grow the cache without limit.
-        if verified.len() >= 10_000 {
-            verified.clear();
-        }
-        verified.insert(presented.to_owned(), (key.clone(), Instant::now()));
+        self.verified.insert(presented.to_owned(), key.clone());
         Ok(Some(key))
     }
 
     /// Drops a revoked key from this process's cache at once.
     pub fn forget(&self, key_id: &str) {
-        lock(&self.verified).retain(|_, (k, _)| k.id != key_id);
+        for (presented, key) in &self.verified {
+            if key.id == key_id {
+                self.verified.invalidate(presented.as_str());
+            }
+        }
         lock(&self.budgets).remove(key_id);
     }
 
@@ -82,9 +83,12 @@ impl Auth {
         let bucket = lock(&self.budgets)
             .entry(key.id.clone())
             .or_insert_with(|| {
-                let rate = key.rate_per_sec.unwrap_or(self.settings.rate_per_sec);
-                let burst = match key.rate_per_sec {
-                    Some(r) => (r * 2.0).max(1.0),
+                // A key's own rate was checked when it was created; one stored before
+                // that check that is no `Rate` counts as no rate of its own.
+                let own = key.rate_per_sec.and_then(|r| Rate::new(r).ok());
+                let rate = own.unwrap_or(self.settings.rate_per_sec);
+                let burst = match own {
+                    Some(r) => (r.per_sec() * 2.0).max(1.0),
                     None => f64::from(self.settings.burst),
                 };
                 Arc::new(TokenBucket::new(rate, burst))

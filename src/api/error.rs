@@ -91,6 +91,13 @@ impl ApiError {
     }
 }
 
+/// A handler that panicked: 500 `internal_error`, with the panic's message logged as its
+/// cause. The process and the other requests go on.
+pub fn panicked(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let what = crate::supervise::panic_message(&*panic);
+    ApiError::internal(anyhow::anyhow!("the handler panicked: {what}")).into_response()
+}
+
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
         // A failure of the moment (the database unreachable, or the documents held by

@@ -16,6 +16,7 @@ use axum::{Extension, Router};
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::app::Context;
@@ -62,7 +63,11 @@ pub fn routes(ctx: &Context, auth: Arc<Auth>) -> (Router<Context>, Value) {
         )
         .get(
             "/ready",
-            Op::new("service", "MongoDB and RabbitMQ answer", None),
+            Op::new(
+                "service",
+                "events can be accepted: MongoDB answers (RabbitMQ is reported, not required)",
+                None,
+            ),
             health::ready,
         )
         .get("/metrics", metrics_op(ctx), service::metrics)
@@ -366,6 +371,8 @@ pub fn router(ctx: Context) -> Router {
     routes
         .merge(crate::console::routes(auth.clone()))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        // Inside `observe`, so a panicking handler is counted as the 500 it answers.
+        .layer(CatchPanicLayer::custom(error::panicked))
         .layer(from_fn_with_state(ctx.clone(), observe))
         // Bodies are read (and bounded) by our extractors so every refusal has our shape.
         .layer(DefaultBodyLimit::disable())
@@ -376,17 +383,43 @@ pub fn router(ctx: Context) -> Router {
         .with_state(ctx)
 }
 
-/// `/metrics` alone, for roles without the API (`server.metrics_bind`); `None` when unset.
-pub async fn serve_metrics(ctx: Context, cancel: CancellationToken) -> anyhow::Result<()> {
+/// Which role a `/metrics` server runs in: it decides what `/ready` needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeRole {
+    Worker,
+    Scheduler,
+}
+
+/// `/metrics`, `/health` and `/ready` for roles without the API (`server.metrics_bind`);
+/// nothing when unset.
+pub async fn serve_metrics(
+    ctx: Context,
+    role: ProbeRole,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
     let Some(addr) = ctx.settings.server.metrics_bind else {
         return Ok(());
     };
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "metrics listening");
     let auth = Arc::new(Auth::new(ctx.store.clone(), ctx.settings.auth.clone()));
-    let (routes, _) = Api::new(auth)
+    let health_op = || Op::new("service", "the process is up", None);
+    let api = Api::new(auth)
         .get("/metrics", metrics_op(&ctx), service::metrics)
-        .finish();
+        .get("/health", health_op(), health::health);
+    let api = match role {
+        ProbeRole::Worker => api.get(
+            "/ready",
+            Op::new("service", "MongoDB and RabbitMQ answer", None),
+            health::worker_ready,
+        ),
+        ProbeRole::Scheduler => api.get(
+            "/ready",
+            Op::new("service", "MongoDB answers", None),
+            health::ready,
+        ),
+    };
+    let (routes, _) = api.finish();
     axum::serve(listener, routes.with_state(ctx))
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await?;

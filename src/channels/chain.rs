@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use super::{DeliveryError, OutboundMessage, Provider, Receipt};
+use crate::domain::Rate;
 
 /// Sends per second with a burst; a 429 halves the rate, successes win it back.
 pub struct TokenBucket {
@@ -21,8 +22,14 @@ struct BucketState {
 }
 
 impl TokenBucket {
-    pub fn new(rate_per_sec: f64, burst: f64) -> Self {
-        let burst = burst.max(1.0);
+    /// A rate that is not a [`Rate`] cannot be built: a bucket's waits are always finite.
+    pub fn new(rate: Rate, burst: f64) -> Self {
+        let rate_per_sec = rate.per_sec();
+        let burst = if burst.is_finite() {
+            burst.max(1.0)
+        } else {
+            1.0
+        };
         Self {
             configured: rate_per_sec,
             burst,
@@ -55,7 +62,8 @@ impl TokenBucket {
             s.tokens -= 1.0;
             return Ok(());
         }
-        Err(Duration::from_secs_f64((1.0 - s.tokens) / s.rate))
+        // `rate` is at least a tenth of a `Rate`, so this is at most 10,000 s.
+        Err(Duration::try_from_secs_f64((1.0 - s.tokens) / s.rate).unwrap_or(Duration::MAX))
     }
 
     /// The provider said 429: halve the rate (down to a tenth of the configured one).
@@ -103,25 +111,32 @@ impl Breaker {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// May a call go through now?
-    pub fn allow(&self) -> bool {
+    /// May a call go through now? The pass says how it went; a pass dropped unsettled
+    /// (the call's future was dropped mid-send) frees a half-open breaker's trial slot,
+    /// so the next call may try again instead of the provider staying blocked.
+    pub fn allow(&self) -> Option<Pass<'_>> {
         let mut s = self.lock();
-        match s.open_until {
-            None => true,
+        let trial = match s.open_until {
+            None => false,
             Some(t) if Instant::now() >= t && !s.trial_running => {
                 s.trial_running = true;
                 true
             }
-            Some(_) => false,
-        }
+            Some(_) => return None,
+        };
+        Some(Pass {
+            breaker: self,
+            trial,
+            settled: false,
+        })
     }
 
-    pub fn success(&self) {
+    fn success(&self) {
         let mut s = self.lock();
         *s = BreakerState::default();
     }
 
-    pub fn failure(&self) {
+    fn failure(&self) {
         let mut s = self.lock();
         s.failures += 1;
         s.trial_running = false;
@@ -140,6 +155,34 @@ impl Breaker {
         until
             .checked_duration_since(Instant::now())
             .filter(|d| !d.is_zero())
+    }
+}
+
+/// Leave to call a provider once; settle it with [`Pass::success`] or [`Pass::failure`].
+#[must_use]
+pub struct Pass<'a> {
+    breaker: &'a Breaker,
+    trial: bool,
+    settled: bool,
+}
+
+impl Pass<'_> {
+    pub fn success(mut self) {
+        self.settled = true;
+        self.breaker.success();
+    }
+
+    pub fn failure(mut self) {
+        self.settled = true;
+        self.breaker.failure();
+    }
+}
+
+impl Drop for Pass<'_> {
+    fn drop(&mut self) {
+        if self.trial && !self.settled {
+            self.breaker.lock().trial_running = false;
+        }
     }
 }
 
@@ -181,35 +224,35 @@ impl Provider for Chain {
         let mut last: Option<DeliveryError> = None;
         let mut soonest: Option<(&str, Option<Duration>)> = None;
         for m in &self.members {
-            if !m.breaker.allow() {
+            let Some(pass) = m.breaker.allow() else {
                 let wait = m.breaker.closed_for();
                 if soonest.is_none_or(|(_, w)| wait < w) {
                     soonest = Some((m.provider.name(), wait));
                 }
                 continue;
-            }
+            };
             if let Some(l) = &m.limiter {
                 l.acquire().await;
             }
             match m.provider.send(message).await {
                 Ok(r) => {
-                    m.breaker.success();
+                    pass.success();
                     if let Some(l) = &m.limiter {
                         l.recover();
                     }
                     return Ok(r);
                 }
                 Err(e @ DeliveryError::Permanent { .. }) => {
-                    m.breaker.success();
+                    pass.success();
                     return Err(e);
                 }
                 Err(e @ DeliveryError::Unknown { .. }) => {
                     // It may have been delivered: another provider could send it twice.
-                    m.breaker.failure();
+                    pass.failure();
                     return Err(e);
                 }
                 Err(e) => {
-                    m.breaker.failure();
+                    pass.failure();
                     if let (
                         DeliveryError::Transient {
                             throttled: true, ..
@@ -243,30 +286,81 @@ mod tests {
     #[test]
     fn a_breaker_opens_after_n_failures_and_half_opens_after_the_cooldown() {
         let b = Breaker::new(2, Duration::from_millis(30));
-        assert!(b.allow());
-        b.failure();
-        assert!(b.allow(), "one failure is not enough");
-        b.failure();
-        assert!(!b.allow(), "open");
+        b.allow().expect("closed").failure();
+        b.allow().expect("one failure is not enough").failure();
+        assert!(b.allow().is_none(), "open");
         std::thread::sleep(Duration::from_millis(40));
-        assert!(b.allow(), "half-open: one trial");
-        assert!(!b.allow(), "only one trial at a time");
-        b.success();
-        assert!(b.allow() && !b.is_open(), "closed again");
+        let trial = b.allow().expect("half-open: one trial");
+        assert!(b.allow().is_none(), "only one trial at a time");
+        trial.success();
+        assert!(b.allow().is_some() && !b.is_open(), "closed again");
     }
 
     #[test]
     fn an_open_breaker_says_how_long_until_its_trial() {
         let b = Breaker::new(1, Duration::from_secs(30));
         assert_eq!(b.closed_for(), None, "closed");
-        b.failure();
+        b.allow().expect("closed").failure();
         let left = b.closed_for().expect("open");
         assert!(left > Duration::from_secs(29) && left <= Duration::from_secs(30));
     }
 
+    /// A provider that never answers.
+    struct Hangs;
+
+    #[async_trait]
+    impl Provider for Hangs {
+        fn name(&self) -> &str {
+            "hangs"
+        }
+        async fn send(&self, _: &OutboundMessage) -> Result<Receipt, DeliveryError> {
+            std::future::pending().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_trial_whose_send_is_dropped_frees_the_breaker_for_the_next_call() {
+        let chain = Chain::new(vec![Member {
+            provider: Box::new(Hangs),
+            limiter: None,
+            breaker: Breaker::new(1, Duration::from_millis(10)),
+        }]);
+        chain.members()[0]
+            .breaker
+            .allow()
+            .expect("closed")
+            .failure();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let message = OutboundMessage {
+            delivery_id: "d".into(),
+            destination: super::super::Destination::Phone("+15550100".into()),
+            content: crate::templates::Rendered::Sms { text: "hi".into() },
+        };
+        let dropped = tokio::time::timeout(Duration::from_millis(20), chain.send(&message)).await;
+        assert!(dropped.is_err(), "the trial hung and was dropped");
+        assert!(
+            chain.members()[0].breaker.allow().is_some(),
+            "a dropped trial must not block the provider for good"
+        );
+    }
+
+    #[test]
+    fn a_rate_a_bucket_cannot_honour_is_refused_and_the_slowest_one_answers_a_wait() {
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 1e-30, 2e9] {
+            assert!(Rate::new(bad).is_err(), "{bad}");
+        }
+        let slowest = TokenBucket::new(Rate::new(Rate::MIN).expect("rate"), 1.0);
+        assert!(slowest.try_acquire().is_ok());
+        for _ in 0..20 {
+            slowest.slow_down();
+        }
+        let wait = slowest.try_acquire().expect_err("no second token");
+        assert!(wait <= Duration::from_secs(10_000), "{wait:?}");
+    }
+
     #[tokio::test]
     async fn a_token_bucket_spaces_a_burst_and_slows_down_on_429() {
-        let bucket = TokenBucket::new(20.0, 1.0);
+        let bucket = TokenBucket::new(Rate::new(20.0).expect("rate"), 1.0);
         let started = Instant::now();
         for _ in 0..5 {
             bucket.acquire().await;

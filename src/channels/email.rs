@@ -7,9 +7,8 @@ use async_trait::async_trait;
 use lettre::message::header::{ContentType, Header, HeaderName, HeaderValue};
 use lettre::message::{Mailbox, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::Credentials;
-use lettre::transport::smtp::client::{Tls, TlsParameters};
-use lettre::transport::smtp::PoolConfig;
-use lettre::{AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use lettre::transport::smtp::client::TlsParameters;
+use lettre::{AsyncFileTransport, AsyncTransport, Message, Tokio1Executor};
 use mongodb::bson::doc;
 
 use super::smtp_pool::{PoolError, SmtpPool};
@@ -35,33 +34,18 @@ pub fn build(settings: &EmailSettings) -> anyhow::Result<Box<dyn Provider>> {
             let credentials = (!s.username.is_empty())
                 .then(|| Credentials::new(s.username.clone(), s.password.expose().to_owned()));
             let timeout = Duration::from_secs(s.timeout_secs);
-            let transport = match s.security {
-                SmtpSecurity::None | SmtpSecurity::Starttls => Smtp::Pool(SmtpPool::new(
-                    &s.host,
-                    s.port,
-                    s.security == SmtpSecurity::Starttls,
-                    credentials,
-                    timeout,
-                    s.pool_max_size as usize,
-                )),
-                // Implicit TLS (port 465) stays on lettre's own transport: its TLS
-                // stream is set up inside lettre, where our socket options cannot reach.
-                SmtpSecurity::Tls => {
-                    let tls =
-                        TlsParameters::new(s.host.clone()).context("email.smtp.host: TLS setup")?;
-                    let mut builder =
-                        AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&s.host)
-                            .port(s.port)
-                            .timeout(Some(timeout))
-                            .pool_config(PoolConfig::new().max_size(s.pool_max_size))
-                            .tls(Tls::Wrapper(tls));
-                    if let Some(c) = credentials {
-                        builder = builder.credentials(c);
-                    }
-                    Smtp::Lettre(builder.build())
-                }
-            };
-            Box::new(SmtpEmail { from, transport })
+            if s.security != SmtpSecurity::None {
+                TlsParameters::new(s.host.clone()).context("email.smtp.host: TLS setup")?;
+            }
+            let pool = SmtpPool::new(
+                &s.host,
+                s.port,
+                s.security,
+                credentials,
+                timeout,
+                s.pool_max_size as usize,
+            );
+            Box::new(SmtpEmail { from, pool })
         }
     })
 }
@@ -134,12 +118,7 @@ fn compose(
 /// Pooled SMTP.
 pub struct SmtpEmail {
     from: Mailbox,
-    transport: Smtp,
-}
-
-enum Smtp {
-    Pool(SmtpPool),
-    Lettre(AsyncSmtpTransport<Tokio1Executor>),
+    pool: SmtpPool,
 }
 
 #[async_trait]
@@ -153,24 +132,18 @@ impl Provider for SmtpEmail {
         // 5xx replies will fail again; a connection lost after the content went out may
         // have delivered it; everything else (4xx, timeouts before, I/O) may work later.
         let name = self.name();
-        let sent = match &self.transport {
-            Smtp::Pool(pool) => pool
-                .send(email.envelope(), &email.formatted())
-                .await
-                .map_err(|e| match e {
-                    PoolError::Unknown(message) => DeliveryError::Unknown {
-                        provider: name.to_owned(),
-                        message,
-                    },
-                    e if e.is_permanent() => DeliveryError::permanent(name, e.to_string()),
-                    e => DeliveryError::transient(name, e.to_string()),
-                }),
-            Smtp::Lettre(t) => t.send(email).await.map_err(|e| match e.is_permanent() {
-                true => DeliveryError::permanent(name, e.to_string()),
-                false => DeliveryError::transient(name, e.to_string()),
-            }),
-        };
-        let response = sent?;
+        let response = self
+            .pool
+            .send(email.envelope(), &email.formatted())
+            .await
+            .map_err(|e| match e {
+                PoolError::Unknown(message) => DeliveryError::Unknown {
+                    provider: name.to_owned(),
+                    message,
+                },
+                e if e.is_permanent() => DeliveryError::permanent(name, e.to_string()),
+                e => DeliveryError::transient(name, e.to_string()),
+            })?;
         Ok(Receipt {
             provider: name.to_owned(),
             invalid_tokens: Vec::new(),

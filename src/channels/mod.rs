@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use mongodb::bson::Document;
 
 use crate::config::{ChannelSettings, ProviderKind, Settings, WebhookSettings};
-use crate::domain::Channel;
+use crate::domain::{Channel, Rate};
 use crate::templates::Rendered;
 use chain::{Breaker, Chain, Member, TokenBucket};
 use std::collections::BTreeMap;
@@ -252,7 +252,10 @@ fn chain(
         };
         members.push(Member {
             provider,
-            limiter: (p.rate_per_sec > 0.0).then(|| TokenBucket::new(p.rate_per_sec, p.burst)),
+            // 0 = unlimited; anything else was checked to be a `Rate` when settings loaded.
+            limiter: Rate::new(p.rate_per_sec)
+                .ok()
+                .map(|rate| TokenBucket::new(rate, p.burst)),
             breaker: Breaker::new(
                 p.breaker_failures,
                 Duration::from_millis(p.breaker_cooldown_ms),

@@ -3,7 +3,9 @@
 //! lettre's own pool sends `NOOP` before every reuse and its sockets keep Nagle's
 //! algorithm on; it writes a message body and the closing `.` in two writes, so every
 //! message waited for the server's delayed ACK (~40 ms on Linux). Here the protocol is
-//! still lettre's (`AsyncSmtpConnection`); only the socket and the pool are ours.
+//! still lettre's (`AsyncSmtpConnection`); only the socket and the pool are ours. Every
+//! security mode goes through this one pool, so a send is classified one way: a
+//! connection lost after the content went out is an unknown outcome, never a retry.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -16,6 +18,8 @@ use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
 use lettre::transport::smtp::extension::{ClientId, MailBodyParameter, MailParameter};
 use lettre::transport::smtp::response::Response;
 use tokio::net::TcpStream;
+
+use crate::config::SmtpSecurity;
 use tokio::sync::Semaphore;
 
 /// A connection idle for longer than this is asked `NOOP` before it is reused.
@@ -46,7 +50,7 @@ impl PoolError {
 pub struct SmtpPool {
     host: String,
     port: u16,
-    starttls: bool,
+    security: SmtpSecurity,
     credentials: Option<Credentials>,
     timeout: Duration,
     hello: ClientId,
@@ -58,7 +62,7 @@ impl SmtpPool {
     pub fn new(
         host: &str,
         port: u16,
-        starttls: bool,
+        security: SmtpSecurity,
         credentials: Option<Credentials>,
         timeout: Duration,
         max_size: usize,
@@ -66,7 +70,7 @@ impl SmtpPool {
         Self {
             host: host.to_owned(),
             port,
-            starttls,
+            security,
             credentials,
             timeout,
             hello: ClientId::default(),
@@ -141,16 +145,29 @@ impl SmtpPool {
     }
 
     async fn connect(&self) -> Result<AsyncSmtpConnection, PoolError> {
-        let addr = format!("{}:{}", self.host, self.port);
-        let stream = TcpStream::connect(&addr)
-            .await
-            .map_err(|e| PoolError::Connect(addr.clone(), e))?;
-        stream
-            .set_nodelay(true)
-            .map_err(|e| PoolError::Connect(addr.clone(), e))?;
-        let mut conn =
-            AsyncSmtpConnection::connect_with_transport(Box::new(stream), &self.hello).await?;
-        if self.starttls {
+        let mut conn = if self.security == SmtpSecurity::Tls {
+            // Implicit TLS (port 465): lettre sets up the TLS stream itself, where
+            // `TCP_NODELAY` cannot be set; the classification of failures is the same.
+            let tls = TlsParameters::new(self.host.clone())?;
+            AsyncSmtpConnection::connect_tokio1(
+                (self.host.as_str(), self.port),
+                Some(self.timeout),
+                &self.hello,
+                Some(tls),
+                None,
+            )
+            .await?
+        } else {
+            let addr = format!("{}:{}", self.host, self.port);
+            let stream = TcpStream::connect(&addr)
+                .await
+                .map_err(|e| PoolError::Connect(addr.clone(), e))?;
+            stream
+                .set_nodelay(true)
+                .map_err(|e| PoolError::Connect(addr.clone(), e))?;
+            AsyncSmtpConnection::connect_with_transport(Box::new(stream), &self.hello).await?
+        };
+        if self.security == SmtpSecurity::Starttls {
             conn.starttls(TlsParameters::new(self.host.clone())?, &self.hello)
                 .await?;
         }

@@ -33,6 +33,57 @@ pub fn describe(errors: &[FieldError]) -> String {
         .join("; ")
 }
 
+/// A sustained rate in events per second that a token bucket can honour: finite, at
+/// least one per 1,000 s (so a wait for the next token is bounded) and at most 10⁹.
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd, Serialize, Deserialize)]
+#[serde(try_from = "f64", into = "f64")]
+pub struct Rate(f64);
+
+impl Rate {
+    pub const MIN: f64 = 0.001;
+    pub const MAX: f64 = 1e9;
+
+    pub fn new(per_sec: f64) -> Result<Self, String> {
+        if per_sec.is_finite() && (Self::MIN..=Self::MAX).contains(&per_sec) {
+            Ok(Self(per_sec))
+        } else {
+            Err(format!(
+                "must be a number of requests per second between {} and {} (got {per_sec})",
+                Self::MIN,
+                Self::MAX
+            ))
+        }
+    }
+
+    pub fn per_sec(self) -> f64 {
+        self.0
+    }
+}
+
+impl TryFrom<f64> for Rate {
+    type Error = String;
+    fn try_from(v: f64) -> Result<Self, String> {
+        Self::new(v)
+    }
+}
+
+impl From<Rate> for f64 {
+    fn from(r: Rate) -> f64 {
+        r.0
+    }
+}
+
+impl FromStr for Rate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let v: f64 = s
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{}` is not a number", truncate(s, 32)))?;
+        Self::new(v)
+    }
+}
+
 fn is_id_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '@' | '+')
 }
@@ -342,7 +393,8 @@ impl DeliveryStatus {
     }
 }
 
-pub(crate) fn truncate(s: &str, max: usize) -> String {
+/// At most `max` characters of `s`, with `…` when cut.
+pub fn truncate(s: &str, max: usize) -> String {
     if s.chars().count() <= max {
         s.to_owned()
     } else {

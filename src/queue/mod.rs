@@ -1,6 +1,5 @@
 //! RabbitMQ: the only module that knows AMQP — topology, a confirming publisher, consumers.
 
-pub mod ceiling;
 pub mod messages;
 
 use std::future::Future;
@@ -9,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use futures::StreamExt;
+use std::panic::AssertUnwindSafe;
+
+use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
@@ -353,7 +354,11 @@ impl Broker {
         let outcome = loop {
             tokio::select! {
                 _ = cancel.cancelled() => break Ok(()),
-                Some(_) = running.join_next(), if !running.is_empty() => {}
+                Some(done) = running.join_next(), if !running.is_empty() => {
+                    if let Err(e) = done {
+                        tracing::error!(queue, error = %e, "a message's task failed");
+                    }
+                }
                 next = consumer.next() => {
                     let delivery = match next {
                         Some(Ok(d)) => d,
@@ -370,7 +375,16 @@ impl Broker {
                             body: delivery.data.clone(),
                             redelivered: delivery.redelivered || retries(&delivery) > 0,
                         };
-                        let disposition = match handler(incoming).await {
+                        // A panicking handler settles its message like a failure of
+                        // its own (counted, parked after the last retry), never leaves
+                        // it unsettled holding a prefetch slot.
+                        let handled = AssertUnwindSafe(handler(incoming)).catch_unwind().await;
+                        let handled = handled.unwrap_or_else(|panic| {
+                            let error = format!("the handler panicked: {}", crate::supervise::panic_message(&*panic));
+                            tracing::error!(queue = %queue, error, "message handler panicked");
+                            Disposition::Retry { error }
+                        });
+                        let disposition = match handled {
                             Disposition::Retry { error } => {
                                 broker.count_retry(&queue, &delivery, error).await
                             }

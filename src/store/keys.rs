@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{now, Store};
-use crate::domain::Scope;
+use crate::domain::{Rate, Scope};
 
 pub(crate) const API_KEYS: &str = "api_keys";
 /// Every key starts with this, so leaked keys are easy to find in code and logs.
@@ -68,7 +68,7 @@ impl Store {
         &self,
         name: &str,
         scopes: &[Scope],
-        rate_per_sec: Option<f64>,
+        rate: Option<Rate>,
     ) -> anyhow::Result<(ApiKeyDoc, String)> {
         let mut id = [0u8; 6];
         let mut secret = [0u8; 32];
@@ -87,7 +87,7 @@ impl Store {
             name: name.to_owned(),
             scopes,
             hash: digest(&plain),
-            rate_per_sec,
+            rate_per_sec: rate.map(Rate::per_sec),
             created_at: now(),
             revoked_at: None,
         };

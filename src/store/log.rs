@@ -200,15 +200,6 @@ impl Store {
         Ok(LogPage { items, next })
     }
 
-    /// Writes delivery records as they are (benchmarks and restores); counters and
-    /// statistics are not touched — run [`Store::rebuild_stats`] afterwards.
-    pub async fn load_deliveries(&self, docs: &[DeliveryDoc]) -> anyhow::Result<()> {
-        if !docs.is_empty() {
-            self.deliveries().insert_many(docs).ordered(false).await?;
-        }
-        Ok(())
-    }
-
     /// MongoDB's `explain` of a log query (tests check that every shape walks an index).
     pub async fn explain_deliveries(
         &self,
@@ -287,22 +278,6 @@ fn change_of(e: ChangeStreamEvent<DeliveryDoc>) -> Option<DeliveryChange> {
     Some(DeliveryChange { resume, delivery })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cursors_round_trip_and_reject_garbage() {
-        let c = LogCursor {
-            created_at_ms: 1_700_000_000_123,
-            id: "0192-abc".into(),
-        };
-        assert_eq!(LogCursor::decode(&c.encode()), Some(c));
-        assert_eq!(LogCursor::decode("not a cursor"), None);
-        assert_eq!(LogCursor::decode(""), None);
-    }
-}
-
 impl Store {
     /// Deliveries still `sending` under a claim made before `cutoff` (at most `limit`):
     /// their worker stopped, or their job was lost, between the provider call and the commit.
@@ -322,56 +297,18 @@ impl Store {
     }
 }
 
-/// A delivery record as an audit reads it: tolerant of records herald cannot decode.
-#[derive(Debug, Clone)]
-pub struct AuditedDelivery {
-    pub id: String,
-    pub notification_id: String,
-    pub schedule_id: Option<String>,
-    /// The stored status, or `?` when it is not a string.
-    pub status: String,
-    pub reason: Option<String>,
-    pub last_error: Option<String>,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl AuditedDelivery {
-    pub fn is_terminal(&self) -> bool {
-        matches!(self.status.as_str(), "sent" | "skipped" | "failed" | "dead")
-    }
-}
-
-impl Store {
-    /// Every delivery record, whatever its shape (the chaos suite's accounting).
-    pub async fn delivery_audit(&self) -> anyhow::Result<Vec<AuditedDelivery>> {
-        let raw: Vec<Document> = self
-            .deliveries()
-            .clone_with_type::<Document>()
-            .find(doc! {})
-            .projection(doc! {"notification_id": 1, "schedule_id": 1, "status": 1, "reason": 1, "last_error": 1})
-            .await?
-            .try_collect()
-            .await?;
-        let text = |d: &Document, k: &str| d.get_str(k).ok().map(str::to_owned);
-        Ok(raw
-            .iter()
-            .map(|d| AuditedDelivery {
-                id: text(d, "_id").unwrap_or_default(),
-                notification_id: text(d, "notification_id").unwrap_or_default(),
-                schedule_id: text(d, "schedule_id"),
-                status: text(d, "status").unwrap_or_else(|| "?".into()),
-                reason: text(d, "reason"),
-                last_error: text(d, "last_error"),
-            })
-            .collect())
-    }
-
-    /// Writes a delivery record no herald would write (its status is a number): a test
-    /// bed's poison, for checking that a job about it is parked, not retried forever.
-    pub async fn insert_unreadable_delivery(&self, id: &str) -> anyhow::Result<()> {
-        self.deliveries()
-            .clone_with_type::<Document>()
-            .insert_one(doc! {"_id": id, "notification_id": "poison", "status": 42})
-            .await?;
-        Ok(())
+    #[test]
+    fn cursors_round_trip_and_reject_garbage() {
+        let c = LogCursor {
+            created_at_ms: 1_700_000_000_123,
+            id: "0192-abc".into(),
+        };
+        assert_eq!(LogCursor::decode(&c.encode()), Some(c));
+        assert_eq!(LogCursor::decode("not a cursor"), None);
+        assert_eq!(LogCursor::decode(""), None);
     }
 }

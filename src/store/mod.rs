@@ -1,13 +1,12 @@
 //! MongoDB: the only module that knows collection names, indexes and transactions.
 
-pub mod ceiling;
 pub mod dead_letters;
 pub mod documents;
 pub mod keys;
 pub mod log;
 pub mod schedules;
 pub mod stats;
-mod status_writes;
+pub mod status_writes;
 pub mod templates;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -164,7 +163,7 @@ pub(crate) fn expiry_index() -> IndexModel {
 
 /// Every index of the deliveries collection: the recipient key that keeps a fan-out from
 /// writing a delivery twice, the retention TTL and the delivery log's indexes.
-pub(crate) fn delivery_indexes() -> Vec<IndexModel> {
+pub fn delivery_indexes() -> Vec<IndexModel> {
     let mut all = vec![
         IndexModel::builder()
             .keys(doc! {"notification_id": 1, "user_id": 1, "channel": 1})
@@ -1754,12 +1753,6 @@ impl Store {
             self.finalize_notification(&id).await?;
         }
         Ok(applied)
-    }
-
-    /// Drops the whole database (tests clean up with this).
-    pub async fn drop_database(&self) -> anyhow::Result<()> {
-        self.db.drop().await?;
-        Ok(())
     }
 }
 

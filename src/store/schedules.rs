@@ -165,19 +165,6 @@ impl Store {
         }
     }
 
-    /// Stores many schedules at once (benchmarks and bulk tools).
-    pub async fn insert_schedules(&self, all: &[ScheduleDoc]) -> anyhow::Result<()> {
-        for chunk in all.chunks(1000) {
-            self.schedules().insert_many(chunk).await?;
-        }
-        Ok(())
-    }
-
-    /// Every run record (benchmarks read their own fresh database).
-    pub async fn all_runs(&self) -> anyhow::Result<Vec<RunDoc>> {
-        Ok(self.runs().find(doc! {}).await?.try_collect().await?)
-    }
-
     pub async fn schedule_by_event_id(
         &self,
         event_id: &str,

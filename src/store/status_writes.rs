@@ -8,7 +8,7 @@ use crate::domain::DeliveryStatus;
 
 /// What must still hold of a delivery when its outcome is written.
 #[derive(Debug, Clone, PartialEq)]
-pub(super) enum Guard {
+pub enum Guard {
     /// Still waiting (queued, retrying or deferred): decided before any provider call.
     Waiting,
     /// Still carrying this attempt's claim.
@@ -29,7 +29,7 @@ impl Guard {
 }
 
 /// One delivery's status change inside an outcome transaction.
-pub(super) struct StatusWrite<'a> {
+pub struct StatusWrite<'a> {
     pub id: &'a str,
     pub guard: Guard,
     /// The fields set (status, reason, times, provider, last error); the same for equal
@@ -49,7 +49,7 @@ const MAX_SHARED: usize = 16;
 /// `update_many` whose pipeline appends each delivery's own attempt — on SecantusDB one
 /// such update of 50 deliveries runs about twice as fast as 50 single updates. A batch
 /// that changes one delivery twice keeps one update per write, in order.
-pub(super) fn status_write_models(
+pub fn status_write_models(
     writes: Vec<StatusWrite<'_>>,
     namespace: Namespace,
 ) -> (Vec<WriteModel>, Vec<u64>) {

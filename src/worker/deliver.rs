@@ -1,8 +1,7 @@
 //! One delivery: enrich, render, claim, send, and hand the outcome to the committer.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use mongodb::bson::{self, DateTime, Document};
 use serde_json::{json, Value};
@@ -29,14 +28,26 @@ pub struct NotificationContext {
 
 /// A small bounded cache: a 100,000-recipient campaign loads its payload and content
 /// once, even when many of its deliveries start at the same moment (single flight).
-#[derive(Default)]
+/// The least recently used notification goes first; none stays past `CACHE_TTL`.
 pub struct NotificationCache {
-    entries: Mutex<HashMap<String, Arc<Slot>>>,
+    entries: moka::sync::Cache<String, Arc<Slot>>,
 }
 
 type Slot = tokio::sync::OnceCell<Option<Arc<NotificationContext>>>;
 
-const CACHE_MAX: usize = 256;
+const CACHE_MAX: u64 = 256;
+const CACHE_TTL: Duration = Duration::from_secs(600);
+
+impl Default for NotificationCache {
+    fn default() -> Self {
+        Self {
+            entries: moka::sync::Cache::builder()
+                .max_capacity(CACHE_MAX)
+                .time_to_live(CACHE_TTL)
+                .build(),
+        }
+    }
+}
 
 impl NotificationCache {
     async fn get(
@@ -44,14 +55,8 @@ impl NotificationCache {
         ctx: &Context,
         id: &str,
     ) -> Result<Option<Arc<NotificationContext>>, EnrichError> {
-        let slot = {
-            // A poisoned cache only loses cached values.
-            let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-            if entries.len() >= CACHE_MAX && !entries.contains_key(id) {
-                entries.clear();
-            }
-            Arc::clone(entries.entry(id.to_owned()).or_default())
-        };
+        // One slot per id even when many ask at once: `get_with` inserts atomically.
+        let slot = self.entries.get_with_by_ref(id, Arc::default);
         let loaded = slot
             .get_or_try_init(|| async {
                 match ctx.store.get_notification(id).await? {

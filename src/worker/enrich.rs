@@ -1,9 +1,9 @@
 //! Enrichment from external services (a profile service, a content service) behind the
-//! local collections: timeouts, a bounded cache, and "unavailable" as a retryable outcome.
+//! local collections: timeouts, bounded answers, a bounded cache with a TTL, and
+//! "unavailable" as a retryable outcome. Errors name a service's URL without its
+//! credentials or query, so neither reaches a log line.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mongodb::bson::{self, Document};
 use serde_json::Value;
@@ -20,13 +20,17 @@ pub enum EnrichError {
     Store(#[from] anyhow::Error),
 }
 
+/// An answer larger than this is refused (a profile or a content record is small).
+const MAX_ANSWER_BYTES: usize = 1 << 20;
+/// Content ids of one delivery fetched at once.
+const CONTENT_FETCHES: usize = 8;
+
 pub struct Enricher {
     client: reqwest::Client,
     user_url: Option<String>,
     content_url: Option<String>,
-    ttl: Duration,
-    capacity: usize,
-    cache: Mutex<HashMap<String, (Instant, Option<Value>)>>,
+    /// Answers by URL, 404s included; least recently used first out, each for the TTL.
+    cache: moka::sync::Cache<String, Option<Value>>,
 }
 
 impl Enricher {
@@ -39,29 +43,15 @@ impl Enricher {
             )?,
             user_url: url(&settings.user_url),
             content_url: url(&settings.content_url),
-            ttl: Duration::from_secs(settings.cache_ttl_secs),
-            capacity: settings.cache_size.max(1),
-            cache: Mutex::new(HashMap::new()),
+            // A TTL of 0 caches nothing.
+            cache: moka::sync::Cache::builder()
+                .max_capacity(match settings.cache_ttl_secs {
+                    0 => 0,
+                    _ => settings.cache_size as u64,
+                })
+                .time_to_live(Duration::from_secs(settings.cache_ttl_secs.max(1)))
+                .build(),
         })
-    }
-
-    fn cached(&self, key: &str) -> Option<Option<Value>> {
-        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        cache
-            .get(key)
-            .filter(|(at, _)| at.elapsed() < self.ttl)
-            .map(|(_, v)| v.clone())
-    }
-
-    fn remember(&self, key: String, value: Option<Value>) {
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= self.capacity {
-            cache.retain(|_, (at, _)| at.elapsed() < self.ttl);
-            if cache.len() >= self.capacity {
-                cache.clear();
-            }
-        }
-        cache.insert(key, (Instant::now(), value));
     }
 
     /// GETs a record: `Some` on 200, `None` on 404, unavailable otherwise.
@@ -75,24 +65,40 @@ impl Enricher {
             placeholder,
             &url::form_urlencoded::byte_serialize(id.as_bytes()).collect::<String>(),
         );
-        if let Some(hit) = self.cached(&url) {
+        if let Some(hit) = self.cache.get(&url) {
             return Ok(hit);
         }
-        let answer = self
+        let shown = redacted(&url);
+        let unavailable = |why: String| EnrichError::Unavailable(format!("{shown}: {why}"));
+        let mut answer = self
             .client
             .get(&url)
             .send()
             .await
-            .map_err(|e| EnrichError::Unavailable(format!("{url}: {e}")))?;
-        let value =
-            match answer.status().as_u16() {
-                200 => Some(answer.json::<Value>().await.map_err(|e| {
-                    EnrichError::Unavailable(format!("{url}: unreadable answer: {e}"))
-                })?),
-                404 => None,
-                status => return Err(EnrichError::Unavailable(format!("{url}: HTTP {status}"))),
-            };
-        self.remember(url, value.clone());
+            .map_err(|e| unavailable(e.without_url().to_string()))?;
+        let value = match answer.status().as_u16() {
+            200 => {
+                let mut body = Vec::new();
+                while let Some(chunk) = answer
+                    .chunk()
+                    .await
+                    .map_err(|e| unavailable(e.without_url().to_string()))?
+                {
+                    if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+                        return Err(unavailable(format!(
+                            "the answer is larger than {MAX_ANSWER_BYTES} bytes"
+                        )));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                let value = serde_json::from_slice::<Value>(&body)
+                    .map_err(|e| unavailable(format!("unreadable answer: {e}")))?;
+                Some(value)
+            }
+            404 => None,
+            status => return Err(unavailable(format!("HTTP {status}"))),
+        };
+        self.cache.insert(url, value.clone());
         Ok(value)
     }
 
@@ -145,17 +151,66 @@ impl Enricher {
         let Some(template) = &self.content_url else {
             return Ok(docs);
         };
-        for (doc, id) in docs.iter_mut().zip(ids) {
-            // Only the stub of an id the collection does not know has a single field.
-            if doc.len() > 1 {
-                continue;
-            }
-            if let Some(Value::Object(found)) = self.fetch(template, "{content_id}", id).await? {
-                let mut d = bson::to_document(&found).map_err(|e| EnrichError::Store(e.into()))?;
-                d.insert("content_id", id);
-                *doc = d;
+        // Ids the collection does not know (their stub has a single field), fetched a
+        // few at a time.
+        let missing: Vec<usize> = (0..docs.len()).filter(|&i| docs[i].len() <= 1).collect();
+        for chunk in missing.chunks(CONTENT_FETCHES) {
+            let fetches = chunk
+                .iter()
+                .map(|&i| self.fetch(template, "{content_id}", &ids[i]));
+            let found = futures::future::try_join_all(fetches).await?;
+            for (&i, found) in chunk.iter().zip(found) {
+                if let Some(Value::Object(found)) = found {
+                    let mut d =
+                        bson::to_document(&found).map_err(|e| EnrichError::Store(e.into()))?;
+                    d.insert("content_id", ids[i].as_str());
+                    docs[i] = d;
+                }
             }
         }
         Ok(docs)
+    }
+}
+
+/// A URL as errors and logs may show it: no user, no password, no query.
+fn redacted(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            if u.query().is_some() {
+                u.set_query(Some("…"));
+            }
+            u.to_string()
+        }
+        Err(_) => "(an enrichment URL)".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_in_an_error_keeps_no_credentials_and_no_query() {
+        let shown = redacted("https://svc:s3cret@profiles.example.com/u/42?token=abc");
+        assert_eq!(shown, "https://profiles.example.com/u/42?%E2%80%A6");
+        assert!(!shown.contains("s3cret") && !shown.contains("abc"));
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_service_is_named_without_its_secrets() {
+        let settings = EnrichmentSettings {
+            user_url: "http://svc:s3cret@127.0.0.1:9/u/{user_id}?key=k3y".into(),
+            ..crate::config::Settings::load_from(std::path::Path::new("/nonexistent"), &[])
+                .expect("defaults")
+                .enrichment
+        };
+        let enricher = Enricher::new(&settings).expect("enricher");
+        let Err(EnrichError::Unavailable(why)) = enricher.user(None, "u1").await else {
+            panic!("port 9 answers nothing");
+        };
+        assert!(!why.contains("s3cret") && !why.contains("k3y"), "{why}");
+        assert!(why.contains("127.0.0.1:9/u/u1"), "{why}");
     }
 }

@@ -17,6 +17,7 @@ use crate::domain::Priority;
 use crate::queue::messages::Job;
 use crate::queue::{Disposition, Incoming, Outgoing};
 use crate::store::{DeliveryClaim, DeliveryDoc, FanoutBatch, QueuedDelivery, UserDoc};
+use crate::supervise::Supervised;
 use committer::Committer;
 use deliver::NotificationCache;
 use gate::{Gate, LaneGate};
@@ -271,21 +272,28 @@ pub async fn run(ctx: Context, cancel: CancellationToken) -> anyhow::Result<()> 
     let notifications = Arc::new(NotificationCache::default());
     let gate = Arc::new(Gate::default());
     let w = &ctx.settings.worker;
-    let mut lanes = Vec::new();
-    let mut batch_tasks = Vec::new();
+    // Lanes, batchers and the sweep run until `cancel`; one that ends before it (or
+    // panics) stops the worker, and with it the process, instead of leaving a lane dead.
+    let mut tasks = Supervised::new(cancel.clone());
     let mut sweeper_commits = None;
     for (priority, slots) in [
         (Priority::High, w.high_concurrency),
         (Priority::Normal, w.normal_concurrency),
         (Priority::Low, w.low_concurrency),
     ] {
-        let (shared, tasks) = Shared::start(
+        let (shared, batchers) = Shared::start(
             &ctx,
             priority,
             Arc::clone(&gate),
             Arc::clone(&notifications),
         );
-        batch_tasks.extend(tasks);
+        for batcher in batchers {
+            tasks.spawn("a worker batcher", async move {
+                batcher
+                    .await
+                    .map_err(|e| anyhow::anyhow!("a worker batcher died: {e}"))
+            });
+        }
         sweeper_commits.get_or_insert_with(|| shared.commits.clone());
         let queue = ctx.broker.names().lane(priority).to_owned();
         let (ctx2, shared2) = (ctx.clone(), Arc::clone(&shared));
@@ -293,26 +301,26 @@ pub async fn run(ctx: Context, cancel: CancellationToken) -> anyhow::Result<()> 
             let (ctx, shared) = (ctx2.clone(), Arc::clone(&shared2));
             async move { handle(&ctx, &shared, m).await }
         };
-        lanes.push(tokio::spawn(Arc::clone(&ctx.broker).consume(
-            queue,
-            slots,
-            cancel.clone(),
-            handler,
-        )));
+        let consume = Arc::clone(&ctx.broker).consume(queue, slots, cancel.clone(), handler);
+        let lane = match priority {
+            Priority::High => "the high lane",
+            Priority::Normal => "the normal lane",
+            Priority::Low => "the low lane",
+        };
+        tasks.spawn(lane, async move {
+            consume.await;
+            Ok(())
+        });
     }
     // The sweep commits through the high lane's batcher: it is rarely busy.
-    let sweeper = tokio::spawn(sweep_stale_claims(
-        ctx.clone(),
-        sweeper_commits.expect("three lanes"),
-        cancel.clone(),
-    ));
+    let Some(commits) = sweeper_commits else {
+        anyhow::bail!("the worker has no lanes");
+    };
+    let sweep = sweep_stale_claims(ctx.clone(), commits, cancel.clone());
+    tasks.spawn("the stale-claim sweep", async move {
+        sweep.await;
+        Ok(())
+    });
     tracing::info!("worker pool running");
-    for lane in lanes {
-        let _ = lane.await;
-    }
-    let _ = sweeper.await;
-    for task in batch_tasks {
-        let _ = task.await;
-    }
-    Ok(())
+    tasks.wait().await
 }

@@ -327,6 +327,14 @@ async fn a_worker_without_the_api_serves_its_metrics_on_metrics_bind() {
         ),
         "{text}"
     );
+    // A worker's readiness needs both servers; it is served beside its metrics.
+    let ready = reqwest::get(format!("http://127.0.0.1:{port}/ready"))
+        .await
+        .expect("ready");
+    assert_eq!(ready.status(), 200);
+    let body: serde_json::Value = ready.json().await.expect("json");
+    assert_eq!(body["checks"]["rabbitmq"], "ok", "{body}");
+    assert_eq!(body["checks"]["mongodb"], "ok", "{body}");
     app.stop().await;
 }
 

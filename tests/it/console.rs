@@ -18,7 +18,11 @@ fn no_redirects() -> reqwest::Client {
 async fn admin_key(app: &TestApp, name: &str) -> String {
     app.ctx
         .store
-        .create_key(name, &[herald::domain::Scope::Admin], Some(1e6))
+        .create_key(
+            name,
+            &[herald::domain::Scope::Admin],
+            Some(herald::domain::Rate::new(1e6).expect("rate")),
+        )
         .await
         .expect("key")
         .1

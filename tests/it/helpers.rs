@@ -41,10 +41,10 @@ fn init_logs() {
 
 /// A message as the SMTP server received it, with its MIME parts decoded on demand.
 #[derive(Debug, Clone)]
-pub struct Mail(pub herald::testbed::Mail);
+pub struct Mail(pub herald_testbed::Mail);
 
 impl std::ops::Deref for Mail {
-    type Target = herald::testbed::Mail;
+    type Target = herald_testbed::Mail;
     fn deref(&self) -> &Self::Target {
         &self.0
     }
@@ -73,10 +73,10 @@ impl Mail {
 
 /// herald's test-bed SMTP server, answering with test [`Mail`]s.
 #[derive(Clone)]
-pub struct SmtpServer(herald::testbed::SmtpServer);
+pub struct SmtpServer(herald_testbed::SmtpServer);
 
 impl std::ops::Deref for SmtpServer {
-    type Target = herald::testbed::SmtpServer;
+    type Target = herald_testbed::SmtpServer;
     fn deref(&self) -> &Self::Target {
         &self.0
     }
@@ -85,7 +85,7 @@ impl std::ops::Deref for SmtpServer {
 impl SmtpServer {
     pub async fn start() -> Self {
         Self(
-            herald::testbed::SmtpServer::start()
+            herald_testbed::SmtpServer::start()
                 .await
                 .expect("bind smtp"),
         )
@@ -104,7 +104,7 @@ impl SmtpServer {
     }
 }
 
-pub use herald::testbed::TcpProxy;
+pub use herald_testbed::TcpProxy;
 
 /// `host:port` of the MongoDB server in `mongodb_uri()`, for a proxy in front of it.
 pub fn mongodb_host_port() -> String {
@@ -310,7 +310,11 @@ pub async fn spawn_app_with(options: TestOptions) -> TestApp {
     // Every request of the tests carries an admin key unless a test says otherwise.
     let (_, key) = ctx
         .store
-        .create_key("tests", &[herald::domain::Scope::Admin], Some(1e6))
+        .create_key(
+            "tests",
+            &[herald::domain::Scope::Admin],
+            Some(herald::domain::Rate::new(1e6).expect("rate")),
+        )
         .await
         .expect("admin key");
     let app = TestApp {

@@ -12,7 +12,7 @@ use super::rfc3339;
 use crate::api::auth::Auth;
 use crate::api::error::{ApiError, JsonBody};
 use crate::app::Context;
-use crate::domain::{FieldError, Scope};
+use crate::domain::{FieldError, Rate, Scope};
 use crate::store::ApiKeyDoc;
 
 pub fn key_json(k: &ApiKeyDoc) -> Value {
@@ -49,19 +49,16 @@ pub async fn create(
     let scopes = Scope::parse_list(&body.scopes.join(","))
         .map_err(|e| errors.push(FieldError::new("scopes", e)))
         .unwrap_or_default();
-    if body
+    let rate = body
         .rate_per_sec
-        .is_some_and(|r| !(r.is_finite() && r > 0.0))
-    {
-        errors.push(FieldError::new("rate_per_sec", "must be a positive number"));
-    }
+        .map(Rate::new)
+        .transpose()
+        .map_err(|e| errors.push(FieldError::new("rate_per_sec", e)))
+        .unwrap_or_default();
     if !errors.is_empty() {
         return Err(ApiError::validation(errors));
     }
-    let (key, plain) = ctx
-        .store
-        .create_key(name, &scopes, body.rate_per_sec)
-        .await?;
+    let (key, plain) = ctx.store.create_key(name, &scopes, rate).await?;
     let mut out = key_json(&key);
     out["key"] = json!(plain);
     Ok((StatusCode::CREATED, Json(out)))

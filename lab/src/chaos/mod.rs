@@ -1,4 +1,4 @@
-//! `herald chaos`: herald as real processes under injected faults, with every accepted delivery accounted for.
+//! `herald-lab chaos`: herald as real processes under injected faults, with every accepted delivery accounted for.
 //!
 //! Each fault gets a fresh database and queue prefix, `herald api`, two `herald worker`s and
 //! two `herald scheduler`s as processes of their own, a MongoDB-compatible server the
@@ -24,10 +24,12 @@ use serde_json::{json, Value};
 use tokio::process::Child;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::Context;
-use crate::config::{Secret, Settings};
-use crate::store::UserDoc;
-use crate::testbed::{SmtpServer, TcpProxy};
+use herald::app::Context;
+use herald::config::{Secret, Settings};
+use herald::store::UserDoc;
+use herald_testbed::{SmtpServer, TcpProxy};
+
+use crate::db::LabDb;
 
 pub use faults::{Fault, ALL};
 
@@ -211,6 +213,8 @@ const ROLES: [Role; 5] = [
 /// One fault's world: its database and queues, the sink, the proxy and herald's processes.
 struct Bed {
     ctx: Context,
+    /// The harness's own reads and writes of the bed's database.
+    lab: LabDb,
     env: Vec<(String, String)>,
     logs: PathBuf,
     processes: HashMap<String, Child>,
@@ -275,6 +279,7 @@ impl Bed {
         settings.worker.max_attempts = MAX_ATTEMPTS;
         let ctx = Context::build(settings.clone()).await?;
         ctx.store.migrate().await?;
+        let lab = LabDb::connect(&settings.mongodb).await?;
         let users: Vec<UserDoc> = (0..opts.deliveries)
             .map(|i| user(format!("c-{i:06}"), Some("chaos")))
             .chain((0..SINGLE_USERS).map(|i| user(format!("s-{i:05}"), None)))
@@ -284,7 +289,11 @@ impl Bed {
         }
         let (_, key) = ctx
             .store
-            .create_key("chaos", &[crate::domain::Scope::Admin], Some(1e9))
+            .create_key(
+                "chaos",
+                &[herald::domain::Scope::Admin],
+                Some(herald::domain::Rate::new(1e9).expect("rate")),
+            )
             .await?;
 
         let smtp = SmtpServer::start().await?;
@@ -326,6 +335,7 @@ impl Bed {
         ];
         let mut bed = Self {
             ctx,
+            lab,
             env,
             logs,
             processes: HashMap::new(),
@@ -352,7 +362,7 @@ impl Bed {
             .create(true)
             .append(true)
             .open(self.logs.join(format!("{}.log", role.label())))?;
-        let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
+        let mut cmd = tokio::process::Command::new(crate::herald_binary()?);
         cmd.arg(role.command())
             // The shortcuts outrank HERALD__*: they would bypass the harness's database
             // server and proxy.
@@ -512,16 +522,15 @@ impl Bed {
 
     /// An undecodable job and a job for a record herald cannot read, on the normal lane.
     async fn publish_poison(&self) -> anyhow::Result<()> {
-        use crate::queue::{messages::Job, Outgoing};
-        self.ctx
-            .store
+        use herald::queue::{messages::Job, Outgoing};
+        self.lab
             .insert_unreadable_delivery("poison-delivery")
             .await?;
         let lane = self
             .ctx
             .broker
             .names()
-            .lane(crate::domain::Priority::Normal);
+            .lane(herald::domain::Priority::Normal);
         let to_lane = |body: Vec<u8>| Outgoing {
             exchange: String::new(),
             routing_key: lane.to_owned(),
@@ -592,7 +601,7 @@ impl Bed {
             .collect();
         for id in ids {
             loop {
-                use crate::domain::NotificationStatus as S;
+                use herald::domain::NotificationStatus as S;
                 let done = match self.ctx.store.get_notification(&id).await {
                     Ok(Some(n)) => {
                         matches!(n.status, S::Completed | S::PartiallyFailed | S::Failed)
@@ -610,7 +619,7 @@ impl Bed {
         }
         // Scheduled slots: until each has a final delivery.
         while !self.slots.is_empty() && Instant::now() < deadline {
-            let log = self.ctx.store.delivery_audit().await?;
+            let log = self.lab.delivery_audit().await?;
             let done: HashSet<&str> = log
                 .iter()
                 .filter(|d| d.is_terminal())
@@ -627,7 +636,7 @@ impl Bed {
     /// Sorts every accepted delivery by what the log and the sink say.
     async fn account(&self, fault: Fault, recovery_s: f64, notes: String) -> anyhow::Result<Row> {
         let owed: HashMap<String, usize> = lock(&self.accepted).iter().cloned().collect();
-        let log = self.ctx.store.delivery_audit().await?;
+        let log = self.lab.delivery_audit().await?;
         let received = self.smtp.delivery_ids();
         let mut row = Row {
             fault: fault.name().to_owned(),
@@ -684,7 +693,7 @@ impl Bed {
                     row.unknown += 1;
                     let cause = d.last_error.as_deref().unwrap_or("no error recorded");
                     let cause = cause.split(':').next().unwrap_or(cause);
-                    let cause = crate::domain::truncate(cause, 60);
+                    let cause = herald::domain::truncate(cause, 60);
                     let cause = match got {
                         true => cause,
                         false => format!("{cause} (never reached the sink)"),
@@ -744,7 +753,7 @@ impl Bed {
             );
         }
         self.ctx.broker.close().await;
-        if let Err(e) = self.ctx.store.drop_database().await {
+        if let Err(e) = self.lab.clone().drop_and_close().await {
             tracing::warn!(
                 error = format!("{e:#}"),
                 "could not drop the chaos database"
@@ -903,8 +912,8 @@ pub fn save(rows: &[Row], quick: bool) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// Replaces the README's table between `<!-- chaos:start -->` and `<!-- chaos:end -->`.
-pub fn write_readme(readme: &Path, rows: &[Row], command: &str) -> anyhow::Result<()> {
+/// Replaces the table in a document between `<!-- chaos:start -->` and `<!-- chaos:end -->`.
+pub fn write_table(readme: &Path, rows: &[Row], command: &str) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(readme)?;
     let (start, end) = ("<!-- chaos:start -->", "<!-- chaos:end -->");
     let (Some(a), Some(b)) = (text.find(start), text.find(end)) else {

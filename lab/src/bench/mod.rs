@@ -1,6 +1,8 @@
-//! `herald bench`: reproducible measurements against the real local servers, printed and saved as JSON.
+//! `herald-lab bench`: reproducible measurements against the real local servers, printed and saved as JSON.
 
+mod queue_ceiling;
 pub mod sink;
+mod store_ceiling;
 pub mod suite;
 
 use std::collections::HashMap;
@@ -12,11 +14,13 @@ use chrono::Utc;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::app::Context;
-use crate::config::Settings;
-use crate::domain::Priority;
-use crate::scheduler::plan::MisfirePolicy;
-use crate::store::{RecipientsDoc, ScheduleDoc, ScheduleStatus, UserDoc};
+use herald::app::Context;
+
+use crate::db::LabDb;
+use herald::config::Settings;
+use herald::domain::Priority;
+use herald::scheduler::plan::MisfirePolicy;
+use herald::store::{RecipientsDoc, ScheduleDoc, ScheduleStatus, UserDoc};
 
 /// p-th percentile (nearest rank) of sorted values.
 pub fn percentile(sorted: &[i64], p: f64) -> i64 {
@@ -57,7 +61,11 @@ async fn clean_up(ctx: &Context) {
         );
     }
     ctx.broker.close().await;
-    if let Err(e) = ctx.store.drop_database().await {
+    let dropped = match LabDb::connect(&ctx.settings.mongodb).await {
+        Ok(db) => db.drop_and_close().await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = dropped {
         tracing::warn!(
             error = format!("{e:#}"),
             "could not drop the bench database"
@@ -124,14 +132,15 @@ pub async fn scheduler(
             }
         })
         .collect();
-    ctx.store.insert_schedules(&docs).await?;
+    let lab = LabDb::connect(&settings.mongodb).await?;
+    lab.insert_schedules(&docs).await?;
     println!("{schedules} schedules due over {window_secs}s from {start}; {instances} scheduler instance(s) racing");
 
     let cancel = CancellationToken::new();
     let mut roles = Vec::new();
     for _ in 0..instances {
         let c = Context::build(settings.clone()).await?;
-        roles.push(tokio::spawn(crate::roles::scheduler(c, cancel.clone())));
+        roles.push(tokio::spawn(herald::roles::scheduler(c, cancel.clone())));
     }
     tokio::time::sleep(lead + Duration::from_secs(window_secs) + Duration::from_secs(5)).await;
     cancel.cancel();
@@ -139,7 +148,7 @@ pub async fn scheduler(
         r.await.context("scheduler task")??;
     }
 
-    let runs = ctx.store.all_runs().await?;
+    let runs = lab.all_runs().await?;
     let mut per_schedule: HashMap<&str, usize> = HashMap::new();
     for r in &runs {
         *per_schedule.entry(r.schedule_id.as_str()).or_default() += 1;
@@ -176,7 +185,7 @@ pub async fn import(settings: Settings, users: usize) -> anyhow::Result<Value> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let cancel = CancellationToken::new();
-    let api = tokio::spawn(crate::roles::api(ctx.clone(), listener, cancel.clone()));
+    let api = tokio::spawn(herald::roles::api(ctx.clone(), listener, cancel.clone()));
     let mut body = String::with_capacity(users * 160);
     for i in 0..users {
         body.push_str(
@@ -238,13 +247,14 @@ pub async fn import(settings: Settings, users: usize) -> anyhow::Result<Value> {
 /// The delivery log and statistics with `deliveries` records stored (30 days of history):
 /// p50/p99 of the queries ops run most, through the HTTP API.
 pub async fn logs(settings: Settings, deliveries: usize, samples: usize) -> anyhow::Result<Value> {
-    use crate::domain::{Channel, DeliveryStatus};
-    use crate::store::DeliveryDoc;
+    use herald::domain::{Channel, DeliveryStatus};
+    use herald::store::DeliveryDoc;
     use rand::Rng;
 
     let settings = isolated(settings, "logs");
     let ctx = Context::build(settings).await?;
     ctx.store.migrate().await?;
+    let lab = LabDb::connect(&ctx.settings.mongodb).await?;
     let per_notification = 500;
     let users = (deliveries / 10).max(per_notification);
     let notifications = deliveries.div_ceil(per_notification);
@@ -314,12 +324,12 @@ pub async fn logs(settings: Settings, deliveries: usize, samples: usize) -> anyh
             });
             written += 1;
             if batch.len() == 10_000 {
-                ctx.store.load_deliveries(&batch).await?;
+                lab.load_deliveries(&batch).await?;
                 batch.clear();
             }
         }
     }
-    ctx.store.load_deliveries(&batch).await?;
+    lab.load_deliveries(&batch).await?;
     let load_secs = started.elapsed().as_secs_f64();
     println!("stored {written} deliveries ({users} users, {notifications} notifications over 30 days) in {load_secs:.1} s");
     let started = Instant::now();
@@ -329,12 +339,16 @@ pub async fn logs(settings: Settings, deliveries: usize, samples: usize) -> anyh
 
     let (_, key) = ctx
         .store
-        .create_key("bench", &[crate::domain::Scope::LogsRead], Some(1e9))
+        .create_key(
+            "bench",
+            &[herald::domain::Scope::LogsRead],
+            Some(herald::domain::Rate::new(1e9).expect("rate")),
+        )
         .await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let cancel = CancellationToken::new();
-    let api = tokio::spawn(crate::api::serve(ctx.clone(), listener, cancel.clone()));
+    let api = tokio::spawn(herald::api::serve(ctx.clone(), listener, cancel.clone()));
     let client = reqwest::Client::new();
     let iso = |ms: i64| {
         chrono::DateTime::from_timestamp_millis(ms)
@@ -433,13 +447,14 @@ pub async fn ceilings(settings: Settings, messages: usize, docs: usize) -> anyho
     let ctx = Context::build(settings).await?;
     // A delivery job is about this large (JSON with two UUIDs and a version).
     let job_size = 160;
-    let rabbit = ctx.broker.measure_ceiling(messages, job_size).await?;
+    let rabbit = queue_ceiling::measure(&ctx.broker, messages, job_size).await?;
     println!(
         "RabbitMQ: publish with confirms {:.0} msg/s, consume with acks {:.0} msg/s ({messages} persistent messages of {job_size} B)",
         rabbit.publish_per_sec, rabbit.consume_per_sec
     );
     let batch = 64;
-    let mongo = ctx.store.measure_ceiling(docs, batch).await?;
+    let mongo =
+        store_ceiling::measure(&LabDb::connect(&ctx.settings.mongodb).await?, docs, batch).await?;
     println!(
         "MongoDB (deliveries' indexes): bulk insert {:.0} docs/s; outcome-shaped transactions {:.0}/s ({batch} outcomes each = {:.0} outcomes/s)",
         mongo.inserts_per_sec, mongo.transactions_per_sec, mongo.outcomes_per_sec
@@ -477,7 +492,11 @@ pub async fn ingest(settings: Settings, events: usize, clients: usize) -> anyhow
     let ctx = with_bench_user(&settings).await?;
     let (_, key) = ctx
         .store
-        .create_key("bench", &[crate::domain::Scope::EventsWrite], Some(1e9))
+        .create_key(
+            "bench",
+            &[herald::domain::Scope::EventsWrite],
+            Some(herald::domain::Rate::new(1e9).expect("rate")),
+        )
         .await?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -567,7 +586,7 @@ fn spawn_role(
     role: &str,
     env: &[(&str, String)],
 ) -> anyhow::Result<tokio::process::Child> {
-    let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
+    let mut cmd = tokio::process::Command::new(crate::herald_binary()?);
     cmd.arg(role)
         .env("HERALD__MONGODB__DATABASE", &settings.mongodb.database)
         .env("HERALD__AMQP__PREFIX", &settings.amqp.prefix)
@@ -643,7 +662,11 @@ impl Roles {
     ) -> anyhow::Result<Self> {
         let (_, key) = ctx
             .store
-            .create_key("bench", &[crate::domain::Scope::Admin], Some(1e9))
+            .create_key(
+                "bench",
+                &[herald::domain::Scope::Admin],
+                Some(herald::domain::Rate::new(1e9).expect("rate")),
+            )
             .await?;
         let dir = PathBuf::from("var/bench/config").join(&settings.amqp.prefix);
         std::fs::create_dir_all(&dir)?;
@@ -729,7 +752,7 @@ token_uri = "{sink}/token"
 }
 
 /// Waits until a notification has its final status (30 min at most) and returns it.
-async fn finished(ctx: &Context, id: &str) -> anyhow::Result<crate::store::NotificationDoc> {
+async fn finished(ctx: &Context, id: &str) -> anyhow::Result<herald::store::NotificationDoc> {
     let started = Instant::now();
     loop {
         let n = ctx
@@ -737,7 +760,7 @@ async fn finished(ctx: &Context, id: &str) -> anyhow::Result<crate::store::Notif
             .get_notification(id)
             .await?
             .context("notification")?;
-        use crate::domain::NotificationStatus as S;
+        use herald::domain::NotificationStatus as S;
         if matches!(n.status, S::Completed | S::PartiallyFailed | S::Failed) {
             return Ok(n);
         }
@@ -819,7 +842,7 @@ async fn probe_latencies(ctx: &Context, ids: &[String]) -> anyhow::Result<ProbeT
         .collect();
     for id in ids {
         finished(ctx, id).await?;
-        let filter = crate::store::DeliveryFilter {
+        let filter = herald::store::DeliveryFilter {
             notification_id: Some(id.clone()),
             ..Default::default()
         };

@@ -9,7 +9,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::{Bed, Database, Options, Role, Row};
-use crate::config::Settings;
+use herald::config::Settings;
 
 /// A fault of the suite (issue order).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -1,5 +1,5 @@
 //! `herald bench all`: every scenario in one run, each figure beside the machine's own
-//! ceilings from the same run; one JSON file and the README's performance table.
+//! ceilings from the same run; one JSON file and the performance table in docs/benchmarks.md.
 
 use std::path::Path;
 use std::time::Instant;
@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use serde_json::{json, Value};
 
 use super::Campaign;
-use crate::config::Settings;
+use herald::config::Settings;
 
 const TABLE_START: &str = "<!-- bench:start -->";
 const TABLE_END: &str = "<!-- bench:end -->";
@@ -135,10 +135,10 @@ pub async fn all(
     let table = table(&result);
     println!("\n{table}");
     if quick {
-        println!("(--quick: sizes too small to publish; the README table is left as it is)");
+        println!("(--quick: sizes too small to publish; the published table is left as it is)");
     } else {
         write_readme(readme, &table)?;
-        println!("README performance table updated: {}", readme.display());
+        println!("performance table updated: {}", readme.display());
     }
     Ok(result)
 }
@@ -291,7 +291,7 @@ fn table(r: &Value) -> String {
     out
 }
 
-/// Replaces what lies between the README's table markers.
+/// Replaces what lies between the document's table markers.
 fn write_readme(path: &Path, table: &str) -> anyhow::Result<()> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;

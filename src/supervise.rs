@@ -1,0 +1,67 @@
+//! Spawned work that cannot die unnoticed: a caught panic says what it was, and a task
+//! that ends before the process is told to stop is an error that stops the role.
+
+use std::future::Future;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// What a caught panic said.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("a panic without a message")
+}
+
+/// Tasks that must run until `cancel`: the first one to end before it (returning or
+/// panicking) cancels the others' token and is returned as the error; after `cancel`,
+/// every task is awaited.
+pub struct Supervised {
+    tasks: JoinSet<(&'static str, anyhow::Result<()>)>,
+    cancel: CancellationToken,
+}
+
+impl Supervised {
+    pub fn new(cancel: CancellationToken) -> Self {
+        Self {
+            tasks: JoinSet::new(),
+            cancel,
+        }
+    }
+
+    pub fn spawn<F>(&mut self, name: &'static str, work: F)
+    where
+        F: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        self.tasks.spawn(async move { (name, work.await) });
+    }
+
+    /// Waits for every task; an early end of any is the error returned.
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        let mut failure = None;
+        while let Some(joined) = self.tasks.join_next().await {
+            let early = !self.cancel.is_cancelled();
+            let problem = match joined {
+                Ok((_, Ok(()))) if !early => None,
+                Ok((name, Ok(()))) => Some(anyhow::anyhow!("{name} stopped on its own")),
+                Ok((name, Err(e))) => Some(e.context(format!("{name} failed"))),
+                Err(e) if e.is_panic() => Some(anyhow::anyhow!(
+                    "a task panicked: {}",
+                    panic_message(&*e.into_panic())
+                )),
+                Err(e) => Some(anyhow::anyhow!("a task was cancelled: {e}")),
+            };
+            if let Some(problem) = problem {
+                tracing::error!(
+                    error = format!("{problem:#}"),
+                    "a background task died; stopping"
+                );
+                self.cancel.cancel();
+                failure.get_or_insert(problem);
+            }
+        }
+        failure.map_or(Ok(()), Err)
+    }
+}
