@@ -65,3 +65,46 @@ impl Supervised {
         failure.map_or(Ok(()), Err)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_task_that_ends_before_cancel_stops_the_others_and_is_the_error() {
+        let cancel = CancellationToken::new();
+        let mut tasks = Supervised::new(cancel.clone());
+        let c = cancel.clone();
+        tasks.spawn("the long one", async move {
+            c.cancelled().await;
+            Ok(())
+        });
+        tasks.spawn("the short one", async { Ok(()) });
+        let e = tasks.wait().await.expect_err("an early end");
+        assert!(format!("{e:#}").contains("the short one"), "{e:#}");
+        assert!(cancel.is_cancelled(), "the others were told to stop");
+    }
+
+    #[tokio::test]
+    async fn a_panicking_task_is_the_error() {
+        let cancel = CancellationToken::new();
+        let mut tasks = Supervised::new(cancel.clone());
+        tasks.spawn("a lane", async { panic!("lost it") });
+        let e = tasks.wait().await.expect_err("a panic");
+        assert!(format!("{e:#}").contains("lost it"), "{e:#}");
+        assert!(cancel.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn tasks_that_end_after_cancel_are_a_clean_stop() {
+        let cancel = CancellationToken::new();
+        let mut tasks = Supervised::new(cancel.clone());
+        let c = cancel.clone();
+        tasks.spawn("a lane", async move {
+            c.cancelled().await;
+            Ok(())
+        });
+        cancel.cancel();
+        tasks.wait().await.expect("a clean stop");
+    }
+}

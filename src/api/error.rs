@@ -138,16 +138,28 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Reads the whole body (bounded) so that every body error has herald's error shape.
+/// Reads the whole body (bounded) so that every body error has herald's error shape:
+/// 413 only for a body over the limit; one that could not be read (the client went away
+/// mid-body, a broken chunked encoding) is 400 `body_unreadable`.
 pub async fn read_body(req: Request, limit: usize) -> Result<axum::body::Bytes, ApiError> {
     axum::body::to_bytes(req.into_body(), limit)
         .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!("the request body is over {limit} bytes"),
-            )
+        .map_err(|e| {
+            let source: &(dyn std::error::Error + 'static) = &e;
+            let mut chain = std::iter::successors(Some(source), |e| e.source());
+            if chain.any(|e| e.is::<http_body_util::LengthLimitError>()) {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!("the request body is over {limit} bytes"),
+                )
+            } else {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "body_unreadable",
+                    "the request body could not be read to its end",
+                )
+            }
         })
 }
 
@@ -203,3 +215,36 @@ where
 /// The configured body limit, put on each request by the router.
 #[derive(Debug, Clone, Copy)]
 pub struct BodyLimit(pub usize);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+
+    #[tokio::test]
+    async fn only_a_body_over_the_limit_is_413_and_a_broken_one_is_400() {
+        let over = Request::new(Body::from(vec![b'x'; 2048]));
+        let e = read_body(over, 1024).await.expect_err("over the limit");
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+        );
+
+        let chunks: Vec<Result<&'static [u8], std::io::Error>> = vec![
+            Ok(b"{\"event_type\":"),
+            Err(std::io::Error::other("the client went away")),
+        ];
+        let broken = Request::new(Body::from_stream(futures::stream::iter(chunks)));
+        let e = read_body(broken, 1024).await.expect_err("unreadable");
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::BAD_REQUEST, "body_unreadable")
+        );
+    }
+
+    #[test]
+    fn a_panicking_handler_answers_500_internal_error() {
+        let response = panicked(Box::new("boom"));
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+}

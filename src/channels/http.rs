@@ -9,25 +9,47 @@ use hmac::{Hmac, Mac};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use sha2::Sha256;
 
-/// Loopback, private, link-local, unique-local, unspecified, broadcast and documentation
-/// ranges: never a webhook target unless config allows it.
+/// Anything but a globally routed unicast address: never a webhook target unless config
+/// allows it. IPv4: this network, private, shared (CGNAT), loopback, link-local, IETF
+/// protocol assignments, documentation, benchmarking, multicast and reserved (with
+/// broadcast). IPv6: unspecified, loopback, unique-local, link- and site-local,
+/// multicast, documentation, and the translation and tunnel prefixes that embed an IPv4
+/// address (IPv4-mapped and -compatible, NAT64 `64:ff9b::/96` and `64:ff9b:1::/48`,
+/// 6to4 `2002::/16`, Teredo `2001::/32`) — they can reach an internal IPv4 host.
 pub fn is_internal(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
-            v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.is_documentation()
-                || v4.octets()[0] == 100 && (64..128).contains(&v4.octets()[1]) // CGNAT
+            let [a, b, c, _] = v4.octets();
+            a == 0 // 0.0.0.0/8
+                || a == 10
+                || a == 127
+                || (a == 100 && (64..128).contains(&b)) // 100.64.0.0/10
+                || (a == 169 && b == 254)
+                || (a == 172 && (16..32).contains(&b))
+                || (a == 192 && b == 0 && c == 0) // 192.0.0.0/24
+                || (a == 192 && b == 0 && c == 2)
+                || (a == 192 && b == 168)
+                || (a == 198 && (18..20).contains(&b)) // 198.18.0.0/15
+                || (a == 198 && b == 51 && c == 100)
+                || (a == 203 && b == 0 && c == 113)
+                || a >= 224 // multicast 224/4, reserved 240/4, broadcast
         }
         IpAddr::V6(v6) => {
+            let s = v6.segments();
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_internal(IpAddr::V4(v4));
+            }
             v6.is_loopback()
                 || v6.is_unspecified()
-                || (v6.segments()[0] & 0xfe00) == 0xfc00 // unique local
-                || (v6.segments()[0] & 0xffc0) == 0xfe80 // link local
-                || v6.to_ipv4_mapped().is_some_and(|v4| is_internal(IpAddr::V4(v4)))
+                || s[..6] == [0; 6] // IPv4-compatible ::a.b.c.d (deprecated)
+                || (s[0] & 0xfe00) == 0xfc00 // unique local fc00::/7
+                || (s[0] & 0xffc0) == 0xfe80 // link local fe80::/10
+                || (s[0] & 0xffc0) == 0xfec0 // site local fec0::/10
+                || (s[0] & 0xff00) == 0xff00 // multicast
+                || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
+                || (s[0] == 0x0064 && s[1] == 0xff9b) // NAT64 64:ff9b::/96, 64:ff9b:1::/48
+                || s[0] == 0x2002 // 6to4
+                || (s[0] == 0x2001 && s[1] == 0) // Teredo
         }
     }
 }
@@ -84,7 +106,8 @@ pub fn client(timeout: Duration, allow_internal: bool) -> anyhow::Result<reqwest
         .timeout(timeout)
         .redirect(reqwest::redirect::Policy::none());
     if !allow_internal {
-        builder = builder.dns_resolver(Arc::new(GuardedResolver));
+        // A proxy from HTTP(S)_PROXY would resolve the target itself, past the guard.
+        builder = builder.dns_resolver(Arc::new(GuardedResolver)).no_proxy();
     }
     Ok(builder.build()?)
 }
@@ -142,6 +165,16 @@ mod tests {
             "http://localhost:8080/",
             "ftp://example.com/",
             "http://100.64.0.1/",
+            "http://0.1.2.3/",
+            "http://198.18.0.1/",
+            "http://240.0.0.1/",
+            "http://224.0.0.251/",
+            "http://[64:ff9b::7f00:1]/",
+            "http://[2002:7f00:1::1]/",
+            "http://[::127.0.0.1]/",
+            "http://[::ffff:10.0.0.1]/",
+            "http://[fec0::1]/",
+            "http://[2001:db8::1]/",
         ] {
             let u = reqwest::Url::parse(url).expect("url");
             assert!(check_target(&u, false).is_err(), "{url}");
@@ -150,11 +183,14 @@ mod tests {
                 "{url} allowed by config"
             );
         }
-        assert!(check_target(
-            &reqwest::Url::parse("https://hooks.example.com/a").expect("url"),
-            false
-        )
-        .is_ok());
+        for public in [
+            "https://hooks.example.com/a",
+            "http://93.184.216.34/",
+            "http://[2606:4700::1111]/",
+        ] {
+            let u = reqwest::Url::parse(public).expect("url");
+            assert!(check_target(&u, false).is_ok(), "{public}");
+        }
     }
 
     #[test]

@@ -196,3 +196,68 @@ async fn a_pooled_connection_the_server_closed_while_idle_is_replaced_without_a_
     assert_eq!(app.smtp.mails().len(), 2);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_handler_that_panics_settles_its_message_and_the_lane_goes_on() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use herald::domain::Priority;
+    use herald::queue::{Disposition, Incoming, Outgoing};
+
+    // No worker consumes the lanes here; this test's consumer is the only one.
+    let app = crate::helpers::spawn_app_with(crate::helpers::TestOptions {
+        roles: crate::helpers::Roles::ApiOnly,
+        ..Default::default()
+    })
+    .await;
+    let broker = Arc::clone(&app.ctx.broker);
+    let lane = broker.names().lane(Priority::Low).to_owned();
+    let message = |body: &[u8]| Outgoing {
+        exchange: String::new(),
+        routing_key: lane.clone(),
+        body: body.to_vec(),
+        headers: Vec::new(),
+        expiration_ms: None,
+    };
+    broker
+        .publish_confirmed(&[message(b"boom"), message(b"ok")])
+        .await
+        .expect("published");
+    let handled = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&handled);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    // One message at a time: a message left unsettled would hold the lane's only slot.
+    let consumer = tokio::spawn(Arc::clone(&broker).consume(
+        lane.clone(),
+        1,
+        cancel.clone(),
+        move |m: Incoming| {
+            let counter = Arc::clone(&counter);
+            async move {
+                assert_ne!(m.body, b"boom", "a poison message");
+                counter.fetch_add(1, Ordering::SeqCst);
+                Disposition::Ack
+            }
+        },
+    ));
+    let mut parked = 0;
+    for _ in 0..200 {
+        parked = broker
+            .queue_depth(&broker.names().rejected_queue)
+            .await
+            .expect("depth");
+        if handled.load(Ordering::SeqCst) == 1 && parked == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(handled.load(Ordering::SeqCst), 1, "the lane went on");
+    assert_eq!(
+        parked, 1,
+        "the panicking message was parked after its retries"
+    );
+    cancel.cancel();
+    let _ = consumer.await;
+    app.stop().await;
+}
