@@ -21,6 +21,8 @@ pub struct Auth {
     settings: AuthSettings,
     /// Presented key -> the key it is, for `auth.cache_secs`; at most 10,000 keys.
     verified: moka::sync::Cache<String, Arc<ApiKeyDoc>>,
+    /// Console session id -> the key it signed in with, likewise.
+    sessions: moka::sync::Cache<String, Arc<ApiKeyDoc>>,
     budgets: Mutex<HashMap<String, Arc<TokenBucket>>>,
 }
 
@@ -40,6 +42,10 @@ impl Auth {
         Self {
             store,
             verified: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(Duration::from_secs(settings.cache_secs.max(1)))
+                .build(),
+            sessions: moka::sync::Cache::builder()
                 .max_capacity(10_000)
                 .time_to_live(Duration::from_secs(settings.cache_secs.max(1)))
                 .build(),
@@ -68,11 +74,43 @@ impl Auth {
         Ok(Some(key))
     }
 
-    /// Drops a revoked key from this process's cache at once.
+    /// The live key behind a console session id (briefly cached).
+    pub async fn identify_session(&self, session: &str) -> anyhow::Result<Option<Arc<ApiKeyDoc>>> {
+        if self.settings.cache_secs > 0 {
+            if let Some(key) = self.sessions.get(session) {
+                return Ok(Some(key));
+            }
+        }
+        let Some(key) = self.store.console_session_key(session).await? else {
+            self.sessions.invalidate(session);
+            return Ok(None);
+        };
+        let key = Arc::new(key);
+        self.sessions.insert(session.to_owned(), key.clone());
+        Ok(Some(key))
+    }
+
+    /// Starts a console session for a live key.
+    pub async fn start_session(&self, key: &ApiKeyDoc) -> anyhow::Result<String> {
+        self.store
+            .start_console_session(&key.id, CONSOLE_SESSION)
+            .await
+    }
+
+    /// Ends a console session (sign-out), here and in the database.
+    pub async fn end_session(&self, session: &str) -> anyhow::Result<()> {
+        self.sessions.invalidate(session);
+        self.store.end_console_session(session).await
+    }
+
+    /// Drops a revoked key, and the console sessions it signed in, from this process's
+    /// caches at once.
     pub fn forget(&self, key_id: &str) {
-        for (presented, key) in &self.verified {
-            if key.id == key_id {
-                self.verified.invalidate(presented.as_str());
+        for cache in [&self.verified, &self.sessions] {
+            for (presented, key) in cache {
+                if key.id == key_id {
+                    cache.invalidate(presented.as_str());
+                }
             }
         }
         lock(&self.budgets).remove(key_id);
@@ -98,8 +136,11 @@ impl Auth {
     }
 }
 
-/// The console's session cookie: the API key itself, `HttpOnly` and `SameSite=Strict`.
+/// The console's session cookie: a session id (never the key), `HttpOnly`,
+/// `SameSite=Strict`, and `Secure` when the console is served over HTTPS.
 pub const CONSOLE_COOKIE: &str = "herald_console";
+/// How long a console sign-in lasts.
+pub const CONSOLE_SESSION: Duration = Duration::from_secs(12 * 3600);
 /// Sent by the console's scripts with every request that changes something: a request
 /// authenticated by the cookie alone must carry it, which a cross-site form cannot.
 pub const CONSOLE_HEADER: &str = "x-herald-console";
@@ -142,27 +183,27 @@ pub async fn require(
                 .or_else(|| v.strip_prefix("bearer "))
         })
         .map(|v| v.trim().to_owned());
-    let presented = match presented {
-        Some(key) => key,
-        None => match console_cookie(req.headers()) {
-            Some(_) if !req.method().is_safe() && !req.headers().contains_key(CONSOLE_HEADER) => {
-                return ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "console_header_missing",
-                    format!("a request signed in by the console's cookie that changes something must carry `{CONSOLE_HEADER}: 1`"),
-                )
-                .into_response();
-            }
-            Some(key) => key,
-            None => {
-                return unauthorized(
-                    "missing_api_key",
-                    "send an API key as `Authorization: Bearer <key>`",
-                )
-            }
-        },
+    let identified = match (presented, console_cookie(req.headers())) {
+        (Some(key), _) => auth.identify(&key).await,
+        (None, Some(_))
+            if !req.method().is_safe() && !req.headers().contains_key(CONSOLE_HEADER) =>
+        {
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "console_header_missing",
+                format!("a request signed in by the console's cookie that changes something must carry `{CONSOLE_HEADER}: 1`"),
+            )
+            .into_response();
+        }
+        (None, Some(session)) => auth.identify_session(&session).await,
+        (None, None) => {
+            return unauthorized(
+                "missing_api_key",
+                "send an API key as `Authorization: Bearer <key>`",
+            )
+        }
     };
-    let key = match auth.identify(&presented).await {
+    let key = match identified {
         Ok(Some(key)) => key,
         Ok(None) => return unauthorized("invalid_api_key", "the API key is unknown or revoked"),
         Err(e) => return ApiError::from(e).into_response(),

@@ -11,7 +11,7 @@ use axum::{Form, Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::api::auth::{console_cookie, Auth, CONSOLE_COOKIE};
+use crate::api::auth::{console_cookie, Auth, CONSOLE_COOKIE, CONSOLE_SESSION};
 use crate::app::Context;
 
 const INDEX: &str = include_str!("assets/index.html");
@@ -35,9 +35,6 @@ const ASSETS: &[(&str, &str, &str)] = &[
 /// Scripts and styles from herald only; previews of rendered email load nothing remote.
 const CSP: &str = "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; \
                    frame-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'";
-
-/// How long a sign-in lasts, in seconds.
-const SESSION_SECS: u32 = 12 * 3600;
 
 /// `/ui` and its pages, assets, sign-in and sign-out.
 pub fn routes(auth: Arc<Auth>) -> Router<Context> {
@@ -83,15 +80,33 @@ fn escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// The key behind the request's cookie, if it is a live one.
+/// The key behind the request's session cookie, if the session and the key are live.
 async fn signed_in(
     auth: &Auth,
     headers: &HeaderMap,
 ) -> anyhow::Result<Option<Arc<crate::store::ApiKeyDoc>>> {
     match console_cookie(headers) {
-        Some(key) => auth.identify(&key).await,
+        Some(session) => auth.identify_session(&session).await,
         None => Ok(None),
     }
+}
+
+/// herald does not terminate TLS itself: a proxy in front says the browser used HTTPS.
+fn over_https(headers: &HeaderMap) -> bool {
+    let said = |name: header::HeaderName| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::to_ascii_lowercase)
+            .collect::<Vec<_>>()
+    };
+    said(header::HeaderName::from_static("x-forwarded-proto"))
+        .iter()
+        .any(|v| v.split(',').next().is_some_and(|p| p.trim() == "https"))
+        || said(header::FORWARDED)
+            .iter()
+            .any(|v| v.split([';', ',']).any(|p| p.trim() == "proto=https"))
 }
 
 async fn index(axum::Extension(auth): axum::Extension<Arc<Auth>>, headers: HeaderMap) -> Response {
@@ -120,24 +135,33 @@ struct LoginForm {
     key: String,
 }
 
-fn cookie(value: &str, max_age: u32) -> HeaderValue {
+fn cookie(value: &str, max_age: u64, secure: bool) -> HeaderValue {
+    let secure = if secure { "; Secure" } else { "" };
     HeaderValue::from_str(&format!(
-        "{CONSOLE_COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}"
+        "{CONSOLE_COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
     ))
     .unwrap_or_else(|_| HeaderValue::from_static("herald_console=; Path=/; Max-Age=0"))
 }
 
-/// Checks the key and, when it is a live one, keeps it in an `HttpOnly` cookie.
+/// Checks the key and, when it is a live one, starts a session whose id the browser
+/// keeps in an `HttpOnly` cookie; the key itself is not kept.
 async fn login(
     axum::Extension(auth): axum::Extension<Arc<Auth>>,
+    headers: HeaderMap,
     Form(form): Form<LoginForm>,
 ) -> Response {
     let key = form.key.trim();
-    // Only a stored key passes (its shape checked before any lookup), so the cookie holds
-    // nothing but `hrld_<id>_<hex>`.
-    match auth.identify(key).await {
-        Ok(Some(_)) => (
-            [(header::SET_COOKIE, cookie(key, SESSION_SECS))],
+    let session = match auth.identify(key).await {
+        Ok(Some(key)) => auth.start_session(&key).await.map(Some),
+        Ok(None) => Ok(None),
+        Err(e) => Err(e),
+    };
+    match session {
+        Ok(Some(session)) => (
+            [(
+                header::SET_COOKIE,
+                cookie(&session, CONSOLE_SESSION.as_secs(), over_https(&headers)),
+            )],
             Redirect::to("/ui"),
         )
             .into_response(),
@@ -155,9 +179,16 @@ async fn login(
     }
 }
 
-async fn logout() -> Response {
+/// Ends the session server-side (a copied cookie stops working too), then in the browser.
+async fn logout(axum::Extension(auth): axum::Extension<Arc<Auth>>, headers: HeaderMap) -> Response {
+    if let Some(session) = console_cookie(&headers) {
+        if let Err(e) = auth.end_session(&session).await {
+            tracing::error!(error = format!("{e:#}"), "console: cannot end a session");
+            return crate::api::error::ApiError::from(e).into_response();
+        }
+    }
     (
-        [(header::SET_COOKIE, cookie("", 0))],
+        [(header::SET_COOKIE, cookie("", 0, over_https(&headers)))],
         Redirect::to("/ui/login"),
     )
         .into_response()

@@ -110,6 +110,14 @@ impl Store {
         Ok(key.filter(|k| same(&k.hash, &digest(presented))))
     }
 
+    /// A key by id, if it is not revoked.
+    pub async fn live_key(&self, id: &str) -> anyhow::Result<Option<ApiKeyDoc>> {
+        Ok(self
+            .keys()
+            .find_one(doc! {"_id": id, "revoked_at": null})
+            .await?)
+    }
+
     /// Every key, newest first (hashes included; callers show what they choose).
     pub async fn list_keys(&self) -> anyhow::Result<Vec<ApiKeyDoc>> {
         Ok(self
@@ -121,7 +129,8 @@ impl Store {
             .await?)
     }
 
-    /// Revokes a key; false when there is no live key with this id.
+    /// Revokes a key and ends the console sessions it signed in; false when there is no
+    /// live key with this id.
     pub async fn revoke_key(&self, id: &str) -> anyhow::Result<bool> {
         let r = self
             .keys()
@@ -130,19 +139,23 @@ impl Store {
                 doc! {"$set": {"revoked_at": now()}},
             )
             .await?;
+        self.end_console_sessions_of(id).await?;
         Ok(r.modified_count == 1)
     }
 
     /// Revokes every live key with this name (a key being replaced); returns how many.
     pub async fn revoke_keys_named(&self, name: &str) -> anyhow::Result<u64> {
-        let r = self
+        let live: Vec<ApiKeyDoc> = self
             .keys()
-            .update_many(
-                doc! {"name": name, "revoked_at": null},
-                doc! {"$set": {"revoked_at": now()}},
-            )
+            .find(doc! {"name": name, "revoked_at": null})
+            .await?
+            .try_collect()
             .await?;
-        Ok(r.modified_count)
+        let mut revoked = 0;
+        for key in live {
+            revoked += u64::from(self.revoke_key(&key.id).await?);
+        }
+        Ok(revoked)
     }
 }
 

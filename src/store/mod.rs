@@ -1,5 +1,6 @@
 //! MongoDB: the only module that knows collection names, indexes and transactions.
 
+pub mod console_sessions;
 pub mod dead_letters;
 pub mod documents;
 pub mod keys;
@@ -554,6 +555,9 @@ impl Store {
             .await
             .context("indexing delivery_stats")?;
         self.index_keys().await.context("indexing api_keys")?;
+        self.index_console_sessions()
+            .await
+            .context("indexing console_sessions")?;
         Ok(())
     }
 

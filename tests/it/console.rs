@@ -39,7 +39,7 @@ async fn sign_in(app: &TestApp, key: &str) -> reqwest::Response {
 }
 
 #[tokio::test]
-async fn the_console_signs_in_with_a_key_kept_in_an_http_only_cookie() {
+async fn the_console_signs_in_with_a_server_side_session_kept_in_an_http_only_cookie() {
     let app = spawn_app().await;
     let http = no_redirects();
     let r = http.get(app.url("/ui")).send().await.expect("ui");
@@ -78,7 +78,14 @@ async fn the_console_signs_in_with_a_key_kept_in_an_http_only_cookie() {
     for attr in ["HttpOnly", "SameSite=Strict", "Path=/"] {
         assert!(set.contains(attr), "{set}");
     }
+    assert!(!set.contains("Secure"), "served over plain HTTP: {set}");
     let cookie = set.split(';').next().expect("as expected").to_owned();
+    assert!(
+        !cookie.contains(&key),
+        "the cookie holds a session id, not the key"
+    );
+    let secret = key.rsplit('_').next().expect("the key's secret");
+    assert!(!cookie.contains(secret), "{cookie}");
 
     let r = http
         .get(app.url("/ui"))
@@ -159,6 +166,44 @@ async fn the_console_signs_in_with_a_key_kept_in_an_http_only_cookie() {
         .to_str()
         .expect("as expected")
         .contains("Max-Age=0"));
+
+    // Behind an HTTPS proxy the cookie is `Secure`; signing out ends the session on the
+    // server, so a copy of the cookie kept elsewhere stops working too.
+    let key = admin_key(&app, "console-2").await;
+    let r = no_redirects()
+        .post(app.url("/ui/login"))
+        .header("x-forwarded-proto", "https")
+        .form(&[("key", key.as_str())])
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(r.status(), 303);
+    let set = r.headers()["set-cookie"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    assert!(set.contains("; Secure"), "{set}");
+    let cookie = set.split(';').next().expect("as expected").to_owned();
+    let (status, _) = answer(http.get(app.url("/ui/session")).header("cookie", &cookie)).await;
+    assert_eq!(status, 200);
+    let r = http
+        .post(app.url("/ui/logout"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .expect("logout");
+    assert_eq!(r.status(), 303);
+    let (status, _) = answer(http.get(app.url("/ui/session")).header("cookie", &cookie)).await;
+    assert_eq!(status, 401, "the session ended on the server");
+    let (status, body) = answer(
+        http.get(app.url("/v1/deliveries"))
+            .header("cookie", &cookie),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (401, Some("invalid_api_key"))
+    );
     app.stop().await;
 }
 
