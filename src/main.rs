@@ -14,6 +14,7 @@ async fn main() -> anyhow::Result<()> {
     telemetry::init(&settings.log);
     let bind = settings.server.bind;
     let ctx = Context::build(settings).await?;
+    let store = ctx.store.clone();
     let cancel = shutdown::on_signal();
     let result = match cli.command {
         Command::Api => roles::api(ctx, bind_listener(bind).await?, cancel).await,
@@ -45,6 +46,7 @@ async fn main() -> anyhow::Result<()> {
     if let Err(e) = &result {
         tracing::error!(error = format!("{e:#}"), "herald stopped with an error");
     }
+    store.close().await;
     result
 }
 

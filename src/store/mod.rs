@@ -426,6 +426,19 @@ impl Store {
         })
     }
 
+    /// Ends the client's sessions and closes its connections; the last thing a process
+    /// does with the database. Without it the driver ends its sessions from a task it
+    /// spawns while the runtime is being torn down.
+    pub async fn close(&self) {
+        let shutdown = self.client.clone().shutdown().immediate(true);
+        if tokio::time::timeout(Duration::from_secs(5), shutdown)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the MongoDB client did not close within 5 s");
+        }
+    }
+
     pub fn database_name(&self) -> &str {
         self.db.name()
     }

@@ -207,6 +207,108 @@ async fn a_key_created_by_the_cli_works_and_replace_revokes_the_old_one() {
 }
 
 #[tokio::test]
+async fn a_rate_no_bucket_can_honour_is_refused_and_one_stored_earlier_panics_nothing() {
+    let app = spawn_app().await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["keys", "create", "--name", "z", "--scopes", "logs:read"])
+        .args(["--rate-per-sec", "0"])
+        .env("MONGODB_URI", crate::helpers::mongodb_uri())
+        .env("HERALD__MONGODB__DATABASE", app.ctx.store.database_name())
+        .env("HERALD__LOG__LEVEL", "warn")
+        .output()
+        .expect("herald runs");
+    assert!(!out.status.success(), "a zero rate is refused");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("rate-per-sec"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for bad in [json!(0), json!(-1), json!(1e-30)] {
+        let (status, body) = app
+            .post(
+                "/v1/keys",
+                &json!({"name": "z", "scopes": ["logs:read"], "rate_per_sec": bad}),
+            )
+            .await;
+        assert_eq!(status, 422, "{bad}: {body}");
+        assert_eq!(body["error"]["details"][0]["field"], "rate_per_sec");
+    }
+
+    // A key stored with rate 0 before rates were checked: its bucket used to panic on
+    // the request after the burst (1 request), resetting the connection.
+    let (_, plain) = app
+        .ctx
+        .store
+        .create_key("legacy", &[herald::domain::Scope::LogsRead], None)
+        .await
+        .expect("key");
+    let id = plain.split('_').nth(1).expect("id").to_owned();
+    app.db
+        .collection::<Document>("api_keys")
+        .update_one(doc! {"_id": &id}, doc! {"$set": {"rate_per_sec": 0.0}})
+        .await
+        .expect("stored");
+    for _ in 0..3 {
+        let (status, body, _) = get_with(&app, Some(&plain), "/v1/deliveries").await;
+        assert_eq!(status, 200, "the configured rate applies: {body}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_process_told_to_stop_drains_and_exits_cleanly() {
+    let app = spawn_app().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let files = std::env::temp_dir().join(format!("herald-exit-{port}"));
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .arg("all")
+        .env("MONGODB_URI", crate::helpers::mongodb_uri())
+        .env("AMQP_URL", crate::helpers::amqp_url())
+        .env("HERALD__MONGODB__DATABASE", app.ctx.store.database_name())
+        .env("HERALD__AMQP__PREFIX", app.ctx.broker.names().prefix())
+        .env("HERALD__SERVER__BIND", format!("127.0.0.1:{port}"))
+        .env("HERALD__EMAIL__FILE_DIR", files.join("email"))
+        .env("HERALD__SMS__RECORD_DIR", &files)
+        .env("HERALD__PUSH__RECORD_DIR", &files)
+        .env("HERALD__LOG__LEVEL", "warn")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("herald starts");
+    let mut up = false;
+    for _ in 0..100 {
+        if reqwest::get(format!("http://127.0.0.1:{port}/health"))
+            .await
+            .is_ok()
+        {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(up, "herald all answered /health");
+    let pid = child.id().expect("pid").to_string();
+    let signalled = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(signalled.success());
+    let out = tokio::time::timeout(std::time::Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("it stops within its drain deadline")
+        .expect("output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}\n{stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&files);
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn a_key_over_its_rate_gets_429_with_retry_after() {
     let app = spawn_app().await;
     let slow = key(&app, &["logs:read"], Some(0.5)).await;

@@ -472,6 +472,7 @@ impl TestApp {
         }
         let _ = self.ctx.broker.delete_topology().await;
         self.ctx.broker.close().await;
+        self.ctx.store.close().await;
         let _ = self.db.drop().await;
         let _ = std::fs::remove_dir_all(&self.files);
     }

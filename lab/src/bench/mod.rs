@@ -61,6 +61,7 @@ async fn clean_up(ctx: &Context) {
         );
     }
     ctx.broker.close().await;
+    ctx.store.close().await;
     let dropped = match LabDb::connect(&ctx.settings.mongodb).await {
         Ok(db) => db.drop_and_close().await,
         Err(e) => Err(e),

@@ -744,6 +744,7 @@ impl Bed {
                 self.logs.display()
             );
             self.ctx.broker.close().await;
+            self.ctx.store.close().await;
             return;
         }
         if let Err(e) = self.ctx.broker.delete_topology().await {
@@ -753,6 +754,7 @@ impl Bed {
             );
         }
         self.ctx.broker.close().await;
+        self.ctx.store.close().await;
         if let Err(e) = self.lab.clone().drop_and_close().await {
             tracing::warn!(
                 error = format!("{e:#}"),
