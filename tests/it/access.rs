@@ -264,7 +264,7 @@ async fn a_process_told_to_stop_drains_and_exits_cleanly() {
         .expect("addr")
         .port();
     let files = std::env::temp_dir().join(format!("herald-exit-{port}"));
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
         .arg("all")
         .env("MONGODB_URI", crate::helpers::mongodb_uri())
         .env("AMQP_URL", crate::helpers::amqp_url())
