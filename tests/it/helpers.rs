@@ -303,10 +303,19 @@ pub async fn spawn_app_with(options: TestOptions) -> TestApp {
             })
         }
     };
-    let db = mongodb::Client::with_uri_str(mongodb_uri())
+    let client = mongodb::Client::with_uri_str(mongodb_uri())
         .await
-        .expect("mongo client")
-        .database(&settings.mongodb.database);
+        .expect("mongo client");
+    // SecantusDB reads every change stream only up to its oldest open transaction, in
+    // any database: a transaction a test leaves open on purpose (a connection cut
+    // mid-commit, a process killed) would stall every other test's live tail until the
+    // server reaps it, after 60 s by default. 10 s bounds that stall. (mongod has no
+    // such coupling, and may refuse the command: that is fine.)
+    let _ = client
+        .database("admin")
+        .run_command(doc! {"setParameter": 1, "transactionLifetimeLimitSeconds": 10})
+        .await;
+    let db = client.database(&settings.mongodb.database);
     // Every request of the tests carries an admin key unless a test says otherwise.
     let (_, key) = ctx
         .store
