@@ -5,20 +5,15 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tokio::sync::Notify;
 
-use crate::batch::Batcher;
 use crate::channels::Channels;
 use crate::config::Settings;
-use crate::domain::event::EventLimits;
+use crate::enrich::Enricher;
+use crate::ingest::Intake;
 use crate::metrics::Metrics;
-use crate::outbox::Handoff;
+use crate::outbox::Relay;
 use crate::queue::Broker;
-use crate::store::TemplatesVersion;
-use crate::store::{Accepted, NotificationDoc, OutboxDoc, Store};
+use crate::store::{Store, TemplatesVersion};
 use crate::templates::{part_name, Origin, PartSource, Templates};
-use crate::worker::enrich::Enricher;
-
-/// At most this many accepted events share one transaction.
-const INTAKE_BATCH_MAX: usize = 256;
 
 /// Clients and shared state, built once at start and cloned cheaply (everything is behind `Arc`).
 #[derive(Clone)]
@@ -30,16 +25,12 @@ pub struct Context {
     pub channels: Channels,
     pub enricher: Arc<Enricher>,
     pub metrics: Arc<Metrics>,
-    /// Wakes this process's outbox relay right after an accept commits.
-    pub outbox_wake: Arc<Notify>,
-    /// Accepted entries handed straight to this process's relay.
-    pub handoff: Arc<Handoff>,
+    /// This process's outbox relay: woken by outbox writes, handed accepted entries.
+    pub relay: Relay,
     /// Wakes this process's scheduler when a schedule changes here.
     pub schedule_wake: Arc<Notify>,
-    /// Accepted events, group-committed: concurrent requests share one transaction.
-    pub intake: Batcher<(NotificationDoc, OutboxDoc), anyhow::Result<Accepted>>,
-    /// Delivery work waiting, as `POST /v1/events` checks it before accepting.
-    pub backlog: Arc<crate::ingest::Backlog>,
+    /// Accepting events (REST and the exchange share it).
+    pub intake: Intake,
     /// Names this process in delivery claims (host:pid:random).
     pub instance: String,
     /// The stored templates this process has applied.
@@ -66,30 +57,31 @@ impl Context {
             std::process::id(),
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
-        let (outbox_wake, handoff) = (Arc::new(Notify::new()), Arc::<Handoff>::default());
-        let (intake_store, wake, relay) = (store.clone(), outbox_wake.clone(), handoff.clone());
-        let (intake, _) = Batcher::start("intake", INTAKE_BATCH_MAX, move |batch| {
-            let (store, wake, relay) = (intake_store.clone(), wake.clone(), relay.clone());
-            async move {
-                let intaken = store.accept_many(batch).await?;
-                relay.pass(intaken.outbox, &wake);
-                Ok(intaken.answers)
-            }
-        });
+        let templates = Arc::new(templates);
+        let metrics = Arc::<Metrics>::default();
+        let relay = Relay::new(store.clone(), broker.clone(), &settings.outbox, &instance);
+        let schedule_wake = Arc::new(Notify::new());
+        let intake = Intake::new(
+            store.clone(),
+            broker.clone(),
+            templates.clone(),
+            relay.clone(),
+            metrics.clone(),
+            &settings.events,
+            schedule_wake.clone(),
+        );
         Ok(Self {
             settings: Arc::new(settings),
             store,
             broker,
-            templates: Arc::new(templates),
+            templates,
             channels,
             enricher,
-            metrics: Arc::default(),
-            outbox_wake,
-            handoff,
-            schedule_wake: Arc::new(Notify::new()),
+            metrics,
+            relay,
+            schedule_wake,
             instance,
             intake,
-            backlog: Arc::default(),
             templates_seen: Arc::default(),
         })
     }
@@ -117,13 +109,6 @@ impl Context {
         self.templates.apply_overrides(parts)?;
         *seen = Some(version);
         Ok(())
-    }
-
-    pub fn event_limits(&self) -> EventLimits {
-        EventLimits {
-            max_payload_bytes: self.settings.events.max_payload_bytes,
-            max_inline_recipients: self.settings.events.max_inline_recipients,
-        }
     }
 
     /// Creates indexes when configured to; waits for MongoDB rather than failing at once.

@@ -6,7 +6,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::Context;
-use crate::{api, ingest, outbox, scheduler, shutdown, worker};
+use crate::{api, ingest, scheduler, shutdown, worker};
 
 /// How long in-flight work gets after a shutdown signal.
 const DRAIN: Duration = Duration::from_secs(15);
@@ -16,11 +16,11 @@ const INTAKE_PREFETCH: u16 = 64;
 
 async fn intake(ctx: Context, cancel: CancellationToken) -> anyhow::Result<()> {
     let queue = ctx.broker.names().intake_queue.clone();
-    let c = ctx.clone();
+    let intake = ctx.intake.clone();
     ctx.broker
         .clone()
         .consume(queue, INTAKE_PREFETCH, cancel, move |m| {
-            ingest::handle_amqp_event(c.clone(), m)
+            ingest::handle_amqp_event(intake.clone(), m)
         })
         .await;
     Ok(())
@@ -69,7 +69,7 @@ pub async fn api(
         tokio::try_join!(
             api::serve(ctx.clone(), listener, cancel.clone()),
             intake(ctx.clone(), cancel.clone()),
-            outbox::run(ctx.clone(), cancel.clone()),
+            ctx.relay.clone().run(cancel.clone()),
             refresh_templates(ctx.clone(), cancel.clone()),
         )?;
         Ok(())
@@ -83,7 +83,7 @@ pub async fn worker(ctx: Context, cancel: CancellationToken) -> anyhow::Result<(
     let work = async {
         tokio::try_join!(
             worker::run(ctx.clone(), cancel.clone()),
-            outbox::run(ctx.clone(), cancel.clone()),
+            ctx.relay.clone().run(cancel.clone()),
             refresh_templates(ctx.clone(), cancel.clone()),
             api::serve_metrics(ctx.clone(), api::ProbeRole::Worker, cancel.clone()),
         )?;
@@ -98,7 +98,7 @@ pub async fn scheduler(ctx: Context, cancel: CancellationToken) -> anyhow::Resul
     let work = async {
         tokio::try_join!(
             scheduler::run(ctx.clone(), cancel.clone()),
-            outbox::run(ctx.clone(), cancel.clone()),
+            ctx.relay.clone().run(cancel.clone()),
             refresh_templates(ctx.clone(), cancel.clone()),
             api::serve_metrics(ctx.clone(), api::ProbeRole::Scheduler, cancel.clone()),
         )?;
@@ -118,7 +118,7 @@ pub async fn all(
         tokio::try_join!(
             api::serve(ctx.clone(), listener, cancel.clone()),
             intake(ctx.clone(), cancel.clone()),
-            outbox::run(ctx.clone(), cancel.clone()),
+            ctx.relay.clone().run(cancel.clone()),
             scheduler::run(ctx.clone(), cancel.clone()),
             worker::run(ctx.clone(), cancel.clone()),
             refresh_templates(ctx.clone(), cancel.clone()),

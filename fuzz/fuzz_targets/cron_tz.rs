@@ -2,7 +2,7 @@
 #![no_main]
 
 use chrono::{TimeZone, Utc};
-use herald::scheduler::cron::{parse_tz, CronSpec};
+use herald::domain::cron::{parse_tz, CronSpec};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,6 +1,7 @@
 //! The REST API (axum): the only layer that knows HTTP.
 
 pub mod auth;
+pub mod console;
 pub mod error;
 mod routes;
 pub mod spec;
@@ -369,7 +370,7 @@ pub fn router(ctx: Context) -> Router {
     let auth = Arc::new(Auth::new(ctx.store.clone(), ctx.settings.auth.clone()));
     let (routes, spec) = routes(&ctx, auth.clone());
     routes
-        .merge(crate::console::routes(auth.clone()))
+        .merge(console::routes(auth.clone()))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         // Inside `observe`, so a panicking handler is counted as the 500 it answers.
         .layer(CatchPanicLayer::custom(error::panicked))

@@ -1,6 +1,8 @@
 //! Domain types that parse at the edges and are trusted inside: ids, channels, priorities, statuses.
 
+pub mod cron;
 pub mod event;
+pub mod plan;
 pub mod preferences;
 
 use std::fmt;

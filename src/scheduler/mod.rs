@@ -1,8 +1,4 @@
-//! Cron campaigns: fire times, misfire plans, and the tick that claims due slots exactly once.
-
-pub mod cron;
-pub mod definition;
-pub mod plan;
+//! Cron campaigns: the tick that claims due slots exactly once, and the loop around it (fire times and misfire plans are `domain::cron` and `domain::plan`).
 
 use std::time::Duration;
 
@@ -12,8 +8,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::instrument;
 
 use crate::app::Context;
-use crate::ingest::{new_notification, NotificationSpec};
+use crate::domain::{cron, plan};
 use crate::store::{bson_time, chrono_time, Claim, RecipientsDoc, RunDoc, RunWrite, ScheduleDoc};
+use crate::store::{new_notification, NotificationSpec};
 use plan::{PlanLimits, PlannedRun, RunKind};
 
 /// What one tick did.
@@ -156,7 +153,7 @@ async fn fire(ctx: &Context, s: ScheduleDoc, now: DateTime<Utc>) -> anyhow::Resu
                 );
             }
             if sent > 0 {
-                ctx.outbox_wake.notify_one();
+                ctx.relay.wake();
             }
         }
         Claim::SlotTaken => {
@@ -212,7 +209,7 @@ pub async fn trigger(ctx: &Context, s: &ScheduleDoc, now: DateTime<Utc>) -> anyh
     );
     ctx.store.record_manual_run(&w).await?;
     if w.send.is_some() {
-        ctx.outbox_wake.notify_one();
+        ctx.relay.wake();
     }
     Ok(w.run)
 }

@@ -1,9 +1,21 @@
 //! Typed MongoDB documents: the shape of every record herald stores.
 
-use mongodb::bson::{DateTime, Document};
+use mongodb::bson::{self, DateTime, Document};
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{Channel, DeliveryStatus, NotificationStatus, Priority};
+use chrono::Utc;
+
+use super::bson_time;
+use crate::domain::{Channel, DeliveryStatus, FieldError, NotificationStatus, Priority};
+
+/// Converts a JSON payload to a storable document; what cannot be stored is the
+/// payload field's error.
+pub fn payload_document(
+    payload: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Document, Vec<FieldError>> {
+    bson::to_document(payload)
+        .map_err(|e| vec![FieldError::new("payload", format!("cannot be stored: {e}"))])
+}
 
 /// Per-status delivery counters on a notification.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -211,4 +223,65 @@ pub struct QueuedDelivery {
     pub delivery_id: String,
     pub notification_id: String,
     pub lane: Priority,
+}
+
+/// What a new notification is made of (from an event or a schedule's fire).
+pub struct NotificationSpec {
+    /// `None`: a generated id.
+    pub event_id: Option<String>,
+    pub event_type: String,
+    pub priority: Priority,
+    pub recipients: RecipientsDoc,
+    pub channels: Option<Vec<Channel>>,
+    pub payload: Document,
+    pub source: String,
+    pub schedule_id: Option<String>,
+    pub upstream_created_at: Option<chrono::DateTime<Utc>>,
+}
+
+/// Builds a notification and the outbox entry that will dispatch it at `due_at` (now if `None`).
+pub fn new_notification(
+    spec: NotificationSpec,
+    due_at: Option<chrono::DateTime<Utc>>,
+) -> (NotificationDoc, OutboxDoc) {
+    let now = DateTime::now();
+    let id = uuid::Uuid::now_v7().to_string();
+    let notification = NotificationDoc {
+        id: id.clone(),
+        event_id: spec
+            .event_id
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        event_type: spec.event_type,
+        priority: spec.priority,
+        status: if due_at.is_some() {
+            NotificationStatus::Scheduled
+        } else {
+            NotificationStatus::Accepted
+        },
+        recipients: spec.recipients,
+        channels: spec.channels,
+        payload: spec.payload,
+        source: spec.source,
+        schedule_id: spec.schedule_id,
+        send_at: due_at.map(bson_time),
+        upstream_created_at: spec.upstream_created_at.map(bson_time),
+        created_at: now,
+        updated_at: now,
+        counts: Counts::default(),
+        fanout_done: false,
+    };
+    let outbox = OutboxDoc {
+        id: uuid::Uuid::now_v7().to_string(),
+        notification_id: id,
+        delivery_id: None,
+        delay_ms: 0,
+        attempt: 0,
+        lane: spec.priority,
+        due_at: due_at.map_or(now, bson_time),
+        lease_until: now,
+        lease_token: None,
+        created_at: now,
+        also: Vec::new(),
+    };
+    (notification, outbox)
 }

@@ -7,8 +7,8 @@ use mongodb::Collection;
 use serde::{Deserialize, Serialize};
 
 use super::{is_duplicate_key, now, NotificationDoc, OutboxDoc, RecipientsDoc, Store};
+use crate::domain::plan::{MisfirePolicy, RunKind};
 use crate::domain::{Channel, Priority};
-use crate::scheduler::plan::{MisfirePolicy, RunKind};
 
 pub(super) const SCHEDULES: &str = "schedules";
 pub(super) const RUNS: &str = "schedule_runs";

@@ -7,12 +7,12 @@ use mongodb::bson::{self, DateTime, Document};
 use serde_json::{json, Value};
 use tracing::instrument;
 
-use super::enrich::EnrichError;
 use super::Shared;
 use crate::app::Context;
 use crate::channels::{DeliveryError, Destination, OutboundMessage, Provider};
 use crate::domain::preferences::{Preferences, Verdict};
 use crate::domain::{Channel, DeliveryStatus, Priority};
+use crate::enrich::EnrichError;
 use crate::store::{
     AttemptDoc, ClaimDoc, DeliveryClaim, DeliveryDoc, NotificationDoc, Outcome, Precondition,
     Retry, UserDoc,
@@ -274,7 +274,7 @@ pub async fn deliver(
             let mut later = outcome(DeliveryStatus::Retrying, "enrichment_unavailable", None);
             later.retry = Some(backoff(ctx, d.attempt_count + 1, d.priority, None));
             committer.call(later).await?;
-            ctx.outbox_wake.notify_one();
+            ctx.relay.wake();
             return Ok(());
         }
     };
@@ -308,7 +308,7 @@ pub async fn deliver(
                 not_before: Some(crate::store::bson_time(until)),
             });
             committer.call(deferred).await?;
-            ctx.outbox_wake.notify_one();
+            ctx.relay.wake();
             return Ok(());
         }
     }
@@ -394,7 +394,7 @@ pub async fn deliver(
                 retry: Some(backoff(ctx, attempt_number, d.priority, *retry_after)),
             })
             .await?;
-        ctx.outbox_wake.notify_one();
+        ctx.relay.wake();
         return Ok(());
     }
     let (status, reason, provider_name, error, response, retry) = match result {
@@ -466,7 +466,7 @@ pub async fn deliver(
         })
         .await?;
     if retry.is_some() {
-        ctx.outbox_wake.notify_one();
+        ctx.relay.wake();
     }
     Ok(())
 }

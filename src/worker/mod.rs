@@ -3,7 +3,6 @@
 pub mod committer;
 pub mod deliver;
 pub mod dispatch;
-pub mod enrich;
 pub mod gate;
 
 use std::sync::Arc;

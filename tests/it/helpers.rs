@@ -179,8 +179,8 @@ pub fn greeting_to_u1(
     priority: herald::domain::Priority,
     note: &str,
 ) -> (herald::store::NotificationDoc, herald::store::OutboxDoc) {
-    herald::ingest::new_notification(
-        herald::ingest::NotificationSpec {
+    herald::store::new_notification(
+        herald::store::NotificationSpec {
             event_id: None,
             event_type: "greeting".into(),
             priority,

@@ -216,13 +216,15 @@ async fn an_event_handed_to_a_relay_that_died_is_published_by_another_once_its_l
         br#"{"event_type": "greeting", "channels": ["email"],
              "recipients": {"user_ids": ["u1"]}, "payload": {"note": "late"}}"#,
         None,
-        other.event_limits(),
+        other.intake.limits(),
     )
     .expect("event");
-    let accepted = herald::ingest::accept(&other, event, "test")
+    let accepted = other
+        .intake
+        .accept_event(event, "test")
         .await
         .expect("accepted");
-    let herald::store::Accepted::New(n) = accepted else {
+    let herald::ingest::AcceptedAs::Notification(herald::store::Accepted::New(n)) = accepted else {
         panic!("a new notification")
     };
     let entry = app
@@ -257,7 +259,7 @@ async fn a_group_commit_writes_one_outbox_entry_per_lane_and_each_of_its_notific
         .enumerate()
         .map(|(i, priority)| {
             let (n, mut o) = greeting_to_u1(priority, &format!("n{i}"));
-            assert!(other.handoff.lease(&other, &mut o), "leased to the relay");
+            assert!(other.relay.lease(&mut o), "leased to the relay");
             (n, o)
         })
         .collect();
@@ -312,10 +314,12 @@ async fn app_and_a_dead_relay() -> (crate::helpers::TestApp, herald::app::Contex
     let other = herald::app::Context::build((*app.ctx.settings).clone())
         .await
         .expect("context");
-    let relay = tokio::spawn(herald::outbox::run(
-        other.clone(),
-        tokio_util::sync::CancellationToken::new(),
-    ));
+    let relay = tokio::spawn(
+        other
+            .relay
+            .clone()
+            .run(tokio_util::sync::CancellationToken::new()),
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     relay.abort();
     let _ = relay.await;

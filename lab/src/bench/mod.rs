@@ -18,8 +18,8 @@ use herald::app::Context;
 
 use crate::db::LabDb;
 use herald::config::Settings;
+use herald::domain::plan::MisfirePolicy;
 use herald::domain::Priority;
-use herald::scheduler::plan::MisfirePolicy;
 use herald::store::{RecipientsDoc, ScheduleDoc, ScheduleStatus, UserDoc};
 
 /// p-th percentile (nearest rank) of sorted values.

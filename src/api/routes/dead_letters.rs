@@ -88,7 +88,7 @@ pub async fn replay(
         .replay_dead_letter(&id)
         .await?
         .ok_or_else(|| ApiError::not_found("pending dead letter", &id))?;
-    ctx.outbox_wake.notify_one();
+    ctx.relay.wake();
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({"replayed": 1, "delivery_id": letter.id})),
@@ -117,6 +117,6 @@ pub async fn replay_many(
             replayed += 1;
         }
     }
-    ctx.outbox_wake.notify_one();
+    ctx.relay.wake();
     Ok((StatusCode::ACCEPTED, Json(json!({"replayed": replayed}))))
 }

@@ -9,7 +9,7 @@ use serde_json::json;
 use crate::api::error::{read_body, ApiError, BodyLimit};
 use crate::app::Context;
 use crate::domain::event::{parse_event, EventError};
-use crate::ingest::{accept_event, AcceptError, Intake};
+use crate::ingest::{AcceptError, AcceptedAs};
 use crate::store::Accepted;
 
 impl From<EventError> for ApiError {
@@ -60,8 +60,8 @@ pub async fn post_event(
     };
     let key = key.map(str::to_owned);
     let body = read_body(req, limit.0).await?;
-    let event = parse_event(&body, key.as_deref(), ctx.event_limits())?;
-    if let Err(waiting) = ctx.backlog.admit(&ctx).await {
+    let event = parse_event(&body, key.as_deref(), ctx.intake.limits())?;
+    if let Err(waiting) = ctx.intake.admit().await {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "overloaded",
@@ -72,10 +72,10 @@ pub async fn post_event(
         )
         .retry_after(OVERLOAD_RETRY_SECS));
     }
-    let (status, n) = match accept_event(&ctx, event, "api").await? {
-        Intake::Notification(Accepted::New(n)) => (StatusCode::ACCEPTED, n),
-        Intake::Notification(Accepted::Duplicate(n)) => (StatusCode::OK, n),
-        Intake::Schedule { schedule, created } => {
+    let (status, n) = match ctx.intake.accept_event(event, "api").await? {
+        AcceptedAs::Notification(Accepted::New(n)) => (StatusCode::ACCEPTED, n),
+        AcceptedAs::Notification(Accepted::Duplicate(n)) => (StatusCode::OK, n),
+        AcceptedAs::Schedule { schedule, created } => {
             let status = if created {
                 StatusCode::CREATED
             } else {

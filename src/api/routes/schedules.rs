@@ -12,10 +12,10 @@ use serde_json::{json, Value};
 use super::rfc3339;
 use crate::api::error::{ApiError, JsonBody, QueryParams};
 use crate::app::Context;
+use crate::domain::cron::{parse_tz, CronSpec};
 use crate::domain::FieldError;
+use crate::ingest::schedule::{self as definition, parse_schedule, ScheduleError, ScheduleInput};
 use crate::scheduler as sched;
-use crate::scheduler::cron::{parse_tz, CronSpec};
-use crate::scheduler::definition::{self, parse_schedule, ScheduleError, ScheduleInput};
 use crate::store::{RecipientsDoc, ScheduleDoc, ScheduleStatus};
 
 impl From<ScheduleError> for ApiError {
@@ -122,7 +122,7 @@ pub async fn create(
     JsonBody(body): JsonBody<Value>,
 ) -> Result<Response, ApiError> {
     let input = parse_schedule(&body)?;
-    definition::check_references(&ctx, &input).await?;
+    definition::check_references(&ctx.store, &ctx.templates, &input).await?;
     let doc = definition::to_document(&input, None, None, Utc::now())?;
     ctx.store.insert_schedule(&doc).await?;
     ctx.schedule_wake.notify_one();
@@ -196,7 +196,7 @@ pub async fn patch(
         merged[k] = v.clone();
     }
     let input = parse_schedule(&merged)?;
-    definition::check_references(&ctx, &input).await?;
+    definition::check_references(&ctx.store, &ctx.templates, &input).await?;
     // A retired schedule whose new cron or end_at has slots left becomes active again.
     let doc = definition::to_document(&input, Some(&existing), None, Utc::now())?;
     let stored = ctx

@@ -4,15 +4,16 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use serde_json::{Map, Value};
 
-use super::cron::{parse_tz, CronSpec};
-use super::plan::{first_slot, MisfirePolicy};
-use crate::app::Context;
+use crate::domain::cron::{parse_tz, CronSpec};
 use crate::domain::event::{
     parse_channels, parse_recipients, parse_time, Recipients, RecurringSpec,
 };
+use crate::domain::plan::{first_slot, MisfirePolicy};
 use crate::domain::{Channel, EventType, FieldError, Priority};
-use crate::ingest::payload_document;
-use crate::store::{bson_time, RecipientsDoc, ScheduleDoc, ScheduleStatus};
+use crate::store::{
+    bson_time, payload_document, RecipientsDoc, ScheduleDoc, ScheduleStatus, Store,
+};
+use crate::templates::Templates;
 
 /// A validated schedule definition.
 #[derive(Debug, Clone)]
@@ -247,13 +248,17 @@ pub fn from_event(
 
 /// Checks what only the database and templates can tell: the group exists and the
 /// event type has a template for every channel it will use.
-pub async fn check_references(ctx: &Context, input: &ScheduleInput) -> Result<(), ScheduleError> {
+pub async fn check_references(
+    store: &Store,
+    templates: &Templates,
+    input: &ScheduleInput,
+) -> Result<(), ScheduleError> {
     if let Some(g) = &input.recipients.group_id {
-        if ctx.store.get_group(g.as_str()).await?.is_none() {
+        if store.get_group(g.as_str()).await?.is_none() {
             return Err(ScheduleError::UnknownGroup(g.to_string()));
         }
     }
-    let available = ctx.templates.channels_for(input.event_type.as_str());
+    let available = templates.channels_for(input.event_type.as_str());
     match &input.channels {
         None if available.is_empty() => Err(ScheduleError::TemplateMissing(
             input.event_type.to_string(),
@@ -283,10 +288,8 @@ pub fn to_document(
     event_id: Option<String>,
     now: DateTime<Utc>,
 ) -> Result<ScheduleDoc, ScheduleError> {
-    let payload = payload_document(&input.payload).map_err(|e| match e {
-        crate::ingest::AcceptError::Invalid(d) => ScheduleError::Invalid("validation_failed", d),
-        other => ScheduleError::Store(anyhow::anyhow!("{other}")),
-    })?;
+    let payload = payload_document(&input.payload)
+        .map_err(|d| ScheduleError::Invalid("validation_failed", d))?;
     // A slot that already fired is never offered again.
     let from = existing
         .and_then(|s| s.last_fire_at)
