@@ -55,6 +55,9 @@ fn metrics_op(ctx: &Context) -> Op {
 }
 
 /// Every route with its scope and documentation (see `spec`), and the spec itself.
+///
+/// Long on purpose: this is the route table, one entry per route, read top to bottom
+/// like the API reference it generates; split up, no single place would list the API.
 pub fn routes(ctx: &Context, auth: Arc<Auth>) -> (Router<Context>, Value) {
     Api::new(auth)
         .get(

@@ -116,6 +116,9 @@ struct RawEvent {
 }
 
 /// Parses and validates an event body. `idempotency_key` is the REST header, if any.
+///
+/// Long on purpose: it checks every field of both accepted formats in one pass and
+/// collects every problem, so a client learns all that is wrong with a body at once.
 pub fn parse_event(
     body: &[u8],
     idempotency_key: Option<&str>,

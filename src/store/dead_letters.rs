@@ -6,7 +6,8 @@ use mongodb::options::ReturnDocument;
 use mongodb::{ClientSession, Collection};
 use serde::{Deserialize, Serialize};
 
-use super::{now, DeliveryDoc, OutboxDoc, StatMoves, Store};
+use super::stats::StatMoves;
+use super::{now, DeliveryDoc, OutboxDoc, Store};
 use crate::domain::{Channel, DeliveryStatus};
 
 pub(super) const DEAD_LETTERS: &str = "dead_letters";

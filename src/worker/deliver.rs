@@ -7,6 +7,7 @@ use mongodb::bson::{self, DateTime, Document};
 use serde_json::{json, Value};
 use tracing::instrument;
 
+use super::committer::Committer;
 use super::Shared;
 use crate::app::Context;
 use crate::channels::{DeliveryError, Destination, OutboundMessage, Provider};
@@ -218,7 +219,6 @@ pub async fn deliver(
     delivery_id: &str,
     redelivered: bool,
 ) -> anyhow::Result<()> {
-    let committer = &shared.commits;
     let Some(d) = shared
         .deliveries
         .call(delivery_id.to_owned())
@@ -234,10 +234,58 @@ pub async fn deliver(
             tracing::debug!(status = s.as_str(), "already final; acking without sending");
             return Ok(());
         }
-        DeliveryStatus::Sending => return resolve_sending(ctx, committer, &d, redelivered).await,
+        DeliveryStatus::Sending => {
+            return resolve_sending(ctx, &shared.commits, &d, redelivered).await
+        }
         other => other,
     };
-    let outcome = |status, reason: &str, attempt| Outcome {
+    let (destination, content) = match prepare(ctx, shared, &d).await? {
+        Prepared::Send {
+            destination,
+            content,
+        } => (destination, content),
+        Prepared::Decided(outcome) => return settle(ctx, &shared.commits, *outcome).await,
+        Prepared::Nothing => return Ok(()),
+    };
+    let claim = DeliveryClaim {
+        delivery_id: d.id.clone(),
+        from,
+        worker: ctx.instance.clone(),
+    };
+    let Some(attempt_id) = shared.claims.call(claim).await? else {
+        tracing::debug!("another worker holds this delivery");
+        return Ok(());
+    };
+    send(ctx, shared, &d, attempt_id, destination, content).await
+}
+
+/// What a delivery comes to before any provider is called.
+enum Prepared {
+    /// Ready to claim and send.
+    Send {
+        destination: Destination,
+        content: Rendered,
+    },
+    /// Decided without sending: skipped, deferred, failed to render, or retried later.
+    Decided(Box<Outcome>),
+    /// Nothing to record (its notification is gone).
+    Nothing,
+}
+
+/// Commits an outcome decided without a provider call, and wakes the relay for one that
+/// comes back later.
+async fn settle(ctx: &Context, committer: &Committer, outcome: Outcome) -> anyhow::Result<()> {
+    let later = outcome.retry.is_some();
+    committer.call(outcome).await?;
+    if later {
+        ctx.relay.wake();
+    }
+    Ok(())
+}
+
+/// An outcome of `d` decided before any provider call.
+fn unclaimed(d: &DeliveryDoc, status: DeliveryStatus, reason: &str) -> Outcome {
+    Outcome {
         delivery_id: d.id.clone(),
         notification_id: d.notification_id.clone(),
         channel: d.channel,
@@ -245,10 +293,14 @@ pub async fn deliver(
         status,
         reason: Some(reason.to_owned()),
         provider: None,
-        attempt,
+        attempt: None,
         retry: None,
-    };
+    }
+}
 
+/// The recipient and the notification (enriched), the address, the recipient's
+/// preferences and the rendered message: everything a send needs, or why there is none.
+async fn prepare(ctx: &Context, shared: &Shared, d: &DeliveryDoc) -> anyhow::Result<Prepared> {
     let enriched = match shared.notifications.get(ctx, &d.notification_id).await {
         Ok(n) => match shared
             .users
@@ -271,52 +323,48 @@ pub async fn deliver(
         Err(EnrichError::Unavailable(why)) => {
             // The source is down: come back later, with backoff, without spending an attempt.
             tracing::warn!(reason = %why, "enrichment unavailable; retrying later");
-            let mut later = outcome(DeliveryStatus::Retrying, "enrichment_unavailable", None);
+            let mut later = unclaimed(d, DeliveryStatus::Retrying, "enrichment_unavailable");
             later.retry = Some(backoff(ctx, d.attempt_count + 1, d.priority, None));
-            committer.call(later).await?;
-            ctx.relay.wake();
-            return Ok(());
+            return Ok(Prepared::Decided(Box::new(later)));
         }
     };
     let Some(n) = n else {
         tracing::warn!("delivery of an unknown notification; dropping it");
-        return Ok(());
+        return Ok(Prepared::Nothing);
+    };
+    let skipped = |reason| {
+        let outcome = unclaimed(d, DeliveryStatus::Skipped, reason);
+        Ok(Prepared::Decided(Box::new(outcome)))
     };
     let Some(user) = user else {
-        return committer
-            .call(outcome(DeliveryStatus::Skipped, "unknown_user", None))
-            .await;
+        return skipped("unknown_user");
     };
-    let Some(dest) = destination(ctx, &d.event_type, d.channel, &user) else {
-        return committer
-            .call(outcome(DeliveryStatus::Skipped, "no_address", None))
-            .await;
+    let Some(destination) = destination(ctx, &d.event_type, d.channel, &user) else {
+        return skipped("no_address");
     };
-    match policy_verdict(ctx, &d, &user) {
+    match policy_verdict(ctx, d, &user) {
         Verdict::Send => {}
-        Verdict::Skip(reason) => {
-            return committer
-                .call(outcome(DeliveryStatus::Skipped, reason, None))
-                .await;
-        }
+        Verdict::Skip(reason) => return skipped(reason),
         Verdict::DeferUntil(until) => {
-            let mut deferred = outcome(DeliveryStatus::Deferred, "quiet_hours", None);
+            let mut deferred = unclaimed(d, DeliveryStatus::Deferred, "quiet_hours");
             deferred.retry = Some(Retry {
                 delay_ms: 0,
                 retry_number: 0,
                 lane: d.priority,
                 not_before: Some(crate::store::bson_time(until)),
             });
-            committer.call(deferred).await?;
-            ctx.relay.wake();
-            return Ok(());
+            return Ok(Prepared::Decided(Box::new(deferred)));
         }
     }
-    let content = match render(ctx, &d, &n, &user) {
-        Ok(c) => c,
+    match render(ctx, d, &n, &user) {
+        Ok(content) => Ok(Prepared::Send {
+            destination,
+            content,
+        }),
         Err(e) => {
             let now = DateTime::now();
-            let attempt = AttemptDoc {
+            let mut failed = unclaimed(d, DeliveryStatus::Failed, e.reason());
+            failed.attempt = Some(AttemptDoc {
                 attempt_id: uuid::Uuid::new_v4().to_string(),
                 provider: None,
                 started_at: now,
@@ -325,27 +373,25 @@ pub async fn deliver(
                 status: DeliveryStatus::Failed,
                 error: Some(e.to_string()),
                 response: None,
-            };
-            return committer
-                .call(outcome(DeliveryStatus::Failed, e.reason(), Some(attempt)))
-                .await;
+            });
+            Ok(Prepared::Decided(Box::new(failed)))
         }
-    };
+    }
+}
 
-    let claim = DeliveryClaim {
-        delivery_id: d.id.clone(),
-        from,
-        worker: ctx.instance.clone(),
-    };
-    let Some(attempt_id) = shared.claims.call(claim).await? else {
-        tracing::debug!("another worker holds this delivery");
-        return Ok(());
-    };
+/// Calls the channel's providers under the claim `attempt_id` and commits what they
+/// answered, with the attempt.
+async fn send(
+    ctx: &Context,
+    shared: &Shared,
+    d: &DeliveryDoc,
+    attempt_id: String,
+    destination: Destination,
+    content: Rendered,
+) -> anyhow::Result<()> {
     // SMS is length-checked: the log says how many segments it cost.
     let segments = match &content {
-        crate::templates::Rendered::Sms { text } => {
-            Some(crate::templates::sms_segments(text) as i32)
-        }
+        Rendered::Sms { text } => Some(crate::templates::sms_segments(text) as i32),
         _ => None,
     };
     let provider = ctx.channels.provider(d.channel);
@@ -356,7 +402,7 @@ pub async fn deliver(
     let result = provider
         .send(&OutboundMessage {
             delivery_id: d.id.clone(),
-            destination: dest,
+            destination,
             content,
         })
         .await;
@@ -376,44 +422,82 @@ pub async fn deliver(
             .await?;
     }
     let attempt_number = d.attempt_count + 1;
+    let claimed = |status, reason: &str, retry| Outcome {
+        delivery_id: d.id.clone(),
+        notification_id: d.notification_id.clone(),
+        channel: d.channel,
+        precondition: Precondition::Claimed {
+            attempt_id: attempt_id.clone(),
+        },
+        status,
+        reason: Some(reason.to_owned()),
+        provider: None,
+        attempt: None,
+        retry,
+    };
     if let Err(DeliveryError::CircuitOpen { retry_after, .. }) = &result {
         // Nothing was sent nor attempted: the delivery waits for the soonest trial (or,
         // while one is under way, a backoff) without spending an attempt, so an outage
         // longer than its attempts' backoff does not turn it dead unsent.
         tracing::debug!(wait = ?retry_after, "every provider's circuit breaker is open");
-        committer
-            .call(Outcome {
-                delivery_id: d.id.clone(),
-                notification_id: d.notification_id.clone(),
-                channel: d.channel,
-                precondition: Precondition::Claimed { attempt_id },
-                status: DeliveryStatus::Retrying,
-                reason: Some("circuit_open".to_owned()),
-                provider: None,
-                attempt: None,
-                retry: Some(backoff(ctx, attempt_number, d.priority, *retry_after)),
-            })
-            .await?;
-        ctx.relay.wake();
-        return Ok(());
+        let retry = backoff(ctx, attempt_number, d.priority, *retry_after);
+        let waits = claimed(DeliveryStatus::Retrying, "circuit_open", Some(retry));
+        return settle(ctx, &shared.commits, waits).await;
     }
-    let (status, reason, provider_name, error, response, retry) = match result {
+    let answered = answer(ctx, d, attempt_number, result, segments);
+    let mut outcome = claimed(answered.status, "", answered.retry);
+    outcome.reason = answered.reason;
+    outcome.provider = Some(answered.provider.clone());
+    outcome.attempt = Some(AttemptDoc {
+        attempt_id: attempt_id.clone(),
+        provider: Some(answered.provider),
+        started_at,
+        finished_at: DateTime::now(),
+        duration_ms,
+        status: answered.status,
+        error: answered.error,
+        response: answered.response,
+    });
+    settle(ctx, &shared.commits, outcome).await
+}
+
+/// What a provider's answer makes of a delivery.
+struct Answered {
+    status: DeliveryStatus,
+    reason: Option<String>,
+    provider: String,
+    error: Option<String>,
+    response: Option<Document>,
+    retry: Option<Retry>,
+}
+
+/// A provider's answer as the delivery's new status: `sent`; `retrying` while attempts
+/// are left for a transient failure; else `dead` (retries exhausted) or `failed`
+/// (rejected, or an unknown outcome, which is never sent again blindly).
+fn answer(
+    ctx: &Context,
+    d: &DeliveryDoc,
+    attempt_number: i32,
+    result: Result<crate::channels::Receipt, DeliveryError>,
+    segments: Option<i32>,
+) -> Answered {
+    match result {
         Ok(mut r) => {
             if let Some(n) = segments {
                 r.response.insert("segments", n);
             }
-            (
-                DeliveryStatus::Sent,
-                None,
-                r.provider,
-                None,
-                Some(r.response),
-                None,
-            )
+            Answered {
+                status: DeliveryStatus::Sent,
+                reason: None,
+                provider: r.provider,
+                error: None,
+                response: Some(r.response),
+                retry: None,
+            }
         }
         Err(e) => {
             tracing::warn!(error = %e, attempt = attempt_number, "provider failed");
-            let (status, reason, retry) = match next_attempt(ctx, &d, attempt_number, &e) {
+            let (status, reason, retry) = match next_attempt(ctx, d, attempt_number, &e) {
                 Some(retry) => (
                     DeliveryStatus::Retrying,
                     "provider_unavailable",
@@ -431,44 +515,16 @@ pub async fn deliver(
                     }
                 },
             };
-            (
+            Answered {
                 status,
-                Some(reason.to_owned()),
-                e.provider().to_owned(),
-                Some(e.message().to_owned()),
-                None,
+                reason: Some(reason.to_owned()),
+                provider: e.provider().to_owned(),
+                error: Some(e.message().to_owned()),
+                response: None,
                 retry,
-            )
+            }
         }
-    };
-    committer
-        .call(Outcome {
-            delivery_id: d.id.clone(),
-            notification_id: d.notification_id.clone(),
-            channel: d.channel,
-            precondition: Precondition::Claimed {
-                attempt_id: attempt_id.clone(),
-            },
-            status,
-            reason,
-            provider: Some(provider_name.clone()),
-            attempt: Some(AttemptDoc {
-                attempt_id,
-                provider: Some(provider_name),
-                started_at,
-                finished_at: DateTime::now(),
-                duration_ms,
-                status,
-                error,
-                response,
-            }),
-            retry,
-        })
-        .await?;
-    if retry.is_some() {
-        ctx.relay.wake();
     }
-    Ok(())
 }
 
 /// The retry of a transient failure, if attempts are left: exponential backoff from

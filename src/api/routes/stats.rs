@@ -12,7 +12,8 @@ use super::rfc3339;
 use crate::api::error::{ApiError, QueryParams};
 use crate::app::Context;
 use crate::domain::FieldError;
-use crate::store::{floor_hour, StatDimension};
+use crate::store::stats::floor_hour;
+use crate::store::StatDimension;
 
 const PERCENTILES: [(f64, &str); 3] = [(0.5, "p50"), (0.9, "p90"), (0.99, "p99")];
 
