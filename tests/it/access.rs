@@ -270,6 +270,11 @@ async fn a_process_told_to_stop_drains_and_exits_cleanly() {
         .env("AMQP_URL", crate::helpers::amqp_url())
         .env("HERALD__MONGODB__DATABASE", app.ctx.store.database_name())
         .env("HERALD__AMQP__PREFIX", app.ctx.broker.names().prefix())
+        // The same retry tiers as the test app's, so its clean-up deletes them all.
+        .env(
+            "HERALD__WORKER__MAX_ATTEMPTS",
+            app.ctx.settings.worker.max_attempts.to_string(),
+        )
         .env("HERALD__SERVER__BIND", format!("127.0.0.1:{port}"))
         .env("HERALD__EMAIL__FILE_DIR", files.join("email"))
         .env("HERALD__SMS__RECORD_DIR", &files)
