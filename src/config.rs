@@ -254,6 +254,10 @@ pub struct SmtpSettings {
     pub password: Secret,
     pub pool_max_size: u32,
     pub timeout_secs: u64,
+    /// A certificate authority (PEM) to trust for the server's certificate besides the
+    /// system's: a relay with a certificate from a private authority.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// External profile and content services (the local collections come first).

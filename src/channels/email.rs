@@ -34,13 +34,15 @@ pub fn build(settings: &EmailSettings) -> anyhow::Result<Box<dyn Provider>> {
             let credentials = (!s.username.is_empty())
                 .then(|| Credentials::new(s.username.clone(), s.password.expose().to_owned()));
             let timeout = Duration::from_secs(s.timeout_secs);
-            if s.security != SmtpSecurity::None {
-                TlsParameters::new(s.host.clone()).context("email.smtp.host: TLS setup")?;
-            }
+            let tls = match s.security {
+                SmtpSecurity::None => None,
+                SmtpSecurity::Starttls | SmtpSecurity::Tls => Some(tls_parameters(s)?),
+            };
             let pool = SmtpPool::new(
                 &s.host,
                 s.port,
                 s.security,
+                tls,
                 credentials,
                 timeout,
                 s.pool_max_size as usize,
@@ -48,6 +50,20 @@ pub fn build(settings: &EmailSettings) -> anyhow::Result<Box<dyn Provider>> {
             Box::new(SmtpEmail { from, pool })
         }
     })
+}
+
+/// How the server's certificate is checked: the system's authorities, plus
+/// `email.smtp.ca_file` when set.
+fn tls_parameters(s: &crate::config::SmtpSettings) -> anyhow::Result<TlsParameters> {
+    let mut builder = TlsParameters::builder(s.host.clone());
+    if let Some(path) = &s.ca_file {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("reading email.smtp.ca_file {}", path.display()))?;
+        let ca = lettre::transport::smtp::client::Certificate::from_pem(&pem)
+            .context("email.smtp.ca_file: not a PEM certificate")?;
+        builder = builder.add_root_certificate(ca);
+    }
+    builder.build().context("email.smtp: TLS setup")
 }
 
 /// `X-Herald-Delivery-Id`: which delivery a message is, so a recipient's mail server

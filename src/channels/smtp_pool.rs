@@ -51,6 +51,8 @@ pub struct SmtpPool {
     host: String,
     port: u16,
     security: SmtpSecurity,
+    /// For `starttls` and `tls`: how the server's certificate is checked.
+    tls: Option<TlsParameters>,
     credentials: Option<Credentials>,
     timeout: Duration,
     hello: ClientId,
@@ -63,6 +65,7 @@ impl SmtpPool {
         host: &str,
         port: u16,
         security: SmtpSecurity,
+        tls: Option<TlsParameters>,
         credentials: Option<Credentials>,
         timeout: Duration,
         max_size: usize,
@@ -71,6 +74,7 @@ impl SmtpPool {
             host: host.to_owned(),
             port,
             security,
+            tls,
             credentials,
             timeout,
             hello: ClientId::default(),
@@ -145,15 +149,22 @@ impl SmtpPool {
     }
 
     async fn connect(&self) -> Result<AsyncSmtpConnection, PoolError> {
+        let tls = || {
+            self.tls.clone().ok_or_else(|| {
+                PoolError::Connect(
+                    self.host.clone(),
+                    std::io::Error::other("no TLS parameters"),
+                )
+            })
+        };
         let mut conn = if self.security == SmtpSecurity::Tls {
             // Implicit TLS (port 465): lettre sets up the TLS stream itself, where
             // `TCP_NODELAY` cannot be set; the classification of failures is the same.
-            let tls = TlsParameters::new(self.host.clone())?;
             AsyncSmtpConnection::connect_tokio1(
                 (self.host.as_str(), self.port),
                 Some(self.timeout),
                 &self.hello,
-                Some(tls),
+                Some(tls()?),
                 None,
             )
             .await?
@@ -168,8 +179,7 @@ impl SmtpPool {
             AsyncSmtpConnection::connect_with_transport(Box::new(stream), &self.hello).await?
         };
         if self.security == SmtpSecurity::Starttls {
-            conn.starttls(TlsParameters::new(self.host.clone())?, &self.hello)
-                .await?;
+            conn.starttls(tls()?, &self.hello).await?;
         }
         if let Some(credentials) = &self.credentials {
             conn.auth(&[Mechanism::Plain, Mechanism::Login], credentials)

@@ -261,3 +261,52 @@ async fn a_handler_that_panics_settles_its_message_and_the_lane_goes_on() {
     let _ = consumer.await;
     app.stop().await;
 }
+
+/// A relay that takes the message and then loses the connection before answering: the
+/// send's outcome is unknown, so it is recorded `failed`/`outcome_unknown` and never sent
+/// again — over plain SMTP and over implicit TLS alike.
+#[tokio::test]
+async fn a_connection_lost_after_the_message_went_out_is_outcome_unknown_over_plain_and_implicit_tls(
+) {
+    for tls in [false, true] {
+        let (server, ca) = if tls {
+            let (server, ca) = herald_testbed::SmtpServer::start_tls()
+                .await
+                .expect("tls smtp");
+            (server, Some(ca))
+        } else {
+            let server = herald_testbed::SmtpServer::start().await.expect("smtp");
+            (server, None)
+        };
+        server.set_cut_after_data(true);
+        let ca_file = std::env::temp_dir().join(format!("herald-ca-{}.pem", server.port));
+        let mut env = vec![
+            ("HERALD__EMAIL__SMTP__PORT".into(), server.port.to_string()),
+            ("HERALD__EMAIL__SMTP__TIMEOUT_SECS".into(), "5".into()),
+        ];
+        if let Some(ca) = &ca {
+            std::fs::write(&ca_file, ca).expect("ca file");
+            env.push(("HERALD__EMAIL__SMTP__SECURITY".into(), "tls".into()));
+            env.push((
+                "HERALD__EMAIL__SMTP__CA_FILE".into(),
+                ca_file.display().to_string(),
+            ));
+        }
+        let app = crate::helpers::spawn_app_with(crate::helpers::TestOptions {
+            env,
+            ..Default::default()
+        })
+        .await;
+        let nid = one_email(&app).await;
+        let n = app.wait_finished(&nid, 30).await;
+        assert_eq!(n["counts"]["failed"], 1, "tls={tls}: {n}");
+        let d = only_delivery(&app, &nid).await;
+        assert_eq!(d["status"], "failed", "tls={tls}: {d}");
+        assert_eq!(d["reason"], "outcome_unknown", "tls={tls}: {d}");
+        // Past the retry backoff: the message the relay took is not sent again.
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        assert_eq!(server.mails().len(), 1, "tls={tls}: sent exactly once");
+        let _ = std::fs::remove_file(&ca_file);
+        app.stop().await;
+    }
+}

@@ -4,8 +4,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 
 /// A message as the server received it.
@@ -44,6 +44,9 @@ struct State {
     storm: Option<String>,
     /// Connections idle for longer than this are closed by the server.
     idle_close: Option<Duration>,
+    /// While set, a message is recorded and then the connection is closed with no reply:
+    /// the client cannot know whether it was taken.
+    cut_after_data: bool,
     last_arrival: Option<Instant>,
 }
 
@@ -60,6 +63,19 @@ pub struct SmtpServer {
 
 impl SmtpServer {
     pub async fn start() -> std::io::Result<Self> {
+        Self::serve(None).await
+    }
+
+    /// The same server speaking implicit TLS (SMTPS, as on port 465) for `127.0.0.1` and
+    /// `localhost`, with a certificate from a certificate authority made for it; returns
+    /// the authority's certificate (PEM) for the client to trust.
+    pub async fn start_tls() -> std::io::Result<(Self, String)> {
+        let (config, ca_pem) = tls_config().map_err(std::io::Error::other)?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        Ok((Self::serve(Some(acceptor)).await?, ca_pem))
+    }
+
+    async fn serve(tls: Option<tokio_rustls::TlsAcceptor>) -> std::io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let server = Self {
             port: listener.local_addr()?.port(),
@@ -70,9 +86,15 @@ impl SmtpServer {
         let s = server.clone();
         tokio::spawn(async move {
             while let Ok((sock, _)) = listener.accept().await {
-                let s = s.clone();
+                let (s, tls) = (s.clone(), tls.clone());
                 tokio::spawn(async move {
-                    let _ = s.session(sock).await;
+                    let _ = match tls {
+                        Some(acceptor) => match acceptor.accept(sock).await {
+                            Ok(stream) => s.session(stream).await,
+                            Err(e) => Err(e),
+                        },
+                        None => s.session(sock).await,
+                    };
                 });
             }
         });
@@ -83,13 +105,16 @@ impl SmtpServer {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn session(&self, sock: TcpStream) -> std::io::Result<()> {
+    async fn session<S>(&self, sock: S) -> std::io::Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
         let mut hang = self.hang.subscribe();
         // Held without a greeting until the hang ends (or the client gives up).
         if hang.wait_for(|h| !*h).await.is_err() {
             return Ok(());
         }
-        let (r, mut w) = sock.into_split();
+        let (r, mut w) = tokio::io::split(sock);
         let mut lines = BufReader::new(r);
         w.write_all(b"220 herald-test ESMTP\r\n").await?;
         let (mut from, mut to) = (String::new(), Vec::new());
@@ -169,6 +194,9 @@ impl SmtpServer {
                     s.last_arrival = Some(Instant::now());
                 }
                 self.arrived.notify_waiters();
+                if self.lock().cut_after_data {
+                    return Ok(());
+                }
                 b"250 OK queued\r\n"
             } else if upper == "RSET" {
                 to.clear();
@@ -199,6 +227,11 @@ impl SmtpServer {
     }
 
     /// While true, new connections wait without a greeting.
+    /// While set, each message is recorded, then its connection closed without a reply.
+    pub fn set_cut_after_data(&self, cut: bool) {
+        self.lock().cut_after_data = cut;
+    }
+
     pub fn set_hang(&self, hang: bool) {
         self.hang.send_replace(hang);
     }
@@ -246,4 +279,27 @@ impl SmtpServer {
             }
         }
     }
+}
+
+/// A server configuration for `127.0.0.1` and `localhost`, signed by a certificate
+/// authority made on the spot, and that authority's certificate (PEM).
+fn tls_config() -> Result<(rustls::ServerConfig, String), Box<dyn std::error::Error + Send + Sync>>
+{
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "herald test authority");
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let key = rcgen::KeyPair::generate()?;
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?
+        .signed_by(&key, &ca_cert, &ca_key)?;
+    let der_key = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der())?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(vec![leaf.der().clone()], der_key)?;
+    Ok((config, ca_cert.pem()))
 }
