@@ -12,27 +12,30 @@ use crate::ingest::Intake;
 use crate::metrics::Metrics;
 use crate::outbox::Relay;
 use crate::queue::Broker;
+use crate::scheduler::Scheduler;
 use crate::store::{Store, TemplatesVersion};
 use crate::templates::{part_name, Origin, PartSource, Templates};
+use crate::worker::{Worker, WorkerConfig};
 
-/// Clients and shared state, built once at start and cloned cheaply (everything is behind `Arc`).
+/// Everything a process runs with, built once at start (the startup module) and cloned
+/// cheaply: the roles take their handles from it (`intake`, `relay`, `scheduler`,
+/// `worker`); the API's handlers, which between them use nearly every client, take it
+/// whole as their state.
 #[derive(Clone)]
 pub struct Context {
     pub settings: Arc<Settings>,
     pub store: Store,
     pub broker: Arc<Broker>,
     pub templates: Arc<Templates>,
-    pub channels: Channels,
-    pub enricher: Arc<Enricher>,
     pub metrics: Arc<Metrics>,
     /// This process's outbox relay: woken by outbox writes, handed accepted entries.
     pub relay: Relay,
-    /// Wakes this process's scheduler when a schedule changes here.
-    pub schedule_wake: Arc<Notify>,
+    /// Fires campaigns; woken when a schedule changes here.
+    pub scheduler: Scheduler,
+    /// Dispatches and delivers.
+    pub worker: Worker,
     /// Accepting events (REST and the exchange share it).
     pub intake: Intake,
-    /// Names this process in delivery claims (host:pid:random).
-    pub instance: String,
     /// The stored templates this process has applied.
     templates_seen: Arc<tokio::sync::Mutex<Option<TemplatesVersion>>>,
 }
@@ -70,17 +73,34 @@ impl Context {
             &settings.events,
             schedule_wake.clone(),
         );
+        let scheduler = Scheduler::new(
+            store.clone(),
+            relay.clone(),
+            metrics.clone(),
+            &settings.scheduler,
+            &instance,
+            schedule_wake,
+        );
+        let worker = Worker {
+            store: store.clone(),
+            broker: broker.clone(),
+            templates: templates.clone(),
+            channels,
+            enricher,
+            metrics: metrics.clone(),
+            relay: relay.clone(),
+            instance,
+            settings: Arc::new(WorkerConfig::from_settings(&settings)),
+        };
         Ok(Self {
             settings: Arc::new(settings),
             store,
             broker,
             templates,
-            channels,
-            enricher,
             metrics,
             relay,
-            schedule_wake,
-            instance,
+            scheduler,
+            worker,
             intake,
             templates_seen: Arc::default(),
         })

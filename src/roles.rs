@@ -82,7 +82,7 @@ pub async fn worker(ctx: Context, cancel: CancellationToken) -> anyhow::Result<(
     ctx.prepare_store().await?;
     let work = async {
         tokio::try_join!(
-            worker::run(ctx.clone(), cancel.clone()),
+            worker::run(ctx.worker.clone(), cancel.clone()),
             ctx.relay.clone().run(cancel.clone()),
             refresh_templates(ctx.clone(), cancel.clone()),
             api::serve_metrics(ctx.clone(), api::ProbeRole::Worker, cancel.clone()),
@@ -97,7 +97,7 @@ pub async fn scheduler(ctx: Context, cancel: CancellationToken) -> anyhow::Resul
     ctx.prepare_store().await?;
     let work = async {
         tokio::try_join!(
-            scheduler::run(ctx.clone(), cancel.clone()),
+            scheduler::run(ctx.scheduler.clone(), cancel.clone()),
             ctx.relay.clone().run(cancel.clone()),
             refresh_templates(ctx.clone(), cancel.clone()),
             api::serve_metrics(ctx.clone(), api::ProbeRole::Scheduler, cancel.clone()),
@@ -119,8 +119,8 @@ pub async fn all(
             api::serve(ctx.clone(), listener, cancel.clone()),
             intake(ctx.clone(), cancel.clone()),
             ctx.relay.clone().run(cancel.clone()),
-            scheduler::run(ctx.clone(), cancel.clone()),
-            worker::run(ctx.clone(), cancel.clone()),
+            scheduler::run(ctx.scheduler.clone(), cancel.clone()),
+            worker::run(ctx.worker.clone(), cancel.clone()),
             refresh_templates(ctx.clone(), cancel.clone()),
         )?;
         Ok(())

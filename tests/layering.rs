@@ -13,9 +13,8 @@ const LAYERS: &[&[&str]] = &[
     &["telemetry", "templates"],
     &["store", "queue", "channels"],
     &["enrich", "batch", "outbox", "seed"],
-    &["ingest"],
+    &["ingest", "scheduler", "worker"],
     &["app"],
-    &["worker", "scheduler"],
     &["api"],
     &["roles"],
 ];

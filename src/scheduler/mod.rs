@@ -1,14 +1,19 @@
 //! Cron campaigns: the tick that claims due slots exactly once, and the loop around it (fire times and misfire plans are `domain::cron` and `domain::plan`).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::instrument;
 
-use crate::app::Context;
+use crate::config::SchedulerSettings;
 use crate::domain::{cron, plan};
+use crate::metrics::Metrics;
+use crate::outbox::Relay;
+use crate::store::Store;
 use crate::store::{bson_time, chrono_time, Claim, RecipientsDoc, RunDoc, RunWrite, ScheduleDoc};
 use crate::store::{new_notification, NotificationSpec};
 use plan::{PlanLimits, PlannedRun, RunKind};
@@ -24,9 +29,47 @@ pub struct TickReport {
     pub lost: usize,
 }
 
+/// The scheduler as a handle: what firing schedules needs, and the wake-up a schedule
+/// written in this process gives it.
+#[derive(Clone)]
+pub struct Scheduler {
+    store: Store,
+    relay: Relay,
+    metrics: Arc<Metrics>,
+    settings: SchedulerSettings,
+    /// Names this process in its run records.
+    instance: String,
+    wake: Arc<Notify>,
+}
+
+impl Scheduler {
+    pub fn new(
+        store: Store,
+        relay: Relay,
+        metrics: Arc<Metrics>,
+        settings: &SchedulerSettings,
+        instance: &str,
+        wake: Arc<Notify>,
+    ) -> Self {
+        Self {
+            store,
+            relay,
+            metrics,
+            settings: settings.clone(),
+            instance: instance.to_owned(),
+            wake,
+        }
+    }
+
+    /// A schedule changed in this process: look again without waiting for the poll.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+}
+
 /// True when nobody would receive a fire: no inline users, an empty (or deleted) group,
 /// a segment matching no user.
-async fn audience_is_empty(ctx: &Context, r: &RecipientsDoc) -> anyhow::Result<bool> {
+async fn audience_is_empty(ctx: &Scheduler, r: &RecipientsDoc) -> anyhow::Result<bool> {
     if !r.user_ids.is_empty() {
         return Ok(false);
     }
@@ -50,7 +93,7 @@ async fn audience_is_empty(ctx: &Context, r: &RecipientsDoc) -> anyhow::Result<b
 
 /// The run record of a planned run, with the notification it sends (if it sends one).
 fn run_write(
-    ctx: &Context,
+    ctx: &Scheduler,
     s: &ScheduleDoc,
     p: &PlannedRun,
     now: DateTime<Utc>,
@@ -100,7 +143,11 @@ fn run_write(
 
 /// Claims every due slot of one schedule (or learns another instance did).
 #[instrument(skip_all, fields(schedule_id = %s.id))]
-async fn fire(ctx: &Context, s: ScheduleDoc, now: DateTime<Utc>) -> anyhow::Result<(Claim, usize)> {
+async fn fire(
+    ctx: &Scheduler,
+    s: ScheduleDoc,
+    now: DateTime<Utc>,
+) -> anyhow::Result<(Claim, usize)> {
     let Some(due) = s.next_fire_at else {
         return Ok((Claim::LostRace, 0));
     };
@@ -117,8 +164,8 @@ async fn fire(ctx: &Context, s: ScheduleDoc, now: DateTime<Utc>) -> anyhow::Resu
         }
     };
     let limits = PlanLimits {
-        grace: chrono::Duration::seconds(ctx.settings.scheduler.misfire_grace_secs),
-        max_catch_up: ctx.settings.scheduler.max_catch_up,
+        grace: chrono::Duration::seconds(ctx.settings.misfire_grace_secs),
+        max_catch_up: ctx.settings.max_catch_up,
     };
     let planned = plan::plan(
         &spec,
@@ -167,8 +214,8 @@ async fn fire(ctx: &Context, s: ScheduleDoc, now: DateTime<Utc>) -> anyhow::Resu
 
 /// Fires every schedule due at `now`. Time is a parameter so tests can run days of
 /// schedule in milliseconds; any number of instances may tick at once.
-pub async fn tick(ctx: &Context, now: DateTime<Utc>) -> anyhow::Result<TickReport> {
-    let cfg = &ctx.settings.scheduler;
+pub async fn tick(ctx: &Scheduler, now: DateTime<Utc>) -> anyhow::Result<TickReport> {
+    let cfg = &ctx.settings;
     let due = ctx
         .store
         .due_schedules(bson_time(now), cfg.batch_size)
@@ -194,7 +241,11 @@ pub async fn tick(ctx: &Context, now: DateTime<Utc>) -> anyhow::Result<TickRepor
 }
 
 /// `POST /v1/schedules/{id}/trigger`: one manual run now; the schedule's slots are untouched.
-pub async fn trigger(ctx: &Context, s: &ScheduleDoc, now: DateTime<Utc>) -> anyhow::Result<RunDoc> {
+pub async fn trigger(
+    ctx: &Scheduler,
+    s: &ScheduleDoc,
+    now: DateTime<Utc>,
+) -> anyhow::Result<RunDoc> {
     let empty = audience_is_empty(ctx, &s.recipients).await?;
     let w = run_write(
         ctx,
@@ -216,8 +267,8 @@ pub async fn trigger(ctx: &Context, s: &ScheduleDoc, now: DateTime<Utc>) -> anyh
 
 /// Ticks until cancelled, sleeping until the earliest slot (at most the poll interval,
 /// so schedules written by other processes are seen), woken early by local changes.
-pub async fn run(ctx: Context, cancel: CancellationToken) -> anyhow::Result<()> {
-    let poll = Duration::from_millis(ctx.settings.scheduler.poll_interval_ms);
+pub async fn run(ctx: Scheduler, cancel: CancellationToken) -> anyhow::Result<()> {
+    let poll = Duration::from_millis(ctx.settings.poll_interval_ms);
     tracing::info!("scheduler running");
     while !cancel.is_cancelled() {
         let report = match tick(&ctx, Utc::now()).await {
@@ -227,7 +278,7 @@ pub async fn run(ctx: Context, cancel: CancellationToken) -> anyhow::Result<()> 
                 TickReport::default()
             }
         };
-        if report.claimed + report.lost >= ctx.settings.scheduler.batch_size as usize {
+        if report.claimed + report.lost >= ctx.settings.batch_size as usize {
             continue;
         }
         let wait = match ctx.store.next_slot().await {
@@ -239,7 +290,7 @@ pub async fn run(ctx: Context, cancel: CancellationToken) -> anyhow::Result<()> 
         };
         tokio::select! {
             _ = cancel.cancelled() => break,
-            _ = ctx.schedule_wake.notified() => {}
+            _ = ctx.wake.notified() => {}
             _ = tokio::time::sleep(wait) => {}
         }
     }

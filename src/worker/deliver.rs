@@ -9,7 +9,7 @@ use tracing::instrument;
 
 use super::committer::Committer;
 use super::Shared;
-use crate::app::Context;
+use super::Worker;
 use crate::channels::{DeliveryError, Destination, OutboundMessage, Provider};
 use crate::domain::preferences::{Preferences, Verdict};
 use crate::domain::{Channel, DeliveryStatus, Priority};
@@ -53,7 +53,7 @@ impl Default for NotificationCache {
 impl NotificationCache {
     async fn get(
         &self,
-        ctx: &Context,
+        ctx: &Worker,
         id: &str,
     ) -> Result<Option<Arc<NotificationContext>>, EnrichError> {
         // One slot per id even when many ask at once: `get_with` inserts atomically.
@@ -71,7 +71,7 @@ impl NotificationCache {
 }
 
 async fn load_context(
-    ctx: &Context,
+    ctx: &Worker,
     n: &NotificationDoc,
 ) -> Result<NotificationContext, EnrichError> {
     let content_ids: Vec<String> = n
@@ -110,7 +110,7 @@ fn user_json(u: &UserDoc) -> Value {
 
 /// The message of delivery `d` for `user`, as the worker renders it.
 fn render(
-    ctx: &Context,
+    ctx: &Worker,
     d: &DeliveryDoc,
     n: &NotificationContext,
     user: &UserDoc,
@@ -134,7 +134,7 @@ fn render(
 /// current profile (for the log's preview; nothing is stored or sent). `Ok(None)`: the
 /// notification or the recipient no longer exists.
 pub async fn render_now(
-    ctx: &Context,
+    ctx: &Worker,
     d: &DeliveryDoc,
 ) -> anyhow::Result<Option<Result<Rendered, TemplateError>>> {
     let Some(n) = ctx.store.get_notification(&d.notification_id).await? else {
@@ -154,7 +154,7 @@ pub async fn render_now(
 }
 
 fn destination(
-    ctx: &Context,
+    ctx: &Worker,
     event_type: &str,
     channel: Channel,
     u: &UserDoc,
@@ -184,7 +184,7 @@ fn destination(
 
 /// The recipient's preferences applied to this delivery. High priority bypasses mutes
 /// and quiet hours only for the event types `policy.bypass_event_types` names.
-fn policy_verdict(ctx: &Context, d: &DeliveryDoc, user: &UserDoc) -> Verdict {
+fn policy_verdict(ctx: &Worker, d: &DeliveryDoc, user: &UserDoc) -> Verdict {
     let prefs = match Preferences::parse(&to_json(&user.preferences)) {
         Ok(p) => p,
         Err(e) => {
@@ -214,7 +214,7 @@ fn millis_since(t: DateTime) -> i64 {
 /// committing); the caller acks only then.
 #[instrument(skip_all, fields(delivery_id = %delivery_id, notification_id = tracing::field::Empty))]
 pub async fn deliver(
-    ctx: &Context,
+    ctx: &Worker,
     shared: &Shared,
     delivery_id: &str,
     redelivered: bool,
@@ -274,7 +274,7 @@ enum Prepared {
 
 /// Commits an outcome decided without a provider call, and wakes the relay for one that
 /// comes back later.
-async fn settle(ctx: &Context, committer: &Committer, outcome: Outcome) -> anyhow::Result<()> {
+async fn settle(ctx: &Worker, committer: &Committer, outcome: Outcome) -> anyhow::Result<()> {
     let later = outcome.retry.is_some();
     committer.call(outcome).await?;
     if later {
@@ -300,7 +300,7 @@ fn unclaimed(d: &DeliveryDoc, status: DeliveryStatus, reason: &str) -> Outcome {
 
 /// The recipient and the notification (enriched), the address, the recipient's
 /// preferences and the rendered message: everything a send needs, or why there is none.
-async fn prepare(ctx: &Context, shared: &Shared, d: &DeliveryDoc) -> anyhow::Result<Prepared> {
+async fn prepare(ctx: &Worker, shared: &Shared, d: &DeliveryDoc) -> anyhow::Result<Prepared> {
     let enriched = match shared.notifications.get(ctx, &d.notification_id).await {
         Ok(n) => match shared
             .users
@@ -382,7 +382,7 @@ async fn prepare(ctx: &Context, shared: &Shared, d: &DeliveryDoc) -> anyhow::Res
 /// Calls the channel's providers under the claim `attempt_id` and commits what they
 /// answered, with the attempt.
 async fn send(
-    ctx: &Context,
+    ctx: &Worker,
     shared: &Shared,
     d: &DeliveryDoc,
     attempt_id: String,
@@ -475,7 +475,7 @@ struct Answered {
 /// are left for a transient failure; else `dead` (retries exhausted) or `failed`
 /// (rejected, or an unknown outcome, which is never sent again blindly).
 fn answer(
-    ctx: &Context,
+    ctx: &Worker,
     d: &DeliveryDoc,
     attempt_number: i32,
     result: Result<crate::channels::Receipt, DeliveryError>,
@@ -531,7 +531,7 @@ fn answer(
 /// `worker.retry_base_ms`, capped, spread by `worker.retry_jitter`, never sooner than
 /// the provider's `Retry-After`.
 fn next_attempt(
-    ctx: &Context,
+    ctx: &Worker,
     d: &DeliveryDoc,
     attempt_number: i32,
     e: &DeliveryError,
@@ -548,7 +548,7 @@ fn next_attempt(
 /// longer than the backoff goes through the outbox's `due_at` rather than the retry's
 /// delay queue, where it would hold up the backoff-sized waits behind it (RabbitMQ
 /// expires messages only at a queue's head).
-fn backoff(ctx: &Context, n: i32, lane: Priority, at_least: Option<std::time::Duration>) -> Retry {
+fn backoff(ctx: &Worker, n: i32, lane: Priority, at_least: Option<std::time::Duration>) -> Retry {
     let w = &ctx.settings.worker;
     let exp = w.retry_base_ms.saturating_mul(1u64 << (n - 1).clamp(0, 30));
     let spread = 1.0 + w.retry_jitter * (rand::random::<f64>() * 2.0 - 1.0);
@@ -580,7 +580,7 @@ fn backoff(ctx: &Context, n: i32, lane: Priority, at_least: Option<std::time::Du
 /// and still be finishing, so the job waits ([`super::Later`]). A job not redelivered is
 /// another copy while a live worker holds the delivery, and is dropped.
 async fn resolve_sending(
-    ctx: &Context,
+    ctx: &Worker,
     committer: &super::committer::Committer,
     d: &DeliveryDoc,
     redelivered: bool,

@@ -7,7 +7,7 @@ use mongodb::bson::DateTime;
 use tracing::instrument;
 
 use super::Shared;
-use crate::app::Context;
+use super::Worker;
 use crate::domain::{Channel, DeliveryStatus, NotificationStatus};
 use crate::queue::messages::Job;
 use crate::queue::Outgoing;
@@ -15,7 +15,7 @@ use crate::store::{DeliveryDoc, FanoutBatch, NotificationDoc, QueuedDelivery};
 
 /// The channels a notification goes out on: the event's own list, else every channel
 /// with a template; with neither, email, so the missing template shows on the delivery.
-pub fn channels_of(ctx: &Context, n: &NotificationDoc) -> Vec<Channel> {
+pub fn channels_of(ctx: &Worker, n: &NotificationDoc) -> Vec<Channel> {
     if let Some(c) = &n.channels {
         return c.clone();
     }
@@ -36,7 +36,7 @@ const DISPATCH_MANY_AT_ONCE: usize = 16;
 /// others are not dispatched again; only if that publish fails does the whole job fail
 /// (dispatch is idempotent, so running it again is safe).
 pub async fn dispatch_many(
-    ctx: &Context,
+    ctx: &Worker,
     shared: &Shared,
     notification_ids: &[String],
 ) -> anyhow::Result<()> {
@@ -69,7 +69,7 @@ pub async fn dispatch_many(
 /// Writes and publishes the deliveries of one notification. Idempotent: a redelivered
 /// dispatch job writes only what is missing and republishes what is still queued.
 #[instrument(skip_all, fields(notification_id = %notification_id))]
-pub async fn dispatch(ctx: &Context, shared: &Shared, notification_id: &str) -> anyhow::Result<()> {
+pub async fn dispatch(ctx: &Worker, shared: &Shared, notification_id: &str) -> anyhow::Result<()> {
     let Some(n) = ctx.store.get_notification(notification_id).await? else {
         tracing::warn!("dispatch job for an unknown notification; dropping it");
         return Ok(());
@@ -152,7 +152,7 @@ pub async fn dispatch(ctx: &Context, shared: &Shared, notification_id: &str) -> 
 }
 
 /// Publishes delivery jobs to their lane and waits for RabbitMQ's confirms.
-pub async fn publish(ctx: &Context, queued: &[QueuedDelivery]) -> anyhow::Result<()> {
+pub async fn publish(ctx: &Worker, queued: &[QueuedDelivery]) -> anyhow::Result<()> {
     let exchange = &ctx.broker.names().jobs_exchange;
     let messages: Vec<Outgoing> = queued
         .iter()

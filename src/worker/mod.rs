@@ -10,16 +10,56 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::app::Context;
 use crate::batch::Batcher;
+use crate::channels::Channels;
+use crate::config::{PolicySettings, Settings, WebhookSettings, WorkerSettings};
 use crate::domain::Priority;
+use crate::enrich::Enricher;
+use crate::metrics::Metrics;
+use crate::outbox::Relay;
 use crate::queue::messages::Job;
+use crate::queue::Broker;
 use crate::queue::{Disposition, Incoming, Outgoing};
+use crate::store::Store;
 use crate::store::{DeliveryClaim, DeliveryDoc, FanoutBatch, QueuedDelivery, UserDoc};
 use crate::supervise::Supervised;
+use crate::templates::Templates;
 use committer::Committer;
 use deliver::NotificationCache;
 use gate::{Gate, LaneGate};
+
+/// The worker pool as a handle: what dispatching and delivering need, built by the
+/// startup code.
+#[derive(Clone)]
+pub struct Worker {
+    pub store: Store,
+    pub broker: Arc<Broker>,
+    pub templates: Arc<Templates>,
+    pub channels: Channels,
+    pub enricher: Arc<Enricher>,
+    pub metrics: Arc<Metrics>,
+    pub relay: Relay,
+    /// Names this process in delivery claims (host:pid:random).
+    pub instance: String,
+    pub settings: Arc<WorkerConfig>,
+}
+
+/// The settings a worker reads.
+pub struct WorkerConfig {
+    pub worker: WorkerSettings,
+    pub policy: PolicySettings,
+    pub webhook: WebhookSettings,
+}
+
+impl WorkerConfig {
+    pub fn from_settings(s: &Settings) -> Self {
+        Self {
+            worker: s.worker.clone(),
+            policy: s.policy.clone(),
+            webhook: s.webhook.clone(),
+        }
+    }
+}
 
 /// Fan-out batches (each up to `worker.fanout_batch_size` deliveries) one transaction
 /// writes at most: many single-recipient events share one, a campaign's long inserts do not
@@ -49,7 +89,7 @@ pub struct Shared {
 impl Shared {
     /// Starts one lane's batching tasks; they end when the last `Shared` is dropped.
     pub fn start(
-        ctx: &Context,
+        ctx: &Worker,
         lane: Priority,
         gate: Arc<Gate>,
         notifications: Arc<NotificationCache>,
@@ -124,7 +164,7 @@ impl Shared {
 }
 
 /// Handles one job message; the queue layer settles the message as this returns.
-pub async fn handle(ctx: &Context, shared: &Shared, message: Incoming) -> Disposition {
+pub async fn handle(ctx: &Worker, shared: &Shared, message: Incoming) -> Disposition {
     let job = match Job::decode(&message.body) {
         Ok(job) => job,
         Err(why) => {
@@ -191,7 +231,7 @@ pub async fn handle(ctx: &Context, shared: &Shared, message: Incoming) -> Dispos
 /// lost dispatch job); and finishes notifications whose finishing step was cut off (a
 /// process killed between a commit and finalizing). Every worker sweeps; the claim precondition
 /// and the guarded finalize make it idempotent.
-async fn sweep_stale_claims(ctx: Context, commits: Committer, cancel: CancellationToken) {
+async fn sweep_stale_claims(ctx: Worker, commits: Committer, cancel: CancellationToken) {
     let timeout_ms = ctx.settings.worker.claim_timeout_secs.max(1) * 1000;
     let every = Duration::from_millis((timeout_ms / 2) as u64);
     loop {
@@ -267,7 +307,7 @@ pub struct Later(pub String);
 pub struct Unprocessable(pub String);
 
 /// Runs the pool until cancelled; in-flight jobs finish and commit before it returns.
-pub async fn run(ctx: Context, cancel: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(ctx: Worker, cancel: CancellationToken) -> anyhow::Result<()> {
     let notifications = Arc::new(NotificationCache::default());
     let gate = Arc::new(Gate::default());
     let w = &ctx.settings.worker;

@@ -265,7 +265,7 @@ async fn a_job_redelivered_after_its_worker_died_mid_send_is_not_sent_again() {
         .expect("consume");
     // The doomed worker's fan-out round trips.
     let (lane_shared, _tasks) = herald::worker::Shared::start(
-        &app.ctx,
+        &app.ctx.worker,
         herald::domain::Priority::Normal,
         Default::default(),
         Default::default(),
@@ -279,7 +279,7 @@ async fn a_job_redelivered_after_its_worker_died_mid_send_is_not_sent_again() {
             .expect("delivery");
         match Job::decode(&m.data).expect("job") {
             Job::Dispatch { notification_id } => {
-                herald::worker::dispatch::dispatch(&app.ctx, &lane_shared, &notification_id)
+                herald::worker::dispatch::dispatch(&app.ctx.worker, &lane_shared, &notification_id)
                     .await
                     .expect("dispatch");
                 m.acker.ack(Default::default()).await.expect("ack");

@@ -78,17 +78,23 @@ async fn a_schedule_fires_once_at_its_slot_and_its_emails_arrive() {
         "09:00 CET is 08:00 UTC"
     );
 
-    let before = tick(&app.ctx, next - chrono::Duration::seconds(1))
+    let before = tick(&app.ctx.scheduler, next - chrono::Duration::seconds(1))
         .await
         .expect("tick");
     assert_eq!(before.claimed, 0, "not before its time");
-    let report = tick(&app.ctx, next + chrono::Duration::milliseconds(250))
-        .await
-        .expect("tick");
+    let report = tick(
+        &app.ctx.scheduler,
+        next + chrono::Duration::milliseconds(250),
+    )
+    .await
+    .expect("tick");
     assert_eq!((report.claimed, report.sent), (1, 1));
-    let again = tick(&app.ctx, next + chrono::Duration::milliseconds(500))
-        .await
-        .expect("tick");
+    let again = tick(
+        &app.ctx.scheduler,
+        next + chrono::Duration::milliseconds(500),
+    )
+    .await
+    .expect("tick");
     assert_eq!(again.claimed, 0, "a slot fires once");
 
     let mails = app.smtp.wait_for(2, 20).await;
@@ -185,9 +191,9 @@ async fn three_schedulers_racing_over_the_same_slots_fire_each_exactly_once() {
     let mut lost = 0;
     loop {
         let (a, b, c) = tokio::join!(
-            tick(&instances[0], slot),
-            tick(&instances[1], slot),
-            tick(&instances[2], slot)
+            tick(&instances[0].scheduler, slot),
+            tick(&instances[1].scheduler, slot),
+            tick(&instances[2].scheduler, slot)
         );
         let reports = [a.expect("a"), b.expect("b"), c.expect("c")];
         let round: usize = reports.iter().map(|r| r.claimed).sum();
@@ -216,7 +222,7 @@ async fn pause_stops_fires_and_resume_continues_at_the_next_slot() {
         .await;
     assert_eq!(status, 200);
     assert_eq!(paused["status"], "paused");
-    let r = tick(&app.ctx, next + chrono::Duration::seconds(1))
+    let r = tick(&app.ctx.scheduler, next + chrono::Duration::seconds(1))
         .await
         .expect("tick");
     assert_eq!(r.claimed, 0, "paused");
@@ -229,7 +235,7 @@ async fn pause_stops_fires_and_resume_continues_at_the_next_slot() {
     assert_eq!(resumed["status"], "active");
     assert_eq!(at(resumed["next_fire_at"].as_str().expect("next")), next);
     assert_eq!(
-        tick(&app.ctx, next + chrono::Duration::seconds(1))
+        tick(&app.ctx.scheduler, next + chrono::Duration::seconds(1))
             .await
             .expect("tick")
             .claimed,
@@ -248,7 +254,7 @@ async fn after_outage(policy: &str) -> (TestApp, Vec<Value>) {
     body["cron"] = json!("0 * * * *");
     let (id, next) = create(&app, &body).await;
     let now = next + chrono::Duration::hours(3) + chrono::Duration::seconds(10);
-    let r = tick(&app.ctx, now).await.expect("tick");
+    let r = tick(&app.ctx.scheduler, now).await.expect("tick");
     assert_eq!(r.claimed, 1);
     let mut runs = runs(&app, &id).await;
     runs.reverse();
@@ -318,7 +324,7 @@ async fn an_empty_audience_records_a_run_with_zero_deliveries_and_a_reason() {
     let app = app().await;
     with_users(&app, 0).await;
     let (id, next) = create(&app, &yearly("UTC", "fire_once")).await;
-    tick(&app.ctx, next).await.expect("tick");
+    tick(&app.ctx.scheduler, next).await.expect("tick");
     let runs = runs(&app, &id).await;
     assert_eq!(runs.len(), 1);
     assert_eq!(runs[0]["reason"], "empty_audience");
@@ -338,14 +344,14 @@ async fn end_at_retires_a_schedule_after_its_last_slot() {
     body["end_at"] = json!((first + chrono::Duration::hours(1)).to_rfc3339());
     let (id, next) = create(&app, &body).await;
     assert_eq!(next, first);
-    tick(&app.ctx, next + chrono::Duration::seconds(1))
+    tick(&app.ctx.scheduler, next + chrono::Duration::seconds(1))
         .await
         .expect("tick");
     let (_, s) = app.get(&format!("/v1/schedules/{id}")).await;
     assert_eq!(s["status"], "retired");
     assert_eq!(s["next_fire_at"], Value::Null);
     assert_eq!(
-        tick(&app.ctx, next + chrono::Duration::days(2))
+        tick(&app.ctx.scheduler, next + chrono::Duration::days(2))
             .await
             .expect("tick")
             .claimed,

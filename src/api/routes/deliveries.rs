@@ -184,7 +184,7 @@ pub async fn preview(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let d = load(&ctx, &id).await?;
-    let rendered = crate::worker::deliver::render_now(&ctx, &d)
+    let rendered = crate::worker::deliver::render_now(&ctx.worker, &d)
         .await?
         .ok_or_else(|| {
             ApiError::new(

@@ -125,7 +125,7 @@ pub async fn create(
     definition::check_references(&ctx.store, &ctx.templates, &input).await?;
     let doc = definition::to_document(&input, None, None, Utc::now())?;
     ctx.store.insert_schedule(&doc).await?;
-    ctx.schedule_wake.notify_one();
+    ctx.scheduler.wake();
     Ok((
         StatusCode::CREATED,
         Json(json!({
@@ -204,7 +204,7 @@ pub async fn patch(
         .replace_schedule(&doc)
         .await?
         .ok_or_else(|| ApiError::not_found("schedule", &id))?;
-    ctx.schedule_wake.notify_one();
+    ctx.scheduler.wake();
     Ok(Json(schedule_json(&stored)))
 }
 
@@ -252,7 +252,7 @@ pub async fn resume(
         .set_schedule_state(&id, doc.status, doc.next_fire_at)
         .await?
         .ok_or_else(|| ApiError::not_found("schedule", &id))?;
-    ctx.schedule_wake.notify_one();
+    ctx.scheduler.wake();
     Ok(Json(schedule_json(&stored)))
 }
 
@@ -261,7 +261,7 @@ pub async fn trigger(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let s = load(&ctx, &id).await?;
-    let run = sched::trigger(&ctx, &s, Utc::now()).await?;
+    let run = sched::trigger(&ctx.scheduler, &s, Utc::now()).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({
