@@ -1,26 +1,27 @@
 //! herald: a notification delivery service — a worker pool with a scheduler.
 //!
-//! # Layout
-//! - `cli`        — the command line: a subcommand per role.
-//! - `config`     — typed settings: embedded defaults -> `config/<env>.toml` -> `HERALD__*`.
-//! - `telemetry`  — logging setup.
+//! # Layout (bottom-up layers; `tests/layering.rs` keeps imports running down them)
+//! - `domain`     — ids, channels, priorities, statuses, rates; event parsing, cron, misfire plans, preferences.
 //! - `metrics`    — the Prometheus registry every role feeds.
 //! - `shutdown`   — signals -> cancellation; draining with a deadline.
-//! - `app`        — the `Context` of clients every role shares.
-//! - `roles`      — `api`, `worker`, `scheduler`, `all` as library functions.
-//! - `domain`     — ids, channels, priorities, statuses; event parsing.
-//! - `ingest`     — accepting an event (REST and AMQP share it).
+//! - `supervise`  — spawned tasks whose panics and early ends stop the role, never pass silently.
+//! - `config`     — typed settings: embedded defaults -> `config/<env>.toml` -> `HERALD__*`.
+//! - `cli`        — the command line: a subcommand per role and operator command.
+//! - `telemetry`  — logging setup.
+//! - `templates`  — Handlebars templates, compiled once.
 //! - `store`      — MongoDB: collections, indexes, transactions (the only module naming collections).
 //! - `queue`      — RabbitMQ: topology, confirming publisher, consumers (the only module knowing AMQP).
-//! - `outbox`     — the relay from the outbox collection to RabbitMQ.
-//! - `worker`     — fan-out, delivery, and the batching outcome committer.
-//! - `channels`   — providers per channel (SMTP/file email, recorded SMS/push).
-//! - `templates`  — Handlebars templates, compiled once.
-//! - `api`        — axum routes and the error shape (the only layer knowing HTTP).
-//! - `console`    — the web console at `/ui`: sign-in and embedded pages over the API.
-//! - `scheduler`  — cron campaigns: fire times with DST rules, misfire plans, the claiming tick.
+//! - `channels`   — providers per channel (SMTP/file email, Twilio, FCM, webhooks, recorded SMS/push).
+//! - `enrich`     — external profile and content services behind the local collections.
+//! - `batch`      — micro-batching: requests arriving during a round trip share the next.
+//! - `outbox`     — the `Relay`: from the outbox collection to RabbitMQ.
 //! - `seed`       — demo data.
-//! - `supervise`  — spawned tasks whose panics and early ends stop the role, never pass silently.
+//! - `ingest`     — the `Intake`: accepting an event (REST and AMQP share it); schedule definitions.
+//! - `scheduler`  — the `Scheduler`: the tick that claims due campaign slots exactly once.
+//! - `worker`     — the `Worker`: fan-out, delivery, and the batching outcome committer.
+//! - `app`        — startup: builds every client and handle once (`Context`).
+//! - `api`        — axum routes, the error shape and the console at `/ui` (the only layer knowing HTTP).
+//! - `roles`      — `api`, `worker`, `scheduler`, `all` as library functions.
 
 pub mod api;
 pub mod app;

@@ -2,6 +2,9 @@
 //! that ends before the process is told to stop is an error that stops the role.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
+
+use futures::FutureExt;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -35,7 +38,13 @@ impl Supervised {
     where
         F: Future<Output = anyhow::Result<()>> + Send + 'static,
     {
-        self.tasks.spawn(async move { (name, work.await) });
+        self.tasks.spawn(async move {
+            let ended = match AssertUnwindSafe(work).catch_unwind().await {
+                Ok(ended) => ended,
+                Err(panic) => Err(anyhow::anyhow!("panicked: {}", panic_message(&*panic))),
+            };
+            (name, ended)
+        });
     }
 
     /// Waits for every task; an early end of any is the error returned.
@@ -47,10 +56,6 @@ impl Supervised {
                 Ok((_, Ok(()))) if !early => None,
                 Ok((name, Ok(()))) => Some(anyhow::anyhow!("{name} stopped on its own")),
                 Ok((name, Err(e))) => Some(e.context(format!("{name} failed"))),
-                Err(e) if e.is_panic() => Some(anyhow::anyhow!(
-                    "a task panicked: {}",
-                    panic_message(&*e.into_panic())
-                )),
                 Err(e) => Some(anyhow::anyhow!("a task was cancelled: {e}")),
             };
             if let Some(problem) = problem {
@@ -92,6 +97,7 @@ mod tests {
         tasks.spawn("a lane", async { panic!("lost it") });
         let e = tasks.wait().await.expect_err("a panic");
         assert!(format!("{e:#}").contains("lost it"), "{e:#}");
+        assert!(format!("{e:#}").contains("a lane"), "named: {e:#}");
         assert!(cancel.is_cancelled());
     }
 

@@ -60,33 +60,41 @@ impl Auth {
 
     /// The key `presented` is, if it is a live one (briefly cached).
     pub async fn identify(&self, presented: &str) -> anyhow::Result<Option<Arc<ApiKeyDoc>>> {
-        if self.settings.cache_secs > 0 {
-            if let Some(key) = self.verified.get(presented) {
-                return Ok(Some(key));
-            }
-        }
-        let Some(key) = self.store.verify_key(presented).await? else {
-            self.verified.invalidate(presented);
-            return Ok(None);
-        };
-        let key = Arc::new(key);
-        self.verified.insert(presented.to_owned(), key.clone());
-        Ok(Some(key))
+        self.cached(&self.verified, presented, self.store.verify_key(presented))
+            .await
     }
 
     /// The live key behind a console session id (briefly cached).
     pub async fn identify_session(&self, session: &str) -> anyhow::Result<Option<Arc<ApiKeyDoc>>> {
+        self.cached(
+            &self.sessions,
+            session,
+            self.store.console_session_key(session),
+        )
+        .await
+    }
+
+    /// What `cache` holds for `presented`, else what `lookup` finds (remembered for
+    /// `auth.cache_secs`; a miss forgets any stale entry).
+    async fn cached(
+        &self,
+        cache: &moka::sync::Cache<String, Arc<ApiKeyDoc>>,
+        presented: &str,
+        lookup: impl std::future::Future<Output = anyhow::Result<Option<ApiKeyDoc>>>,
+    ) -> anyhow::Result<Option<Arc<ApiKeyDoc>>> {
         if self.settings.cache_secs > 0 {
-            if let Some(key) = self.sessions.get(session) {
+            if let Some(key) = cache.get(presented) {
                 return Ok(Some(key));
             }
         }
-        let Some(key) = self.store.console_session_key(session).await? else {
-            self.sessions.invalidate(session);
+        let Some(key) = lookup.await? else {
+            cache.invalidate(presented);
             return Ok(None);
         };
         let key = Arc::new(key);
-        self.sessions.insert(session.to_owned(), key.clone());
+        if self.settings.cache_secs > 0 {
+            cache.insert(presented.to_owned(), key.clone());
+        }
         Ok(Some(key))
     }
 
@@ -123,7 +131,13 @@ impl Auth {
             .or_insert_with(|| {
                 // A key's own rate was checked when it was created; one stored before
                 // that check that is no `Rate` counts as no rate of its own.
-                let own = key.rate_per_sec.and_then(|r| Rate::new(r).ok());
+                let own = key.rate_per_sec.and_then(|r| match Rate::new(r) {
+                    Ok(rate) => Some(rate),
+                    Err(why) => {
+                        tracing::warn!(key_id = %key.id, %why, "the key's stored rate is not usable; it gets auth.rate_per_sec");
+                        None
+                    }
+                });
                 let rate = own.unwrap_or(self.settings.rate_per_sec);
                 let burst = match own {
                     Some(r) => (r.per_sec() * 2.0).max(1.0),

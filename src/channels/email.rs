@@ -11,7 +11,7 @@ use lettre::transport::smtp::client::TlsParameters;
 use lettre::{AsyncFileTransport, AsyncTransport, Message, Tokio1Executor};
 use mongodb::bson::doc;
 
-use super::smtp_pool::{PoolError, SmtpPool};
+use super::smtp_pool::{PoolError, Security, SmtpPool};
 use super::{DeliveryError, Destination, OutboundMessage, Provider, Receipt};
 use crate::config::{EmailSettings, EmailTransportKind, SmtpSecurity};
 use crate::templates::Rendered;
@@ -34,15 +34,15 @@ pub fn build(settings: &EmailSettings) -> anyhow::Result<Box<dyn Provider>> {
             let credentials = (!s.username.is_empty())
                 .then(|| Credentials::new(s.username.clone(), s.password.expose().to_owned()));
             let timeout = Duration::from_secs(s.timeout_secs);
-            let tls = match s.security {
-                SmtpSecurity::None => None,
-                SmtpSecurity::Starttls | SmtpSecurity::Tls => Some(tls_parameters(s)?),
+            let security = match s.security {
+                SmtpSecurity::None => Security::Plain,
+                SmtpSecurity::Starttls => Security::StartTls(tls_parameters(s)?),
+                SmtpSecurity::Tls => Security::Implicit(tls_parameters(s)?),
             };
             let pool = SmtpPool::new(
                 &s.host,
                 s.port,
-                s.security,
-                tls,
+                security,
                 credentials,
                 timeout,
                 s.pool_max_size as usize,

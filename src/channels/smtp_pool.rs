@@ -18,8 +18,6 @@ use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
 use lettre::transport::smtp::extension::{ClientId, MailBodyParameter, MailParameter};
 use lettre::transport::smtp::response::Response;
 use tokio::net::TcpStream;
-
-use crate::config::SmtpSecurity;
 use tokio::sync::Semaphore;
 
 /// A connection idle for longer than this is asked `NOOP` before it is reused.
@@ -47,12 +45,18 @@ impl PoolError {
     }
 }
 
+/// How a connection is secured, with how the server's certificate is checked.
+pub enum Security {
+    Plain,
+    StartTls(TlsParameters),
+    /// Implicit TLS (SMTPS, port 465).
+    Implicit(TlsParameters),
+}
+
 pub struct SmtpPool {
     host: String,
     port: u16,
-    security: SmtpSecurity,
-    /// For `starttls` and `tls`: how the server's certificate is checked.
-    tls: Option<TlsParameters>,
+    security: Security,
     credentials: Option<Credentials>,
     timeout: Duration,
     hello: ClientId,
@@ -64,8 +68,7 @@ impl SmtpPool {
     pub fn new(
         host: &str,
         port: u16,
-        security: SmtpSecurity,
-        tls: Option<TlsParameters>,
+        security: Security,
         credentials: Option<Credentials>,
         timeout: Duration,
         max_size: usize,
@@ -74,7 +77,6 @@ impl SmtpPool {
             host: host.to_owned(),
             port,
             security,
-            tls,
             credentials,
             timeout,
             hello: ClientId::default(),
@@ -149,22 +151,14 @@ impl SmtpPool {
     }
 
     async fn connect(&self) -> Result<AsyncSmtpConnection, PoolError> {
-        let tls = || {
-            self.tls.clone().ok_or_else(|| {
-                PoolError::Connect(
-                    self.host.clone(),
-                    std::io::Error::other("no TLS parameters"),
-                )
-            })
-        };
-        let mut conn = if self.security == SmtpSecurity::Tls {
+        let mut conn = if let Security::Implicit(tls) = &self.security {
             // Implicit TLS (port 465): lettre sets up the TLS stream itself, where
             // `TCP_NODELAY` cannot be set; the classification of failures is the same.
             AsyncSmtpConnection::connect_tokio1(
                 (self.host.as_str(), self.port),
                 Some(self.timeout),
                 &self.hello,
-                Some(tls()?),
+                Some(tls.clone()),
                 None,
             )
             .await?
@@ -178,8 +172,8 @@ impl SmtpPool {
                 .map_err(|e| PoolError::Connect(addr.clone(), e))?;
             AsyncSmtpConnection::connect_with_transport(Box::new(stream), &self.hello).await?
         };
-        if self.security == SmtpSecurity::Starttls {
-            conn.starttls(tls()?, &self.hello).await?;
+        if let Security::StartTls(tls) = &self.security {
+            conn.starttls(tls.clone(), &self.hello).await?;
         }
         if let Some(credentials) = &self.credentials {
             conn.auth(&[Mechanism::Plain, Mechanism::Login], credentials)

@@ -1,4 +1,5 @@
-//! Cron campaigns: the tick that claims due slots exactly once, and the loop around it (fire times and misfire plans are `domain::cron` and `domain::plan`).
+//! Cron campaigns: the tick that claims due slots exactly once, and the loop around it.
+//! Fire times and misfire plans are `domain::cron` and `domain::plan`.
 
 use std::sync::Arc;
 use std::time::Duration;

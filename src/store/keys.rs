@@ -139,7 +139,14 @@ impl Store {
                 doc! {"$set": {"revoked_at": now()}},
             )
             .await?;
-        self.end_console_sessions_of(id).await?;
+        // Its sessions stop working with the key (a session's key must be live); ending
+        // them here only tidies up, so a failure is not the revocation's.
+        if let Err(e) = self.end_console_sessions_of(id).await {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "could not end a revoked key's console sessions"
+            );
+        }
         Ok(r.modified_count == 1)
     }
 

@@ -272,8 +272,7 @@ enum Prepared {
     Nothing,
 }
 
-/// Commits an outcome decided without a provider call, and wakes the relay for one that
-/// comes back later.
+/// Commits an outcome, and wakes the relay when the delivery comes back later.
 async fn settle(ctx: &Worker, committer: &Committer, outcome: Outcome) -> anyhow::Result<()> {
     let later = outcome.retry.is_some();
     committer.call(outcome).await?;
@@ -283,19 +282,30 @@ async fn settle(ctx: &Worker, committer: &Committer, outcome: Outcome) -> anyhow
     Ok(())
 }
 
-/// An outcome of `d` decided before any provider call.
-fn unclaimed(d: &DeliveryDoc, status: DeliveryStatus, reason: &str) -> Outcome {
+/// An outcome of `d`: its new status and reason, under `precondition`; no provider,
+/// attempt or retry until the caller adds them.
+fn outcome_of(
+    d: &DeliveryDoc,
+    precondition: Precondition,
+    status: DeliveryStatus,
+    reason: Option<&str>,
+) -> Outcome {
     Outcome {
         delivery_id: d.id.clone(),
         notification_id: d.notification_id.clone(),
         channel: d.channel,
-        precondition: Precondition::Unclaimed,
+        precondition,
         status,
-        reason: Some(reason.to_owned()),
+        reason: reason.map(str::to_owned),
         provider: None,
         attempt: None,
         retry: None,
     }
+}
+
+/// An outcome of `d` decided before any provider call.
+fn unclaimed(d: &DeliveryDoc, status: DeliveryStatus, reason: &str) -> Outcome {
+    outcome_of(d, Precondition::Unclaimed, status, Some(reason))
 }
 
 /// The recipient and the notification (enriched), the address, the recipient's
@@ -422,42 +432,37 @@ async fn send(
             .await?;
     }
     let attempt_number = d.attempt_count + 1;
-    let claimed = |status, reason: &str, retry| Outcome {
-        delivery_id: d.id.clone(),
-        notification_id: d.notification_id.clone(),
-        channel: d.channel,
-        precondition: Precondition::Claimed {
-            attempt_id: attempt_id.clone(),
-        },
-        status,
-        reason: Some(reason.to_owned()),
-        provider: None,
-        attempt: None,
-        retry,
+    let claim = Precondition::Claimed {
+        attempt_id: attempt_id.clone(),
     };
     if let Err(DeliveryError::CircuitOpen { retry_after, .. }) = &result {
         // Nothing was sent nor attempted: the delivery waits for the soonest trial (or,
         // while one is under way, a backoff) without spending an attempt, so an outage
         // longer than its attempts' backoff does not turn it dead unsent.
         tracing::debug!(wait = ?retry_after, "every provider's circuit breaker is open");
-        let retry = backoff(ctx, attempt_number, d.priority, *retry_after);
-        let waits = claimed(DeliveryStatus::Retrying, "circuit_open", Some(retry));
+        let waits = Outcome {
+            retry: Some(backoff(ctx, attempt_number, d.priority, *retry_after)),
+            ..outcome_of(d, claim, DeliveryStatus::Retrying, Some("circuit_open"))
+        };
         return settle(ctx, &shared.commits, waits).await;
     }
     let answered = answer(ctx, d, attempt_number, result, segments);
-    let mut outcome = claimed(answered.status, "", answered.retry);
-    outcome.reason = answered.reason;
-    outcome.provider = Some(answered.provider.clone());
-    outcome.attempt = Some(AttemptDoc {
-        attempt_id: attempt_id.clone(),
-        provider: Some(answered.provider),
-        started_at,
-        finished_at: DateTime::now(),
-        duration_ms,
-        status: answered.status,
-        error: answered.error,
-        response: answered.response,
-    });
+    let outcome = Outcome {
+        reason: answered.reason,
+        provider: Some(answered.provider.clone()),
+        attempt: Some(AttemptDoc {
+            attempt_id,
+            provider: Some(answered.provider),
+            started_at,
+            finished_at: DateTime::now(),
+            duration_ms,
+            status: answered.status,
+            error: answered.error,
+            response: answered.response,
+        }),
+        retry: answered.retry,
+        ..outcome_of(d, claim, answered.status, None)
+    };
     settle(ctx, &shared.commits, outcome).await
 }
 
@@ -617,17 +622,10 @@ async fn resolve_sending(
 /// commit: `failed`/`outcome_unknown`, under that worker's claim. `found` says how it
 /// was found (the job returned, or the sweep), for whoever reads the attempt.
 pub(super) fn outcome_unknown(d: &DeliveryDoc, claim: &ClaimDoc, found: &str) -> Outcome {
+    let precondition = Precondition::Claimed {
+        attempt_id: claim.attempt_id.clone(),
+    };
     Outcome {
-        delivery_id: d.id.clone(),
-        notification_id: d.notification_id.clone(),
-        channel: d.channel,
-        precondition: Precondition::Claimed {
-            attempt_id: claim.attempt_id.clone(),
-        },
-        status: DeliveryStatus::Failed,
-        reason: Some("outcome_unknown".to_owned()),
-        provider: None,
-        retry: None,
         attempt: Some(AttemptDoc {
             attempt_id: claim.attempt_id.clone(),
             provider: None,
@@ -641,5 +639,6 @@ pub(super) fn outcome_unknown(d: &DeliveryDoc, claim: &ClaimDoc, found: &str) ->
             )),
             response: None,
         }),
+        ..outcome_of(d, precondition, DeliveryStatus::Failed, Some("outcome_unknown"))
     }
 }

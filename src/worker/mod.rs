@@ -320,6 +320,11 @@ pub async fn run(ctx: Worker, cancel: CancellationToken) -> anyhow::Result<()> {
         (Priority::Normal, w.normal_concurrency),
         (Priority::Low, w.low_concurrency),
     ] {
+        let (lane, batching) = match priority {
+            Priority::High => ("the high lane", "the high lane's batchers"),
+            Priority::Normal => ("the normal lane", "the normal lane's batchers"),
+            Priority::Low => ("the low lane", "the low lane's batchers"),
+        };
         let (shared, batchers) = Shared::start(
             &ctx,
             priority,
@@ -327,10 +332,8 @@ pub async fn run(ctx: Worker, cancel: CancellationToken) -> anyhow::Result<()> {
             Arc::clone(&notifications),
         );
         for batcher in batchers {
-            tasks.spawn("a worker batcher", async move {
-                batcher
-                    .await
-                    .map_err(|e| anyhow::anyhow!("a worker batcher died: {e}"))
+            tasks.spawn(batching, async move {
+                batcher.await.map_err(|e| anyhow::anyhow!("{e}"))
             });
         }
         sweeper_commits.get_or_insert_with(|| shared.commits.clone());
@@ -341,11 +344,6 @@ pub async fn run(ctx: Worker, cancel: CancellationToken) -> anyhow::Result<()> {
             async move { handle(&ctx, &shared, m).await }
         };
         let consume = Arc::clone(&ctx.broker).consume(queue, slots, cancel.clone(), handler);
-        let lane = match priority {
-            Priority::High => "the high lane",
-            Priority::Normal => "the normal lane",
-            Priority::Low => "the low lane",
-        };
         tasks.spawn(lane, async move {
             consume.await;
             Ok(())

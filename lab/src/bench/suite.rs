@@ -1,4 +1,4 @@
-//! `herald bench all`: every scenario in one run, each figure beside the machine's own
+//! `herald-lab bench all`: every scenario in one run, each figure beside the machine's own
 //! ceilings from the same run; one JSON file and the performance table in docs/benchmarks.md.
 
 use std::path::Path;

@@ -1,4 +1,4 @@
-//! The faults `herald chaos` injects, each as a choreography over a running bed.
+//! The faults `herald-lab chaos` injects, each as a choreography over a running bed.
 
 use std::collections::HashSet;
 use std::path::Path;

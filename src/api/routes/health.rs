@@ -4,7 +4,8 @@
 //! answers: an accepted event waits in the outbox while RabbitMQ is away, so a broker
 //! outage must not take the API out of a load balancer's rotation. A worker needs both
 //! (it consumes from RabbitMQ and records in MongoDB); a scheduler needs MongoDB (its
-//! fires wait in the outbox like accepted events).
+//! fires wait in the outbox like accepted events). `herald all` answers with the API's
+//! rule: its intake stays in rotation while the broker is away.
 
 use std::time::Duration;
 
@@ -19,7 +20,8 @@ pub async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// The API's readiness: MongoDB answers; RabbitMQ's state is reported, not required.
+/// The API's and the scheduler's readiness: MongoDB answers; RabbitMQ's state is
+/// reported, not required.
 pub async fn ready(State(ctx): State<Context>) -> (StatusCode, Json<Value>) {
     readiness(&ctx, false).await
 }
