@@ -26,6 +26,14 @@ pub struct Auth {
     budgets: Mutex<HashMap<String, Arc<TokenBucket>>>,
 }
 
+/// At most 10,000 keys, each for `auth.cache_secs`.
+fn key_cache(settings: &AuthSettings) -> moka::sync::Cache<String, Arc<ApiKeyDoc>> {
+    moka::sync::Cache::builder()
+        .max_capacity(10_000)
+        .time_to_live(Duration::from_secs(settings.cache_secs.max(1)))
+        .build()
+}
+
 /// The key a request was made with, for handlers that want to know.
 #[derive(Debug, Clone)]
 pub struct Caller {
@@ -41,14 +49,8 @@ impl Auth {
     pub fn new(store: Store, settings: AuthSettings) -> Self {
         Self {
             store,
-            verified: moka::sync::Cache::builder()
-                .max_capacity(10_000)
-                .time_to_live(Duration::from_secs(settings.cache_secs.max(1)))
-                .build(),
-            sessions: moka::sync::Cache::builder()
-                .max_capacity(10_000)
-                .time_to_live(Duration::from_secs(settings.cache_secs.max(1)))
-                .build(),
+            verified: key_cache(&settings),
+            sessions: key_cache(&settings),
             budgets: Mutex::default(),
             settings,
         }

@@ -1,5 +1,6 @@
 //! The web console at `/ui`: a sign-in page, and one page of embedded HTML, CSS and
-//! JavaScript that drives the JSON API with the signed-in key (no build step, no CDN).
+//! JavaScript that drives the JSON API under a server-side sign-in session (no build
+//! step, no CDN).
 
 use std::sync::Arc;
 
