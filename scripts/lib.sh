@@ -68,6 +68,24 @@ ensure_browser_tools() {
   fi
 }
 
+# schemathesis (PyPI), which checks the OpenAPI document against the running API: in a
+# virtual environment under ~/.cache/herald, installed once per pinned version.
+SCHEMATHESIS_VERSION="4.32.5"
+ensure_schemathesis() {
+  local venv="${XDG_CACHE_HOME:-$HOME/.cache}/herald/venv"
+  export HERALD_SCHEMATHESIS="$venv/bin/schemathesis"
+  if "$HERALD_SCHEMATHESIS" --version 2>/dev/null | grep -q " $SCHEMATHESIS_VERSION$"; then
+    return 0
+  fi
+  command -v python3 >/dev/null 2>&1 || apt_install python3
+  if [ ! -x "$venv/bin/pip" ]; then
+    rm -rf "$venv"
+    python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv && python3 -m venv "$venv"; }
+  fi
+  say "installing schemathesis $SCHEMATHESIS_VERSION (PyPI) into $venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
+}
+
 secantus_installed() {
   command -v secantusd-rs >/dev/null 2>&1 &&
     cargo install --list 2>/dev/null | grep -q "^secantus-mdb v$SECANTUS_VERSION:"

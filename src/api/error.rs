@@ -5,7 +5,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::de::DeserializeOwned;
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::domain::FieldError;
 
@@ -91,6 +92,23 @@ impl ApiError {
     }
 }
 
+/// Every error answer's body.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, for programs (e.g. `validation_failed`, `not_found`, `unauthorized`).
+    code: &'static str,
+    /// For people.
+    message: String,
+    /// One entry per invalid field, when the request had invalid fields.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    details: Vec<FieldError>,
+}
+
 /// A handler that panicked: 500 `internal_error`, with the panic's message logged as its
 /// cause. The process and the other requests go on.
 pub fn panicked(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
@@ -120,10 +138,13 @@ impl IntoResponse for ApiError {
                 "request failed"
             );
         }
-        let mut body = json!({"error": {"code": self.code, "message": self.message}});
-        if !self.details.is_empty() {
-            body["error"]["details"] = json!(self.details);
-        }
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: self.message,
+                details: self.details,
+            },
+        };
         let mut response = (self.status, Json(body)).into_response();
         // Every 503 says when to come back; a 429 says so through `retry_after`.
         let retry_after = self

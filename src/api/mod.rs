@@ -21,7 +21,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::app::Context;
-use crate::domain::Scope;
+use crate::domain::{Channel, EventType, Scope, UserId};
 use auth::Auth;
 use error::{ApiError, BodyLimit};
 use routes::*;
@@ -32,26 +32,10 @@ const CAMPAIGNS: Option<Scope> = Some(Scope::CampaignsWrite);
 const LOGS: Option<Scope> = Some(Scope::LogsRead);
 const ADMIN: Option<Scope> = Some(Scope::Admin);
 
-const LOG_FILTERS: &[(&str, &str)] = &[
-    ("notification_id", "one notification's deliveries"),
-    ("user_id", "one recipient's deliveries"),
-    (
-        "status",
-        "queued, sending, sent, failed, retrying, dead, skipped or deferred",
-    ),
-    ("channel", "email, sms, push or webhook"),
-    ("event_type", "one event type"),
-    ("schedule_id", "deliveries of one campaign"),
-    ("since", "created at or after (RFC 3339)"),
-    ("until", "created before (RFC 3339)"),
-    ("limit", "page size, 1 to 500 (default 50)"),
-    ("cursor", "next_cursor of the previous page"),
-];
-
 /// `/metrics` is open unless `auth.open_metrics` is off.
 fn metrics_op(ctx: &Context) -> Op {
     let scope = (!ctx.settings.auth.open_metrics).then_some(Scope::LogsRead);
-    Op::new("service", "Prometheus metrics", scope).media("application/openmetrics-text")
+    Op::new("service", "Prometheus metrics", scope).ok_media(200, "application/openmetrics-text")
 }
 
 /// Every route with its scope and documentation (see `spec`), and the spec itself.
@@ -59,10 +43,15 @@ fn metrics_op(ctx: &Context) -> Op {
 /// Long on purpose: this is the route table, one entry per route, read top to bottom
 /// like the API reference it generates; split up, no single place would list the API.
 pub fn routes(ctx: &Context, auth: Arc<Auth>) -> (Router<Context>, Value) {
+    use routes::{
+        dead_letters as dl, deliveries as dv, events as ev, groups as gr, health as he, keys as ke,
+        notifications as no, schedules as sc, service as se, stats as st, templates as te,
+        users as us,
+    };
     Api::new(auth)
         .get(
             "/health",
-            Op::new("service", "the process is up", None),
+            Op::new("service", "the process is up", None).ok::<he::Health>(200),
             health::health,
         )
         .get(
@@ -71,31 +60,41 @@ pub fn routes(ctx: &Context, auth: Arc<Auth>) -> (Router<Context>, Value) {
                 "service",
                 "events can be accepted: MongoDB answers (RabbitMQ is reported, not required)",
                 None,
-            ),
+            )
+            .ok::<he::Readiness>(200)
+            .errors(&[503]),
             health::ready,
         )
         .get("/metrics", metrics_op(ctx), service::metrics)
         .get(
             "/openapi.json",
-            Op::new("service", "this document", None),
+            Op::new("service", "this document", None).ok::<se::OpenApiDocument>(200),
             service::openapi,
         )
         .get(
             "/docs",
-            Op::new("service", "the API reference, readable", None).media("text/html"),
+            Op::new("service", "the API reference, readable", None).ok_media(200, "text/html"),
             service::docs,
         )
         .post(
             "/v1/events",
-            Op::new("events", "accept an event (201 new, 200 repeat)", EVENTS)
-                .body("Event")
-                .ok(202, Some("Accepted")),
+            Op::new(
+                "events",
+                "accept an event: 202 new, 200 a repeat of its event_id; with `schedule`, \
+                 201 a new campaign, 200 a repeat",
+                EVENTS,
+            )
+            .body::<ev::EventBody>()
+            .ok::<ev::Accepted>(202)
+            .ok::<ev::Accepted>(200)
+            .ok::<ev::ScheduleMade>(201)
+            .ok::<ev::ScheduleMade>(200),
             events::post_event,
         )
         .get(
             "/v1/notifications/{id}",
             Op::new("events", "one notification and its delivery counts", LOGS)
-                .ok(200, Some("Notification")),
+                .ok::<no::Notification>(200),
             notifications::get_notification,
         )
         .get(
@@ -105,8 +104,9 @@ pub fn routes(ctx: &Context, auth: Arc<Auth>) -> (Router<Context>, Value) {
                 "the delivery log, newest first, cursor pages",
                 LOGS,
             )
-            .query(LOG_FILTERS)
-            .ok(200, Some("DeliveryPage")),
+            .query::<dv::LogQuery>()
+            .ok::<dv::DeliveryPage>(200)
+            .errors(&[400]),
             deliveries::list,
         )
         .get(
@@ -116,12 +116,9 @@ pub fn routes(ctx: &Context, auth: Arc<Auth>) -> (Router<Context>, Value) {
                 "status changes as server-sent events; resume with Last-Event-ID",
                 LOGS,
             )
-            .query(&[
-                ("status", "only changes to this status"),
-                ("channel", "one channel"),
-                ("event_type", "one event type"),
-            ])
-            .media("text/event-stream"),
+            .query::<dv::StreamQuery>()
+            .ok_media(200, "text/event-stream")
+            .errors(&[400, 410]),
             deliveries::stream,
         )
         .get(
@@ -130,27 +127,22 @@ pub fn routes(ctx: &Context, auth: Arc<Auth>) -> (Router<Context>, Value) {
                 "deliveries",
                 "the message rendered now from the current template and profile",
                 LOGS,
-            ),
+            )
+            .ok::<dv::DeliveryPreview>(200)
+            .errors(&[422]),
             deliveries::preview,
         )
         .get(
             "/v1/deliveries/{id}",
             Op::new("deliveries", "one delivery with every attempt", LOGS)
-                .ok(200, Some("DeliveryDetail")),
+                .ok::<dv::DeliveryDetail>(200),
             deliveries::get,
         )
         .get(
             "/v1/stats/deliveries",
             Op::new("deliveries", "counts, success rates and send latency", LOGS)
-                .query(&[
-                    ("since", "RFC 3339; default 7 days before until"),
-                    ("until", "RFC 3339; default now"),
-                    (
-                        "group_by",
-                        "comma-separated: day, hour, channel, status, event_type, provider",
-                    ),
-                ])
-                .ok(200, Some("Stats")),
+                .query::<st::StatsQuery>()
+                .ok::<st::Stats>(200),
             stats::deliveries,
         )
         .get(
@@ -159,18 +151,15 @@ pub fn routes(ctx: &Context, auth: Arc<Auth>) -> (Router<Context>, Value) {
                 "deliveries",
                 "jobs waiting per priority lane and in the outbox (null: no answer within 2 s)",
                 LOGS,
-            ),
+            )
+            .ok::<se::Queues>(200),
             service::queues,
         )
         .get(
             "/v1/dead-letters",
-            Op::new("dead letters", "deliveries that failed for good", LOGS).query(&[
-                ("notification_id", "one notification"),
-                ("channel", "one channel"),
-                ("reason", "one reason"),
-                ("include_replayed", "true to include replayed letters"),
-                ("limit", "1 to 1000"),
-            ]),
+            Op::new("dead letters", "deliveries that failed for good", LOGS)
+                .query::<dl::FilterQuery>()
+                .ok::<dl::DeadLetterList>(200),
             dead_letters::list,
         )
         .post(
@@ -180,62 +169,78 @@ pub fn routes(ctx: &Context, auth: Arc<Auth>) -> (Router<Context>, Value) {
                 "replay every letter matching a filter",
                 CAMPAIGNS,
             )
-            .body("ReplayFilter"),
+            .body::<dl::ReplayFilter>()
+            .ok::<dl::Replayed>(202),
             dead_letters::replay_many,
         )
         .post(
             "/v1/dead-letters/{id}/replay",
-            Op::new("dead letters", "replay one dead letter", CAMPAIGNS),
+            Op::new("dead letters", "replay one dead letter", CAMPAIGNS).ok::<dl::Replayed>(202),
             dead_letters::replay,
         )
         .post(
             "/v1/users/import",
-            Op::new("users", "bulk upsert from NDJSON or CSV", CAMPAIGNS).media("application/json"),
+            Op::new(
+                "users",
+                "bulk upsert from NDJSON or CSV (a header row; `;` between push tokens and tags)",
+                CAMPAIGNS,
+            )
+            .body_media("application/x-ndjson", None)
+            .body_media("text/csv", Some(us::CSV_HEADER))
+            .ok::<us::ImportReport>(200)
+            .errors(&[415]),
             users::import,
         )
         .get(
             "/v1/users/{id}",
-            Op::new("users", "one user", CAMPAIGNS).ok(200, Some("User")),
+            Op::new("users", "one user", CAMPAIGNS).ok::<us::User>(200),
             users::get_user,
         )
         .put(
             "/v1/users/{id}",
-            Op::new("users", "create or replace a user", CAMPAIGNS).body("User"),
+            Op::new("users", "create or replace a user", CAMPAIGNS)
+                .path::<UserId>("id")
+                .body::<us::UserBody>()
+                .ok::<us::User>(201)
+                .ok::<us::User>(200),
             users::put_user,
         )
         .delete(
             "/v1/users/{id}",
-            Op::new("users", "delete a user", CAMPAIGNS).ok(204, None),
+            Op::new("users", "delete a user", CAMPAIGNS).empty(204),
             users::delete_user,
         )
         .get(
             "/v1/groups/{id}",
-            Op::new("groups", "one group", CAMPAIGNS).ok(200, Some("Group")),
+            Op::new("groups", "one group", CAMPAIGNS).ok::<gr::Group>(200),
             groups::get_group,
         )
         .put(
             "/v1/groups/{id}",
-            Op::new("groups", "create or replace a group", CAMPAIGNS).body("Group"),
+            Op::new("groups", "create or replace a group", CAMPAIGNS)
+                .path::<UserId>("id")
+                .body::<gr::GroupBody>()
+                .ok::<gr::Group>(201)
+                .ok::<gr::Group>(200),
             groups::put_group,
         )
         .delete(
             "/v1/groups/{id}",
-            Op::new("groups", "delete a group", CAMPAIGNS).ok(204, None),
+            Op::new("groups", "delete a group", CAMPAIGNS).empty(204),
             groups::delete_group,
         )
         .get(
             "/v1/schedules",
-            Op::new("campaigns", "every schedule", CAMPAIGNS).query(&[
-                ("status", "active, paused or ended"),
-                ("limit", "1 to 1000"),
-            ]),
+            Op::new("campaigns", "every schedule", CAMPAIGNS)
+                .query::<sc::ListQuery>()
+                .ok::<sc::ScheduleList>(200),
             schedules::list,
         )
         .post(
             "/v1/schedules",
             Op::new("campaigns", "create a schedule", CAMPAIGNS)
-                .body("Schedule")
-                .ok(201, Some("Object")),
+                .body::<sc::ScheduleBody>()
+                .ok::<sc::ScheduleCreated>(201),
             schedules::create,
         )
         .post(
@@ -245,48 +250,58 @@ pub fn routes(ctx: &Context, auth: Arc<Auth>) -> (Router<Context>, Value) {
                 "the next fire times of a cron expression in a zone, before saving",
                 CAMPAIGNS,
             )
-            .body("CronPreview"),
+            .body::<sc::CronPreviewBody>()
+            .ok::<sc::Fires>(200),
             schedules::preview,
         )
         .get(
             "/v1/schedules/{id}",
-            Op::new("campaigns", "one schedule", CAMPAIGNS).ok(200, Some("Schedule")),
+            Op::new("campaigns", "one schedule", CAMPAIGNS).ok::<sc::Schedule>(200),
             schedules::get,
         )
         .patch(
             "/v1/schedules/{id}",
-            Op::new("campaigns", "change a schedule", CAMPAIGNS).body("Schedule"),
+            Op::new("campaigns", "change a schedule", CAMPAIGNS)
+                .body::<sc::SchedulePatch>()
+                .ok::<sc::Schedule>(200),
             schedules::patch,
         )
         .delete(
             "/v1/schedules/{id}",
-            Op::new("campaigns", "delete a schedule", CAMPAIGNS).ok(204, None),
+            Op::new("campaigns", "delete a schedule", CAMPAIGNS).empty(204),
             schedules::delete,
         )
         .post(
             "/v1/schedules/{id}/pause",
-            Op::new("campaigns", "pause", CAMPAIGNS),
+            Op::new("campaigns", "pause", CAMPAIGNS)
+                .ok::<sc::Schedule>(200)
+                .errors(&[409]),
             schedules::pause,
         )
         .post(
             "/v1/schedules/{id}/resume",
-            Op::new("campaigns", "resume", CAMPAIGNS),
+            Op::new("campaigns", "resume", CAMPAIGNS)
+                .ok::<sc::Schedule>(200)
+                .errors(&[409]),
             schedules::resume,
         )
         .post(
             "/v1/schedules/{id}/trigger",
-            Op::new("campaigns", "fire now, once", CAMPAIGNS),
+            Op::new("campaigns", "fire now, once", CAMPAIGNS).ok::<sc::Triggered>(202),
             schedules::trigger,
         )
         .get(
             "/v1/schedules/{id}/runs",
             Op::new("campaigns", "run history with lag", CAMPAIGNS)
-                .query(&[("limit", "1 to 1000")]),
+                .query::<sc::RunsQuery>()
+                .ok::<sc::RunList>(200),
             schedules::runs,
         )
         .get(
             "/v1/schedules/{id}/next",
-            Op::new("campaigns", "the next fire times", CAMPAIGNS).query(&[("count", "1 to 100")]),
+            Op::new("campaigns", "the next fire times", CAMPAIGNS)
+                .query::<sc::NextQuery>()
+                .ok::<sc::Fires>(200),
             schedules::next,
         )
         .get(
@@ -295,7 +310,8 @@ pub fn routes(ctx: &Context, auth: Arc<Auth>) -> (Router<Context>, Value) {
                 "templates",
                 "every template and where it comes from",
                 CAMPAIGNS,
-            ),
+            )
+            .ok::<te::TemplateList>(200),
             templates::list,
         )
         .get(
@@ -305,29 +321,41 @@ pub fn routes(ctx: &Context, auth: Arc<Auth>) -> (Router<Context>, Value) {
                 "the source of one channel's parts, as deliveries use them",
                 CAMPAIGNS,
             )
-            .query(&[("locale", "one locale (default: the base template)")]),
+            .path::<EventType>("event_type")
+            .path::<Channel>("channel")
+            .query::<te::LocaleQuery>()
+            .ok::<te::TemplateSource>(200),
             templates::get,
         )
         .post(
             "/v1/templates/preview",
-            Op::new("templates", "render with sample data", CAMPAIGNS).body("TemplatePreview"),
+            Op::new("templates", "render with sample data", CAMPAIGNS)
+                .body::<te::PreviewBody>()
+                .ok::<te::Preview>(200),
             templates::preview,
         )
         .put(
             "/v1/templates/{event_type}/{channel}",
-            Op::new("templates", "store a template override", CAMPAIGNS).body("Template"),
+            Op::new("templates", "store a template override", CAMPAIGNS)
+                .path::<EventType>("event_type")
+                .path::<Channel>("channel")
+                .body::<te::TemplateBody>()
+                .ok::<te::TemplateStored>(201)
+                .ok::<te::TemplateStored>(200),
             templates::put,
         )
         .delete(
             "/v1/templates/{event_type}/{channel}",
             Op::new("templates", "remove a stored override", CAMPAIGNS)
-                .query(&[("locale", "one locale")])
-                .ok(204, None),
+                .path::<EventType>("event_type")
+                .path::<Channel>("channel")
+                .query::<te::LocaleQuery>()
+                .empty(204),
             templates::delete,
         )
         .get(
             "/v1/keys",
-            Op::new("keys", "every API key (never the secret)", ADMIN),
+            Op::new("keys", "every API key (never the secret)", ADMIN).ok::<ke::KeyList>(200),
             keys::list,
         )
         .post(
@@ -337,13 +365,13 @@ pub fn routes(ctx: &Context, auth: Arc<Auth>) -> (Router<Context>, Value) {
                 "create a key; the answer is the only time it is shown",
                 ADMIN,
             )
-            .body("NewKey")
-            .ok(201, Some("Key")),
+            .body::<ke::NewKey>()
+            .ok::<ke::Key>(201),
             keys::create,
         )
         .delete(
             "/v1/keys/{id}",
-            Op::new("keys", "revoke a key", ADMIN).ok(204, None),
+            Op::new("keys", "revoke a key", ADMIN).empty(204),
             keys::revoke,
         )
         .finish()
@@ -407,19 +435,23 @@ pub async fn serve_metrics(
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "metrics listening");
     let auth = Arc::new(Auth::new(ctx.store.clone(), ctx.settings.auth.clone()));
-    let health_op = || Op::new("service", "the process is up", None);
+    let health_op = || Op::new("service", "the process is up", None).ok::<health::Health>(200);
     let api = Api::new(auth)
         .get("/metrics", metrics_op(&ctx), service::metrics)
         .get("/health", health_op(), health::health);
     let api = match role {
         ProbeRole::Worker => api.get(
             "/ready",
-            Op::new("service", "MongoDB and RabbitMQ answer", None),
+            Op::new("service", "MongoDB and RabbitMQ answer", None)
+                .ok::<health::Readiness>(200)
+                .errors(&[503]),
             health::worker_ready,
         ),
         ProbeRole::Scheduler => api.get(
             "/ready",
-            Op::new("service", "MongoDB answers", None),
+            Op::new("service", "MongoDB answers", None)
+                .ok::<health::Readiness>(200)
+                .errors(&[503]),
             health::ready,
         ),
     };

@@ -10,26 +10,45 @@ use axum::middleware::from_fn_with_state;
 use axum::routing::{on, MethodFilter};
 use axum::Router;
 use serde_json::{json, Map, Value};
+use utoipa::openapi::path::ParameterIn;
+use utoipa::{IntoParams, PartialSchema, ToSchema};
 
 use super::auth::{self, Auth};
+use super::error::ErrorBody;
 use crate::app::Context;
 use crate::domain::Scope;
 
-/// What one operation is, for callers and for the spec.
+/// What one operation is, for callers and for the spec: every schema in it comes from
+/// the Rust type that parses or serializes that part of the exchange.
 #[derive(Debug, Clone)]
 pub struct Op {
     pub tag: &'static str,
     pub summary: &'static str,
     /// `None`: open to anyone.
     pub scope: Option<Scope>,
-    /// Query parameters: (name, description).
-    pub query: &'static [(&'static str, &'static str)],
-    /// The request body's schema (a name under `components.schemas`).
-    pub body: Option<&'static str>,
-    /// The success status, and the response schema (if JSON).
-    pub ok: (u16, Option<&'static str>),
-    /// The success body's media type when it is not JSON.
-    pub media: Option<&'static str>,
+    /// Path and query parameter objects.
+    params: Vec<Value>,
+    /// The request body: its media types, each with a schema.
+    body: Vec<(&'static str, Value)>,
+    /// Success answers: status, and the body's media type and schema (none: no body).
+    answers: Vec<(u16, Option<(&'static str, Value)>)>,
+    /// Error statuses the handler answers besides those the other parts imply.
+    errors: Vec<u16>,
+    /// Every named schema the operation refers to.
+    components: Vec<(String, Value)>,
+}
+
+/// `T`'s schema and every named schema it refers to.
+fn components<T: ToSchema>() -> Vec<(String, Value)> {
+    let mut deps = Vec::new();
+    T::schemas(&mut deps);
+    std::iter::once((T::name().into_owned(), to_json(T::schema())))
+        .chain(deps.into_iter().map(|(name, s)| (name, to_json(s))))
+        .collect()
+}
+
+fn to_json<T: serde::Serialize>(v: T) -> Value {
+    serde_json::to_value(v).unwrap_or_else(|e| panic!("an OpenAPI part does not serialize: {e}"))
 }
 
 impl Op {
@@ -38,26 +57,79 @@ impl Op {
             tag,
             summary,
             scope,
-            query: &[],
-            body: None,
-            ok: (200, None),
-            media: None,
+            params: Vec::new(),
+            body: Vec::new(),
+            answers: Vec::new(),
+            errors: Vec::new(),
+            components: Vec::new(),
         }
     }
-    pub fn query(mut self, params: &'static [(&'static str, &'static str)]) -> Self {
-        self.query = params;
+
+    /// A reference to `T`'s schema, with `T` and what it refers to among the components.
+    fn refer<T: ToSchema>(&mut self) -> Value {
+        self.components.extend(components::<T>());
+        json!({"$ref": format!("#/components/schemas/{}", T::name())})
+    }
+
+    /// The query parameters `T` parses.
+    pub fn query<T: IntoParams>(mut self) -> Self {
+        self.params.extend(
+            T::into_params(|| Some(ParameterIn::Query))
+                .into_iter()
+                .map(to_json),
+        );
         self
     }
-    pub fn body(mut self, schema: &'static str) -> Self {
-        self.body = Some(schema);
+
+    /// A path parameter parsed as `T` (others are plain strings).
+    pub fn path<T: PartialSchema>(mut self, name: &'static str) -> Self {
+        self.params
+            .push(json!({"name": name, "in": "path", "required": true,
+                                 "schema": to_json(T::schema())}));
         self
     }
-    pub fn ok(mut self, status: u16, schema: Option<&'static str>) -> Self {
-        self.ok = (status, schema);
+
+    /// A JSON request body parsed as `T`.
+    pub fn body<T: ToSchema>(mut self) -> Self {
+        let schema = self.refer::<T>();
+        self.body.push(("application/json", schema));
         self
     }
-    pub fn media(mut self, media: &'static str) -> Self {
-        self.media = Some(media);
+
+    /// A request body of another media type: a string (matching `pattern`, if given).
+    pub fn body_media(mut self, media: &'static str, pattern: Option<&'static str>) -> Self {
+        let mut schema = json!({"type": "string"});
+        if let Some(pattern) = pattern {
+            schema["pattern"] = json!(pattern);
+        }
+        self.body.push((media, schema));
+        self
+    }
+
+    /// A success answer with a JSON body serialized from `T`.
+    pub fn ok<T: ToSchema>(mut self, status: u16) -> Self {
+        let schema = self.refer::<T>();
+        self.answers
+            .push((status, Some(("application/json", schema))));
+        self
+    }
+
+    /// A success answer without a body.
+    pub fn empty(mut self, status: u16) -> Self {
+        self.answers.push((status, None));
+        self
+    }
+
+    /// A success answer of another media type, as a string.
+    pub fn ok_media(mut self, status: u16, media: &'static str) -> Self {
+        self.answers
+            .push((status, Some((media, json!({"type": "string"})))));
+        self
+    }
+
+    /// Error statuses the other parts do not imply (e.g. 409, 415).
+    pub fn errors(mut self, statuses: &[u16]) -> Self {
+        self.errors.extend_from_slice(statuses);
         self
     }
 }
@@ -136,20 +208,14 @@ impl Api {
     }
 }
 
-fn schema_ref(name: &str) -> Value {
-    json!({"$ref": format!("#/components/schemas/{name}")})
-}
-
 fn operation(method: &Method, path: &str, op: &Op) -> Value {
     let mut params: Vec<Value> = path
         .split('/')
         .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
+        .filter(|name| !op.params.iter().any(|p| p["in"] == "path" && p["name"] == *name))
         .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
         .collect();
-    params.extend(op.query.iter().map(|(name, description)| {
-        json!({"name": name, "in": "query", "required": false,
-               "description": description, "schema": {"type": "string"}})
-    }));
+    params.extend(op.params.iter().cloned());
     let mut o = Map::new();
     o.insert("tags".into(), json!([op.tag]));
     o.insert("summary".into(), json!(op.summary));
@@ -164,53 +230,75 @@ fn operation(method: &Method, path: &str, op: &Op) -> Value {
     if !params.is_empty() {
         o.insert("parameters".into(), json!(params));
     }
-    if let Some(body) = op.body {
+    if !op.body.is_empty() {
+        let content: Map<String, Value> = op
+            .body
+            .iter()
+            .map(|(media, schema)| ((*media).to_owned(), json!({"schema": schema})))
+            .collect();
         o.insert(
             "requestBody".into(),
-            json!({"required": true, "content": {"application/json": {"schema": schema_ref(body)}}}),
+            json!({"required": true, "content": content}),
         );
     }
-    let mut responses = Map::new();
-    let ok = match (op.media, op.ok.1) {
-        (Some(media), _) => {
-            json!({"description": "success", "content": {media: {"schema": {"type": "string"}}}})
-        }
-        (None, Some(schema)) => {
-            json!({"description": "success", "content": {"application/json": {"schema": schema_ref(schema)}}})
-        }
-        (None, None) => json!({"description": "success"}),
-    };
-    responses.insert(op.ok.0.to_string(), ok);
-    let error = json!({"description": "error", "content": {"application/json": {"schema": schema_ref("Error")}}});
-    let mut errors = vec!["500"];
-    if op.body.is_some() || !op.query.is_empty() {
-        errors.extend(["400", "422"]);
+    let mut responses: BTreeMap<String, Value> = BTreeMap::new();
+    for (status, body) in &op.answers {
+        let answer = match body {
+            Some((media, schema)) => {
+                // A status with two bodies (a repeat of either kind of event) has either.
+                let schema = match responses.get(&status.to_string()) {
+                    Some(earlier) => {
+                        json!({"oneOf": [earlier["content"][*media]["schema"], schema]})
+                    }
+                    None => schema.clone(),
+                };
+                json!({"description": "success", "content": {*media: {"schema": schema}}})
+            }
+            None => json!({"description": "success"}),
+        };
+        responses.insert(status.to_string(), answer);
+    }
+    // What the other parts imply: any operation can fail on our side or find the database
+    // away; a body can be malformed, too large or invalid; parameters can be invalid; an
+    // id can name nothing; a scope brings 401, 403 and 429.
+    let mut errors = vec![500, 503];
+    if !op.body.is_empty() {
+        errors.extend([400, 413, 422]);
+    }
+    if !op.params.is_empty() {
+        errors.push(422);
     }
     if path.contains('{') {
-        errors.push("404");
+        errors.push(404);
     }
     if let Some(scope) = op.scope {
-        errors.extend(["401", "403", "429"]);
+        errors.extend([401, 403, 429]);
         o.insert("security".into(), json!([{"bearer": [scope.as_str()]}]));
         o.insert("x-required-scope".into(), json!(scope.as_str()));
     }
+    errors.extend(&op.errors);
+    let error = json!({"description": "error", "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{}", ErrorBody::name())}}}});
     for code in errors {
-        responses.insert(code.into(), error.clone());
+        responses
+            .entry(code.to_string())
+            .or_insert_with(|| error.clone());
     }
-    o.insert("responses".into(), Value::Object(responses));
+    o.insert("responses".into(), json!(responses));
     Value::Object(o)
 }
 
 fn openapi(ops: &[(Method, &'static str, Op)]) -> Value {
     let mut paths: BTreeMap<&str, Map<String, Value>> = BTreeMap::new();
+    let mut schemas: BTreeMap<String, Value> = components::<ErrorBody>().into_iter().collect();
     for (method, path, op) in ops {
+        schemas.extend(op.components.iter().cloned());
         paths
             .entry(path)
             .or_default()
             .insert(method.as_str().to_lowercase(), operation(method, path, op));
     }
     json!({
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {
             "title": "herald",
             "version": env!("CARGO_PKG_VERSION"),
@@ -221,98 +309,7 @@ fn openapi(ops: &[(Method, &'static str, Op)]) -> Value {
         "paths": paths,
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": schemas(),
+            "schemas": schemas,
         },
-    })
-}
-
-/// The shapes of the main bodies (the handlers parse them; these describe them).
-fn schemas() -> Value {
-    let string = json!({"type": "string"});
-    let time = json!({"type": "string", "format": "date-time"});
-    let status = json!({"type": "string", "enum": ["queued", "sending", "sent", "failed", "retrying", "dead", "skipped", "deferred"]});
-    let channel = json!({"type": "string", "enum": ["email", "sms", "push", "webhook"]});
-    json!({
-        "Error": {"type": "object", "required": ["error"], "properties": {"error": {
-            "type": "object", "required": ["code", "message"], "properties": {
-                "code": {"type": "string", "description": "stable, for programs"},
-                "message": {"type": "string", "description": "for people"},
-                "details": {"type": "array", "items": {"type": "object", "properties": {
-                    "field": string, "message": string}}}}}}},
-        "Event": {"type": "object", "required": ["event_type", "recipients"], "properties": {
-            "event_id": {"type": "string", "description": "UUID; a repeat returns the original answer"},
-            "event_type": string,
-            "priority": {"type": "string", "enum": ["high", "normal", "low"]},
-            "recipients": {"type": "object", "properties": {
-                "user_ids": {"type": "array", "items": string},
-                "group_id": string,
-                "segment": {"type": "object", "properties": {"locale": string, "tag": string}}}},
-            "channels": {"type": "array", "items": channel},
-            "payload": {"type": "object"},
-            "send_at": time}},
-        "Accepted": {"type": "object", "properties": {"notification_id": string, "status": string}},
-        "Notification": {"type": "object", "properties": {
-            "notification_id": string, "event_id": string, "event_type": string,
-            "priority": string, "status": string, "created_at": time, "send_at": time,
-            "counts": {"type": "object", "additionalProperties": {"type": "integer"}}}},
-        "Delivery": {"type": "object", "properties": {
-            "delivery_id": string, "notification_id": string, "event_type": string,
-            "user_id": string, "channel": channel, "priority": string, "schedule_id": string,
-            "status": status, "reason": string, "provider": string,
-            "attempts": {"type": "integer"}, "last_error": string,
-            "created_at": time, "updated_at": time, "sent_at": time}},
-        "DeliveryDetail": {"allOf": [{"$ref": "#/components/schemas/Delivery"}, {"type": "object",
-            "properties": {"attempt_log": {"type": "array", "items": {"type": "object", "properties": {
-                "attempt_id": string, "provider": string, "status": status,
-                "started_at": time, "finished_at": time, "duration_ms": {"type": "integer"},
-                "error": string, "response": {"type": "object"}}}}}}]},
-        "DeliveryPage": {"type": "object", "properties": {
-            "items": {"type": "array", "items": {"$ref": "#/components/schemas/Delivery"}},
-            "next_cursor": {"type": "string", "nullable": true,
-                "description": "pass as `cursor` for the next page; null on the last"}}},
-        "Stats": {"type": "object", "properties": {
-            "since": time, "until": time, "resolution": string,
-            "group_by": {"type": "array", "items": string},
-            "total": {"type": "integer"},
-            "rows": {"type": "array", "items": {"type": "object", "description": "the group_by dimensions and `count`"}},
-            "channels": {"type": "object", "additionalProperties": {"type": "object", "properties": {
-                "sent": {"type": "integer"}, "failed": {"type": "integer"}, "dead": {"type": "integer"},
-                "skipped": {"type": "integer"}, "pending": {"type": "integer"},
-                "success_rate": {"type": "number", "nullable": true},
-                "send_latency_ms": {"type": "object", "properties": {
-                    "p50": {"type": "integer"}, "p90": {"type": "integer"}, "p99": {"type": "integer"}}}}}}}},
-        "Schedule": {"type": "object", "required": ["cron", "timezone", "event_type", "recipients"], "properties": {
-            "name": string, "cron": {"type": "string", "description": "5 fields, or @daily etc."},
-            "timezone": {"type": "string", "description": "IANA zone, e.g. Europe/Berlin"},
-            "start_at": time, "end_at": time, "event_type": string,
-            "priority": {"type": "string", "enum": ["high", "normal", "low"]},
-            "recipients": {"type": "object"}, "channels": {"type": "array", "items": channel},
-            "payload": {"type": "object"},
-            "misfire_policy": {"type": "string", "enum": ["skip", "fire_once", "fire_all"]}}},
-        "User": {"type": "object", "properties": {
-            "email": string, "phone": string, "push_tokens": {"type": "array", "items": string},
-            "tags": {"type": "array", "items": string}, "first_name": string, "last_name": string,
-            "locale": string, "timezone": string, "preferences": {"type": "object"}}},
-        "Group": {"type": "object", "properties": {"name": string, "user_ids": {"type": "array", "items": string}}},
-        "Template": {"type": "object", "required": ["source"], "properties": {"locale": string, "part": string, "source": string}},
-        "TemplatePreview": {"type": "object", "properties": {"event_type": string, "channel": channel,
-            "locale": string, "payload": {"type": "object"}, "user": {"type": "object"},
-            "content": {"type": "array"},
-            "draft": {"type": "object", "description": "unsaved parts (the Template fields) to render instead of the stored ones"}}},
-        "DeadLetter": {"type": "object", "properties": {"dead_letter_id": string, "delivery_id": string,
-            "notification_id": string, "channel": channel, "status": status, "reason": string,
-            "last_error": string, "attempts": {"type": "integer"}, "created_at": time, "replayed_at": time}},
-        "CronPreview": {"type": "object", "required": ["cron"], "properties": {
-            "cron": string, "timezone": string, "start_at": time, "end_at": time,
-            "count": {"type": "integer", "minimum": 1, "maximum": 100}}},
-        "ReplayFilter": {"type": "object", "properties": {"notification_id": string, "channel": channel, "reason": string}},
-        "NewKey": {"type": "object", "required": ["name", "scopes"], "properties": {"name": string,
-            "scopes": {"type": "array", "items": {"type": "string", "enum": ["events:write", "campaigns:write", "logs:read", "admin"]}},
-            "rate_per_sec": {"type": "number"}}},
-        "Key": {"type": "object", "properties": {"key_id": string, "name": string,
-            "scopes": {"type": "array", "items": string}, "rate_per_sec": {"type": "number"},
-            "created_at": time, "revoked_at": time,
-            "key": {"type": "string", "description": "only in the answer to its creation"}}},
-        "Object": {"type": "object"},
     })
 }

@@ -317,10 +317,10 @@ fn parse_segment(v: &Value, errors: &mut Vec<FieldError>) -> Option<Segment> {
     for (k, v) in obj {
         match (k.as_str(), v) {
             ("all", Value::Bool(b)) => all = *b,
-            ("locale", Value::String(s)) if !s.is_empty() && s.len() <= 35 => {
+            ("locale", Value::String(s)) if !s.is_empty() && s.chars().count() <= 35 => {
                 seg.locale = Some(s.clone())
             }
-            ("tag", Value::String(s)) if !s.is_empty() && s.len() <= 64 => {
+            ("tag", Value::String(s)) if !s.is_empty() && s.chars().count() <= 64 => {
                 seg.tag = Some(s.clone())
             }
             ("all" | "locale" | "tag", _) => {
@@ -374,7 +374,7 @@ pub fn parse_channels(v: Option<&Value>, errors: &mut Vec<FieldError>) -> Option
 }
 
 fn check_key(field: &str, key: &str, errors: &mut Vec<FieldError>) -> Option<String> {
-    if key.is_empty() || key.len() > 200 || key.chars().any(char::is_control) {
+    if key.is_empty() || key.chars().count() > 200 || key.chars().any(char::is_control) {
         errors.push(FieldError::new(
             field,
             "must be 1-200 printable characters (a UUID is recommended)",
@@ -395,6 +395,10 @@ pub fn parse_user_ids(field: &str, v: &Value, errors: &mut Vec<FieldError>) -> V
         let text = match item {
             Value::String(s) => s.clone(),
             Value::Number(n) if n.is_u64() || n.is_i64() => n.to_string(),
+            // JSON has one number type: 7.0 is the integer 7.
+            Value::Number(n) if n.as_f64().is_some_and(|f| f.fract() == 0.0) => {
+                format!("{:.0}", n.as_f64().unwrap_or_default())
+            }
             _ => {
                 errors.push(FieldError::new(field, "must contain strings"));
                 continue;

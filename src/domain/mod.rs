@@ -11,7 +11,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 /// A field-level validation problem, reported to clients in `details`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct FieldError {
     pub field: String,
     pub message: String,
@@ -95,6 +95,32 @@ fn is_id_char(c: char) -> bool {
 #[serde(try_from = "String", into = "String")]
 pub struct UserId(String);
 
+/// A string schema with the rule `parse` enforces, for the API document.
+fn string_schema(
+    pattern: &str,
+    max_length: usize,
+    description: &str,
+) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .pattern(Some(pattern))
+        .min_length(Some(1))
+        .max_length(Some(max_length))
+        .description(Some(description))
+        .into()
+}
+
+impl utoipa::PartialSchema for UserId {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        string_schema(
+            "^[A-Za-z0-9._:@+-]+$",
+            128,
+            "1-128 letters, digits and -_.:@+",
+        )
+    }
+}
+impl utoipa::ToSchema for UserId {}
+
 impl UserId {
     pub fn parse(s: &str) -> Result<Self, String> {
         if s.is_empty() || s.len() > 128 || !s.chars().all(is_id_char) {
@@ -138,6 +164,18 @@ pub type GroupId = UserId;
 #[serde(try_from = "String", into = "String")]
 pub struct EventType(String);
 
+impl utoipa::PartialSchema for EventType {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        // No `..`: every dot is followed by another character or ends the name.
+        string_schema(
+            r"^[a-z0-9](\.?[a-z0-9_-])*\.?$",
+            64,
+            "a-z, 0-9, _ - ., starting with a letter or digit, without `..`",
+        )
+    }
+}
+impl utoipa::ToSchema for EventType {}
+
 impl EventType {
     pub fn parse(s: &str) -> Result<Self, String> {
         let mut chars = s.chars();
@@ -179,7 +217,19 @@ impl fmt::Display for EventType {
 }
 
 /// A delivery channel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Channel {
     Email,
@@ -227,7 +277,19 @@ impl fmt::Display for Channel {
 }
 
 /// What an API key may do; `admin` may do everything.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 pub enum Scope {
     #[serde(rename = "events:write")]
     EventsWrite,
@@ -289,7 +351,9 @@ impl FromStr for Scope {
 }
 
 /// A priority lane. `high` is never stuck behind `low`: each lane has its own queue and slots.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Priority {
     High,
@@ -334,7 +398,7 @@ impl Priority {
 }
 
 /// Where a notification stands as a whole.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum NotificationStatus {
     Accepted,
@@ -347,7 +411,7 @@ pub enum NotificationStatus {
 }
 
 /// Where one delivery (recipient x channel) stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DeliveryStatus {
     Queued,

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::cron::CronSpec;
 
 /// What happens to slots missed while no scheduler ran.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum MisfirePolicy {
     /// Missed slots are dropped; the schedule moves on to the next future slot.
@@ -20,7 +20,7 @@ pub enum MisfirePolicy {
 }
 
 /// Why a run happened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RunKind {
     OnTime,

@@ -84,8 +84,9 @@ impl Preferences {
                 "quiet_hours" => {
                     let start = v.get("start").and_then(Value::as_str).and_then(time);
                     let end = v.get("end").and_then(Value::as_str).and_then(time);
+                    let only_those = v.as_object().is_some_and(|o| o.len() == 2);
                     match (start, end) {
-                        (Some(start), Some(end)) if start != end => p.quiet_hours = Some(QuietHours { start, end }),
+                        (Some(start), Some(end)) if start != end && only_those => p.quiet_hours = Some(QuietHours { start, end }),
                         _ => errors.push(FieldError::new("preferences.quiet_hours", "must be {\"start\": \"HH:MM\", \"end\": \"HH:MM\"} with different times")),
                     }
                 }

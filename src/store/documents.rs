@@ -13,12 +13,34 @@ use crate::domain::{Channel, DeliveryStatus, FieldError, NotificationStatus, Pri
 pub fn payload_document(
     payload: &serde_json::Map<String, serde_json::Value>,
 ) -> Result<Document, Vec<FieldError>> {
-    bson::to_document(payload)
-        .map_err(|e| vec![FieldError::new("payload", format!("cannot be stored: {e}"))])
+    storable_document("payload", payload)
+}
+
+/// Converts a JSON object to a storable document. BSON keys are C strings: a key with a
+/// NUL byte cannot be stored, and is the field's error rather than a failed write.
+pub fn storable_document(
+    field: &str,
+    object: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Document, Vec<FieldError>> {
+    fn nul_key(v: &serde_json::Value) -> bool {
+        match v {
+            serde_json::Value::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || nul_key(v)),
+            serde_json::Value::Array(a) => a.iter().any(nul_key),
+            _ => false,
+        }
+    }
+    if object.iter().any(|(k, v)| k.contains('\0') || nul_key(v)) {
+        return Err(vec![FieldError::new(
+            field,
+            "cannot be stored: a key contains a NUL character",
+        )]);
+    }
+    bson::to_document(object)
+        .map_err(|e| vec![FieldError::new(field, format!("cannot be stored: {e}"))])
 }
 
 /// Per-status delivery counters on a notification.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Counts {
     pub total: i64,
     pub queued: i64,

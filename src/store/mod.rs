@@ -32,9 +32,9 @@ use mongodb::{Client, Collection, Database, IndexModel};
 use crate::config::{MongoSettings, RetentionSettings};
 pub use dead_letters::{DeadLetterDoc, DeadLetterFilter};
 pub use documents::{
-    new_notification, payload_document, AttemptDoc, ClaimDoc, Counts, DeliveryClaim, DeliveryDoc,
-    GroupDoc, NotificationDoc, NotificationSpec, OutboxDoc, QueuedDelivery, RecipientsDoc,
-    SegmentDoc, UserDoc,
+    new_notification, payload_document, storable_document, AttemptDoc, ClaimDoc, Counts,
+    DeliveryClaim, DeliveryDoc, GroupDoc, NotificationDoc, NotificationSpec, OutboxDoc,
+    QueuedDelivery, RecipientsDoc, SegmentDoc, UserDoc,
 };
 pub use fanout::FanoutBatch;
 pub use keys::ApiKeyDoc;

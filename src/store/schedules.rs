@@ -13,7 +13,7 @@ use crate::domain::{Channel, Priority};
 pub(super) const SCHEDULES: &str = "schedules";
 pub(super) const RUNS: &str = "schedule_runs";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ScheduleStatus {
     Active,

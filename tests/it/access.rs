@@ -450,7 +450,7 @@ async fn the_openapi_document_lists_exactly_the_routes_served() {
     let app = spawn_app().await;
     let (status, spec) = app.get("/openapi.json").await;
     assert_eq!(status, 200);
-    assert_eq!(spec["openapi"], "3.0.3");
+    assert_eq!(spec["openapi"], "3.1.0");
     let mut documented = BTreeSet::new();
     for (path, methods) in spec["paths"].as_object().expect("paths") {
         for (method, op) in methods.as_object().expect("methods") {

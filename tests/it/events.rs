@@ -244,6 +244,15 @@ async fn bad_input_gets_a_stable_code_and_writes_nothing() {
             422,
             "validation_failed",
         ),
+        (
+            // BSON keys are C strings: this one cannot be stored.
+            "a payload key with a NUL",
+            Ok(
+                json!({"event_type": "greeting", "recipients": ok_recipients, "payload": {"a": {"b\0": 1}}}),
+            ),
+            422,
+            "validation_failed",
+        ),
     ];
     let before = app.count("notifications").await;
     for (name, body, want_status, want_code) in cases {

@@ -3,6 +3,7 @@
 mod helpers;
 
 mod access;
+mod api_document;
 mod console;
 mod delivery;
 mod enrichment;

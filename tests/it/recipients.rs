@@ -64,6 +64,26 @@ async fn invalid_profiles_are_refused_field_by_field_and_write_nothing() {
         .await
         .expect("req");
     assert_eq!(r.status(), 400);
+    // BSON keys are C strings: a key with a NUL is the field's error, not a failed write.
+    let (status, body) = app
+        .put(
+            "/v1/users/u-1",
+            &json!({"preferences": {"quiet_hours": {"start": "22:00", "end": "07:00", "x\0": 1}}}),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    let (status, body) = app
+        .post(
+            "/v1/schedules",
+            &json!({"name": "n", "cron": "@daily", "event_type": "greeting",
+                    "recipients": {"user_ids": ["u-1"]}, "payload": {"\0": true}}),
+        )
+        .await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (422, &json!("validation_failed")),
+        "{body}"
+    );
     assert_eq!(app.count("users").await, 0);
     app.stop().await;
 }

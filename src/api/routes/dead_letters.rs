@@ -3,68 +3,133 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
-use super::rfc3339;
+use super::{rfc3339, Time};
 use crate::api::error::{ApiError, JsonBody, QueryParams};
 use crate::app::Context;
-use crate::domain::{Channel, FieldError};
+use crate::domain::{Channel, DeliveryStatus, FieldError};
 use crate::store::{DeadLetterDoc, DeadLetterFilter};
 
 /// Most dead letters one bulk replay touches.
 const BULK_REPLAY_MAX: i64 = 10_000;
 
-fn letter_json(d: &DeadLetterDoc) -> Value {
-    json!({
-        "dead_letter_id": d.id,
-        "delivery_id": d.id,
-        "notification_id": d.notification_id,
-        "event_type": d.event_type,
-        "user_id": d.user_id,
-        "channel": d.channel,
-        "status": d.status,
-        "reason": d.reason,
-        "last_error": d.last_error,
-        "attempts": d.attempts,
-        "created_at": rfc3339(d.created_at),
-        "replayed_at": d.replayed_at.map(rfc3339),
-        "replay_count": d.replay_count,
-    })
+/// A delivery that failed for good.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeadLetter {
+    dead_letter_id: String,
+    delivery_id: String,
+    notification_id: String,
+    event_type: String,
+    user_id: String,
+    channel: Channel,
+    status: DeliveryStatus,
+    reason: Option<String>,
+    last_error: Option<String>,
+    attempts: i32,
+    created_at: Time,
+    replayed_at: Option<Time>,
+    replay_count: i32,
 }
 
-#[derive(Debug, Deserialize, Default)]
+impl From<&DeadLetterDoc> for DeadLetter {
+    fn from(d: &DeadLetterDoc) -> Self {
+        Self {
+            dead_letter_id: d.id.clone(),
+            delivery_id: d.id.clone(),
+            notification_id: d.notification_id.clone(),
+            event_type: d.event_type.clone(),
+            user_id: d.user_id.clone(),
+            channel: d.channel,
+            status: d.status,
+            reason: d.reason.clone(),
+            last_error: d.last_error.clone(),
+            attempts: d.attempts,
+            created_at: rfc3339(d.created_at),
+            replayed_at: d.replayed_at.map(rfc3339),
+            replay_count: d.replay_count,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeadLetterList {
+    items: Vec<DeadLetter>,
+}
+
+/// What a replay re-enqueued.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Replayed {
+    replayed: u64,
+    /// The delivery sent again (one letter's replay).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delivery_id: Option<String>,
+}
+
+/// Which pending dead letters to replay: those matching every given field.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct FilterQuery {
+pub struct ReplayFilter {
     notification_id: Option<String>,
+    #[schema(value_type = Option<Channel>)]
     channel: Option<String>,
     reason: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct FilterQuery {
+    /// One notification's letters.
+    notification_id: Option<String>,
+    #[param(value_type = Option<Channel>, inline)]
+    channel: Option<String>,
+    /// One reason.
+    reason: Option<String>,
+    /// Include letters already replayed (default false).
     include_replayed: Option<bool>,
+    /// Most letters to list (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
+}
+
+/// The store's filter from the given fields.
+fn filter(
+    notification_id: &Option<String>,
+    channel: &Option<String>,
+    reason: &Option<String>,
+    include_replayed: bool,
+) -> Result<DeadLetterFilter, ApiError> {
+    let channel = match channel {
+        None => None,
+        Some(c) => Some(
+            c.parse::<Channel>()
+                .map_err(|e| ApiError::validation(vec![FieldError::new("channel", e)]))?,
+        ),
+    };
+    Ok(DeadLetterFilter {
+        notification_id: notification_id.clone(),
+        channel,
+        reason: reason.clone(),
+        include_replayed,
+    })
 }
 
 impl FilterQuery {
     fn filter(&self) -> Result<DeadLetterFilter, ApiError> {
-        let channel = match &self.channel {
-            None => None,
-            Some(c) => Some(
-                c.parse::<Channel>()
-                    .map_err(|e| ApiError::validation(vec![FieldError::new("channel", e)]))?,
-            ),
-        };
-        Ok(DeadLetterFilter {
-            notification_id: self.notification_id.clone(),
-            channel,
-            reason: self.reason.clone(),
-            include_replayed: self.include_replayed.unwrap_or(false),
-        })
+        filter(
+            &self.notification_id,
+            &self.channel,
+            &self.reason,
+            self.include_replayed.unwrap_or(false),
+        )
     }
 }
 
 pub async fn list(
     State(ctx): State<Context>,
     QueryParams(q): QueryParams<FilterQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DeadLetterList>, ApiError> {
     let limit = q.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::validation(vec![FieldError::new(
@@ -73,16 +138,16 @@ pub async fn list(
         )]));
     }
     let items = ctx.store.list_dead_letters(&q.filter()?, limit).await?;
-    Ok(Json(
-        json!({"items": items.iter().map(letter_json).collect::<Vec<_>>()}),
-    ))
+    Ok(Json(DeadLetterList {
+        items: items.iter().map(DeadLetter::from).collect(),
+    }))
 }
 
 /// Re-enqueues one dead letter's delivery.
 pub async fn replay(
     State(ctx): State<Context>,
     Path(id): Path<String>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<Replayed>), ApiError> {
     let letter = ctx
         .store
         .replay_dead_letter(&id)
@@ -91,7 +156,10 @@ pub async fn replay(
     ctx.relay.wake();
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({"replayed": 1, "delivery_id": letter.id})),
+        Json(Replayed {
+            replayed: 1,
+            delivery_id: Some(letter.id),
+        }),
     ))
 }
 
@@ -99,17 +167,12 @@ pub async fn replay(
 /// `channel`, `reason`), up to 10,000 at a time.
 pub async fn replay_many(
     State(ctx): State<Context>,
-    JsonBody(q): JsonBody<FilterQuery>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
-    if q.include_replayed.is_some() || q.limit.is_some() {
-        return Err(ApiError::validation(vec![FieldError::new(
-            "body",
-            "filter with notification_id, channel and reason",
-        )]));
-    }
+    JsonBody(q): JsonBody<ReplayFilter>,
+) -> Result<(StatusCode, Json<Replayed>), ApiError> {
+    let filter = filter(&q.notification_id, &q.channel, &q.reason, false)?;
     let letters = ctx
         .store
-        .list_dead_letters(&q.filter()?, BULK_REPLAY_MAX)
+        .list_dead_letters(&filter, BULK_REPLAY_MAX)
         .await?;
     let mut replayed = 0;
     for l in &letters {
@@ -118,5 +181,11 @@ pub async fn replay_many(
         }
     }
     ctx.relay.wake();
-    Ok((StatusCode::ACCEPTED, Json(json!({"replayed": replayed}))))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Replayed {
+            replayed,
+            delivery_id: None,
+        }),
+    ))
 }

@@ -10,36 +10,101 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use utoipa::{IntoParams, ToSchema};
 
-use super::rfc3339;
+use super::templates::RenderedBody;
+use super::{rfc3339, Time};
 use crate::api::error::{ApiError, QueryParams};
 use crate::app::Context;
-use crate::domain::{Channel, DeliveryStatus, FieldError};
+use crate::domain::{Channel, DeliveryStatus, FieldError, Priority};
 use crate::store::{decode_token, ChangeFilter, DeliveryDoc, DeliveryFilter, LogCursor};
 
 /// Most items one page holds.
 pub const PAGE_MAX: i64 = 500;
 
-pub fn delivery_json(d: &DeliveryDoc) -> Value {
-    json!({
-        "delivery_id": d.id,
-        "notification_id": d.notification_id,
-        "event_type": d.event_type,
-        "user_id": d.user_id,
-        "channel": d.channel,
-        "priority": d.priority,
-        "schedule_id": d.schedule_id,
-        "status": d.status,
-        "reason": d.reason,
-        "provider": d.provider,
-        "attempts": d.attempt_count,
-        "last_error": d.last_error,
-        "created_at": rfc3339(d.created_at),
-        "updated_at": rfc3339(d.updated_at),
-        "sent_at": d.sent_at.map(rfc3339),
-    })
+/// One delivery (recipient x channel) in the log.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Delivery {
+    delivery_id: String,
+    notification_id: String,
+    event_type: String,
+    user_id: String,
+    channel: Channel,
+    priority: Priority,
+    /// The campaign that made it, if one did.
+    schedule_id: Option<String>,
+    status: DeliveryStatus,
+    /// Why it was skipped, deferred or failed (a stable code).
+    reason: Option<String>,
+    provider: Option<String>,
+    attempts: i32,
+    last_error: Option<String>,
+    created_at: Time,
+    updated_at: Time,
+    sent_at: Option<Time>,
+}
+
+impl From<&DeliveryDoc> for Delivery {
+    fn from(d: &DeliveryDoc) -> Self {
+        Self {
+            delivery_id: d.id.clone(),
+            notification_id: d.notification_id.clone(),
+            event_type: d.event_type.clone(),
+            user_id: d.user_id.clone(),
+            channel: d.channel,
+            priority: d.priority,
+            schedule_id: d.schedule_id.clone(),
+            status: d.status,
+            reason: d.reason.clone(),
+            provider: d.provider.clone(),
+            attempts: d.attempt_count,
+            last_error: d.last_error.clone(),
+            created_at: rfc3339(d.created_at),
+            updated_at: rfc3339(d.updated_at),
+            sent_at: d.sent_at.map(rfc3339),
+        }
+    }
+}
+
+/// One page of the log.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeliveryPage {
+    items: Vec<Delivery>,
+    /// Pass as `cursor` for the next page; null on the last.
+    next_cursor: Option<String>,
+}
+
+/// One delivery with every attempt.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeliveryDetail {
+    #[serde(flatten)]
+    delivery: Delivery,
+    attempt_log: Vec<Attempt>,
+}
+
+/// One try at a provider.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Attempt {
+    attempt_id: String,
+    provider: Option<String>,
+    status: DeliveryStatus,
+    started_at: Time,
+    finished_at: Time,
+    duration_ms: i64,
+    error: Option<String>,
+    /// What the provider answered (message id, SMTP reply…).
+    #[schema(value_type = Option<Object>)]
+    response: Option<Value>,
+}
+
+/// A delivery's message rendered now.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeliveryPreview {
+    delivery_id: String,
+    channel: Channel,
+    rendered: RenderedBody,
 }
 
 fn parse_status(s: Option<&str>, errors: &mut Vec<FieldError>) -> Option<DeliveryStatus> {
@@ -78,18 +143,32 @@ pub fn parse_instant(
         .ok()
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct LogQuery {
+    /// One notification's deliveries.
     notification_id: Option<String>,
+    /// One recipient's deliveries.
     user_id: Option<String>,
+    #[param(value_type = Option<DeliveryStatus>, inline)]
     status: Option<String>,
+    #[param(value_type = Option<Channel>, inline)]
     channel: Option<String>,
+    /// One event type.
     event_type: Option<String>,
+    /// Deliveries of one campaign.
     schedule_id: Option<String>,
+    /// Created at or after.
+    #[param(value_type = Option<String>, format = DateTime)]
     since: Option<String>,
+    /// Created before (a window that ends before it starts is empty).
+    #[param(value_type = Option<String>, format = DateTime)]
     until: Option<String>,
+    /// Page size (default 50).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    #[param(min_length = 1)]
     cursor: Option<String>,
 }
 
@@ -97,7 +176,7 @@ pub struct LogQuery {
 pub async fn list(
     State(ctx): State<Context>,
     QueryParams(q): QueryParams<LogQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DeliveryPage>, ApiError> {
     let mut errors = Vec::new();
     let filter = DeliveryFilter {
         status: parse_status(q.status.as_deref(), &mut errors),
@@ -116,11 +195,6 @@ pub async fn list(
             format!("must be between 1 and {PAGE_MAX}"),
         ));
     }
-    if let (Some(since), Some(until)) = (filter.since, filter.until) {
-        if since >= until {
-            errors.push(FieldError::new("until", "must be after since"));
-        }
-    }
     if !errors.is_empty() {
         return Err(ApiError::validation(errors));
     }
@@ -138,10 +212,10 @@ pub async fn list(
         .store
         .find_deliveries(&filter, cursor.as_ref(), limit)
         .await?;
-    Ok(Json(json!({
-        "items": page.items.iter().map(delivery_json).collect::<Vec<_>>(),
-        "next_cursor": page.next.map(|c| c.encode()),
-    })))
+    Ok(Json(DeliveryPage {
+        items: page.items.iter().map(Delivery::from).collect(),
+        next_cursor: page.next.map(|c| c.encode()),
+    }))
 }
 
 async fn load(ctx: &Context, id: &str) -> Result<DeliveryDoc, ApiError> {
@@ -155,26 +229,29 @@ async fn load(ctx: &Context, id: &str) -> Result<DeliveryDoc, ApiError> {
 pub async fn get(
     State(ctx): State<Context>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DeliveryDetail>, ApiError> {
     let d = load(&ctx, &id).await?;
-    let mut body = delivery_json(&d);
-    body["attempt_log"] = d
+    let attempt_log = d
         .attempts
         .iter()
-        .map(|a| {
-            json!({
-                "attempt_id": a.attempt_id,
-                "provider": a.provider,
-                "status": a.status,
-                "started_at": rfc3339(a.started_at),
-                "finished_at": rfc3339(a.finished_at),
-                "duration_ms": a.duration_ms,
-                "error": a.error,
-                "response": a.response.as_ref().map(|r| mongodb::bson::Bson::Document(r.clone()).into_relaxed_extjson()),
-            })
+        .map(|a| Attempt {
+            attempt_id: a.attempt_id.clone(),
+            provider: a.provider.clone(),
+            status: a.status,
+            started_at: rfc3339(a.started_at),
+            finished_at: rfc3339(a.finished_at),
+            duration_ms: a.duration_ms,
+            error: a.error.clone(),
+            response: a
+                .response
+                .as_ref()
+                .map(|r| mongodb::bson::Bson::Document(r.clone()).into_relaxed_extjson()),
         })
         .collect();
-    Ok(Json(body))
+    Ok(Json(DeliveryDetail {
+        delivery: Delivery::from(&d),
+        attempt_log,
+    }))
 }
 
 /// The delivery's message rendered now (current template, current profile), as the
@@ -182,7 +259,7 @@ pub async fn get(
 pub async fn preview(
     State(ctx): State<Context>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DeliveryPreview>, ApiError> {
     let d = load(&ctx, &id).await?;
     let rendered = crate::worker::deliver::render_now(&ctx.worker, &d)
         .await?
@@ -194,18 +271,22 @@ pub async fn preview(
             )
         })?
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.reason(), e.to_string()))?;
-    Ok(Json(json!({
-        "delivery_id": d.id,
-        "channel": d.channel,
-        "rendered": super::templates::rendered_json(rendered),
-    })))
+    Ok(Json(DeliveryPreview {
+        delivery_id: d.id,
+        channel: d.channel,
+        rendered: RenderedBody::from(rendered),
+    }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct StreamQuery {
+    /// Only changes to this status.
+    #[param(value_type = Option<DeliveryStatus>, inline)]
     status: Option<String>,
+    #[param(value_type = Option<Channel>, inline)]
     channel: Option<String>,
+    /// One event type.
     event_type: Option<String>,
 }
 
@@ -260,7 +341,7 @@ pub async fn stream(
             Ok(c) => Event::default()
                 .event("delivery")
                 .id(c.resume)
-                .json_data(delivery_json(&c.delivery))
+                .json_data(Delivery::from(&c.delivery))
                 .unwrap_or_else(|_| Event::default().comment("unencodable change")),
             Err(e) => {
                 *failed = true;

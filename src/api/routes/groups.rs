@@ -6,10 +6,10 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-use super::rfc3339;
+use super::{rfc3339, Time};
 use crate::api::error::{ApiError, JsonBody};
 use crate::app::Context;
 use crate::domain::{FieldError, GroupId, UserId};
@@ -18,22 +18,36 @@ use crate::store::GroupDoc;
 /// Members shown by `GET`; the full membership is streamed only for fan-out.
 const SHOWN_MEMBERS: i64 = 1000;
 
-#[derive(Debug, Deserialize)]
+/// A group's name and every member.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GroupBody {
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
     name: String,
+    #[schema(value_type = Vec<UserId>)]
     user_ids: Vec<String>,
 }
 
-fn group_json(g: &GroupDoc, members: Vec<String>) -> Value {
-    json!({
-        "group_id": g.id,
-        "name": g.name,
-        "member_count": g.member_count,
-        "user_ids": members,
-        "created_at": rfc3339(g.created_at),
-        "updated_at": rfc3339(g.updated_at),
-    })
+/// A group, with up to 1,000 of its members.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Group {
+    group_id: String,
+    name: String,
+    member_count: i64,
+    user_ids: Vec<String>,
+    created_at: Time,
+    updated_at: Time,
+}
+
+fn group(g: &GroupDoc, members: Vec<String>) -> Group {
+    Group {
+        group_id: g.id.clone(),
+        name: g.name.clone(),
+        member_count: g.member_count,
+        user_ids: members,
+        created_at: rfc3339(g.created_at),
+        updated_at: rfc3339(g.updated_at),
+    }
 }
 
 pub async fn put_group(
@@ -69,20 +83,20 @@ pub async fn put_group(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(group_json(&group, shown))).into_response())
+    Ok((status, Json(self::group(&group, shown))).into_response())
 }
 
 pub async fn get_group(
     State(ctx): State<Context>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Group>, ApiError> {
     let g = ctx
         .store
         .get_group(&id)
         .await?
         .ok_or_else(|| ApiError::not_found("group", &id))?;
     let members = ctx.store.group_member_ids(&id, SHOWN_MEMBERS).await?;
-    Ok(Json(group_json(&g, members)))
+    Ok(Json(group(&g, members)))
 }
 
 pub async fn delete_group(

@@ -12,26 +12,49 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use serde_json::{json, Value};
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::app::Context;
 
-pub async fn health() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+/// The process is up.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    status: &'static str,
+}
+
+/// Whether the process can do its role's work, and what each dependency said.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Readiness {
+    /// `ready` or `not_ready`.
+    status: &'static str,
+    checks: Checks,
+}
+
+/// `ok` or `unreachable`, per dependency.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Checks {
+    mongodb: &'static str,
+    rabbitmq: &'static str,
+}
+
+pub async fn health() -> Json<Health> {
+    Json(Health { status: "ok" })
 }
 
 /// The API's and the scheduler's readiness: MongoDB answers; RabbitMQ's state is
 /// reported, not required.
-pub async fn ready(State(ctx): State<Context>) -> (StatusCode, Json<Value>) {
+pub async fn ready(State(ctx): State<Context>) -> (StatusCode, Json<Readiness>) {
     readiness(&ctx, false).await
 }
 
 /// A worker's readiness: MongoDB and RabbitMQ answer.
-pub async fn worker_ready(State(ctx): State<Context>) -> (StatusCode, Json<Value>) {
+pub async fn worker_ready(State(ctx): State<Context>) -> (StatusCode, Json<Readiness>) {
     readiness(&ctx, true).await
 }
 
-async fn readiness(ctx: &Context, needs_rabbitmq: bool) -> (StatusCode, Json<Value>) {
+async fn readiness(ctx: &Context, needs_rabbitmq: bool) -> (StatusCode, Json<Readiness>) {
     let limit = Duration::from_secs(3);
     let (mongo, rabbit) = tokio::join!(
         tokio::time::timeout(limit, ctx.store.ping()),
@@ -47,9 +70,16 @@ async fn readiness(ctx: &Context, needs_rabbitmq: bool) -> (StatusCode, Json<Val
     };
     (
         status,
-        Json(json!({
-            "status": if status == StatusCode::OK { "ready" } else { "not_ready" },
-            "checks": {"mongodb": word(mongo_ok), "rabbitmq": word(rabbit_ok)},
-        })),
+        Json(Readiness {
+            status: if status == StatusCode::OK {
+                "ready"
+            } else {
+                "not_ready"
+            },
+            checks: Checks {
+                mongodb: word(mongo_ok),
+                rabbitmq: word(rabbit_ok),
+            },
+        }),
     )
 }

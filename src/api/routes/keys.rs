@@ -5,42 +5,70 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-use super::rfc3339;
+use super::{rfc3339, Time};
 use crate::api::auth::Auth;
 use crate::api::error::{ApiError, JsonBody};
 use crate::app::Context;
 use crate::domain::{FieldError, Rate, Scope};
 use crate::store::ApiKeyDoc;
 
-pub fn key_json(k: &ApiKeyDoc) -> Value {
-    json!({
-        "key_id": k.id,
-        "name": k.name,
-        "scopes": k.scopes,
-        "rate_per_sec": k.rate_per_sec,
-        "created_at": rfc3339(k.created_at),
-        "revoked_at": k.revoked_at.map(rfc3339),
-    })
+/// An API key (never its secret, except in the answer to its creation).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Key {
+    key_id: String,
+    name: String,
+    scopes: Vec<Scope>,
+    /// Requests per second this key may make (null: the configured default).
+    rate_per_sec: Option<f64>,
+    created_at: Time,
+    revoked_at: Option<Time>,
+    /// The secret: only in the answer to the key's creation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+impl From<&ApiKeyDoc> for Key {
+    fn from(k: &ApiKeyDoc) -> Self {
+        Self {
+            key_id: k.id.clone(),
+            name: k.name.clone(),
+            scopes: k.scopes.clone(),
+            rate_per_sec: k.rate_per_sec,
+            created_at: rfc3339(k.created_at),
+            revoked_at: k.revoked_at.map(rfc3339),
+            key: None,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KeyList {
+    items: Vec<Key>,
+}
+
+/// A key to create.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewKey {
+    #[schema(min_length = 1, max_length = 100, pattern = r"\S")]
     name: String,
+    #[schema(value_type = Vec<Scope>, min_items = 1)]
     scopes: Vec<String>,
+    /// Requests per second (default: the configured rate).
+    #[schema(minimum = 0.001, maximum = 1000000000.0)]
     rate_per_sec: Option<f64>,
 }
 
 pub async fn create(
     State(ctx): State<Context>,
     JsonBody(body): JsonBody<NewKey>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<Key>), ApiError> {
     let mut errors = Vec::new();
     let name = body.name.trim();
-    if name.is_empty() || name.len() > 100 {
+    if name.is_empty() || body.name.chars().count() > 100 {
         errors.push(FieldError::new(
             "name",
             "give a name of 1 to 100 characters",
@@ -59,16 +87,18 @@ pub async fn create(
         return Err(ApiError::validation(errors));
     }
     let (key, plain) = ctx.store.create_key(name, &scopes, rate).await?;
-    let mut out = key_json(&key);
-    out["key"] = json!(plain);
-    Ok((StatusCode::CREATED, Json(out)))
+    let created = Key {
+        key: Some(plain),
+        ..Key::from(&key)
+    };
+    Ok((StatusCode::CREATED, Json(created)))
 }
 
-pub async fn list(State(ctx): State<Context>) -> Result<Json<Value>, ApiError> {
+pub async fn list(State(ctx): State<Context>) -> Result<Json<KeyList>, ApiError> {
     let keys = ctx.store.list_keys().await?;
-    Ok(Json(
-        json!({"items": keys.iter().map(key_json).collect::<Vec<_>>()}),
-    ))
+    Ok(Json(KeyList {
+        items: keys.iter().map(Key::from).collect(),
+    }))
 }
 
 pub async fn revoke(

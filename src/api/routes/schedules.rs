@@ -6,17 +6,204 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use utoipa::{IntoParams, ToSchema};
 
-use super::rfc3339;
+use super::events::{PriorityIn, RecipientsBody};
+use super::{rfc3339, Time, Zone};
 use crate::api::error::{ApiError, JsonBody, QueryParams};
 use crate::app::Context;
 use crate::domain::cron::{parse_tz, CronSpec};
-use crate::domain::FieldError;
+use crate::domain::plan::{MisfirePolicy, RunKind};
+use crate::domain::{Channel, EventType, FieldError, NotificationStatus, Priority};
 use crate::ingest::schedule::{self as definition, parse_schedule, ScheduleError, ScheduleInput};
 use crate::scheduler as sched;
-use crate::store::{RecipientsDoc, ScheduleDoc, ScheduleStatus};
+use crate::store::{Counts, RecipientsDoc, ScheduleDoc, ScheduleStatus};
+
+// `ScheduleBody`, `SchedulePatch` and `CronPreviewBody` document what `parse_schedule`
+// and `preview` accept (see `events::EventBody`): they are never built.
+
+/// A recurring campaign to create.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct ScheduleBody {
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
+    name: String,
+    /// Five fields (minute hour day-of-month month day-of-week) or `@daily`, `@hourly`…
+    #[schema(format = "cron")]
+    cron: String,
+    /// The zone the cron fires in (default UTC).
+    #[schema(value_type = Option<Zone>)]
+    timezone: Option<String>,
+    start_at: Option<Time>,
+    /// After `start_at`.
+    end_at: Option<Time>,
+    /// An event type with a template for every channel the campaign sends on.
+    event_type: EventType,
+    priority: Option<PriorityIn>,
+    recipients: RecipientsBody,
+    #[schema(min_items = 1)]
+    channels: Option<Vec<Channel>>,
+    payload: Option<Map<String, Value>>,
+    misfire_policy: Option<MisfirePolicy>,
+}
+
+/// Changes to a schedule: any fields of a create body, merged into the definition.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct SchedulePatch {
+    #[serde(default)]
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
+    name: String,
+    #[serde(default)]
+    #[schema(format = "cron")]
+    cron: String,
+    #[schema(value_type = Option<Zone>)]
+    timezone: Option<String>,
+    start_at: Option<Time>,
+    end_at: Option<Time>,
+    #[serde(default)]
+    #[schema(value_type = EventType)]
+    event_type: String,
+    priority: Option<PriorityIn>,
+    #[serde(default)]
+    #[schema(value_type = RecipientsBody)]
+    recipients: Value,
+    #[schema(min_items = 1)]
+    channels: Option<Vec<Channel>>,
+    payload: Option<Map<String, Value>>,
+    misfire_policy: Option<MisfirePolicy>,
+}
+
+/// A cron expression to try before saving.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct CronPreviewBody {
+    #[schema(format = "cron")]
+    cron: String,
+    #[schema(value_type = Option<Zone>)]
+    timezone: Option<String>,
+    start_at: Option<Time>,
+    end_at: Option<Time>,
+    /// How many fire times (default 5).
+    #[schema(minimum = 1, maximum = 100)]
+    count: Option<u32>,
+}
+
+/// Who a campaign sends to.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Recipients {
+    user_ids: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    group_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    segment: Option<SegmentOut>,
+}
+
+/// A segment: every user, or those with a locale and/or a tag.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SegmentOut {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    all: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    locale: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tag: Option<String>,
+}
+
+/// The definition, as a create body would give it (PATCH merges into this).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Definition {
+    name: String,
+    cron: String,
+    timezone: String,
+    start_at: Option<Time>,
+    end_at: Option<Time>,
+    event_type: String,
+    priority: Priority,
+    recipients: Recipients,
+    channels: Option<Vec<Channel>>,
+    #[schema(value_type = Object)]
+    payload: Value,
+    misfire_policy: MisfirePolicy,
+}
+
+/// A campaign and where it stands.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Schedule {
+    #[serde(flatten)]
+    definition: Definition,
+    schedule_id: String,
+    status: ScheduleStatus,
+    next_fire_at: Option<Time>,
+    last_fire_at: Option<Time>,
+    fire_count: i64,
+    created_at: Time,
+    updated_at: Time,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ScheduleList {
+    items: Vec<Schedule>,
+}
+
+/// A created campaign.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ScheduleCreated {
+    schedule_id: String,
+    next_fire_at: Option<Time>,
+    status: ScheduleStatus,
+}
+
+/// A manual fire.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Triggered {
+    run_id: String,
+    notification_id: Option<String>,
+    /// Why nothing was sent (`empty_audience`), if nothing was.
+    reason: Option<String>,
+}
+
+/// One run of a campaign, with its notification's progress.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Run {
+    run_id: String,
+    fire_time: Time,
+    kind: RunKind,
+    slots: i32,
+    claimed_at: Time,
+    lag_ms: i64,
+    notification_id: Option<String>,
+    reason: Option<String>,
+    status: Option<NotificationStatus>,
+    deliveries: i64,
+    counts: Option<Counts>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunList {
+    items: Vec<Run>,
+}
+
+/// One fire time, in UTC and in the schedule's zone.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Fire {
+    #[schema(format = DateTime)]
+    at: String,
+    #[schema(format = DateTime)]
+    local: String,
+}
+
+/// The next fire times.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Fires {
+    timezone: String,
+    items: Vec<Fire>,
+}
 
 impl From<ScheduleError> for ApiError {
     fn from(e: ScheduleError) -> Self {
@@ -36,56 +223,50 @@ impl From<ScheduleError> for ApiError {
     }
 }
 
-fn recipients_json(r: &RecipientsDoc) -> Value {
-    let mut v = json!({"user_ids": r.user_ids});
-    if let Some(g) = &r.group_id {
-        v["group_id"] = json!(g);
+fn recipients(r: &RecipientsDoc) -> Recipients {
+    Recipients {
+        user_ids: r.user_ids.clone(),
+        group_id: r.group_id.clone(),
+        segment: r.segment.as_ref().map(|s| SegmentOut {
+            all: (s.locale.is_none() && s.tag.is_none()).then_some(true),
+            locale: s.locale.clone(),
+            tag: s.tag.clone(),
+        }),
     }
-    if let Some(s) = &r.segment {
-        let mut seg = json!({});
-        match (&s.locale, &s.tag) {
-            (None, None) => seg["all"] = json!(true),
-            (l, t) => {
-                if let Some(l) = l {
-                    seg["locale"] = json!(l);
-                }
-                if let Some(t) = t {
-                    seg["tag"] = json!(t);
-                }
-            }
-        }
-        v["segment"] = seg;
-    }
-    v
 }
 
 /// The definition as a create body would give it (PATCH merges into this).
-fn definition_json(s: &ScheduleDoc) -> Value {
-    json!({
-        "name": s.name,
-        "cron": s.cron,
-        "timezone": s.timezone,
-        "start_at": s.start_at.map(rfc3339),
-        "end_at": s.end_at.map(rfc3339),
-        "event_type": s.event_type,
-        "priority": s.priority,
-        "recipients": recipients_json(&s.recipients),
-        "channels": s.channels,
-        "payload": mongodb::bson::Bson::Document(s.payload.clone()).into_relaxed_extjson(),
-        "misfire_policy": s.misfire_policy,
-    })
+fn definition(s: &ScheduleDoc) -> Definition {
+    Definition {
+        name: s.name.clone(),
+        cron: s.cron.clone(),
+        timezone: s.timezone.clone(),
+        start_at: s.start_at.map(rfc3339),
+        end_at: s.end_at.map(rfc3339),
+        event_type: s.event_type.clone(),
+        priority: s.priority,
+        recipients: recipients(&s.recipients),
+        channels: s.channels.clone(),
+        payload: mongodb::bson::Bson::Document(s.payload.clone()).into_relaxed_extjson(),
+        misfire_policy: s.misfire_policy,
+    }
 }
 
-fn schedule_json(s: &ScheduleDoc) -> Value {
-    let mut v = definition_json(s);
-    v["schedule_id"] = json!(s.id);
-    v["status"] = json!(s.status);
-    v["next_fire_at"] = json!(s.next_fire_at.map(rfc3339));
-    v["last_fire_at"] = json!(s.last_fire_at.map(rfc3339));
-    v["fire_count"] = json!(s.fire_count);
-    v["created_at"] = json!(rfc3339(s.created_at));
-    v["updated_at"] = json!(rfc3339(s.updated_at));
-    v
+fn definition_json(s: &ScheduleDoc) -> Value {
+    serde_json::to_value(definition(s)).unwrap_or_default()
+}
+
+fn schedule(s: &ScheduleDoc) -> Schedule {
+    Schedule {
+        definition: definition(s),
+        schedule_id: s.id.clone(),
+        status: s.status,
+        next_fire_at: s.next_fire_at.map(rfc3339),
+        last_fire_at: s.last_fire_at.map(rfc3339),
+        fire_count: s.fire_count,
+        created_at: rfc3339(s.created_at),
+        updated_at: rfc3339(s.updated_at),
+    }
 }
 
 async fn load(ctx: &Context, id: &str) -> Result<ScheduleDoc, ApiError> {
@@ -126,28 +307,28 @@ pub async fn create(
     let doc = definition::to_document(&input, None, None, Utc::now())?;
     ctx.store.insert_schedule(&doc).await?;
     ctx.scheduler.wake();
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({
-            "schedule_id": doc.id,
-            "next_fire_at": doc.next_fire_at.map(rfc3339),
-            "status": doc.status,
-        })),
-    )
-        .into_response())
+    let created = ScheduleCreated {
+        schedule_id: doc.id,
+        next_fire_at: doc.next_fire_at.map(rfc3339),
+        status: doc.status,
+    };
+    Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
+    #[param(value_type = Option<ScheduleStatus>, inline)]
     status: Option<String>,
+    /// Most schedules to list (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
 }
 
 pub async fn list(
     State(ctx): State<Context>,
     QueryParams(q): QueryParams<ListQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ScheduleList>, ApiError> {
     let status = match q.status.as_deref() {
         None => None,
         Some(s) => Some(
@@ -167,23 +348,23 @@ pub async fn list(
         )]));
     }
     let items = ctx.store.list_schedules(status, limit).await?;
-    Ok(Json(
-        json!({"items": items.iter().map(schedule_json).collect::<Vec<_>>()}),
-    ))
+    Ok(Json(ScheduleList {
+        items: items.iter().map(schedule).collect(),
+    }))
 }
 
 pub async fn get(
     State(ctx): State<Context>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    Ok(Json(schedule_json(&load(&ctx, &id).await?)))
+) -> Result<Json<Schedule>, ApiError> {
+    Ok(Json(schedule(&load(&ctx, &id).await?)))
 }
 
 pub async fn patch(
     State(ctx): State<Context>,
     Path(id): Path<String>,
     JsonBody(changes): JsonBody<Value>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Schedule>, ApiError> {
     let existing = load(&ctx, &id).await?;
     let Some(changes) = changes.as_object() else {
         return Err(ApiError::validation(vec![FieldError::new(
@@ -205,7 +386,7 @@ pub async fn patch(
         .await?
         .ok_or_else(|| ApiError::not_found("schedule", &id))?;
     ctx.scheduler.wake();
-    Ok(Json(schedule_json(&stored)))
+    Ok(Json(schedule(&stored)))
 }
 
 pub async fn delete(
@@ -222,20 +403,20 @@ pub async fn delete(
 pub async fn pause(
     State(ctx): State<Context>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Schedule>, ApiError> {
     let s = load_live(&ctx, &id).await?;
     let stored = ctx
         .store
         .set_schedule_state(&id, ScheduleStatus::Paused, s.next_fire_at)
         .await?
         .ok_or_else(|| ApiError::not_found("schedule", &id))?;
-    Ok(Json(schedule_json(&stored)))
+    Ok(Json(schedule(&stored)))
 }
 
 pub async fn resume(
     State(ctx): State<Context>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Schedule>, ApiError> {
     let s = load_live(&ctx, &id).await?;
     // Slots that passed while paused are not fired: the schedule resumes at its next slot.
     let doc = definition::to_document(
@@ -253,7 +434,7 @@ pub async fn resume(
         .await?
         .ok_or_else(|| ApiError::not_found("schedule", &id))?;
     ctx.scheduler.wake();
-    Ok(Json(schedule_json(&stored)))
+    Ok(Json(schedule(&stored)))
 }
 
 pub async fn trigger(
@@ -262,29 +443,34 @@ pub async fn trigger(
 ) -> Result<Response, ApiError> {
     let s = load(&ctx, &id).await?;
     let run = sched::trigger(&ctx.scheduler, &s, Utc::now()).await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({
-            "run_id": run.id,
-            "notification_id": run.notification_id,
-            "reason": run.reason,
-        })),
-    )
-        .into_response())
+    let triggered = Triggered {
+        run_id: run.id,
+        notification_id: run.notification_id,
+        reason: run.reason,
+    };
+    Ok((StatusCode::ACCEPTED, Json(triggered)).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
-pub struct LimitQuery {
+pub struct RunsQuery {
+    /// Most runs to show, newest first (default 50; taken as 1 to 500).
     limit: Option<i64>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct NextQuery {
+    /// How many fire times (default 5).
+    #[param(minimum = 1, maximum = 100)]
     count: Option<usize>,
 }
 
 pub async fn runs(
     State(ctx): State<Context>,
     Path(id): Path<String>,
-    QueryParams(q): QueryParams<LimitQuery>,
-) -> Result<Json<Value>, ApiError> {
+    QueryParams(q): QueryParams<RunsQuery>,
+) -> Result<Json<RunList>, ApiError> {
     load(&ctx, &id).await?;
     let limit = q.limit.unwrap_or(50).clamp(1, 500);
     let runs = ctx.store.list_runs(&id, limit).await?;
@@ -293,35 +479,35 @@ pub async fn runs(
         .filter_map(|r| r.notification_id.clone())
         .collect();
     let notifications = ctx.store.notifications_by_ids(&ids).await?;
-    let items: Vec<Value> = runs
+    let items = runs
         .iter()
         .map(|r| {
             let n = notifications
                 .iter()
                 .find(|n| Some(&n.id) == r.notification_id.as_ref());
-            json!({
-                "run_id": r.id,
-                "fire_time": rfc3339(r.fire_time),
-                "kind": r.kind,
-                "slots": r.slots,
-                "claimed_at": rfc3339(r.claimed_at),
-                "lag_ms": r.lag_ms,
-                "notification_id": r.notification_id,
-                "reason": r.reason,
-                "status": n.map(|n| json!(n.status)),
-                "deliveries": n.map_or(json!(0), |n| json!(n.counts.total)),
-                "counts": n.map(|n| json!(n.counts)),
-            })
+            Run {
+                run_id: r.id.clone(),
+                fire_time: rfc3339(r.fire_time),
+                kind: r.kind,
+                slots: r.slots,
+                claimed_at: rfc3339(r.claimed_at),
+                lag_ms: r.lag_ms,
+                notification_id: r.notification_id.clone(),
+                reason: r.reason.clone(),
+                status: n.map(|n| n.status),
+                deliveries: n.map_or(0, |n| n.counts.total),
+                counts: n.map(|n| n.counts),
+            }
         })
         .collect();
-    Ok(Json(json!({"items": items})))
+    Ok(Json(RunList { items }))
 }
 
 pub async fn next(
     State(ctx): State<Context>,
     Path(id): Path<String>,
-    QueryParams(q): QueryParams<LimitQuery>,
-) -> Result<Json<Value>, ApiError> {
+    QueryParams(q): QueryParams<NextQuery>,
+) -> Result<Json<Fires>, ApiError> {
     let count = q.count.unwrap_or(5);
     if !(1..=100).contains(&count) {
         return Err(ApiError::validation(vec![FieldError::new(
@@ -332,7 +518,10 @@ pub async fn next(
     let s = load(&ctx, &id).await?;
     let input = input_of(&s)?;
     let items = fires(&input.cron, input.tz, input.start_at, input.end_at, count);
-    Ok(Json(json!({"timezone": s.timezone, "items": items})))
+    Ok(Json(Fires {
+        timezone: s.timezone,
+        items,
+    }))
 }
 
 /// The next `count` fire times from now (or `start_at`), none after `end_at`, each in UTC
@@ -343,23 +532,23 @@ fn fires(
     start_at: Option<DateTime<Utc>>,
     end_at: Option<DateTime<Utc>>,
     count: usize,
-) -> Vec<Value> {
+) -> Vec<Fire> {
     let from = start_at.map_or(Utc::now(), |t| t.max(Utc::now()));
     spec.next_after(tz, from - chrono::Duration::milliseconds(1), count)
         .into_iter()
         .filter(|t| end_at.is_none_or(|e| *t <= e))
-        .map(|t| {
-            json!({
-                "at": t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                "local": t.with_timezone(&tz).to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
-            })
+        .map(|t| Fire {
+            at: t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            local: t
+                .with_timezone(&tz)
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
         })
         .collect()
 }
 
 /// `POST /v1/schedules/preview`: `{cron, timezone?, start_at?, end_at?, count?}` → the next
 /// fire times, or the same field errors (and codes) a create would give. Writes nothing.
-pub async fn preview(JsonBody(body): JsonBody<Value>) -> Result<Json<Value>, ApiError> {
+pub async fn preview(JsonBody(body): JsonBody<Value>) -> Result<Json<Fires>, ApiError> {
     let Some(obj) = body.as_object() else {
         return Err(ApiError::validation(vec![FieldError::new(
             "body",
@@ -413,7 +602,11 @@ pub async fn preview(JsonBody(body): JsonBody<Value>) -> Result<Json<Value>, Api
     let (start_at, end_at) = definition::parse_window(obj, &mut errors);
     let count = match obj.get("count") {
         None | Some(Value::Null) => 5,
-        Some(v) => match v.as_u64().filter(|c| (1..=100).contains(c)) {
+        // JSON has one number type: 5 and 5.0 are the same count.
+        Some(v) => match v
+            .as_f64()
+            .filter(|c| c.fract() == 0.0 && (1.0..=100.0).contains(c))
+        {
             Some(c) => c as usize,
             None => {
                 errors.push(FieldError::new("count", "must be between 1 and 100"));
@@ -424,7 +617,7 @@ pub async fn preview(JsonBody(body): JsonBody<Value>) -> Result<Json<Value>, Api
     match (cron, tz) {
         (Some(cron), Some(tz)) if errors.is_empty() => {
             let items = fires(&cron, tz, start_at, end_at, count);
-            Ok(Json(json!({"timezone": timezone, "items": items})))
+            Ok(Json(Fires { timezone, items }))
         }
         _ => {
             let mut err = ApiError::validation(errors);

@@ -7,11 +7,19 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{Html, IntoResponse};
 use axum::{Extension, Json};
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::ToSchema;
 
 use crate::app::Context;
 use crate::domain::Priority;
 use crate::metrics::LaneLabels;
+
+/// This document (OpenAPI 3.1).
+#[derive(ToSchema)]
+#[schema(value_type = Object)]
+#[allow(dead_code)]
+pub struct OpenApiDocument(Value);
 
 /// The generated OpenAPI document, shared with the handler that serves it.
 #[derive(Clone)]
@@ -48,14 +56,33 @@ async fn backlog(ctx: &Context) -> (Vec<(Priority, Option<u32>)>, Option<u64>) {
     (lanes, outbox)
 }
 
+/// Jobs waiting now; null where the answer did not come within 2 s.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Queues {
+    lanes: Lanes,
+    outbox: Option<u64>,
+}
+
+/// Jobs waiting in each priority lane.
+#[derive(Debug, Default, Serialize, ToSchema)]
+pub struct Lanes {
+    high: Option<u32>,
+    normal: Option<u32>,
+    low: Option<u32>,
+}
+
 /// `GET /v1/queues`: jobs waiting per priority lane and in the outbox, now.
-pub async fn queues(State(ctx): State<Context>) -> Json<Value> {
-    let (lanes, outbox) = backlog(&ctx).await;
-    let lanes: serde_json::Map<String, Value> = lanes
-        .into_iter()
-        .map(|(lane, depth)| (lane.as_str().to_owned(), json!(depth)))
-        .collect();
-    Json(json!({"lanes": lanes, "outbox": outbox}))
+pub async fn queues(State(ctx): State<Context>) -> Json<Queues> {
+    let (depths, outbox) = backlog(&ctx).await;
+    let mut lanes = Lanes::default();
+    for (lane, depth) in depths {
+        *match lane {
+            Priority::High => &mut lanes.high,
+            Priority::Normal => &mut lanes.normal,
+            Priority::Low => &mut lanes.low,
+        } = depth;
+    }
+    Json(Queues { lanes, outbox })
 }
 
 /// Refreshes the gauges read from RabbitMQ and MongoDB, then renders every metric.

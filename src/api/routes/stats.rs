@@ -1,14 +1,17 @@
 //! `/v1/stats/deliveries`: counts by day, hour, channel, status, event type and provider,
 //! with success rates and send-latency percentiles per channel.
 
+use std::collections::BTreeMap;
+
 use axum::extract::State;
 use axum::Json;
 use mongodb::bson::Bson;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
+use utoipa::{IntoParams, ToSchema};
 
 use super::deliveries::parse_instant;
-use super::rfc3339;
+use super::{rfc3339, Time};
 use crate::api::error::{ApiError, QueryParams};
 use crate::app::Context;
 use crate::domain::FieldError;
@@ -17,12 +20,51 @@ use crate::store::StatDimension;
 
 const PERCENTILES: [(f64, &str); 3] = [(0.5, "p50"), (0.9, "p90"), (0.99, "p99")];
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct StatsQuery {
+    /// Default: 7 days before `until`. A window that ends before it starts is empty.
+    #[param(value_type = Option<String>, format = DateTime)]
     since: Option<String>,
+    /// Default: now.
+    #[param(value_type = Option<String>, format = DateTime)]
     until: Option<String>,
+    /// Comma-separated dimensions: day, hour, channel, status, event_type, provider
+    /// (default `day,channel,status`).
+    #[param(
+        pattern = r"^\s*((day|hour|channel|status|event_type|provider)\s*)?(,\s*((day|hour|channel|status|event_type|provider)\s*)?)*$"
+    )]
     group_by: Option<String>,
+}
+
+/// Delivery counts in a window.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Stats {
+    /// The window's start, floored to the hour.
+    since: Time,
+    until: Time,
+    /// Always `hour`.
+    resolution: &'static str,
+    group_by: Vec<&'static str>,
+    total: i64,
+    /// One row per combination of the `group_by` dimensions, with its `count`.
+    #[schema(value_type = Vec<Object>)]
+    rows: Vec<Map<String, Value>>,
+    channels: BTreeMap<String, ChannelSummary>,
+}
+
+/// One channel's outcomes in the window.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChannelSummary {
+    sent: i64,
+    failed: i64,
+    dead: i64,
+    skipped: i64,
+    pending: i64,
+    /// sent / (sent + failed + dead); null when none of those.
+    success_rate: Option<f64>,
+    /// Milliseconds from acceptance to the provider's answer: p50, p90, p99.
+    send_latency_ms: BTreeMap<String, i64>,
 }
 
 fn key_json(dimension: &str, v: &Bson) -> Value {
@@ -40,16 +82,13 @@ fn key_json(dimension: &str, v: &Bson) -> Value {
 pub async fn deliveries(
     State(ctx): State<Context>,
     QueryParams(q): QueryParams<StatsQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Stats>, ApiError> {
     let mut errors = Vec::new();
     let until =
         parse_instant("until", q.until.as_deref(), &mut errors).unwrap_or_else(crate::store::now);
     let since = parse_instant("since", q.since.as_deref(), &mut errors).unwrap_or_else(|| {
         mongodb::bson::DateTime::from_millis(until.timestamp_millis() - 7 * 86_400_000)
     });
-    if since >= until {
-        errors.push(FieldError::new("until", "must be after since"));
-    }
     let mut by = Vec::new();
     for name in q
         .group_by
@@ -79,7 +118,7 @@ pub async fn deliveries(
         ctx.store.channel_summaries(since, until, &percentiles),
     )?;
     let total: i64 = rows.iter().map(|r| r.count).sum();
-    let rows: Vec<Value> = rows
+    let rows = rows
         .iter()
         .map(|r| {
             let mut o = Map::new();
@@ -87,39 +126,39 @@ pub async fn deliveries(
                 o.insert((*k).to_owned(), key_json(k, v));
             }
             o.insert("count".into(), json!(r.count));
-            Value::Object(o)
+            o
         })
         .collect();
-    let channels: Map<String, Value> = channels
+    let channels = channels
         .into_iter()
         .map(|(channel, s)| {
-            let latency: Map<String, Value> = s
+            let send_latency_ms = s
                 .latency_ms
                 .iter()
                 .filter_map(|(p, ms)| {
                     let name = PERCENTILES.iter().find(|(q, _)| q == p)?.1;
-                    Some((name.to_owned(), json!(ms)))
+                    Some((name.to_owned(), *ms))
                 })
                 .collect();
-            let summary = json!({
-                "sent": s.sent,
-                "failed": s.failed,
-                "dead": s.dead,
-                "skipped": s.skipped,
-                "pending": s.pending,
-                "success_rate": s.success_rate(),
-                "send_latency_ms": latency,
-            });
+            let summary = ChannelSummary {
+                sent: s.sent,
+                failed: s.failed,
+                dead: s.dead,
+                skipped: s.skipped,
+                pending: s.pending,
+                success_rate: s.success_rate(),
+                send_latency_ms,
+            };
             (channel, summary)
         })
         .collect();
-    Ok(Json(json!({
-        "since": rfc3339(floor_hour(since)),
-        "until": rfc3339(until),
-        "resolution": "hour",
-        "group_by": by.iter().map(|d| d.name()).collect::<Vec<_>>(),
-        "total": total,
-        "rows": rows,
-        "channels": channels,
-    })))
+    Ok(Json(Stats {
+        since: rfc3339(floor_hour(since)),
+        until: rfc3339(until),
+        resolution: "hour",
+        group_by: by.iter().map(|d| d.name()).collect(),
+        total,
+        rows,
+        channels,
+    }))
 }

@@ -2,13 +2,14 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
+use utoipa::{IntoParams, ToSchema};
 
-use crate::api::error::{ApiError, JsonBody};
+use crate::api::error::{ApiError, JsonBody, QueryParams};
 use crate::app::Context;
 use crate::domain::{Channel, EventType, FieldError};
 use crate::templates::{compile, valid_locale, Origin, PartSource, Rendered, Templates};
@@ -59,7 +60,73 @@ fn parse_target(
 /// The parts of one (event type, channel, locale) and where they come from.
 type PartsOf = (Vec<&'static str>, crate::templates::Origin);
 
-pub async fn list(State(ctx): State<Context>) -> Json<Value> {
+/// One channel's template for an event type (and locale).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TemplateEntry {
+    event_type: String,
+    channel: Channel,
+    /// Null: the base template, used when no locale matches.
+    locale: Option<String>,
+    /// Its part files (`email.subject`, `sms`…).
+    parts: Vec<&'static str>,
+    origin: Origin,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TemplateList {
+    items: Vec<TemplateEntry>,
+}
+
+/// The source of one channel's parts, keyed by the fields `PUT` takes.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TemplateSource {
+    event_type: String,
+    channel: Channel,
+    locale: Option<String>,
+    origin: Origin,
+    parts: BTreeMap<String, String>,
+}
+
+/// A template to store: the parts of its channel (email: subject and html and/or text;
+/// SMS: text; push: title and/or body, data; webhook: body), each a Handlebars source.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct TemplateBody {
+    /// Null or absent: the base template.
+    #[schema(pattern = "^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*$")]
+    locale: Option<String>,
+    #[serde(default)]
+    #[schema(format = "handlebars", max_length = 262144)]
+    subject: String,
+    #[serde(default)]
+    #[schema(format = "handlebars", max_length = 262144)]
+    html: String,
+    #[serde(default)]
+    #[schema(format = "handlebars", max_length = 262144)]
+    text: String,
+    #[serde(default)]
+    #[schema(format = "handlebars", max_length = 262144)]
+    title: String,
+    #[serde(default)]
+    #[schema(format = "handlebars", max_length = 262144)]
+    body: String,
+    #[serde(default)]
+    #[schema(format = "handlebars", max_length = 262144)]
+    data: String,
+}
+
+/// What `PUT` stored.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TemplateStored {
+    event_type: String,
+    channel: Channel,
+    locale: Option<String>,
+    parts: Vec<&'static str>,
+    origin: Origin,
+}
+
+pub async fn list(State(ctx): State<Context>) -> Json<TemplateList> {
     let mut grouped: BTreeMap<(String, Channel, Option<String>), PartsOf> = BTreeMap::new();
     for p in ctx.templates.parts() {
         let entry = grouped
@@ -67,19 +134,29 @@ pub async fn list(State(ctx): State<Context>) -> Json<Value> {
             .or_insert((Vec::new(), p.origin));
         entry.0.push(p.part);
     }
-    let items: Vec<Value> = grouped
+    let items = grouped
         .into_iter()
-        .map(|((event_type, channel, locale), (mut parts, origin))| {
-            parts.sort_unstable();
-            json!({"event_type": event_type, "channel": channel, "locale": locale, "parts": parts, "origin": origin})
-        })
+        .map(
+            |((event_type, channel, locale), (mut parts, origin))| TemplateEntry {
+                event_type,
+                channel,
+                locale,
+                parts: {
+                    parts.sort_unstable();
+                    parts
+                },
+                origin,
+            },
+        )
         .collect();
-    Json(json!({"items": items}))
+    Json(TemplateList { items })
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct LocaleQuery {
+    /// One locale (default: the base template).
+    #[param(pattern = "^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*$")]
     locale: Option<String>,
 }
 
@@ -88,8 +165,8 @@ pub struct LocaleQuery {
 pub async fn get(
     State(ctx): State<Context>,
     Path((event_type, channel)): Path<(String, String)>,
-    Query(q): Query<LocaleQuery>,
-) -> Result<Json<Value>, ApiError> {
+    QueryParams(q): QueryParams<LocaleQuery>,
+) -> Result<Json<TemplateSource>, ApiError> {
     let (event_type, channel) = parse_target(&event_type, &channel, q.locale.as_deref())?;
     let parts: Vec<_> = ctx
         .templates
@@ -105,16 +182,19 @@ pub async fn get(
             &format!("{event_type}/{channel}"),
         ));
     };
-    let mut fields_json = Map::new();
+    let mut sources = BTreeMap::new();
     for p in &parts {
         if let Some((field, _)) = fields(channel).iter().find(|(_, part)| *part == p.part) {
-            fields_json.insert((*field).to_owned(), json!(p.source));
+            sources.insert((*field).to_owned(), p.source.clone());
         }
     }
-    Ok(Json(json!({
-        "event_type": event_type, "channel": channel, "locale": q.locale,
-        "origin": origin, "parts": fields_json,
-    })))
+    Ok(Json(TemplateSource {
+        event_type: event_type.to_string(),
+        channel,
+        locale: q.locale,
+        origin,
+        parts: sources,
+    }))
 }
 
 /// Stores the parts of one channel (and locale): `{"locale", "subject", "html", "text"}`
@@ -124,7 +204,7 @@ pub async fn put(
     State(ctx): State<Context>,
     Path((event_type, channel)): Path<(String, String)>,
     JsonBody(body): JsonBody<Map<String, Value>>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<TemplateStored>), ApiError> {
     let locale = match body.get("locale") {
         None | Some(Value::Null) => None,
         Some(Value::String(l)) => Some(l.clone()),
@@ -157,9 +237,13 @@ pub async fn put(
     };
     Ok((
         status,
-        Json(
-            json!({"event_type": event_type, "channel": channel, "locale": locale, "parts": names, "origin": "api"}),
-        ),
+        Json(TemplateStored {
+            event_type: event_type.to_string(),
+            channel,
+            locale,
+            parts: names,
+            origin: Origin::Api,
+        }),
     ))
 }
 
@@ -224,7 +308,7 @@ fn parse_parts(
 pub async fn delete(
     State(ctx): State<Context>,
     Path((event_type, channel)): Path<(String, String)>,
-    Query(q): Query<LocaleQuery>,
+    QueryParams(q): QueryParams<LocaleQuery>,
 ) -> Result<StatusCode, ApiError> {
     let (event_type, channel) = parse_target(&event_type, &channel, q.locale.as_deref())?;
     let removed = ctx
@@ -241,27 +325,66 @@ pub async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Deserialize)]
+/// What to render, and with which sample data.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PreviewBody {
+    #[schema(value_type = EventType)]
     event_type: String,
+    #[schema(value_type = Channel)]
     channel: String,
+    #[schema(pattern = "^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*$")]
     locale: Option<String>,
+    /// The recipient's profile fields, as `user.*` in the template.
     #[serde(default)]
     user: Map<String, Value>,
+    /// The event's payload, as `payload.*`.
     #[serde(default)]
     payload: Map<String, Value>,
+    /// Enrichment results, as `content`.
     #[serde(default)]
     content: Vec<Value>,
-    /// Unsaved parts (the fields `PUT` takes) to render instead of the stored template.
+    /// Unsaved parts (a `PUT` body; its `locale` is ignored for this one) to render
+    /// instead of the stored template.
+    #[schema(value_type = Option<TemplateBody>)]
     draft: Option<Map<String, Value>>,
+}
+
+/// A rendered preview.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Preview {
+    event_type: String,
+    channel: Channel,
+    locale: Option<String>,
+    rendered: RenderedBody,
+}
+
+/// A rendered message: the parts of its channel (email: subject, html, text; SMS: text
+/// and segments; push: title, body, data; webhook: body, a JSON document as text).
+#[derive(Debug, Default, Serialize, ToSchema)]
+pub struct RenderedBody {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subject: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    html: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<String>,
+    /// GSM-7 or UCS-2 segments the SMS text takes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    segments: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    title: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<BTreeMap<String, String>>,
 }
 
 /// Renders with sample data exactly as a delivery would (same context, strict mode).
 pub async fn preview(
     State(ctx): State<Context>,
     JsonBody(body): JsonBody<PreviewBody>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Preview>, ApiError> {
     let (event_type, channel) =
         parse_target(&body.event_type, &body.channel, body.locale.as_deref())?;
     let mut user = json!({
@@ -281,7 +404,13 @@ pub async fn preview(
     let draft = match &body.draft {
         None => None,
         Some(fields) => {
-            let parts = parse_parts(channel, fields)?
+            // A draft is a `PUT` body; its locale is the preview's.
+            let fields: Map<String, Value> = fields
+                .iter()
+                .filter(|(k, _)| *k != "locale")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let parts = parse_parts(channel, &fields)?
                 .into_iter()
                 .map(|(part, source)| PartSource {
                     event_type: event_type.as_str().to_owned(),
@@ -304,23 +433,42 @@ pub async fn preview(
             &context,
         )
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.reason(), e.to_string()))?;
-    Ok(Json(
-        json!({"event_type": event_type, "channel": channel, "locale": body.locale, "rendered": rendered_json(rendered)}),
-    ))
+    Ok(Json(Preview {
+        event_type: event_type.to_string(),
+        channel,
+        locale: body.locale,
+        rendered: RenderedBody::from(rendered),
+    }))
 }
 
-/// A rendered message as the API shows it.
-pub fn rendered_json(rendered: Rendered) -> Value {
-    match rendered {
-        Rendered::Email {
-            subject,
-            html,
-            text,
-        } => json!({"subject": subject, "html": html, "text": text}),
-        Rendered::Sms { text } => {
-            json!({"text": text, "segments": crate::templates::sms_segments(&text)})
+impl From<Rendered> for RenderedBody {
+    fn from(rendered: Rendered) -> Self {
+        match rendered {
+            Rendered::Email {
+                subject,
+                html,
+                text,
+            } => RenderedBody {
+                subject: Some(subject),
+                html,
+                text,
+                ..Default::default()
+            },
+            Rendered::Sms { text } => RenderedBody {
+                segments: Some(crate::templates::sms_segments(&text)),
+                text: Some(text),
+                ..Default::default()
+            },
+            Rendered::Push { title, body, data } => RenderedBody {
+                title: Some(title),
+                body: Some(body),
+                data: Some(data),
+                ..Default::default()
+            },
+            Rendered::Webhook { body } => RenderedBody {
+                body: Some(body),
+                ..Default::default()
+            },
         }
-        Rendered::Push { title, body, data } => json!({"title": title, "body": body, "data": data}),
-        Rendered::Webhook { body } => json!({"body": body}),
     }
 }

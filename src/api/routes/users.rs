@@ -5,31 +5,146 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use mongodb::bson;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
+use utoipa::openapi::{RefOr, Schema};
+use utoipa::ToSchema;
 
-use super::rfc3339;
+use super::{rfc3339, Time, Zone};
 use crate::api::error::{ApiError, JsonBody};
 use crate::app::Context;
 use crate::domain::{FieldError, UserId};
 use crate::store::UserDoc;
 
-#[derive(Debug, Deserialize)]
+/// A recipient's profile (`PUT` replaces the whole of it).
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UserBody {
+    #[schema(format = Email)]
     email: Option<String>,
+    /// E.164, e.g. +4915112345678.
+    #[schema(pattern = r"^\+?[0-9]{6,15}$")]
     phone: Option<String>,
     #[serde(default)]
+    #[schema(max_items = 20, value_type = Vec<PushToken>)]
     push_tokens: Vec<String>,
     #[serde(default)]
+    #[schema(max_items = 50, value_type = Vec<Tag>)]
+    tags: Vec<String>,
+    #[schema(max_length = 200)]
+    first_name: Option<String>,
+    #[schema(max_length = 200)]
+    last_name: Option<String>,
+    #[schema(format = Date)]
+    birthday_date: Option<String>,
+    #[schema(pattern = "^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*$")]
+    locale: Option<String>,
+    #[schema(value_type = Option<Zone>)]
+    timezone: Option<String>,
+    /// Per channel and per event type: `{"channels": {"sms": false}, "event_types":
+    /// {"promo": {"email": false}}, "quiet_hours": {...}}`.
+    #[serde(default)]
+    #[schema(value_type = Preferences)]
+    preferences: Map<String, Value>,
+}
+
+/// What a user agreed to receive (read by `domain::preferences::Preferences::parse`).
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct Preferences {
+    /// `false` opts the user out of a channel.
+    #[serde(default)]
+    channels: ChannelSwitches,
+    /// Event types the user never receives.
+    #[serde(default)]
+    muted_event_types: Vec<String>,
+    /// No deliveries between these local times (they are deferred to the end).
+    #[serde(default)]
+    quiet_hours: QuietHours,
+}
+
+#[derive(Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct ChannelSwitches {
+    #[serde(default)]
+    email: bool,
+    #[serde(default)]
+    sms: bool,
+    #[serde(default)]
+    push: bool,
+    #[serde(default)]
+    webhook: bool,
+}
+
+/// Two different local times, `HH:MM`; the span may cross midnight.
+#[derive(Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct QuietHours {
+    #[schema(pattern = "^([01][0-9]|2[0-3]):[0-5][0-9]$")]
+    start: String,
+    #[schema(pattern = "^([01][0-9]|2[0-3]):[0-5][0-9]$")]
+    end: String,
+}
+
+/// A device's push token: 1-4096 characters.
+pub struct PushToken;
+
+impl utoipa::PartialSchema for PushToken {
+    fn schema() -> RefOr<Schema> {
+        super::bounded_string(1, 4096)
+    }
+}
+impl ToSchema for PushToken {}
+
+/// A tag: 1-64 characters.
+pub struct Tag;
+
+impl utoipa::PartialSchema for Tag {
+    fn schema() -> RefOr<Schema> {
+        super::bounded_string(1, 64)
+    }
+}
+impl ToSchema for Tag {}
+
+/// A stored profile.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct User {
+    user_id: String,
+    email: Option<String>,
+    phone: Option<String>,
+    push_tokens: Vec<String>,
     tags: Vec<String>,
     first_name: Option<String>,
     last_name: Option<String>,
     birthday_date: Option<String>,
     locale: Option<String>,
     timezone: Option<String>,
-    #[serde(default)]
-    preferences: Map<String, Value>,
+    #[schema(value_type = Object)]
+    preferences: Value,
+    created_at: Option<Time>,
+    updated_at: Option<Time>,
+}
+
+/// What an import did.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ImportReport {
+    received: usize,
+    created: u64,
+    updated: u64,
+    failed: usize,
+    /// Up to 1,000 of the refused lines.
+    errors: Vec<ImportError>,
+}
+
+/// One refused line of an import.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ImportError {
+    line: u64,
+    user_id: Option<String>,
+    message: String,
 }
 
 fn parse_id(id: &str) -> Result<UserId, ApiError> {
@@ -76,17 +191,22 @@ impl UserBody {
             || self
                 .push_tokens
                 .iter()
-                .any(|t| t.is_empty() || t.len() > 4096)
+                .any(|t| t.is_empty() || t.chars().count() > 4096)
         {
             errors.push(FieldError::new(
                 "push_tokens",
-                "at most 20 non-empty tokens of up to 4096 bytes",
+                "at most 20 non-empty tokens of up to 4096 characters",
             ));
         }
-        if self.tags.len() > 50 || self.tags.iter().any(|t| t.is_empty() || t.len() > 64) {
+        if self.tags.len() > 50
+            || self
+                .tags
+                .iter()
+                .any(|t| t.is_empty() || t.chars().count() > 64)
+        {
             errors.push(FieldError::new(
                 "tags",
-                "at most 50 non-empty tags of up to 64 bytes",
+                "at most 50 non-empty tags of up to 64 characters",
             ));
         }
         if let Some(l) = &self.locale {
@@ -118,8 +238,7 @@ impl UserBody {
         {
             errors.extend(e);
         }
-        let preferences = bson::to_document(&self.preferences)
-            .map_err(|e| vec![FieldError::new("preferences", e.to_string())])?;
+        let preferences = crate::store::storable_document("preferences", &self.preferences)?;
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -141,22 +260,24 @@ impl UserBody {
     }
 }
 
-fn user_json(u: &UserDoc) -> Value {
-    json!({
-        "user_id": u.id,
-        "email": u.email,
-        "phone": u.phone,
-        "push_tokens": u.push_tokens,
-        "tags": u.tags,
-        "first_name": u.first_name,
-        "last_name": u.last_name,
-        "birthday_date": u.birthday_date,
-        "locale": u.locale,
-        "timezone": u.timezone,
-        "preferences": bson::Bson::Document(u.preferences.clone()).into_relaxed_extjson(),
-        "created_at": u.created_at.map(rfc3339),
-        "updated_at": u.updated_at.map(rfc3339),
-    })
+impl From<UserDoc> for User {
+    fn from(u: UserDoc) -> Self {
+        Self {
+            preferences: bson::Bson::Document(u.preferences).into_relaxed_extjson(),
+            user_id: u.id,
+            email: u.email,
+            phone: u.phone,
+            push_tokens: u.push_tokens,
+            tags: u.tags,
+            first_name: u.first_name,
+            last_name: u.last_name,
+            birthday_date: u.birthday_date,
+            locale: u.locale,
+            timezone: u.timezone,
+            created_at: u.created_at.map(rfc3339),
+            updated_at: u.updated_at.map(rfc3339),
+        }
+    }
 }
 
 pub async fn put_user(
@@ -177,19 +298,19 @@ pub async fn put_user(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(user_json(&stored))).into_response())
+    Ok((status, Json(User::from(stored))).into_response())
 }
 
 pub async fn get_user(
     State(ctx): State<Context>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<User>, ApiError> {
     let u = ctx
         .store
         .get_user(&id)
         .await?
         .ok_or_else(|| ApiError::not_found("user", &id))?;
-    Ok(Json(user_json(&u)))
+    Ok(Json(User::from(u)))
 }
 
 pub async fn delete_user(
@@ -219,6 +340,9 @@ const CSV_COLUMNS: [&str; 10] = [
     "push_tokens",
     "tags",
 ];
+
+/// A CSV import's header row: known columns, `user_id` among them.
+pub const CSV_HEADER: &str = "^((email|phone|first_name|last_name|birthday_date|locale|timezone|push_tokens|tags),)*user_id(,(email|phone|first_name|last_name|birthday_date|locale|timezone|push_tokens|tags))*(\\r?\\n|$)";
 
 /// One record of an import, as JSON, with its line.
 type Record = (u64, Result<Map<String, Value>, String>);
@@ -294,7 +418,7 @@ pub async fn import(
     State(ctx): State<Context>,
     headers: axum::http::HeaderMap,
     req: axum::extract::Request,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ImportReport>, ApiError> {
     let kind = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
@@ -324,7 +448,11 @@ pub async fn import(
     let mut fail = |line: u64, user_id: Option<&str>, message: String| {
         failed += 1;
         if errors.len() < IMPORT_ERRORS_SHOWN {
-            errors.push(json!({"line": line, "user_id": user_id, "message": message}));
+            errors.push(ImportError {
+                line,
+                user_id: user_id.map(str::to_owned),
+                message,
+            });
         }
     };
     for (line, record) in records {
@@ -359,11 +487,11 @@ pub async fn import(
         created += c;
         updated += u;
     }
-    Ok(Json(json!({
-        "received": received,
-        "created": created,
-        "updated": updated,
-        "failed": failed,
-        "errors": errors,
-    })))
+    Ok(Json(ImportReport {
+        received,
+        created,
+        updated,
+        failed,
+        errors,
+    }))
 }
