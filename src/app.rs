@@ -19,8 +19,7 @@ use crate::worker::{Worker, WorkerConfig};
 
 /// Everything a process runs with, built once at start (the startup module) and cloned
 /// cheaply: the roles take their handles from it (`intake`, `relay`, `scheduler`,
-/// `worker`); the API's handlers, which between them use nearly every client, take it
-/// whole as their state.
+/// `worker`), and each API handler extracts just the handles it uses (`api::state`).
 #[derive(Clone)]
 pub struct Context {
     pub settings: Arc<Settings>,
@@ -36,8 +35,44 @@ pub struct Context {
     pub worker: Worker,
     /// Accepting events (REST and the exchange share it).
     pub intake: Intake,
+    /// Applies the templates stored through the API.
+    pub template_sync: TemplateSync,
+}
+
+/// Applies the templates stored through the API to this process's templates.
+#[derive(Clone)]
+pub struct TemplateSync {
+    store: Store,
+    templates: Arc<Templates>,
     /// The stored templates this process has applied.
-    templates_seen: Arc<tokio::sync::Mutex<Option<TemplatesVersion>>>,
+    seen: Arc<tokio::sync::Mutex<Option<TemplatesVersion>>>,
+}
+
+impl TemplateSync {
+    /// Applies stored templates when they changed since the last look.
+    pub async fn sync(&self) -> anyhow::Result<()> {
+        let mut seen = self.seen.lock().await;
+        let version = self.store.templates_version().await?;
+        if *seen == Some(version) {
+            return Ok(());
+        }
+        let stored = self.store.list_templates().await?;
+        let parts = stored
+            .into_iter()
+            .filter_map(|t| {
+                Some(PartSource {
+                    part: part_name(&t.part)?,
+                    event_type: t.event_type,
+                    locale: t.locale,
+                    source: t.source,
+                    origin: Origin::Api,
+                })
+            })
+            .collect();
+        self.templates.apply_overrides(parts)?;
+        *seen = Some(version);
+        Ok(())
+    }
 }
 
 impl Context {
@@ -92,6 +127,11 @@ impl Context {
             instance,
             settings: Arc::new(WorkerConfig::from_settings(&settings)),
         };
+        let template_sync = TemplateSync {
+            store: store.clone(),
+            templates: templates.clone(),
+            seen: Arc::default(),
+        };
         Ok(Self {
             settings: Arc::new(settings),
             store,
@@ -102,33 +142,13 @@ impl Context {
             scheduler,
             worker,
             intake,
-            templates_seen: Arc::default(),
+            template_sync,
         })
     }
 
     /// Applies templates stored through the API when they changed since the last look.
     pub async fn sync_templates(&self) -> anyhow::Result<()> {
-        let mut seen = self.templates_seen.lock().await;
-        let version = self.store.templates_version().await?;
-        if *seen == Some(version) {
-            return Ok(());
-        }
-        let stored = self.store.list_templates().await?;
-        let parts = stored
-            .into_iter()
-            .filter_map(|t| {
-                Some(PartSource {
-                    part: part_name(&t.part)?,
-                    event_type: t.event_type,
-                    locale: t.locale,
-                    source: t.source,
-                    origin: Origin::Api,
-                })
-            })
-            .collect();
-        self.templates.apply_overrides(parts)?;
-        *seen = Some(version);
-        Ok(())
+        self.template_sync.sync().await
     }
 
     /// Creates indexes when configured to; waits for MongoDB rather than failing at once.

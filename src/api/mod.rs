@@ -5,6 +5,7 @@ pub mod console;
 pub mod error;
 mod routes;
 pub mod spec;
+mod state;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,6 +23,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::app::Context;
 use crate::domain::{Channel, EventType, Scope, UserId};
+use crate::metrics::Metrics;
 use auth::Auth;
 use error::{ApiError, BodyLimit};
 use routes::*;
@@ -378,7 +380,7 @@ pub fn routes(ctx: &Context, auth: Arc<Auth>) -> (Router<Context>, Value) {
 }
 
 /// Times every request under its route pattern (unmatched ones as `unmatched`).
-async fn observe(State(ctx): State<Context>, req: Request, next: Next) -> Response {
+async fn observe(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = req.method().as_str().to_owned();
     let route = req
@@ -386,7 +388,7 @@ async fn observe(State(ctx): State<Context>, req: Request, next: Next) -> Respon
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let response = next.run(req).await;
-    ctx.metrics.http(
+    metrics.http(
         &method,
         &route,
         response.status().as_u16(),
@@ -405,7 +407,7 @@ pub fn router(ctx: Context) -> Router {
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         // Inside `observe`, so a panicking handler is counted as the 500 it answers.
         .layer(CatchPanicLayer::custom(error::panicked))
-        .layer(from_fn_with_state(ctx.clone(), observe))
+        .layer(from_fn_with_state(ctx.metrics.clone(), observe))
         // Bodies are read (and bounded) by our extractors so every refusal has our shape.
         .layer(DefaultBodyLimit::disable())
         .layer(Extension(BodyLimit(limit)))

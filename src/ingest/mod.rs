@@ -159,14 +159,14 @@ impl Intake {
         }
     }
 
-    /// `Err(backlog)` while the backlog is past `events.max_backlog` (0: never).
-    pub async fn admit(&self) -> Result<(), u64> {
+    /// `Err((waiting, bound))` while the backlog is past `events.max_backlog` (0: never).
+    pub async fn admit(&self) -> Result<(), (u64, u64)> {
         let bound = self.settings.max_backlog;
         if bound == 0 {
             return Ok(());
         }
         match self.backlog.current(&self.store, &self.broker).await {
-            n if n > bound => Err(n),
+            n if n > bound => Err((n, bound)),
             _ => Ok(()),
         }
     }

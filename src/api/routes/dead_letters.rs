@@ -8,9 +8,9 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::{rfc3339, Time};
 use crate::api::error::{ApiError, JsonBody, QueryParams};
-use crate::app::Context;
 use crate::domain::{Channel, DeliveryStatus, FieldError};
-use crate::store::{DeadLetterDoc, DeadLetterFilter};
+use crate::outbox::Relay;
+use crate::store::{DeadLetterDoc, DeadLetterFilter, Store};
 
 /// Most dead letters one bulk replay touches.
 const BULK_REPLAY_MAX: i64 = 10_000;
@@ -127,7 +127,7 @@ impl FilterQuery {
 }
 
 pub async fn list(
-    State(ctx): State<Context>,
+    State(store): State<Store>,
     QueryParams(q): QueryParams<FilterQuery>,
 ) -> Result<Json<DeadLetterList>, ApiError> {
     let limit = q.limit.unwrap_or(100);
@@ -137,7 +137,7 @@ pub async fn list(
             "must be between 1 and 1000",
         )]));
     }
-    let items = ctx.store.list_dead_letters(&q.filter()?, limit).await?;
+    let items = store.list_dead_letters(&q.filter()?, limit).await?;
     Ok(Json(DeadLetterList {
         items: items.iter().map(DeadLetter::from).collect(),
     }))
@@ -145,15 +145,15 @@ pub async fn list(
 
 /// Re-enqueues one dead letter's delivery.
 pub async fn replay(
-    State(ctx): State<Context>,
+    State(store): State<Store>,
+    State(relay): State<Relay>,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<Replayed>), ApiError> {
-    let letter = ctx
-        .store
+    let letter = store
         .replay_dead_letter(&id)
         .await?
         .ok_or_else(|| ApiError::not_found("pending dead letter", &id))?;
-    ctx.relay.wake();
+    relay.wake();
     Ok((
         StatusCode::ACCEPTED,
         Json(Replayed {
@@ -166,21 +166,19 @@ pub async fn replay(
 /// Re-enqueues every pending dead letter matching a filter (`notification_id`,
 /// `channel`, `reason`), up to 10,000 at a time.
 pub async fn replay_many(
-    State(ctx): State<Context>,
+    State(store): State<Store>,
+    State(relay): State<Relay>,
     JsonBody(q): JsonBody<ReplayFilter>,
 ) -> Result<(StatusCode, Json<Replayed>), ApiError> {
     let filter = filter(&q.notification_id, &q.channel, &q.reason, false)?;
-    let letters = ctx
-        .store
-        .list_dead_letters(&filter, BULK_REPLAY_MAX)
-        .await?;
+    let letters = store.list_dead_letters(&filter, BULK_REPLAY_MAX).await?;
     let mut replayed = 0;
     for l in &letters {
-        if ctx.store.replay_dead_letter(&l.id).await?.is_some() {
+        if store.replay_dead_letter(&l.id).await?.is_some() {
             replayed += 1;
         }
     }
-    ctx.relay.wake();
+    relay.wake();
     Ok((
         StatusCode::ACCEPTED,
         Json(Replayed {

@@ -2,6 +2,7 @@
 //! attempt, and a live stream of status changes (server-sent events).
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, State};
@@ -17,9 +18,10 @@ use utoipa::{IntoParams, ToSchema};
 use super::templates::RenderedBody;
 use super::{rfc3339, Time};
 use crate::api::error::{ApiError, QueryParams};
-use crate::app::Context;
+use crate::config::Settings;
 use crate::domain::{Channel, DeliveryStatus, FieldError, Priority};
-use crate::store::{decode_token, ChangeFilter, DeliveryDoc, DeliveryFilter, LogCursor};
+use crate::store::{decode_token, ChangeFilter, DeliveryDoc, DeliveryFilter, LogCursor, Store};
+use crate::worker::Worker;
 
 /// Most items one page holds.
 pub const PAGE_MAX: i64 = 500;
@@ -174,7 +176,7 @@ pub struct LogQuery {
 
 /// The delivery log, newest first, one index walk per page.
 pub async fn list(
-    State(ctx): State<Context>,
+    State(store): State<Store>,
     QueryParams(q): QueryParams<LogQuery>,
 ) -> Result<Json<DeliveryPage>, ApiError> {
     let mut errors = Vec::new();
@@ -208,8 +210,7 @@ pub async fn list(
             )
         })?),
     };
-    let page = ctx
-        .store
+    let page = store
         .find_deliveries(&filter, cursor.as_ref(), limit)
         .await?;
     Ok(Json(DeliveryPage {
@@ -218,8 +219,8 @@ pub async fn list(
     }))
 }
 
-async fn load(ctx: &Context, id: &str) -> Result<DeliveryDoc, ApiError> {
-    ctx.store
+async fn load(store: &Store, id: &str) -> Result<DeliveryDoc, ApiError> {
+    store
         .get_delivery(id)
         .await?
         .ok_or_else(|| ApiError::not_found("delivery", id))
@@ -227,10 +228,10 @@ async fn load(ctx: &Context, id: &str) -> Result<DeliveryDoc, ApiError> {
 
 /// One delivery with every attempt and what the provider answered.
 pub async fn get(
-    State(ctx): State<Context>,
+    State(store): State<Store>,
     Path(id): Path<String>,
 ) -> Result<Json<DeliveryDetail>, ApiError> {
-    let d = load(&ctx, &id).await?;
+    let d = load(&store, &id).await?;
     let attempt_log = d
         .attempts
         .iter()
@@ -257,11 +258,12 @@ pub async fn get(
 /// The delivery's message rendered now (current template, current profile), as the
 /// worker would render it; a template that fails says why instead.
 pub async fn preview(
-    State(ctx): State<Context>,
+    State(store): State<Store>,
+    State(worker): State<Worker>,
     Path(id): Path<String>,
 ) -> Result<Json<DeliveryPreview>, ApiError> {
-    let d = load(&ctx, &id).await?;
-    let rendered = crate::worker::deliver::render_now(&ctx.worker, &d)
+    let d = load(&store, &id).await?;
+    let rendered = crate::worker::deliver::render_now(&worker, &d)
         .await?
         .ok_or_else(|| {
             ApiError::new(
@@ -293,7 +295,8 @@ pub struct StreamQuery {
 /// Server-sent events: one `delivery` event per status change, its id a resume point.
 /// A client that reconnects with `Last-Event-ID` gets every change after that one.
 pub async fn stream(
-    State(ctx): State<Context>,
+    State(store): State<Store>,
+    State(settings): State<Arc<Settings>>,
     headers: HeaderMap,
     QueryParams(q): QueryParams<StreamQuery>,
 ) -> Result<Response, ApiError> {
@@ -317,9 +320,7 @@ pub async fn stream(
         })?),
     };
     let resuming = resume.is_some();
-    let changes = ctx
-        .store
-        .watch_deliveries(&filter, resume)
+    let changes = store.watch_deliveries(&filter, resume)
         .await
         .map_err(|e| match resuming {
             true => ApiError {
@@ -353,7 +354,7 @@ pub async fn stream(
         };
         futures::future::ready(Some(Ok::<_, Infallible>(event)))
     });
-    let heartbeat = Duration::from_secs(ctx.settings.server.sse_heartbeat_secs.max(1));
+    let heartbeat = Duration::from_secs(settings.server.sse_heartbeat_secs.max(1));
     Ok(Sse::new(events)
         .keep_alive(KeepAlive::new().interval(heartbeat).text("heartbeat"))
         .into_response())

@@ -12,10 +12,9 @@ use utoipa::{PartialSchema, ToSchema};
 
 use super::{Time, Zone};
 use crate::api::error::{read_body, ApiError, BodyLimit};
-use crate::app::Context;
 use crate::domain::event::{parse_event, EventError};
 use crate::domain::{Channel, EventType, Priority, UserId};
-use crate::ingest::{AcceptError, AcceptedAs};
+use crate::ingest::{AcceptError, AcceptedAs, Intake};
 use crate::store::Accepted as Stored;
 
 impl From<EventError> for ApiError {
@@ -190,7 +189,7 @@ pub struct ScheduleMade {
 const OVERLOAD_RETRY_SECS: u64 = 2;
 
 pub async fn post_event(
-    State(ctx): State<Context>,
+    State(intake): State<Intake>,
     Extension(limit): Extension<BodyLimit>,
     headers: HeaderMap,
     req: Request,
@@ -207,19 +206,18 @@ pub async fn post_event(
     };
     let key = key.map(str::to_owned);
     let body = read_body(req, limit.0).await?;
-    let event = parse_event(&body, key.as_deref(), ctx.intake.limits())?;
-    if let Err(waiting) = ctx.intake.admit().await {
+    let event = parse_event(&body, key.as_deref(), intake.limits())?;
+    if let Err((waiting, bound)) = intake.admit().await {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "overloaded",
             format!(
-                "{waiting} deliveries are waiting (the bound is {}); nothing was written, retry after the given seconds",
-                ctx.settings.events.max_backlog
+                "{waiting} deliveries are waiting (the bound is {bound}); nothing was written, retry after the given seconds"
             ),
         )
         .retry_after(OVERLOAD_RETRY_SECS));
     }
-    let (status, n) = match ctx.intake.accept_event(event, "api").await? {
+    let (status, n) = match intake.accept_event(event, "api").await? {
         AcceptedAs::Notification(Stored::New(n)) => (StatusCode::ACCEPTED, n),
         AcceptedAs::Notification(Stored::Duplicate(n)) => (StatusCode::OK, n),
         AcceptedAs::Schedule { schedule, created } => {

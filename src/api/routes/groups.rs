@@ -11,9 +11,8 @@ use utoipa::ToSchema;
 
 use super::{rfc3339, Time};
 use crate::api::error::{ApiError, JsonBody};
-use crate::app::Context;
 use crate::domain::{FieldError, GroupId, UserId};
-use crate::store::GroupDoc;
+use crate::store::{GroupDoc, Store};
 
 /// Members shown by `GET`; the full membership is streamed only for fan-out.
 const SHOWN_MEMBERS: i64 = 1000;
@@ -51,7 +50,7 @@ fn group(g: &GroupDoc, members: Vec<String>) -> Group {
 }
 
 pub async fn put_group(
-    State(ctx): State<Context>,
+    State(store): State<Store>,
     Path(id): Path<String>,
     JsonBody(body): JsonBody<GroupBody>,
 ) -> Result<Response, ApiError> {
@@ -76,7 +75,7 @@ pub async fn put_group(
         return Err(ApiError::validation(errors));
     }
     let members: Vec<String> = members.into_iter().collect();
-    let (group, created) = ctx.store.put_group(&id, body.name.trim(), &members).await?;
+    let (group, created) = store.put_group(&id, body.name.trim(), &members).await?;
     let shown = members.into_iter().take(SHOWN_MEMBERS as usize).collect();
     let status = if created {
         StatusCode::CREATED
@@ -87,23 +86,22 @@ pub async fn put_group(
 }
 
 pub async fn get_group(
-    State(ctx): State<Context>,
+    State(store): State<Store>,
     Path(id): Path<String>,
 ) -> Result<Json<Group>, ApiError> {
-    let g = ctx
-        .store
+    let g = store
         .get_group(&id)
         .await?
         .ok_or_else(|| ApiError::not_found("group", &id))?;
-    let members = ctx.store.group_member_ids(&id, SHOWN_MEMBERS).await?;
+    let members = store.group_member_ids(&id, SHOWN_MEMBERS).await?;
     Ok(Json(group(&g, members)))
 }
 
 pub async fn delete_group(
-    State(ctx): State<Context>,
+    State(store): State<Store>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    if ctx.store.delete_group(&id).await? {
+    if store.delete_group(&id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found("group", &id))

@@ -7,6 +7,7 @@
 //! fires wait in the outbox like accepted events). `herald all` answers with the API's
 //! rule: its intake stays in rotation while the broker is away.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -15,7 +16,8 @@ use axum::Json;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::app::Context;
+use crate::queue::Broker;
+use crate::store::Store;
 
 /// The process is up.
 #[derive(Debug, Serialize, ToSchema)]
@@ -45,20 +47,30 @@ pub async fn health() -> Json<Health> {
 
 /// The API's and the scheduler's readiness: MongoDB answers; RabbitMQ's state is
 /// reported, not required.
-pub async fn ready(State(ctx): State<Context>) -> (StatusCode, Json<Readiness>) {
-    readiness(&ctx, false).await
+pub async fn ready(
+    State(store): State<Store>,
+    State(broker): State<Arc<Broker>>,
+) -> (StatusCode, Json<Readiness>) {
+    readiness(&store, &broker, false).await
 }
 
 /// A worker's readiness: MongoDB and RabbitMQ answer.
-pub async fn worker_ready(State(ctx): State<Context>) -> (StatusCode, Json<Readiness>) {
-    readiness(&ctx, true).await
+pub async fn worker_ready(
+    State(store): State<Store>,
+    State(broker): State<Arc<Broker>>,
+) -> (StatusCode, Json<Readiness>) {
+    readiness(&store, &broker, true).await
 }
 
-async fn readiness(ctx: &Context, needs_rabbitmq: bool) -> (StatusCode, Json<Readiness>) {
+async fn readiness(
+    store: &Store,
+    broker: &Broker,
+    needs_rabbitmq: bool,
+) -> (StatusCode, Json<Readiness>) {
     let limit = Duration::from_secs(3);
     let (mongo, rabbit) = tokio::join!(
-        tokio::time::timeout(limit, ctx.store.ping()),
-        tokio::time::timeout(limit, ctx.broker.ready()),
+        tokio::time::timeout(limit, store.ping()),
+        tokio::time::timeout(limit, broker.ready()),
     );
     let mongo_ok = matches!(mongo, Ok(Ok(())));
     let rabbit_ok = matches!(rabbit, Ok(true));

@@ -11,9 +11,8 @@ use utoipa::ToSchema;
 use super::{rfc3339, Time};
 use crate::api::auth::Auth;
 use crate::api::error::{ApiError, JsonBody};
-use crate::app::Context;
 use crate::domain::{FieldError, Rate, Scope};
-use crate::store::ApiKeyDoc;
+use crate::store::{ApiKeyDoc, Store};
 
 /// An API key (never its secret, except in the answer to its creation).
 #[derive(Debug, Serialize, ToSchema)]
@@ -63,7 +62,7 @@ pub struct NewKey {
 }
 
 pub async fn create(
-    State(ctx): State<Context>,
+    State(store): State<Store>,
     JsonBody(body): JsonBody<NewKey>,
 ) -> Result<(StatusCode, Json<Key>), ApiError> {
     let mut errors = Vec::new();
@@ -86,7 +85,7 @@ pub async fn create(
     if !errors.is_empty() {
         return Err(ApiError::validation(errors));
     }
-    let (key, plain) = ctx.store.create_key(name, &scopes, rate).await?;
+    let (key, plain) = store.create_key(name, &scopes, rate).await?;
     let created = Key {
         key: Some(plain),
         ..Key::from(&key)
@@ -94,19 +93,19 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(created)))
 }
 
-pub async fn list(State(ctx): State<Context>) -> Result<Json<KeyList>, ApiError> {
-    let keys = ctx.store.list_keys().await?;
+pub async fn list(State(store): State<Store>) -> Result<Json<KeyList>, ApiError> {
+    let keys = store.list_keys().await?;
     Ok(Json(KeyList {
         items: keys.iter().map(Key::from).collect(),
     }))
 }
 
 pub async fn revoke(
-    State(ctx): State<Context>,
+    State(store): State<Store>,
     Extension(auth): Extension<Arc<Auth>>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    if !ctx.store.revoke_key(&id).await? {
+    if !store.revoke_key(&id).await? {
         return Err(ApiError::not_found("API key", &id));
     }
     auth.forget(&id);

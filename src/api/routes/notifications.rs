@@ -7,9 +7,8 @@ use utoipa::ToSchema;
 
 use super::{rfc3339, Time};
 use crate::api::error::ApiError;
-use crate::app::Context;
 use crate::domain::{NotificationStatus, Priority};
-use crate::store::Counts;
+use crate::store::{Counts, Store};
 
 /// An accepted event and its deliveries' counters.
 #[derive(Debug, Serialize, ToSchema)]
@@ -25,11 +24,10 @@ pub struct Notification {
 }
 
 pub async fn get_notification(
-    State(ctx): State<Context>,
+    State(store): State<Store>,
     Path(id): Path<String>,
 ) -> Result<Json<Notification>, ApiError> {
-    let n = ctx
-        .store
+    let n = store
         .get_notification(&id)
         .await?
         .ok_or_else(|| ApiError::not_found("notification", &id))?;

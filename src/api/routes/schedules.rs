@@ -1,5 +1,7 @@
 //! `/v1/schedules`: marketing's recurring campaigns.
 
+use std::sync::Arc;
+
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -13,13 +15,14 @@ use utoipa::{IntoParams, ToSchema};
 use super::events::{PriorityIn, RecipientsBody};
 use super::{rfc3339, Time, Zone};
 use crate::api::error::{ApiError, JsonBody, QueryParams};
-use crate::app::Context;
 use crate::domain::cron::{parse_tz, CronSpec};
 use crate::domain::plan::{MisfirePolicy, RunKind};
 use crate::domain::{Channel, EventType, FieldError, NotificationStatus, Priority};
 use crate::ingest::schedule::{self as definition, parse_schedule, ScheduleError, ScheduleInput};
 use crate::scheduler as sched;
-use crate::store::{Counts, RecipientsDoc, ScheduleDoc, ScheduleStatus};
+use crate::scheduler::Scheduler;
+use crate::store::{Counts, RecipientsDoc, ScheduleDoc, ScheduleStatus, Store};
+use crate::templates::Templates;
 
 // `ScheduleBody`, `SchedulePatch` and `CronPreviewBody` document what `parse_schedule`
 // and `preview` accept (see `events::EventBody`): they are never built.
@@ -269,16 +272,16 @@ fn schedule(s: &ScheduleDoc) -> Schedule {
     }
 }
 
-async fn load(ctx: &Context, id: &str) -> Result<ScheduleDoc, ApiError> {
-    ctx.store
+async fn load(store: &Store, id: &str) -> Result<ScheduleDoc, ApiError> {
+    store
         .get_schedule(id)
         .await?
         .ok_or_else(|| ApiError::not_found("schedule", id))
 }
 
 /// A schedule that can still be paused or resumed.
-async fn load_live(ctx: &Context, id: &str) -> Result<ScheduleDoc, ApiError> {
-    let s = load(ctx, id).await?;
+async fn load_live(store: &Store, id: &str) -> Result<ScheduleDoc, ApiError> {
+    let s = load(store, id).await?;
     if s.status == ScheduleStatus::Retired {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -299,14 +302,16 @@ fn input_of(s: &ScheduleDoc) -> Result<ScheduleInput, ApiError> {
 }
 
 pub async fn create(
-    State(ctx): State<Context>,
+    State(store): State<Store>,
+    State(templates): State<Arc<Templates>>,
+    State(scheduler): State<Scheduler>,
     JsonBody(body): JsonBody<Value>,
 ) -> Result<Response, ApiError> {
     let input = parse_schedule(&body)?;
-    definition::check_references(&ctx.store, &ctx.templates, &input).await?;
+    definition::check_references(&store, &templates, &input).await?;
     let doc = definition::to_document(&input, None, None, Utc::now())?;
-    ctx.store.insert_schedule(&doc).await?;
-    ctx.scheduler.wake();
+    store.insert_schedule(&doc).await?;
+    scheduler.wake();
     let created = ScheduleCreated {
         schedule_id: doc.id,
         next_fire_at: doc.next_fire_at.map(rfc3339),
@@ -326,7 +331,7 @@ pub struct ListQuery {
 }
 
 pub async fn list(
-    State(ctx): State<Context>,
+    State(store): State<Store>,
     QueryParams(q): QueryParams<ListQuery>,
 ) -> Result<Json<ScheduleList>, ApiError> {
     let status = match q.status.as_deref() {
@@ -347,25 +352,27 @@ pub async fn list(
             "must be between 1 and 1000",
         )]));
     }
-    let items = ctx.store.list_schedules(status, limit).await?;
+    let items = store.list_schedules(status, limit).await?;
     Ok(Json(ScheduleList {
         items: items.iter().map(schedule).collect(),
     }))
 }
 
 pub async fn get(
-    State(ctx): State<Context>,
+    State(store): State<Store>,
     Path(id): Path<String>,
 ) -> Result<Json<Schedule>, ApiError> {
-    Ok(Json(schedule(&load(&ctx, &id).await?)))
+    Ok(Json(schedule(&load(&store, &id).await?)))
 }
 
 pub async fn patch(
-    State(ctx): State<Context>,
+    State(store): State<Store>,
+    State(templates): State<Arc<Templates>>,
+    State(scheduler): State<Scheduler>,
     Path(id): Path<String>,
     JsonBody(changes): JsonBody<Value>,
 ) -> Result<Json<Schedule>, ApiError> {
-    let existing = load(&ctx, &id).await?;
+    let existing = load(&store, &id).await?;
     let Some(changes) = changes.as_object() else {
         return Err(ApiError::validation(vec![FieldError::new(
             "body",
@@ -377,23 +384,22 @@ pub async fn patch(
         merged[k] = v.clone();
     }
     let input = parse_schedule(&merged)?;
-    definition::check_references(&ctx.store, &ctx.templates, &input).await?;
+    definition::check_references(&store, &templates, &input).await?;
     // A retired schedule whose new cron or end_at has slots left becomes active again.
     let doc = definition::to_document(&input, Some(&existing), None, Utc::now())?;
-    let stored = ctx
-        .store
+    let stored = store
         .replace_schedule(&doc)
         .await?
         .ok_or_else(|| ApiError::not_found("schedule", &id))?;
-    ctx.scheduler.wake();
+    scheduler.wake();
     Ok(Json(schedule(&stored)))
 }
 
 pub async fn delete(
-    State(ctx): State<Context>,
+    State(store): State<Store>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    if ctx.store.delete_schedule(&id).await? {
+    if store.delete_schedule(&id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found("schedule", &id))
@@ -401,12 +407,11 @@ pub async fn delete(
 }
 
 pub async fn pause(
-    State(ctx): State<Context>,
+    State(store): State<Store>,
     Path(id): Path<String>,
 ) -> Result<Json<Schedule>, ApiError> {
-    let s = load_live(&ctx, &id).await?;
-    let stored = ctx
-        .store
+    let s = load_live(&store, &id).await?;
+    let stored = store
         .set_schedule_state(&id, ScheduleStatus::Paused, s.next_fire_at)
         .await?
         .ok_or_else(|| ApiError::not_found("schedule", &id))?;
@@ -414,10 +419,11 @@ pub async fn pause(
 }
 
 pub async fn resume(
-    State(ctx): State<Context>,
+    State(store): State<Store>,
+    State(scheduler): State<Scheduler>,
     Path(id): Path<String>,
 ) -> Result<Json<Schedule>, ApiError> {
-    let s = load_live(&ctx, &id).await?;
+    let s = load_live(&store, &id).await?;
     // Slots that passed while paused are not fired: the schedule resumes at its next slot.
     let doc = definition::to_document(
         &input_of(&s)?,
@@ -428,21 +434,21 @@ pub async fn resume(
         None,
         Utc::now(),
     )?;
-    let stored = ctx
-        .store
+    let stored = store
         .set_schedule_state(&id, doc.status, doc.next_fire_at)
         .await?
         .ok_or_else(|| ApiError::not_found("schedule", &id))?;
-    ctx.scheduler.wake();
+    scheduler.wake();
     Ok(Json(schedule(&stored)))
 }
 
 pub async fn trigger(
-    State(ctx): State<Context>,
+    State(store): State<Store>,
+    State(scheduler): State<Scheduler>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let s = load(&ctx, &id).await?;
-    let run = sched::trigger(&ctx.scheduler, &s, Utc::now()).await?;
+    let s = load(&store, &id).await?;
+    let run = sched::trigger(&scheduler, &s, Utc::now()).await?;
     let triggered = Triggered {
         run_id: run.id,
         notification_id: run.notification_id,
@@ -467,18 +473,18 @@ pub struct NextQuery {
 }
 
 pub async fn runs(
-    State(ctx): State<Context>,
+    State(store): State<Store>,
     Path(id): Path<String>,
     QueryParams(q): QueryParams<RunsQuery>,
 ) -> Result<Json<RunList>, ApiError> {
-    load(&ctx, &id).await?;
+    load(&store, &id).await?;
     let limit = q.limit.unwrap_or(50).clamp(1, 500);
-    let runs = ctx.store.list_runs(&id, limit).await?;
+    let runs = store.list_runs(&id, limit).await?;
     let ids: Vec<String> = runs
         .iter()
         .filter_map(|r| r.notification_id.clone())
         .collect();
-    let notifications = ctx.store.notifications_by_ids(&ids).await?;
+    let notifications = store.notifications_by_ids(&ids).await?;
     let items = runs
         .iter()
         .map(|r| {
@@ -504,7 +510,7 @@ pub async fn runs(
 }
 
 pub async fn next(
-    State(ctx): State<Context>,
+    State(store): State<Store>,
     Path(id): Path<String>,
     QueryParams(q): QueryParams<NextQuery>,
 ) -> Result<Json<Fires>, ApiError> {
@@ -515,7 +521,7 @@ pub async fn next(
             "must be between 1 and 100",
         )]));
     }
-    let s = load(&ctx, &id).await?;
+    let s = load(&store, &id).await?;
     let input = input_of(&s)?;
     let items = fires(&input.cron, input.tz, input.start_at, input.end_at, count);
     Ok(Json(Fires {

@@ -11,9 +11,10 @@ use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use crate::app::Context;
 use crate::domain::Priority;
-use crate::metrics::LaneLabels;
+use crate::metrics::{LaneLabels, Metrics};
+use crate::queue::Broker;
+use crate::store::Store;
 
 /// This document (OpenAPI 3.1).
 #[derive(ToSchema)]
@@ -27,14 +28,18 @@ pub struct Spec(pub Arc<Value>);
 
 /// Jobs waiting in each priority lane and in the outbox, each read within 2 s (`None`
 /// when RabbitMQ or MongoDB did not answer in time); the gauges are updated on the way.
-async fn backlog(ctx: &Context) -> (Vec<(Priority, Option<u32>)>, Option<u64>) {
+async fn backlog(
+    store: &Store,
+    broker: &Broker,
+    metrics: &Metrics,
+) -> (Vec<(Priority, Option<u32>)>, Option<u64>) {
     let limit = Duration::from_secs(2);
     let mut lanes = Vec::new();
     for lane in [Priority::High, Priority::Normal, Priority::Low] {
-        let queue = ctx.broker.names().lane(lane).to_owned();
-        let depth = match tokio::time::timeout(limit, ctx.broker.queue_depth(&queue)).await {
+        let queue = broker.names().lane(lane).to_owned();
+        let depth = match tokio::time::timeout(limit, broker.queue_depth(&queue)).await {
             Ok(Ok(depth)) => {
-                ctx.metrics
+                metrics
                     .queue_depth
                     .get_or_create(&LaneLabels {
                         lane: lane.as_str().to_owned(),
@@ -46,9 +51,9 @@ async fn backlog(ctx: &Context) -> (Vec<(Priority, Option<u32>)>, Option<u64>) {
         };
         lanes.push((lane, depth));
     }
-    let outbox = match tokio::time::timeout(limit, ctx.store.outbox_backlog()).await {
+    let outbox = match tokio::time::timeout(limit, store.outbox_backlog()).await {
         Ok(Ok(backlog)) => {
-            ctx.metrics.outbox_backlog.set(backlog as i64);
+            metrics.outbox_backlog.set(backlog as i64);
             Some(backlog)
         }
         _ => None,
@@ -72,8 +77,12 @@ pub struct Lanes {
 }
 
 /// `GET /v1/queues`: jobs waiting per priority lane and in the outbox, now.
-pub async fn queues(State(ctx): State<Context>) -> Json<Queues> {
-    let (depths, outbox) = backlog(&ctx).await;
+pub async fn queues(
+    State(store): State<Store>,
+    State(broker): State<Arc<Broker>>,
+    State(metrics): State<Arc<Metrics>>,
+) -> Json<Queues> {
+    let (depths, outbox) = backlog(&store, &broker, &metrics).await;
     let mut lanes = Lanes::default();
     for (lane, depth) in depths {
         *match lane {
@@ -86,14 +95,18 @@ pub async fn queues(State(ctx): State<Context>) -> Json<Queues> {
 }
 
 /// Refreshes the gauges read from RabbitMQ and MongoDB, then renders every metric.
-pub async fn metrics(State(ctx): State<Context>) -> impl IntoResponse {
-    backlog(&ctx).await;
+pub async fn metrics(
+    State(store): State<Store>,
+    State(broker): State<Arc<Broker>>,
+    State(metrics): State<Arc<Metrics>>,
+) -> impl IntoResponse {
+    backlog(&store, &broker, &metrics).await;
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        ctx.metrics.render(),
+        metrics.render(),
     )
 }
 

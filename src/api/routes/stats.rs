@@ -13,10 +13,9 @@ use utoipa::{IntoParams, ToSchema};
 use super::deliveries::parse_instant;
 use super::{rfc3339, Time};
 use crate::api::error::{ApiError, QueryParams};
-use crate::app::Context;
 use crate::domain::FieldError;
 use crate::store::stats::floor_hour;
-use crate::store::StatDimension;
+use crate::store::{StatDimension, Store};
 
 const PERCENTILES: [(f64, &str); 3] = [(0.5, "p50"), (0.9, "p90"), (0.99, "p99")];
 
@@ -80,7 +79,7 @@ fn key_json(dimension: &str, v: &Bson) -> Value {
 
 /// Deliveries created in `[since, until)` (default: the last 7 days), at hour resolution.
 pub async fn deliveries(
-    State(ctx): State<Context>,
+    State(store): State<Store>,
     QueryParams(q): QueryParams<StatsQuery>,
 ) -> Result<Json<Stats>, ApiError> {
     let mut errors = Vec::new();
@@ -114,8 +113,8 @@ pub async fn deliveries(
     }
     let percentiles: Vec<f64> = PERCENTILES.iter().map(|(p, _)| *p).collect();
     let (rows, channels) = tokio::try_join!(
-        ctx.store.delivery_stats(since, until, &by),
-        ctx.store.channel_summaries(since, until, &percentiles),
+        store.delivery_stats(since, until, &by),
+        store.channel_summaries(since, until, &percentiles),
     )?;
     let total: i64 = rows.iter().map(|r| r.count).sum();
     let rows = rows

@@ -1,6 +1,7 @@
 //! `/v1/templates`: list, store (overriding files), remove, and preview templates.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -10,8 +11,9 @@ use serde_json::{json, Map, Value};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::api::error::{ApiError, JsonBody, QueryParams};
-use crate::app::Context;
+use crate::app::TemplateSync;
 use crate::domain::{Channel, EventType, FieldError};
+use crate::store::Store;
 use crate::templates::{compile, valid_locale, Origin, PartSource, Rendered, Templates};
 
 /// The body's field for each part of a channel.
@@ -126,9 +128,9 @@ pub struct TemplateStored {
     origin: Origin,
 }
 
-pub async fn list(State(ctx): State<Context>) -> Json<TemplateList> {
+pub async fn list(State(templates): State<Arc<Templates>>) -> Json<TemplateList> {
     let mut grouped: BTreeMap<(String, Channel, Option<String>), PartsOf> = BTreeMap::new();
-    for p in ctx.templates.parts() {
+    for p in templates.parts() {
         let entry = grouped
             .entry((p.event_type.clone(), p.channel(), p.locale.clone()))
             .or_insert((Vec::new(), p.origin));
@@ -163,13 +165,12 @@ pub struct LocaleQuery {
 /// The source of one channel's parts (for one locale, or the base template), keyed by
 /// the body fields `PUT` takes, so an editor can load, change and store them back.
 pub async fn get(
-    State(ctx): State<Context>,
+    State(templates): State<Arc<Templates>>,
     Path((event_type, channel)): Path<(String, String)>,
     QueryParams(q): QueryParams<LocaleQuery>,
 ) -> Result<Json<TemplateSource>, ApiError> {
     let (event_type, channel) = parse_target(&event_type, &channel, q.locale.as_deref())?;
-    let parts: Vec<_> = ctx
-        .templates
+    let parts: Vec<_> = templates
         .parts()
         .into_iter()
         .filter(|p| {
@@ -201,7 +202,9 @@ pub async fn get(
 /// for email, `{"text"}` for SMS, `{"title", "body"}` for push. A part that does not
 /// compile is refused with its line and column.
 pub async fn put(
-    State(ctx): State<Context>,
+    State(store): State<Store>,
+    State(templates): State<Arc<Templates>>,
+    State(sync): State<TemplateSync>,
     Path((event_type, channel)): Path<(String, String)>,
     JsonBody(body): JsonBody<Map<String, Value>>,
 ) -> Result<(StatusCode, Json<TemplateStored>), ApiError> {
@@ -219,17 +222,17 @@ pub async fn put(
     let body: Map<String, Value> = body.into_iter().filter(|(k, _)| k != "locale").collect();
     let parts = parse_parts(channel, &body)?;
     let names: Vec<&str> = parts.iter().map(|(p, _)| *p).collect();
-    let existed = ctx.templates.parts().iter().any(|p| {
+    let existed = templates.parts().iter().any(|p| {
         p.event_type == event_type.as_str() && p.channel() == channel && p.locale == locale
     });
     let parts: Vec<(String, String)> = parts
         .into_iter()
         .map(|(p, source)| (p.to_owned(), source))
         .collect();
-    ctx.store
+    store
         .put_templates(event_type.as_str(), channel, locale.as_deref(), &parts)
         .await?;
-    ctx.sync_templates().await?;
+    sync.sync().await?;
     let status = if existed {
         StatusCode::OK
     } else {
@@ -306,13 +309,13 @@ fn parse_parts(
 
 /// Removes the stored parts; the files (if any) apply again.
 pub async fn delete(
-    State(ctx): State<Context>,
+    State(store): State<Store>,
+    State(sync): State<TemplateSync>,
     Path((event_type, channel)): Path<(String, String)>,
     QueryParams(q): QueryParams<LocaleQuery>,
 ) -> Result<StatusCode, ApiError> {
     let (event_type, channel) = parse_target(&event_type, &channel, q.locale.as_deref())?;
-    let removed = ctx
-        .store
+    let removed = store
         .delete_templates(event_type.as_str(), channel, q.locale.as_deref())
         .await?;
     if removed == 0 {
@@ -321,7 +324,7 @@ pub async fn delete(
             &format!("{event_type}/{channel}"),
         ));
     }
-    ctx.sync_templates().await?;
+    sync.sync().await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -382,7 +385,7 @@ pub struct RenderedBody {
 
 /// Renders with sample data exactly as a delivery would (same context, strict mode).
 pub async fn preview(
-    State(ctx): State<Context>,
+    State(templates): State<Arc<Templates>>,
     JsonBody(body): JsonBody<PreviewBody>,
 ) -> Result<Json<Preview>, ApiError> {
     let (event_type, channel) =
@@ -425,7 +428,7 @@ pub async fn preview(
     };
     let rendered = draft
         .as_ref()
-        .unwrap_or(&ctx.templates)
+        .unwrap_or(&templates)
         .render(
             event_type.as_str(),
             channel,

@@ -1,5 +1,7 @@
 //! `PUT/GET/DELETE /v1/users/{user_id}`: recipient profiles.
 
+use std::sync::Arc;
+
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -12,9 +14,9 @@ use utoipa::ToSchema;
 
 use super::{rfc3339, Time, Zone};
 use crate::api::error::{ApiError, JsonBody};
-use crate::app::Context;
+use crate::config::Settings;
 use crate::domain::{FieldError, UserId};
-use crate::store::UserDoc;
+use crate::store::{Store, UserDoc};
 
 /// A recipient's profile (`PUT` replaces the whole of it).
 #[derive(Debug, Deserialize, ToSchema)]
@@ -281,15 +283,14 @@ impl From<UserDoc> for User {
 }
 
 pub async fn put_user(
-    State(ctx): State<Context>,
+    State(store): State<Store>,
     Path(id): Path<String>,
     JsonBody(body): JsonBody<UserBody>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let doc = body.into_doc(&id).map_err(ApiError::validation)?;
-    let created = ctx.store.put_user(doc).await?;
-    let stored = ctx
-        .store
+    let created = store.put_user(doc).await?;
+    let stored = store
         .get_user(id.as_str())
         .await?
         .ok_or_else(|| ApiError::not_found("user", id.as_str()))?;
@@ -302,11 +303,10 @@ pub async fn put_user(
 }
 
 pub async fn get_user(
-    State(ctx): State<Context>,
+    State(store): State<Store>,
     Path(id): Path<String>,
 ) -> Result<Json<User>, ApiError> {
-    let u = ctx
-        .store
+    let u = store
         .get_user(&id)
         .await?
         .ok_or_else(|| ApiError::not_found("user", &id))?;
@@ -314,10 +314,10 @@ pub async fn get_user(
 }
 
 pub async fn delete_user(
-    State(ctx): State<Context>,
+    State(store): State<Store>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    if ctx.store.delete_user(&id).await? {
+    if store.delete_user(&id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found("user", &id))
@@ -415,7 +415,8 @@ fn csv_records(body: &[u8]) -> Result<Vec<Record>, ApiError> {
 /// row, `;` between push tokens and tags). Idempotent upserts in bulk writes; every bad
 /// line is reported with its number and nothing of it is written.
 pub async fn import(
-    State(ctx): State<Context>,
+    State(store): State<Store>,
+    State(settings): State<Arc<Settings>>,
     headers: axum::http::HeaderMap,
     req: axum::extract::Request,
 ) -> Result<Json<ImportReport>, ApiError> {
@@ -428,7 +429,7 @@ pub async fn import(
         .unwrap_or_default()
         .trim()
         .to_ascii_lowercase();
-    let body = crate::api::error::read_body(req, ctx.settings.server.import_limit_bytes).await?;
+    let body = crate::api::error::read_body(req, settings.server.import_limit_bytes).await?;
     let records = match kind.as_str() {
         "application/x-ndjson" | "application/jsonl" | "application/json" => ndjson_records(&body),
         "text/csv" => csv_records(&body)?,
@@ -476,14 +477,14 @@ pub async fn import(
             Err(e) => fail(line, Some(&id), crate::domain::describe(&e)),
         }
         if batch.len() >= IMPORT_BATCH {
-            let (c, u) = ctx.store.upsert_users(&batch).await?;
+            let (c, u) = store.upsert_users(&batch).await?;
             created += c;
             updated += u;
             batch.clear();
         }
     }
     if !batch.is_empty() {
-        let (c, u) = ctx.store.upsert_users(&batch).await?;
+        let (c, u) = store.upsert_users(&batch).await?;
         created += c;
         updated += u;
     }
