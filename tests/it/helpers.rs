@@ -163,6 +163,7 @@ impl Default for TestOptions {
 
 pub struct TestApp {
     pub address: String,
+    settings: Settings,
     /// Sends an admin key with every request.
     pub http: reqwest::Client,
     pub ctx: Context,
@@ -327,6 +328,7 @@ pub async fn spawn_app_with(options: TestOptions) -> TestApp {
         .await
         .expect("admin key");
     let app = TestApp {
+        settings: settings.clone(),
         address,
         http: client_with_key(&key),
         ctx,
@@ -491,5 +493,34 @@ impl Drop for TestApp {
     fn drop(&mut self) {
         // A failed test still stops its background roles.
         self.cancel.cancel();
+        if self.task.is_none() {
+            return;
+        }
+        // …and removes its database, queues and files: the broker and the database server
+        // are shared by every run on the machine. On a runtime of its own, since this one
+        // may be unwinding from the failure.
+        let settings = self.settings.clone();
+        let files = self.files.clone();
+        let cleanup = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                let broker =
+                    herald::queue::Broker::new(&settings.amqp, settings.worker.max_attempts);
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(10), broker.delete_topology()).await;
+                broker.close().await;
+                if let Ok(client) = mongodb::Client::with_uri_str(mongodb_uri()).await {
+                    let _ = client.database(&settings.mongodb.database).drop().await;
+                    client.shutdown().await;
+                }
+            });
+            let _ = std::fs::remove_dir_all(files);
+        });
+        let _ = cleanup.join();
     }
 }
