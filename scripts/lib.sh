@@ -68,13 +68,14 @@ ensure_browser_tools() {
   fi
 }
 
-# schemathesis (PyPI), which checks the OpenAPI document against the running API: in a
-# virtual environment under ~/.cache/herald, installed once per pinned version.
-SCHEMATHESIS_VERSION="4.32.5"
-ensure_schemathesis() {
+# The Python tools the tests check herald against (PyPI): schemathesis (the OpenAPI
+# document against the running API) and dkimpy (DKIM signatures), in a virtual
+# environment under ~/.cache/herald, installed again only when the pins change.
+PYTHON_TOOLS="schemathesis==4.32.5 dkimpy==1.1.8"
+ensure_python_tools() {
   local venv="${XDG_CACHE_HOME:-$HOME/.cache}/herald/venv"
-  export HERALD_SCHEMATHESIS="$venv/bin/schemathesis"
-  if "$HERALD_SCHEMATHESIS" --version 2>/dev/null | grep -q " $SCHEMATHESIS_VERSION$"; then
+  export HERALD_SCHEMATHESIS="$venv/bin/schemathesis" HERALD_PYTHON="$venv/bin/python"
+  if [ "$(cat "$venv/.herald-tools" 2>/dev/null)" = "$PYTHON_TOOLS" ]; then
     return 0
   fi
   command -v python3 >/dev/null 2>&1 || apt_install python3
@@ -82,8 +83,10 @@ ensure_schemathesis() {
     rm -rf "$venv"
     python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv && python3 -m venv "$venv"; }
   fi
-  say "installing schemathesis $SCHEMATHESIS_VERSION (PyPI) into $venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
+  say "installing $PYTHON_TOOLS (PyPI) into $venv"
+  # shellcheck disable=SC2086
+  "$venv/bin/pip" install --quiet --disable-pip-version-check $PYTHON_TOOLS
+  echo "$PYTHON_TOOLS" >"$venv/.herald-tools"
 }
 
 secantus_installed() {

@@ -52,6 +52,17 @@ pub struct Settings {
     pub enrichment: EnrichmentSettings,
     pub retention: RetentionSettings,
     pub auth: AuthSettings,
+    /// Per event type: its category (`[event_types.<event_type>] category = "marketing"`).
+    #[serde(default)]
+    pub event_types: std::collections::HashMap<String, EventTypeSettings>,
+}
+
+/// What is configured for one event type.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventTypeSettings {
+    #[serde(default)]
+    pub category: crate::domain::Category,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -67,6 +78,8 @@ pub struct ServerSettings {
     /// unset: they serve nothing.
     #[serde(default)]
     pub metrics_bind: Option<SocketAddr>,
+    /// Where people and providers reach this API: unsubscribe links are built on it.
+    pub public_url: String,
 }
 
 /// How many days records are kept (TTL indexes remove them); 0 keeps them forever.
@@ -234,7 +247,39 @@ pub struct EmailSettings {
     pub from: String,
     pub file_dir: PathBuf,
     pub smtp: SmtpSettings,
+    /// Signs one-click unsubscribe links: whoever knows it can unsubscribe anyone.
+    pub unsubscribe_secret: Secret,
+    /// Also offered in `List-Unsubscribe` as a `mailto:` URI when set.
+    #[serde(default)]
+    pub unsubscribe_mailbox: Option<String>,
+    /// Sign every message with DKIM when set.
+    #[serde(default)]
+    pub dkim: Option<DkimSettings>,
 }
+
+/// DKIM signing: the key's selector and domain as published in DNS
+/// (`<selector>._domainkey.<domain>`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DkimSettings {
+    pub domain: String,
+    pub selector: String,
+    /// RSA: a PKCS#1 PEM file; Ed25519: a file holding the base64 of the 32-byte seed.
+    pub private_key_file: PathBuf,
+    #[serde(default)]
+    pub algorithm: DkimAlgorithm,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DkimAlgorithm {
+    #[default]
+    Rsa,
+    Ed25519,
+}
+
+/// The secret the embedded defaults sign unsubscribe links with; production refuses it.
+pub const DEVELOPMENT_UNSUBSCRIBE_SECRET: &str = "development-only-unsubscribe-secret";
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -466,6 +511,26 @@ impl Settings {
                 "`file` only writes .eml files; with environment = \"production\" use \"smtp\"",
             );
         }
+        if url::Url::parse(&self.server.public_url)
+            .map_or(true, |u| !matches!(u.scheme(), "http" | "https"))
+        {
+            return bad("server.public_url", "must be an http:// or https:// URL");
+        }
+        let secret = self.email.unsubscribe_secret.expose();
+        if secret.len() < 16 {
+            return bad("email.unsubscribe_secret", "must be at least 16 characters");
+        }
+        if self.environment == "production" && secret == DEVELOPMENT_UNSUBSCRIBE_SECRET {
+            return bad(
+                "email.unsubscribe_secret",
+                "with environment = \"production\" set a long random value of your own",
+            );
+        }
+        if let Some(mailbox) = &self.email.unsubscribe_mailbox {
+            if mailbox.parse::<lettre::Address>().is_err() {
+                return bad("email.unsubscribe_mailbox", "must be an email address");
+            }
+        }
         if self.email.from.parse::<lettre::message::Mailbox>().is_err() {
             return bad(
                 "email.from",
@@ -566,7 +631,11 @@ mod tests {
 
     #[test]
     fn production_refuses_providers_that_only_record() {
-        let err = Settings::load_from(&shipped(), &env(&[("HERALD_ENV", "production")]))
+        let secret = (
+            "HERALD__EMAIL__UNSUBSCRIBE_SECRET",
+            "a long random value of our own",
+        );
+        let err = Settings::load_from(&shipped(), &env(&[("HERALD_ENV", "production"), secret]))
             .expect_err("record providers in production");
         let shown = format!("{err:#}");
         assert!(shown.contains("sms.providers.record.kind"), "{shown}");
@@ -589,7 +658,11 @@ kind = "webhook"
 url = "https://push.example.com/send"
 "#;
         std::fs::write(dir.join("production.toml"), real).expect("write");
-        let s = Settings::load_from(&dir, &env(&[("HERALD_ENV", "production")]))
+        let secret = (
+            "HERALD__EMAIL__UNSUBSCRIBE_SECRET",
+            "a long random value of our own",
+        );
+        let s = Settings::load_from(&dir, &env(&[("HERALD_ENV", "production"), secret]))
             .expect("real providers load");
         assert_eq!(
             s.sms.providers.len(),
@@ -605,10 +678,18 @@ url = "https://push.example.com/send"
             &env(&[
                 ("HERALD_ENV", "production"),
                 ("HERALD__EMAIL__TRANSPORT", "file"),
+                secret,
             ]),
         )
         .expect_err("file email in production");
         assert!(format!("{err:#}").contains("email.transport"), "{err:#}");
+        // Nor does it sign unsubscribe links with the secret everyone can read here.
+        let err = Settings::load_from(&dir, &env(&[("HERALD_ENV", "production")]))
+            .expect_err("the development unsubscribe secret in production");
+        assert!(
+            format!("{err:#}").contains("email.unsubscribe_secret"),
+            "{err:#}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

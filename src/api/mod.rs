@@ -48,7 +48,7 @@ pub fn routes(ctx: &Context, auth: Arc<Auth>) -> (Router<Context>, Value) {
     use routes::{
         dead_letters as dl, deliveries as dv, events as ev, groups as gr, health as he, keys as ke,
         notifications as no, schedules as sc, service as se, stats as st, templates as te,
-        users as us,
+        unsubscribe as un, users as us,
     };
     Api::new(auth)
         .get(
@@ -354,6 +354,29 @@ pub fn routes(ctx: &Context, auth: Arc<Auth>) -> (Router<Context>, Value) {
                 .query::<te::LocaleQuery>()
                 .empty(204),
             templates::delete,
+        )
+        .get(
+            "/u/{token}",
+            Op::new(
+                "unsubscribe",
+                "the page of a marketing email's unsubscribe link (changes nothing)",
+                None,
+            )
+            .ok_media(200, "text/html"),
+            unsubscribe::show,
+        )
+        .post(
+            "/u/{token}",
+            Op::new(
+                "unsubscribe",
+                "one-click unsubscribe (RFC 8058): records the opt-out the link names",
+                None,
+            )
+            .body_as::<un::OneClick>("application/x-www-form-urlencoded")
+            .body_as::<un::OneClick>("multipart/form-data")
+            .ok_media(200, "text/html")
+            .errors(&[400]),
+            unsubscribe::confirm,
         )
         .get(
             "/v1/keys",

@@ -96,6 +96,13 @@ impl Op {
         self
     }
 
+    /// A request body of `media` (a form) with the fields of `T`.
+    pub fn body_as<T: ToSchema>(mut self, media: &'static str) -> Self {
+        let schema = self.refer::<T>();
+        self.body.push((media, schema));
+        self
+    }
+
     /// A request body of another media type: a string (matching `pattern`, if given).
     pub fn body_media(mut self, media: &'static str, pattern: Option<&'static str>) -> Self {
         let mut schema = json!({"type": "string"});

@@ -335,6 +335,7 @@ mod tests {
             delivery_id: "d".into(),
             destination: super::super::Destination::Phone("+15550100".into()),
             content: crate::templates::Rendered::Sms { text: "hi".into() },
+            unsubscribe_url: None,
         };
         let dropped = tokio::time::timeout(Duration::from_millis(20), chain.send(&message)).await;
         assert!(dropped.is_err(), "the trial hung and was dropped");

@@ -4,8 +4,14 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use async_trait::async_trait;
-use lettre::message::header::{ContentType, Header, HeaderName, HeaderValue};
-use lettre::message::{Mailbox, MultiPart, SinglePart};
+use lettre::message::dkim::{
+    DkimCanonicalization, DkimCanonicalizationType, DkimConfig, DkimSigningAlgorithm,
+    DkimSigningKey,
+};
+use lettre::message::header::{
+    ContentTransferEncoding, ContentType, Header, HeaderName, HeaderValue, MIME_VERSION_1_0,
+};
+use lettre::message::{Body, Mailbox, MultiPart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::TlsParameters;
 use lettre::{AsyncFileTransport, AsyncTransport, Message, Tokio1Executor};
@@ -13,18 +19,18 @@ use mongodb::bson::doc;
 
 use super::smtp_pool::{PoolError, Security, SmtpPool};
 use super::{DeliveryError, Destination, OutboundMessage, Provider, Receipt};
-use crate::config::{EmailSettings, EmailTransportKind, SmtpSecurity};
+use crate::config::{DkimAlgorithm, EmailSettings, EmailTransportKind, SmtpSecurity};
 use crate::templates::Rendered;
 
 pub fn build(settings: &EmailSettings) -> anyhow::Result<Box<dyn Provider>> {
-    let from: Mailbox = settings.from.parse().context("email.from")?;
+    let from = Composer::new(settings)?;
     Ok(match settings.transport {
         EmailTransportKind::File => {
             std::fs::create_dir_all(&settings.file_dir).with_context(|| {
                 format!("creating email.file_dir {}", settings.file_dir.display())
             })?;
             Box::new(FileEmail {
-                from,
+                composer: from,
                 dir: settings.file_dir.display().to_string(),
                 transport: AsyncFileTransport::new(&settings.file_dir),
             })
@@ -47,7 +53,10 @@ pub fn build(settings: &EmailSettings) -> anyhow::Result<Box<dyn Provider>> {
                 timeout,
                 s.pool_max_size as usize,
             );
-            Box::new(SmtpEmail { from, pool })
+            Box::new(SmtpEmail {
+                composer: from,
+                pool,
+            })
         }
     })
 }
@@ -85,6 +94,103 @@ impl Header for DeliveryId {
     }
 }
 
+/// What every message of this process shares: the sender, the DKIM key, the mailbox
+/// offered for unsubscribing by mail.
+pub struct Composer {
+    from: Mailbox,
+    dkim: Option<DkimConfig>,
+    unsubscribe_mailbox: Option<String>,
+}
+
+/// The headers a signature covers: the ones a reader sees and those that decide how the
+/// message is shown or unsubscribed from. An absent one is signed as absent, so it cannot
+/// be added on the way.
+const SIGNED: [&str; 9] = [
+    "From",
+    "To",
+    "Subject",
+    "Date",
+    "Message-ID",
+    "MIME-Version",
+    "Content-Type",
+    "List-Unsubscribe",
+    "List-Unsubscribe-Post",
+];
+
+impl Composer {
+    pub fn new(settings: &EmailSettings) -> anyhow::Result<Self> {
+        let from: Mailbox = settings.from.parse().context("email.from")?;
+        let dkim = match &settings.dkim {
+            None => None,
+            Some(d) => {
+                let key = std::fs::read_to_string(&d.private_key_file).with_context(|| {
+                    format!(
+                        "reading email.dkim.private_key_file {}",
+                        d.private_key_file.display()
+                    )
+                })?;
+                let algorithm = match d.algorithm {
+                    DkimAlgorithm::Rsa => DkimSigningAlgorithm::Rsa,
+                    DkimAlgorithm::Ed25519 => DkimSigningAlgorithm::Ed25519,
+                };
+                let key = DkimSigningKey::new(key.trim(), algorithm).map_err(|e| {
+                    anyhow::anyhow!(
+                        "email.dkim.private_key_file: not a {:?} key ({e:?}); RSA keys are PKCS#1 PEM",
+                        d.algorithm
+                    )
+                })?;
+                Some(DkimConfig::new(
+                    d.selector.clone(),
+                    d.domain.clone(),
+                    key,
+                    SIGNED.map(HeaderName::new_from_ascii_str).to_vec(),
+                    DkimCanonicalization {
+                        header: DkimCanonicalizationType::Relaxed,
+                        body: DkimCanonicalizationType::Relaxed,
+                    },
+                ))
+            }
+        };
+        Ok(Self {
+            from,
+            dkim,
+            unsubscribe_mailbox: settings.unsubscribe_mailbox.clone(),
+        })
+    }
+
+    /// The message, with its unsubscribe headers when it is marketing, signed when a
+    /// DKIM key is configured.
+    fn compose(&self, message: &OutboundMessage, provider: &str) -> Result<Message, DeliveryError> {
+        let mut email = compose(&self.from, message, provider)?;
+        if let Some(url) = &message.unsubscribe_url {
+            // RFC 2369 and RFC 8058: the link, a mailbox if there is one, and one-click.
+            let mut value = format!("<{url}>");
+            if let Some(mailbox) = &self.unsubscribe_mailbox {
+                value.push_str(&format!(", <mailto:{mailbox}?subject=unsubscribe>"));
+            }
+            let headers = email.headers_mut();
+            headers.insert_raw(HeaderValue::new(
+                HeaderName::new_from_ascii_str("List-Unsubscribe"),
+                value,
+            ));
+            headers.insert_raw(HeaderValue::new(
+                HeaderName::new_from_ascii_str("List-Unsubscribe-Post"),
+                "List-Unsubscribe=One-Click".to_owned(),
+            ));
+        }
+        if let Some(dkim) = &self.dkim {
+            email.sign(dkim);
+        }
+        Ok(email)
+    }
+}
+
+/// The `Message-ID` of a delivery's email: the same on every attempt, so a receiver can
+/// tell a retry from a second message, and feedback that quotes it finds the delivery.
+pub fn message_id(delivery_id: &str, from: &Mailbox) -> String {
+    format!("<{delivery_id}@{}>", from.email.domain())
+}
+
 /// Builds the MIME message: multipart/alternative when there are both text and HTML.
 fn compose(
     from: &Mailbox,
@@ -115,17 +221,33 @@ fn compose(
         .from(from.clone())
         .to(to)
         .subject(subject.as_str())
+        .message_id(Some(message_id(&message.delivery_id, from)))
         .header(DeliveryId(message.delivery_id.clone()));
+    // Every header at the message's top level, where a DKIM signature covers it (lettre
+    // writes a MIME part's own Content-Type after the signature, unsigned).
+    let builder = builder.header(MIME_VERSION_1_0);
     let built = match (text, html) {
         (Some(t), Some(h)) => {
-            builder.multipart(MultiPart::alternative_plain_html(t.clone(), h.clone()))
+            let part = MultiPart::alternative_plain_html(t.clone(), h.clone());
+            let content_type = part
+                .headers()
+                .get::<ContentType>()
+                .ok_or_else(|| permanent("a multipart without its Content-Type".into()))?;
+            let formatted = part.formatted();
+            let body = formatted
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .map(|at| formatted[at + 4..].to_vec())
+                .ok_or_else(|| permanent("a multipart without a body".into()))?;
+            builder
+                .header(content_type)
+                .body(Body::dangerous_pre_encoded(
+                    body,
+                    ContentTransferEncoding::SevenBit,
+                ))
         }
-        (Some(t), None) => builder.singlepart(SinglePart::plain(t.clone())),
-        (None, Some(h)) => builder.singlepart(
-            SinglePart::builder()
-                .header(ContentType::TEXT_HTML)
-                .body(h.clone()),
-        ),
+        (Some(t), None) => builder.header(ContentType::TEXT_PLAIN).body(t.clone()),
+        (None, Some(h)) => builder.header(ContentType::TEXT_HTML).body(h.clone()),
         (None, None) => return Err(permanent("email without a body".into())),
     };
     built.map_err(|e| permanent(format!("building the message: {e}")))
@@ -133,7 +255,7 @@ fn compose(
 
 /// Pooled SMTP.
 pub struct SmtpEmail {
-    from: Mailbox,
+    composer: Composer,
     pool: SmtpPool,
 }
 
@@ -144,7 +266,7 @@ impl Provider for SmtpEmail {
     }
 
     async fn send(&self, message: &OutboundMessage) -> Result<Receipt, DeliveryError> {
-        let email = compose(&self.from, message, self.name())?;
+        let email = self.composer.compose(message, self.name())?;
         // 5xx replies will fail again; a connection lost after the content went out may
         // have delivered it; everything else (4xx, timeouts before, I/O) may work later.
         let name = self.name();
@@ -164,6 +286,7 @@ impl Provider for SmtpEmail {
             provider: name.to_owned(),
             invalid_tokens: Vec::new(),
             response: doc! {
+                "message_id": message_id(&message.delivery_id, &self.composer.from),
                 "smtp_code": response.code().to_string(),
                 "smtp_message": response.message().collect::<Vec<_>>().join(" "),
             },
@@ -173,7 +296,7 @@ impl Provider for SmtpEmail {
 
 /// One `.eml` file per message (the embedded default: look in `var/outbox/email`).
 pub struct FileEmail {
-    from: Mailbox,
+    composer: Composer,
     dir: String,
     transport: AsyncFileTransport<Tokio1Executor>,
 }
@@ -185,7 +308,7 @@ impl Provider for FileEmail {
     }
 
     async fn send(&self, message: &OutboundMessage) -> Result<Receipt, DeliveryError> {
-        let email = compose(&self.from, message, self.name())?;
+        let email = self.composer.compose(message, self.name())?;
         let id = self
             .transport
             .send(email)
@@ -194,7 +317,10 @@ impl Provider for FileEmail {
         Ok(Receipt {
             provider: self.name().to_owned(),
             invalid_tokens: Vec::new(),
-            response: doc! {"file": format!("{}/{id}.eml", self.dir)},
+            response: doc! {
+                "message_id": message_id(&message.delivery_id, &self.composer.from),
+                "file": format!("{}/{id}.eml", self.dir),
+            },
         })
     }
 }

@@ -41,6 +41,9 @@ pub struct OutboundMessage {
     pub delivery_id: String,
     pub destination: Destination,
     pub content: Rendered,
+    /// Marketing: the one-click unsubscribe link, which email carries in
+    /// `List-Unsubscribe` (RFC 8058).
+    pub unsubscribe_url: Option<String>,
 }
 
 /// What a provider answered on success.

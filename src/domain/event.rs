@@ -6,7 +6,7 @@ use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::{truncate, Channel, EventType, FieldError, GroupId, Priority, UserId};
+use super::{truncate, Category, Channel, EventType, FieldError, GroupId, Priority, UserId};
 
 /// Who receives a notification: inline user ids, a group and/or a segment of all users.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -51,6 +51,8 @@ pub struct NewEvent {
     pub send_at: Option<DateTime<Utc>>,
     pub upstream_created_at: Option<DateTime<Utc>>,
     pub recurring: Option<RecurringSpec>,
+    /// Overrides the event type's configured category.
+    pub category: Option<Category>,
 }
 
 /// Limits applied while parsing.
@@ -108,6 +110,7 @@ struct RawEvent {
     channels: Option<Value>,
     payload: Option<Value>,
     send_at: Option<Value>,
+    category: Option<Value>,
     // The original notification design's fields.
     created_dt: Option<Value>,
     schedule: Option<Value>,
@@ -214,6 +217,7 @@ pub fn parse_event(
     }
 
     let channels = parse_channels(raw.channels.as_ref(), &mut errors);
+    let category = parse_category(raw.category.as_ref(), &mut errors);
 
     let send_at = parse_time("send_at", raw.send_at.as_ref(), &mut errors);
     let upstream_created_at = parse_time("created_dt", raw.created_dt.as_ref(), &mut errors);
@@ -265,7 +269,18 @@ pub fn parse_event(
         send_at,
         upstream_created_at,
         recurring,
+        category,
     })
+}
+
+/// `category`: `transactional` or `marketing`; `None` leaves it to the event type's.
+pub fn parse_category(v: Option<&Value>, errors: &mut Vec<FieldError>) -> Option<Category> {
+    match v {
+        None | Some(Value::Null) => None,
+        Some(v) => Category::parse(v)
+            .map_err(|e| errors.push(FieldError::new("category", e)))
+            .ok(),
+    }
 }
 
 /// `recipients`: `{"user_ids": [...], "group_id": "...", "segment": {...}}`.

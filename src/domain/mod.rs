@@ -4,6 +4,7 @@ pub mod cron;
 pub mod event;
 pub mod plan;
 pub mod preferences;
+pub mod unsubscribe;
 
 use std::fmt;
 use std::str::FromStr;
@@ -394,6 +395,25 @@ impl Priority {
             },
             _ => Err("priority must be a string or an integer".to_owned()),
         }
+    }
+}
+
+/// What kind of message an event type sends: marketing mail carries one-click
+/// unsubscribe and is not sent to those who left it; transactional mail is always sent.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Category {
+    #[default]
+    Transactional,
+    Marketing,
+}
+
+impl Category {
+    pub fn parse(v: &serde_json::Value) -> Result<Self, String> {
+        serde_json::from_value(v.clone())
+            .map_err(|_| "must be transactional or marketing".to_owned())
     }
 }
 

@@ -190,14 +190,7 @@ impl Intake {
                 });
             }
         }
-        let input = schedule::from_event(
-            spec,
-            &event.event_type,
-            event.priority,
-            &event.recipients,
-            &event.channels,
-            &event.payload,
-        )?;
+        let input = schedule::from_event(spec, &event)?;
         schedule::check_references(&self.store, &self.templates, &input).await?;
         let doc = schedule::to_document(&input, None, event.event_id.clone(), Utc::now())?;
         Ok(match self.store.insert_schedule(&doc).await? {
@@ -241,6 +234,7 @@ impl Intake {
                 source: source.to_owned(),
                 schedule_id: None,
                 upstream_created_at: event.upstream_created_at,
+                category: event.category,
             },
             due_at,
         );

@@ -6,10 +6,11 @@ use serde_json::{Map, Value};
 
 use crate::domain::cron::{parse_tz, CronSpec};
 use crate::domain::event::{
-    parse_channels, parse_recipients, parse_time, Recipients, RecurringSpec,
+    parse_category, parse_channels, parse_recipients, parse_time, NewEvent, Recipients,
+    RecurringSpec,
 };
 use crate::domain::plan::{first_slot, MisfirePolicy};
-use crate::domain::{Channel, EventType, FieldError, Priority};
+use crate::domain::{Category, Channel, EventType, FieldError, Priority};
 use crate::store::{
     bson_time, payload_document, RecipientsDoc, ScheduleDoc, ScheduleStatus, Store,
 };
@@ -29,6 +30,7 @@ pub struct ScheduleInput {
     pub channels: Option<Vec<Channel>>,
     pub payload: Map<String, Value>,
     pub misfire_policy: MisfirePolicy,
+    pub category: Option<Category>,
 }
 
 /// Why a definition was refused; each has one stable code.
@@ -58,7 +60,7 @@ impl ScheduleError {
     }
 }
 
-const FIELDS: [&str; 11] = [
+const FIELDS: [&str; 12] = [
     "name",
     "cron",
     "timezone",
@@ -70,6 +72,7 @@ const FIELDS: [&str; 11] = [
     "channels",
     "payload",
     "misfire_policy",
+    "category",
 ];
 
 /// `start_at` and `end_at` of a definition, the end after the start.
@@ -178,6 +181,7 @@ pub fn parse_schedule(body: &Value) -> Result<ScheduleInput, ScheduleError> {
             MisfirePolicy::default()
         }),
     };
+    let category = parse_category(obj.get("category"), &mut errors);
     if !errors.is_empty() {
         let code = if cron_error {
             "invalid_cron"
@@ -204,20 +208,14 @@ pub fn parse_schedule(body: &Value) -> Result<ScheduleInput, ScheduleError> {
             channels,
             payload,
             misfire_policy,
+            category,
         }),
         _ => Err(ScheduleError::Invalid("validation_failed", Vec::new())),
     }
 }
 
 /// The seed format's `schedule` on an event, as a definition.
-pub fn from_event(
-    spec: &RecurringSpec,
-    event_type: &EventType,
-    priority: Priority,
-    recipients: &Recipients,
-    channels: &Option<Vec<Channel>>,
-    payload: &Map<String, Value>,
-) -> Result<ScheduleInput, ScheduleError> {
+pub fn from_event(spec: &RecurringSpec, event: &NewEvent) -> Result<ScheduleInput, ScheduleError> {
     let mut errors = Vec::new();
     let cron = spec
         .cron
@@ -229,17 +227,18 @@ pub fn from_event(
         .ok();
     match (cron, tz) {
         (Some(cron), Some(tz)) => Ok(ScheduleInput {
-            name: format!("{event_type} (from an event)"),
+            name: format!("{} (from an event)", event.event_type),
             cron,
             tz,
             start_at: spec.start_at,
             end_at: None,
-            event_type: event_type.clone(),
-            priority,
-            recipients: recipients.clone(),
-            channels: channels.clone(),
-            payload: payload.clone(),
+            event_type: event.event_type.clone(),
+            priority: event.priority,
+            recipients: event.recipients.clone(),
+            channels: event.channels.clone(),
+            payload: event.payload.clone(),
             misfire_policy: MisfirePolicy::default(),
+            category: event.category,
         }),
         (None, _) => Err(ScheduleError::Invalid("invalid_cron", errors)),
         _ => Err(ScheduleError::Invalid("unknown_timezone", errors)),
@@ -319,6 +318,7 @@ pub fn to_document(
         channels: input.channels.clone(),
         payload,
         misfire_policy: input.misfire_policy,
+        category: input.category,
         status,
         next_fire_at: next.map(bson_time),
         last_fire_at: existing.and_then(|s| s.last_fire_at),

@@ -121,6 +121,7 @@ fn run_write(
                 source: "schedule".to_owned(),
                 schedule_id: Some(s.id.clone()),
                 upstream_created_at: None,
+                category: s.category,
             },
             None,
         )

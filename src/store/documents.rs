@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use chrono::Utc;
 
 use super::bson_time;
-use crate::domain::{Channel, DeliveryStatus, FieldError, NotificationStatus, Priority};
+use crate::domain::{Category, Channel, DeliveryStatus, FieldError, NotificationStatus, Priority};
 
 /// Converts a JSON payload to a storable document; what cannot be stored is the
 /// payload field's error.
@@ -105,6 +105,9 @@ pub struct NotificationDoc {
     /// The campaign that fired it, if any.
     #[serde(default)]
     pub schedule_id: Option<String>,
+    /// Set by the event or its schedule; `None`: the event type's configured category.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<Category>,
     pub send_at: Option<DateTime>,
     pub upstream_created_at: Option<DateTime>,
     pub created_at: DateTime,
@@ -161,8 +164,29 @@ pub struct UserDoc {
     pub timezone: Option<String>,
     #[serde(default)]
     pub preferences: Document,
+    /// Marketing the user left through an unsubscribe link. Only `Store::unsubscribe`
+    /// writes it: a profile write (`PUT`, import) never carries it, so never clears it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unsubscribes: Vec<UnsubscribeDoc>,
     pub created_at: Option<DateTime>,
     pub updated_at: Option<DateTime>,
+}
+
+/// One opt-out: of one event type's marketing, or (`event_type: None`) of all of it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UnsubscribeDoc {
+    pub event_type: Option<String>,
+    pub at: DateTime,
+}
+
+impl UserDoc {
+    /// When the user left marketing of `event_type` (or all marketing), if they did.
+    pub fn unsubscribed_from(&self, event_type: &str) -> Option<DateTime> {
+        self.unsubscribes
+            .iter()
+            .find(|u| u.event_type.as_deref().is_none_or(|t| t == event_type))
+            .map(|u| u.at)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -259,6 +283,7 @@ pub struct NotificationSpec {
     pub source: String,
     pub schedule_id: Option<String>,
     pub upstream_created_at: Option<chrono::DateTime<Utc>>,
+    pub category: Option<Category>,
 }
 
 /// Builds a notification and the outbox entry that will dispatch it at `due_at` (now if `None`).
@@ -285,6 +310,7 @@ pub fn new_notification(
         payload: spec.payload,
         source: spec.source,
         schedule_id: spec.schedule_id,
+        category: spec.category,
         send_at: due_at.map(bson_time),
         upstream_created_at: spec.upstream_created_at.map(bson_time),
         created_at: now,

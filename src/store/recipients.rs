@@ -6,31 +6,40 @@ use anyhow::Context as _;
 use futures::{FutureExt, Stream, TryStreamExt};
 use mongodb::bson::{self, doc, Document};
 
-use super::documents::{GroupDoc, SegmentDoc, UserDoc};
+use super::documents::{GroupDoc, SegmentDoc, UnsubscribeDoc, UserDoc};
 use super::{by_ids, now, Store, USERS};
 
 impl Store {
-    /// Creates or replaces a user; returns true when it was created.
-    pub async fn put_user(&self, mut user: UserDoc) -> anyhow::Result<bool> {
-        let now = now();
-        let existing = self
+    /// Creates or replaces a user's profile (its opt-outs stay); returns true when it
+    /// was created.
+    pub async fn put_user(&self, user: UserDoc) -> anyhow::Result<bool> {
+        let (created, _) = self.upsert_users(std::slice::from_ref(&user)).await?;
+        Ok(created == 1)
+    }
+
+    /// Records that `user_id` left marketing of `event_type` (`None`: all of it), once:
+    /// a repeat keeps the first time. False when there is no such user.
+    pub async fn unsubscribe(
+        &self,
+        user_id: &str,
+        event_type: Option<&str>,
+    ) -> anyhow::Result<bool> {
+        let entry = UnsubscribeDoc {
+            event_type: event_type.map(str::to_owned),
+            at: now(),
+        };
+        let matched = self
             .users()
-            .clone_with_type::<Document>()
-            .find_one(doc! {"_id": &user.id})
-            .projection(doc! {"created_at": 1})
-            .await?;
-        user.created_at = Some(
-            existing
-                .as_ref()
-                .and_then(|u| u.get_datetime("created_at").ok().copied())
-                .unwrap_or(now),
-        );
-        user.updated_at = Some(now);
-        self.users()
-            .replace_one(doc! {"_id": &user.id}, &user)
-            .upsert(true)
-            .await?;
-        Ok(existing.is_none())
+            .update_one(
+                doc! {"_id": user_id, "unsubscribes": {"$not": {"$elemMatch": {"event_type": &entry.event_type}}}},
+                doc! {"$push": {"unsubscribes": bson::to_bson(&entry)?}},
+            )
+            .await?
+            .matched_count;
+        if matched == 1 {
+            return Ok(true);
+        }
+        Ok(self.users().count_documents(doc! {"_id": user_id}).await? == 1)
     }
 
     pub async fn get_user(&self, id: &str) -> anyhow::Result<Option<UserDoc>> {

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{is_duplicate_key, now, NotificationDoc, OutboxDoc, RecipientsDoc, Store};
 use crate::domain::plan::{MisfirePolicy, RunKind};
-use crate::domain::{Channel, Priority};
+use crate::domain::{Category, Channel, Priority};
 
 pub(super) const SCHEDULES: &str = "schedules";
 pub(super) const RUNS: &str = "schedule_runs";
@@ -38,6 +38,9 @@ pub struct ScheduleDoc {
     pub channels: Option<Vec<Channel>>,
     pub payload: Document,
     pub misfire_policy: MisfirePolicy,
+    /// `None`: the event type's configured category.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<Category>,
     pub status: ScheduleStatus,
     /// The slot to fire next (indexed with `status`); `None` once retired.
     pub next_fire_at: Option<DateTime>,

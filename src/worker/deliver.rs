@@ -12,7 +12,7 @@ use super::Shared;
 use super::Worker;
 use crate::channels::{DeliveryError, Destination, OutboundMessage, Provider};
 use crate::domain::preferences::{Preferences, Verdict};
-use crate::domain::{Channel, DeliveryStatus, Priority};
+use crate::domain::{Category, Channel, DeliveryStatus, Priority};
 use crate::enrich::EnrichError;
 use crate::store::{
     AttemptDoc, ClaimDoc, DeliveryClaim, DeliveryDoc, NotificationDoc, Outcome, Precondition,
@@ -23,6 +23,7 @@ use crate::templates::{Rendered, TemplateError};
 /// What a delivery shares with every other delivery of its notification, loaded once.
 pub struct NotificationContext {
     pub event_type: String,
+    pub category: Category,
     pub payload: Value,
     pub content: Value,
 }
@@ -91,6 +92,7 @@ async fn load_context(
     let contents = ctx.enricher.contents(&ctx.store, &content_ids).await?;
     Ok(NotificationContext {
         event_type: n.event_type.clone(),
+        category: ctx.settings.category(n.category, &n.event_type),
         payload: to_json(&n.payload),
         content: Value::Array(contents.iter().map(to_json).collect()),
     })
@@ -115,13 +117,20 @@ fn render(
     n: &NotificationContext,
     user: &UserDoc,
 ) -> Result<Rendered, TemplateError> {
-    let render_ctx = json!({
+    let mut render_ctx = json!({
         "user": user_json(user),
         "payload": n.payload,
         "content": n.content,
         "event_type": n.event_type,
         "notification_id": d.notification_id,
     });
+    // Marketing gets its links; elsewhere they are null, so one template can serve both
+    // (`{{#if unsubscribe_url}}`) under strict mode.
+    let marketing = n.category == Category::Marketing;
+    render_ctx["unsubscribe_url"] =
+        json!(marketing.then(|| ctx.settings.unsubscribe_url(&user.id, Some(&d.event_type))));
+    render_ctx["unsubscribe_all_url"] =
+        json!(marketing.then(|| ctx.settings.unsubscribe_url(&user.id, None)));
     ctx.templates.render(
         &d.event_type,
         d.channel,
@@ -239,11 +248,17 @@ pub async fn deliver(
         }
         other => other,
     };
-    let (destination, content) = match prepare(ctx, shared, &d).await? {
+    let message = match prepare(ctx, shared, &d).await? {
         Prepared::Send {
             destination,
             content,
-        } => (destination, content),
+            unsubscribe_url,
+        } => OutboundMessage {
+            delivery_id: d.id.clone(),
+            destination,
+            content,
+            unsubscribe_url,
+        },
         Prepared::Decided(outcome) => return settle(ctx, &shared.commits, *outcome).await,
         Prepared::Nothing => return Ok(()),
     };
@@ -256,7 +271,7 @@ pub async fn deliver(
         tracing::debug!("another worker holds this delivery");
         return Ok(());
     };
-    send(ctx, shared, &d, attempt_id, destination, content).await
+    send(ctx, shared, &d, attempt_id, message).await
 }
 
 /// What a delivery comes to before any provider is called.
@@ -265,6 +280,8 @@ enum Prepared {
     Send {
         destination: Destination,
         content: Rendered,
+        /// Marketing: the one-click unsubscribe link (`List-Unsubscribe`).
+        unsubscribe_url: Option<String>,
     },
     /// Decided without sending: skipped, deferred, failed to render, or retried later.
     Decided(Box<Outcome>),
@@ -352,6 +369,9 @@ async fn prepare(ctx: &Worker, shared: &Shared, d: &DeliveryDoc) -> anyhow::Resu
     let Some(destination) = destination(ctx, &d.event_type, d.channel, &user) else {
         return skipped("no_address");
     };
+    if n.category == Category::Marketing && user.unsubscribed_from(&d.event_type).is_some() {
+        return skipped("unsubscribed");
+    }
     match policy_verdict(ctx, d, &user) {
         Verdict::Send => {}
         Verdict::Skip(reason) => return skipped(reason),
@@ -370,6 +390,9 @@ async fn prepare(ctx: &Worker, shared: &Shared, d: &DeliveryDoc) -> anyhow::Resu
         Ok(content) => Ok(Prepared::Send {
             destination,
             content,
+            unsubscribe_url: (n.category == Category::Marketing)
+                .then(|| ctx.settings.unsubscribe_url(&user.id, Some(&d.event_type)))
+                .flatten(),
         }),
         Err(e) => {
             let now = DateTime::now();
@@ -396,11 +419,10 @@ async fn send(
     shared: &Shared,
     d: &DeliveryDoc,
     attempt_id: String,
-    destination: Destination,
-    content: Rendered,
+    message: OutboundMessage,
 ) -> anyhow::Result<()> {
     // SMS is length-checked: the log says how many segments it cost.
-    let segments = match &content {
+    let segments = match &message.content {
         Rendered::Sms { text } => Some(crate::templates::sms_segments(text) as i32),
         _ => None,
     };
@@ -409,13 +431,7 @@ async fn send(
     let clock = Instant::now();
     // The lower lanes need not wait while a high-priority job waits for its provider.
     let away = shared.gate.away();
-    let result = provider
-        .send(&OutboundMessage {
-            delivery_id: d.id.clone(),
-            destination,
-            content,
-        })
-        .await;
+    let result = provider.send(&message).await;
     drop(away);
     let duration_ms = clock.elapsed().as_millis() as i64;
     let dead_tokens = match &result {

@@ -12,8 +12,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::batch::Batcher;
 use crate::channels::Channels;
-use crate::config::{PolicySettings, Settings, WebhookSettings, WorkerSettings};
-use crate::domain::Priority;
+use crate::config::{PolicySettings, Secret, Settings, WebhookSettings, WorkerSettings};
+use crate::domain::unsubscribe::Unsubscribe;
+use crate::domain::{Category, EventType, Priority, UserId};
 use crate::enrich::Enricher;
 use crate::metrics::Metrics;
 use crate::outbox::Relay;
@@ -49,6 +50,12 @@ pub struct WorkerConfig {
     pub worker: WorkerSettings,
     pub policy: PolicySettings,
     pub webhook: WebhookSettings,
+    /// Event types configured as marketing (the others are transactional).
+    pub marketing: std::collections::HashSet<String>,
+    /// Where unsubscribe links point (`server.public_url`, without a trailing slash).
+    pub public_url: String,
+    /// Signs unsubscribe links.
+    pub unsubscribe_secret: Secret,
 }
 
 impl WorkerConfig {
@@ -57,7 +64,39 @@ impl WorkerConfig {
             worker: s.worker.clone(),
             policy: s.policy.clone(),
             webhook: s.webhook.clone(),
+            marketing: s
+                .event_types
+                .iter()
+                .filter(|(_, t)| t.category == Category::Marketing)
+                .map(|(name, _)| name.clone())
+                .collect(),
+            public_url: s.server.public_url.trim_end_matches('/').to_owned(),
+            unsubscribe_secret: s.email.unsubscribe_secret.clone(),
         }
+    }
+
+    /// The category of a notification: its own (from the event or schedule), else its
+    /// event type's.
+    pub fn category(&self, own: Option<Category>, event_type: &str) -> Category {
+        own.unwrap_or(if self.marketing.contains(event_type) {
+            Category::Marketing
+        } else {
+            Category::Transactional
+        })
+    }
+
+    /// The one-click unsubscribe link for `user_id` leaving `event_type` (`None`: all
+    /// marketing).
+    pub fn unsubscribe_url(&self, user_id: &str, event_type: Option<&str>) -> Option<String> {
+        let leave = Unsubscribe {
+            user_id: UserId::parse(user_id).ok()?,
+            event_type: match event_type {
+                Some(t) => Some(EventType::parse(t).ok()?),
+                None => None,
+            },
+        };
+        let token = leave.token(self.unsubscribe_secret.expose().as_bytes());
+        Some(format!("{}/u/{token}", self.public_url))
     }
 }
 

@@ -194,6 +194,7 @@ pub fn greeting_to_u1(
             source: "test".into(),
             schedule_id: None,
             upstream_created_at: None,
+            category: None,
         },
         None,
     )

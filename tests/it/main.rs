@@ -5,6 +5,7 @@ mod helpers;
 mod access;
 mod api_document;
 mod console;
+mod deliverability;
 mod delivery;
 mod enrichment;
 mod events;

@@ -121,6 +121,7 @@ pub async fn scheduler(
                 channels: None,
                 payload: Default::default(),
                 misfire_policy: MisfirePolicy::FireOnce,
+                category: None,
                 status: ScheduleStatus::Active,
                 next_fire_at: Some(mongodb::bson::DateTime::from_millis(
                     slot.timestamp_millis(),

@@ -13,7 +13,7 @@ use utoipa::{PartialSchema, ToSchema};
 use super::{Time, Zone};
 use crate::api::error::{read_body, ApiError, BodyLimit};
 use crate::domain::event::{parse_event, EventError};
-use crate::domain::{Channel, EventType, Priority, UserId};
+use crate::domain::{Category, Channel, EventType, Priority, UserId};
 use crate::ingest::{AcceptError, AcceptedAs, Intake};
 use crate::store::Accepted as Stored;
 
@@ -81,6 +81,8 @@ pub struct EventBody {
     start_dt: Option<Time>,
     /// When the upstream system created the event (kept for the log).
     created_dt: Option<Time>,
+    /// Overrides the event type's configured category.
+    category: Option<Category>,
 }
 
 /// A priority lane by name, or the seed format's 1 (high), 2 (normal), 3 (low).

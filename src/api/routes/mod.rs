@@ -11,6 +11,7 @@ pub mod schedules;
 pub mod service;
 pub mod stats;
 pub mod templates;
+pub mod unsubscribe;
 pub mod users;
 
 use mongodb::bson::DateTime;

@@ -17,7 +17,7 @@ use super::{rfc3339, Time, Zone};
 use crate::api::error::{ApiError, JsonBody, QueryParams};
 use crate::domain::cron::{parse_tz, CronSpec};
 use crate::domain::plan::{MisfirePolicy, RunKind};
-use crate::domain::{Channel, EventType, FieldError, NotificationStatus, Priority};
+use crate::domain::{Category, Channel, EventType, FieldError, NotificationStatus, Priority};
 use crate::ingest::schedule::{self as definition, parse_schedule, ScheduleError, ScheduleInput};
 use crate::scheduler as sched;
 use crate::scheduler::Scheduler;
@@ -51,6 +51,8 @@ pub struct ScheduleBody {
     channels: Option<Vec<Channel>>,
     payload: Option<Map<String, Value>>,
     misfire_policy: Option<MisfirePolicy>,
+    /// Overrides the event type's configured category.
+    category: Option<Category>,
 }
 
 /// Changes to a schedule: any fields of a create body, merged into the definition.
@@ -79,6 +81,8 @@ pub struct SchedulePatch {
     channels: Option<Vec<Channel>>,
     payload: Option<Map<String, Value>>,
     misfire_policy: Option<MisfirePolicy>,
+    /// Overrides the event type's configured category.
+    category: Option<Category>,
 }
 
 /// A cron expression to try before saving.
@@ -133,6 +137,8 @@ pub struct Definition {
     #[schema(value_type = Object)]
     payload: Value,
     misfire_policy: MisfirePolicy,
+    /// Null: the event type's configured category.
+    category: Option<Category>,
 }
 
 /// A campaign and where it stands.
@@ -252,6 +258,7 @@ fn definition(s: &ScheduleDoc) -> Definition {
         channels: s.channels.clone(),
         payload: mongodb::bson::Bson::Document(s.payload.clone()).into_relaxed_extjson(),
         misfire_policy: s.misfire_policy,
+        category: s.category,
     }
 }
 

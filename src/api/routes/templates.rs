@@ -12,6 +12,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::api::error::{ApiError, JsonBody, QueryParams};
 use crate::app::TemplateSync;
+use crate::config::Settings;
 use crate::domain::{Channel, EventType, FieldError};
 use crate::store::Store;
 use crate::templates::{compile, valid_locale, Origin, PartSource, Rendered, Templates};
@@ -386,6 +387,7 @@ pub struct RenderedBody {
 /// Renders with sample data exactly as a delivery would (same context, strict mode).
 pub async fn preview(
     State(templates): State<Arc<Templates>>,
+    State(settings): State<Arc<Settings>>,
     JsonBody(body): JsonBody<PreviewBody>,
 ) -> Result<Json<Preview>, ApiError> {
     let (event_type, channel) =
@@ -403,6 +405,9 @@ pub async fn preview(
         "content": body.content,
         "event_type": event_type,
         "notification_id": "preview",
+        // A marketing delivery's links (null in transactional ones), as samples.
+        "unsubscribe_url": format!("{}/u/preview", settings.server.public_url.trim_end_matches('/')),
+        "unsubscribe_all_url": format!("{}/u/preview-all", settings.server.public_url.trim_end_matches('/')),
     });
     let draft = match &body.draft {
         None => None,

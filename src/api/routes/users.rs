@@ -126,8 +126,17 @@ pub struct User {
     timezone: Option<String>,
     #[schema(value_type = Object)]
     preferences: Value,
+    /// Marketing the user left through an unsubscribe link.
+    unsubscribes: Vec<Unsubscribed>,
     created_at: Option<Time>,
     updated_at: Option<Time>,
+}
+
+/// One opt-out: of one event type's marketing, or (null) of all marketing.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Unsubscribed {
+    event_type: Option<String>,
+    at: Time,
 }
 
 /// What an import did.
@@ -256,6 +265,7 @@ impl UserBody {
             locale: self.locale,
             timezone: self.timezone,
             preferences,
+            unsubscribes: Vec::new(),
             created_at: None,
             updated_at: None,
         })
@@ -276,6 +286,14 @@ impl From<UserDoc> for User {
             birthday_date: u.birthday_date,
             locale: u.locale,
             timezone: u.timezone,
+            unsubscribes: u
+                .unsubscribes
+                .into_iter()
+                .map(|o| Unsubscribed {
+                    event_type: o.event_type,
+                    at: rfc3339(o.at),
+                })
+                .collect(),
             created_at: u.created_at.map(rfc3339),
             updated_at: u.updated_at.map(rfc3339),
         }
