@@ -69,9 +69,10 @@ ensure_browser_tools() {
 }
 
 # The Python tools the tests check herald against (PyPI): schemathesis (the OpenAPI
-# document against the running API) and dkimpy (DKIM signatures), in a virtual
+# document against the running API), dkimpy (DKIM signatures) and twilio (its request
+# signatures), in a virtual
 # environment under ~/.cache/herald, installed again only when the pins change.
-PYTHON_TOOLS="schemathesis==4.32.5 dkimpy==1.1.8"
+PYTHON_TOOLS="schemathesis==4.32.5 dkimpy==1.1.8 twilio==9.13.0"
 ensure_python_tools() {
   local venv="${XDG_CACHE_HOME:-$HOME/.cache}/herald/venv"
   export HERALD_SCHEMATHESIS="$venv/bin/schemathesis" HERALD_PYTHON="$venv/bin/python"

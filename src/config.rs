@@ -107,9 +107,9 @@ impl RetentionSettings {
     ) -> Option<chrono::DateTime<chrono::Utc>> {
         use crate::domain::DeliveryStatus as S;
         let days = match status {
-            S::Sent => self.sent_days,
+            S::Sent | S::Delivered => self.sent_days,
             S::Skipped => self.skipped_days,
-            S::Failed => self.failed_days,
+            S::Failed | S::Bounced | S::Undelivered => self.failed_days,
             S::Dead => self.dead_days,
             _ => return None,
         };
@@ -252,6 +252,10 @@ pub struct EmailSettings {
     /// Also offered in `List-Unsubscribe` as a `mailto:` URI when set.
     #[serde(default)]
     pub unsubscribe_mailbox: Option<String>,
+    /// The envelope sender (VERP): `bounces+{delivery_id}@example.com`, so a bounce
+    /// names its delivery. Unset: the `from` address.
+    #[serde(default)]
+    pub return_path: Option<String>,
     /// Sign every message with DKIM when set.
     #[serde(default)]
     pub dkim: Option<DkimSettings>,
@@ -525,6 +529,15 @@ impl Settings {
                 "email.unsubscribe_secret",
                 "with environment = \"production\" set a long random value of your own",
             );
+        }
+        if let Some(path) = &self.email.return_path {
+            let sample = path.replace("{delivery_id}", "01a24670-63af-75ad-8824-9ee61d5b3bd9");
+            if !path.contains("{delivery_id}") || sample.parse::<lettre::Address>().is_err() {
+                return bad(
+                    "email.return_path",
+                    "must be an address with {delivery_id} in it, such as bounces+{delivery_id}@example.com",
+                );
+            }
         }
         if let Some(mailbox) = &self.email.unsubscribe_mailbox {
             if mailbox.parse::<lettre::Address>().is_err() {

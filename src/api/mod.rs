@@ -33,6 +33,7 @@ const EVENTS: Option<Scope> = Some(Scope::EventsWrite);
 const CAMPAIGNS: Option<Scope> = Some(Scope::CampaignsWrite);
 const LOGS: Option<Scope> = Some(Scope::LogsRead);
 const ADMIN: Option<Scope> = Some(Scope::Admin);
+const FEEDBACK: Option<Scope> = Some(Scope::FeedbackWrite);
 
 /// `/metrics` is open unless `auth.open_metrics` is off.
 fn metrics_op(ctx: &Context) -> Op {
@@ -46,9 +47,9 @@ fn metrics_op(ctx: &Context) -> Op {
 /// like the API reference it generates; split up, no single place would list the API.
 pub fn routes(ctx: &Context, auth: Arc<Auth>) -> (Router<Context>, Value) {
     use routes::{
-        dead_letters as dl, deliveries as dv, events as ev, groups as gr, health as he, keys as ke,
-        notifications as no, schedules as sc, service as se, stats as st, templates as te,
-        unsubscribe as un, users as us,
+        dead_letters as dl, deliveries as dv, events as ev, feedback as fb, groups as gr,
+        health as he, keys as ke, notifications as no, schedules as sc, service as se, stats as st,
+        suppressions as su, templates as te, unsubscribe as un, users as us,
     };
     Api::new(auth)
         .get(
@@ -354,6 +355,79 @@ pub fn routes(ctx: &Context, auth: Arc<Auth>) -> (Router<Context>, Value) {
                 .query::<te::LocaleQuery>()
                 .empty(204),
             templates::delete,
+        )
+        .post(
+            "/v1/feedback/twilio",
+            Op::new(
+                "feedback",
+                "Twilio's message status callback (herald passes it as StatusCallback): \
+                 delivered, or undelivered with Twilio's error code",
+                None,
+            )
+            .header(
+                "X-Twilio-Signature",
+                "Twilio's HMAC-SHA1 of the URL and the parameters, keyed with the account's auth token",
+            )
+            .body_as::<fb::TwilioStatus>("application/x-www-form-urlencoded")
+            .ok::<fb::FeedbackAnswer>(200)
+            .ok::<fb::FeedbackAnswer>(202)
+            .errors(&[401, 403]),
+            feedback::twilio,
+        )
+        .post(
+            "/v1/feedback/dsn",
+            Op::new(
+                "feedback",
+                "a delivery status notification (RFC 3464), whole, from an MTA's bounce pipe",
+                FEEDBACK,
+            )
+            .body_media("message/rfc822", None)
+            .ok::<fb::FeedbackAnswer>(200)
+            .ok::<fb::FeedbackAnswer>(202),
+            feedback::dsn,
+        )
+        .get(
+            "/v1/feedback",
+            Op::new(
+                "feedback",
+                "feedback events: one delivery's, or those that matched no delivery",
+                LOGS,
+            )
+            .query::<fb::FeedbackQuery>()
+            .ok::<fb::FeedbackList>(200),
+            feedback::list,
+        )
+        .get(
+            "/v1/suppressions",
+            Op::new(
+                "suppressions",
+                "addresses herald no longer sends to, and why",
+                LOGS,
+            )
+            .query::<su::SuppressionQuery>()
+            .ok::<su::SuppressionPage>(200)
+            .errors(&[400]),
+            suppressions::list,
+        )
+        .put(
+            "/v1/suppressions/{channel}/{address}",
+            Op::new("suppressions", "suppress an address by hand", CAMPAIGNS)
+                .path::<Channel>("channel")
+                .body::<su::SuppressionBody>()
+                .ok::<su::Suppression>(201)
+                .ok::<su::Suppression>(200),
+            suppressions::put,
+        )
+        .delete(
+            "/v1/suppressions/{channel}/{address}",
+            Op::new(
+                "suppressions",
+                "lift a suppression: herald sends there again",
+                CAMPAIGNS,
+            )
+            .path::<Channel>("channel")
+            .empty(204),
+            suppressions::delete,
         )
         .get(
             "/u/{token}",

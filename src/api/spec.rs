@@ -89,6 +89,14 @@ impl Op {
         self
     }
 
+    /// A required request header.
+    pub fn header(mut self, name: &'static str, description: &'static str) -> Self {
+        self.params
+            .push(json!({"name": name, "in": "header", "required": true,
+                                 "description": description, "schema": {"type": "string"}}));
+        self
+    }
+
     /// A JSON request body parsed as `T`.
     pub fn body<T: ToSchema>(mut self) -> Self {
         let schema = self.refer::<T>();

@@ -100,6 +100,8 @@ pub struct Composer {
     from: Mailbox,
     dkim: Option<DkimConfig>,
     unsubscribe_mailbox: Option<String>,
+    /// The envelope sender with `{delivery_id}` (VERP).
+    return_path: Option<String>,
 }
 
 /// The headers a signature covers: the ones a reader sees and those that decide how the
@@ -155,7 +157,27 @@ impl Composer {
             from,
             dkim,
             unsubscribe_mailbox: settings.unsubscribe_mailbox.clone(),
+            return_path: settings.return_path.clone(),
         })
+    }
+
+    /// The SMTP envelope: the message's recipients, from the delivery's own return path
+    /// when one is configured (a bounce then names its delivery).
+    fn envelope(
+        &self,
+        email: &Message,
+        delivery_id: &str,
+        provider: &str,
+    ) -> Result<lettre::address::Envelope, DeliveryError> {
+        let Some(path) = &self.return_path else {
+            return Ok(email.envelope().clone());
+        };
+        let from = path
+            .replace("{delivery_id}", delivery_id)
+            .parse::<lettre::Address>()
+            .map_err(|e| DeliveryError::permanent(provider, format!("email.return_path: {e}")))?;
+        lettre::address::Envelope::new(Some(from), email.envelope().to().to_vec())
+            .map_err(|e| DeliveryError::permanent(provider, format!("envelope: {e}")))
     }
 
     /// The message, with its unsubscribe headers when it is marketing, signed when a
@@ -270,9 +292,10 @@ impl Provider for SmtpEmail {
         // 5xx replies will fail again; a connection lost after the content went out may
         // have delivered it; everything else (4xx, timeouts before, I/O) may work later.
         let name = self.name();
+        let envelope = self.composer.envelope(&email, &message.delivery_id, name)?;
         let response = self
             .pool
-            .send(email.envelope(), &email.formatted())
+            .send(&envelope, &email.formatted())
             .await
             .map_err(|e| match e {
                 PoolError::Unknown(message) => DeliveryError::Unknown {

@@ -230,7 +230,7 @@ impl Provider for Fcm {
         if !sent.is_empty() {
             return Ok(Receipt {
                 provider: self.name.clone(),
-                response: doc! {"message_ids": &sent, "removed_tokens": invalid.len() as i32, "removed_because": &reasons},
+                response: doc! {"message_id": &sent, "message_ids": &sent, "removed_tokens": invalid.len() as i32, "removed_because": &reasons},
                 invalid_tokens: invalid,
             });
         }

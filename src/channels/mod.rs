@@ -15,7 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use mongodb::bson::Document;
 
-use crate::config::{ChannelSettings, ProviderKind, Settings, WebhookSettings};
+use crate::config::{ChannelSettings, ProviderKind, Settings};
 use crate::domain::{Channel, Rate};
 use crate::templates::Rendered;
 use chain::{Breaker, Chain, Member, TokenBucket};
@@ -180,11 +180,9 @@ pub struct Channels {
     pub webhook: Arc<Chain>,
 }
 
-fn chain(
-    channel: Channel,
-    settings: &ChannelSettings,
-    hooks: &WebhookSettings,
-) -> anyhow::Result<Chain> {
+fn chain(channel: Channel, settings: &ChannelSettings, all: &Settings) -> anyhow::Result<Chain> {
+    let hooks = &all.webhook;
+    let public_url = all.server.public_url.trim_end_matches('/');
     anyhow::ensure!(
         !settings.providers.is_empty(),
         "{channel}.providers: at least one provider is needed"
@@ -249,6 +247,7 @@ fn chain(
                     account_sid,
                     auth_token.clone(),
                     from,
+                    format!("{public_url}/v1/feedback/twilio"),
                     timeout,
                 )?)
             }
@@ -277,8 +276,8 @@ impl Channels {
         };
         Ok(Self {
             email: Arc::new(Chain::new(vec![email])),
-            sms: Arc::new(chain(Channel::Sms, &settings.sms, &settings.webhook)?),
-            push: Arc::new(chain(Channel::Push, &settings.push, &settings.webhook)?),
+            sms: Arc::new(chain(Channel::Sms, &settings.sms, settings)?),
+            push: Arc::new(chain(Channel::Push, &settings.push, settings)?),
             webhook: Arc::new(Chain::new(vec![Member {
                 provider: Box::new(webhook::Webhook::new(
                     "webhook",

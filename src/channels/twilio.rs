@@ -23,6 +23,8 @@ pub struct Twilio {
     account_sid: String,
     auth_token: Secret,
     from: String,
+    /// Where Twilio reports the message's delivery (`StatusCallback`).
+    status_callback: String,
 }
 
 #[derive(Deserialize)]
@@ -44,6 +46,7 @@ impl Twilio {
         account_sid: &str,
         auth_token: Secret,
         from: &str,
+        status_callback: String,
         timeout: Duration,
     ) -> anyhow::Result<Self> {
         Ok(Self {
@@ -56,6 +59,7 @@ impl Twilio {
             account_sid: account_sid.to_owned(),
             auth_token,
             from: from.to_owned(),
+            status_callback,
         })
     }
 }
@@ -83,6 +87,7 @@ impl Provider for Twilio {
                 ("To", to.as_str()),
                 ("From", self.from.as_str()),
                 ("Body", text.as_str()),
+                ("StatusCallback", self.status_callback.as_str()),
             ])
             .send()
             .await
@@ -97,8 +102,8 @@ impl Provider for Twilio {
             return Ok(Receipt {
                 provider: self.name.clone(),
                 invalid_tokens: Vec::new(),
-                response: doc! {"http_status": i32::from(status.as_u16()), "sid": created.sid,
-                "status": created.status},
+                response: doc! {"http_status": i32::from(status.as_u16()),
+                "message_id": &created.sid, "sid": created.sid, "status": created.status},
             });
         }
         let failure: Option<Failure> = serde_json::from_slice(&body).ok();

@@ -298,15 +298,19 @@ pub enum Scope {
     CampaignsWrite,
     #[serde(rename = "logs:read")]
     LogsRead,
+    /// Posting delivery status notifications (an MTA's bounce pipe).
+    #[serde(rename = "feedback:write")]
+    FeedbackWrite,
     #[serde(rename = "admin")]
     Admin,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 4] = [
+    pub const ALL: [Scope; 5] = [
         Scope::EventsWrite,
         Scope::CampaignsWrite,
         Scope::LogsRead,
+        Scope::FeedbackWrite,
         Scope::Admin,
     ];
 
@@ -315,6 +319,7 @@ impl Scope {
             Scope::EventsWrite => "events:write",
             Scope::CampaignsWrite => "campaigns:write",
             Scope::LogsRead => "logs:read",
+            Scope::FeedbackWrite => "feedback:write",
             Scope::Admin => "admin",
         }
     }
@@ -346,7 +351,7 @@ impl FromStr for Scope {
             .into_iter()
             .find(|x| x.as_str() == s)
             .ok_or_else(|| {
-                format!("unknown scope `{s}` (events:write, campaigns:write, logs:read, admin)")
+                format!("unknown scope `{s}` (events:write, campaigns:write, logs:read, feedback:write, admin)")
             })
     }
 }
@@ -442,6 +447,12 @@ pub enum DeliveryStatus {
     Dead,
     Skipped,
     Deferred,
+    /// The provider reports it reached the recipient (after `sent`).
+    Delivered,
+    /// The recipient's server refused it for good (a hard bounce), after `sent`.
+    Bounced,
+    /// The carrier or push service could not deliver it, after `sent`.
+    Undelivered,
 }
 
 impl DeliveryStatus {
@@ -455,7 +466,18 @@ impl DeliveryStatus {
             DeliveryStatus::Dead => "dead",
             DeliveryStatus::Skipped => "skipped",
             DeliveryStatus::Deferred => "deferred",
+            DeliveryStatus::Delivered => "delivered",
+            DeliveryStatus::Bounced => "bounced",
+            DeliveryStatus::Undelivered => "undelivered",
         }
+    }
+
+    /// Statuses only a provider's feedback sets, after `sent`.
+    pub fn is_feedback(self) -> bool {
+        matches!(
+            self,
+            DeliveryStatus::Delivered | DeliveryStatus::Bounced | DeliveryStatus::Undelivered
+        )
     }
 
     /// Final statuses never change again without an explicit replay.
@@ -466,6 +488,9 @@ impl DeliveryStatus {
                 | DeliveryStatus::Failed
                 | DeliveryStatus::Dead
                 | DeliveryStatus::Skipped
+                | DeliveryStatus::Delivered
+                | DeliveryStatus::Bounced
+                | DeliveryStatus::Undelivered
         )
     }
 

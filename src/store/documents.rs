@@ -50,6 +50,13 @@ pub struct Counts {
     pub deferred: i64,
     pub retrying: i64,
     pub dead: i64,
+    /// Moved here from `sent` by the providers' feedback.
+    #[serde(default)]
+    pub delivered: i64,
+    #[serde(default)]
+    pub bounced: i64,
+    #[serde(default)]
+    pub undelivered: i64,
 }
 
 impl Counts {
@@ -168,6 +175,10 @@ pub struct UserDoc {
     /// writes it: a profile write (`PUT`, import) never carries it, so never clears it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unsubscribes: Vec<UnsubscribeDoc>,
+    /// The channels whose address of this user is on the suppression list; filled by
+    /// the worker's batched read, never stored.
+    #[serde(skip)]
+    pub suppressed: Vec<Channel>,
     pub created_at: Option<DateTime>,
     pub updated_at: Option<DateTime>,
 }
@@ -258,6 +269,12 @@ pub struct DeliveryDoc {
     pub created_at: DateTime,
     pub updated_at: DateTime,
     pub sent_at: Option<DateTime>,
+    /// What the providers reported after `sent`, in arrival order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub feedback: Vec<super::feedback::FeedbackEntry>,
+    /// When the recipient marked it as spam.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub complained_at: Option<DateTime>,
     /// Set with a final status; MongoDB's TTL monitor removes the record then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expire_at: Option<DateTime>,

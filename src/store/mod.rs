@@ -6,6 +6,7 @@ mod contents;
 pub mod dead_letters;
 pub mod documents;
 mod fanout;
+pub mod feedback;
 pub mod keys;
 pub mod log;
 mod notifications;
@@ -15,6 +16,7 @@ mod recipients;
 pub mod schedules;
 pub mod stats;
 pub mod status_writes;
+pub mod suppressions;
 pub mod templates;
 mod txn;
 
@@ -106,6 +108,16 @@ pub fn delivery_indexes() -> Vec<IndexModel> {
             )
             .build(),
         expiry_index(),
+        // Feedback finds its delivery by the id the provider gave the message.
+        IndexModel::builder()
+            .keys(doc! {"attempts.response.message_id": 1})
+            .options(
+                IndexOptions::builder()
+                    .sparse(true)
+                    .name("provider_message_id".to_owned())
+                    .build(),
+            )
+            .build(),
     ];
     all.extend(log::log_index_models());
     all
@@ -255,6 +267,8 @@ impl Store {
             schedules::RUNS,
             templates::TEMPLATES,
             dead_letters::DEAD_LETTERS,
+            suppressions::SUPPRESSIONS,
+            feedback::FEEDBACK,
         ] {
             if !existing.contains(name) {
                 if let Err(e) = self.db.create_collection(name).await {
@@ -332,6 +346,10 @@ impl Store {
         self.index_console_sessions()
             .await
             .context("indexing console_sessions")?;
+        self.index_suppressions()
+            .await
+            .context("indexing suppressions")?;
+        self.index_feedback().await.context("indexing feedback")?;
         Ok(())
     }
 }

@@ -320,7 +320,7 @@ impl Store {
         let c = n.counts;
         let status = if c.failed + c.dead == 0 {
             "completed"
-        } else if c.sent > 0 || c.skipped > 0 {
+        } else if c.sent + c.delivered > 0 || c.skipped > 0 {
             "partially_failed"
         } else {
             "failed"

@@ -218,15 +218,27 @@ pub struct ChannelSummary {
     pub dead: i64,
     pub skipped: i64,
     pub pending: i64,
+    pub delivered: i64,
+    pub bounced: i64,
+    pub undelivered: i64,
     /// (percentile, milliseconds), from the latency histogram.
     pub latency_ms: Vec<(f64, i64)>,
 }
 
 impl ChannelSummary {
-    /// Sent among those that reached an outcome a provider decided (skips excluded).
+    /// Handed over (and not reported lost since) among those that reached an outcome a
+    /// provider decided (skips excluded).
     pub fn success_rate(&self) -> Option<f64> {
-        let decided = self.sent + self.failed + self.dead;
-        (decided > 0).then(|| self.sent as f64 / decided as f64)
+        let ok = self.sent + self.delivered;
+        let decided = ok + self.failed + self.dead + self.bounced + self.undelivered;
+        (decided > 0).then(|| ok as f64 / decided as f64)
+    }
+
+    /// Bounced (or reported undeliverable) among those handed over.
+    pub fn bounce_rate(&self) -> Option<f64> {
+        let lost = self.bounced + self.undelivered;
+        let handed = self.sent + self.delivered + lost;
+        (handed > 0).then(|| lost as f64 / handed as f64)
     }
 }
 
@@ -343,6 +355,9 @@ impl Store {
                 "failed" => summary.failed += n,
                 "dead" => summary.dead += n,
                 "skipped" => summary.skipped += n,
+                "delivered" => summary.delivered += n,
+                "bounced" => summary.bounced += n,
+                "undelivered" => summary.undelivered += n,
                 _ => summary.pending += n,
             }
         }

@@ -335,16 +335,18 @@ async fn prepare(ctx: &Worker, shared: &Shared, d: &DeliveryDoc) -> anyhow::Resu
             .await
             .and_then(|u| u.map_err(|e| anyhow::Error::new(super::Unprocessable(e))))
         {
-            Ok(local) => ctx
-                .enricher
-                .user(local, &d.user_id)
-                .await
-                .map(|user| (n, user)),
+            Ok(local) => {
+                let remote = local.is_none();
+                ctx.enricher
+                    .user(local, &d.user_id)
+                    .await
+                    .map(|user| (n, user, remote))
+            }
             Err(e) => Err(EnrichError::Store(e)),
         },
         Err(e) => Err(e),
     };
-    let (n, user) = match enriched {
+    let (n, user, remote) = match enriched {
         Ok(found) => found,
         Err(EnrichError::Store(e)) => return Err(e),
         Err(EnrichError::Unavailable(why)) => {
@@ -363,12 +365,28 @@ async fn prepare(ctx: &Worker, shared: &Shared, d: &DeliveryDoc) -> anyhow::Resu
         let outcome = unclaimed(d, DeliveryStatus::Skipped, reason);
         Ok(Prepared::Decided(Box::new(outcome)))
     };
-    let Some(user) = user else {
+    let Some(mut user) = user else {
         return skipped("unknown_user");
     };
+    if remote {
+        // A profile from the enrichment service was not in the batch's suppression read.
+        let keys = super::suppression_keys(&user);
+        let hits = ctx
+            .store
+            .suppressed_among(&keys.iter().map(|(_, k)| k.clone()).collect::<Vec<_>>())
+            .await?;
+        user.suppressed = keys
+            .into_iter()
+            .filter(|(_, k)| hits.contains(k))
+            .map(|(c, _)| c)
+            .collect();
+    }
     let Some(destination) = destination(ctx, &d.event_type, d.channel, &user) else {
         return skipped("no_address");
     };
+    if user.suppressed.contains(&d.channel) {
+        return skipped("suppressed");
+    }
     if n.category == Category::Marketing && user.unsubscribed_from(&d.event_type).is_some() {
         return skipped("unsubscribed");
     }

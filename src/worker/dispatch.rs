@@ -131,6 +131,8 @@ pub async fn dispatch(ctx: &Worker, shared: &Shared, notification_id: &str) -> a
                     created_at: now,
                     updated_at: now,
                     sent_at: None,
+                    feedback: Vec::new(),
+                    complained_at: None,
                     expire_at: None,
                 })
             })

@@ -5,6 +5,7 @@ pub mod deliver;
 pub mod dispatch;
 pub mod gate;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,13 +15,14 @@ use crate::batch::Batcher;
 use crate::channels::Channels;
 use crate::config::{PolicySettings, Secret, Settings, WebhookSettings, WorkerSettings};
 use crate::domain::unsubscribe::Unsubscribe;
-use crate::domain::{Category, EventType, Priority, UserId};
+use crate::domain::{Category, Channel, EventType, Priority, UserId};
 use crate::enrich::Enricher;
 use crate::metrics::Metrics;
 use crate::outbox::Relay;
 use crate::queue::messages::Job;
 use crate::queue::Broker;
 use crate::queue::{Disposition, Incoming, Outgoing};
+use crate::store::suppressions::suppression_id;
 use crate::store::Store;
 use crate::store::{DeliveryClaim, DeliveryDoc, FanoutBatch, QueuedDelivery, UserDoc};
 use crate::supervise::Supervised;
@@ -154,7 +156,8 @@ impl Shared {
             async move {
                 gate.turn().await;
                 // One batch often asks for a user several times (one delivery per channel).
-                let found = store.get_users(&ids).await?;
+                let mut found = store.get_users(&ids).await?;
+                mark_suppressed(&store, &mut found).await?;
                 Ok(ids
                     .iter()
                     .map(|id| found.get(id).cloned().transpose())
@@ -399,4 +402,45 @@ pub async fn run(ctx: Worker, cancel: CancellationToken) -> anyhow::Result<()> {
     });
     tracing::info!("worker pool running");
     tasks.wait().await
+}
+
+/// The suppression keys of a user's addresses, per channel.
+pub fn suppression_keys(u: &UserDoc) -> Vec<(Channel, String)> {
+    let mut keys = Vec::new();
+    if let Some(e) = u.email.as_deref().filter(|e| !e.trim().is_empty()) {
+        keys.push((Channel::Email, suppression_id(Channel::Email, e)));
+    }
+    if let Some(p) = u.phone.as_deref().filter(|p| !p.trim().is_empty()) {
+        keys.push((Channel::Sms, suppression_id(Channel::Sms, p)));
+    }
+    for t in &u.push_tokens {
+        keys.push((Channel::Push, suppression_id(Channel::Push, t)));
+    }
+    keys
+}
+
+/// Marks each user's suppressed channels: one query for the whole batch's addresses,
+/// riding on the batch's user read.
+async fn mark_suppressed(
+    store: &Store,
+    users: &mut HashMap<String, Result<UserDoc, String>>,
+) -> anyhow::Result<()> {
+    let keys: Vec<String> = users
+        .values()
+        .filter_map(|u| u.as_ref().ok())
+        .flat_map(suppression_keys)
+        .map(|(_, k)| k)
+        .collect();
+    let suppressed = store.suppressed_among(&keys).await?;
+    if suppressed.is_empty() {
+        return Ok(());
+    }
+    for u in users.values_mut().filter_map(|u| u.as_mut().ok()) {
+        u.suppressed = suppression_keys(u)
+            .into_iter()
+            .filter(|(_, k)| suppressed.contains(k))
+            .map(|(c, _)| c)
+            .collect();
+    }
+    Ok(())
 }

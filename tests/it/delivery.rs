@@ -427,6 +427,8 @@ fn planned(nid: &str, user: &str) -> herald::store::DeliveryDoc {
         created_at: now,
         updated_at: now,
         sent_at: None,
+        feedback: Vec::new(),
+        complained_at: None,
         expire_at: None,
     }
 }

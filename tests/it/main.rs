@@ -10,6 +10,7 @@ mod delivery;
 mod enrichment;
 mod events;
 mod failures;
+mod feedback;
 mod intake;
 mod logs;
 mod marketing;

@@ -65,6 +65,10 @@ async fn an_sms_is_sent_as_twilio_expects_and_its_sid_recorded() {
         .and(body_string_contains("To=%2B4915100000000"))
         .and(body_string_contains("From=%2B15550001111"))
         .and(body_string_contains("Body=SMS+for+P%3A+hi"))
+        // Twilio reports the message's delivery there.
+        .and(body_string_contains(
+            "StatusCallback=http%3A%2F%2F127.0.0.1%3A8080%2Fv1%2Ffeedback%2Ftwilio",
+        ))
         .respond_with(created("SM42"))
         .expect(1)
         .mount(&twilio)

@@ -322,6 +322,8 @@ pub async fn logs(settings: Settings, deliveries: usize, samples: usize) -> anyh
                 created_at: mongodb::bson::DateTime::from_millis(created),
                 updated_at: mongodb::bson::DateTime::from_millis(created),
                 sent_at: sent,
+                feedback: Vec::new(),
+                complained_at: None,
                 expire_at: None,
             });
             written += 1;

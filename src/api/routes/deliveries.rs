@@ -20,6 +20,7 @@ use super::{rfc3339, Time};
 use crate::api::error::{ApiError, QueryParams};
 use crate::config::Settings;
 use crate::domain::{Channel, DeliveryStatus, FieldError, Priority};
+use crate::store::feedback::FeedbackKind;
 use crate::store::{decode_token, ChangeFilter, DeliveryDoc, DeliveryFilter, LogCursor, Store};
 use crate::worker::Worker;
 
@@ -46,6 +47,8 @@ pub struct Delivery {
     created_at: Time,
     updated_at: Time,
     sent_at: Option<Time>,
+    /// When the recipient marked it as spam.
+    complained_at: Option<Time>,
 }
 
 impl From<&DeliveryDoc> for Delivery {
@@ -66,6 +69,7 @@ impl From<&DeliveryDoc> for Delivery {
             created_at: rfc3339(d.created_at),
             updated_at: rfc3339(d.updated_at),
             sent_at: d.sent_at.map(rfc3339),
+            complained_at: d.complained_at.map(rfc3339),
         }
     }
 }
@@ -84,6 +88,18 @@ pub struct DeliveryDetail {
     #[serde(flatten)]
     delivery: Delivery,
     attempt_log: Vec<Attempt>,
+    /// What the providers reported after `sent`, in arrival order.
+    feedback: Vec<FeedbackNote>,
+}
+
+/// One provider report on a delivery.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FeedbackNote {
+    kind: FeedbackKind,
+    provider: String,
+    event_id: String,
+    at: Time,
+    detail: Option<String>,
 }
 
 /// One try at a provider.
@@ -249,9 +265,21 @@ pub async fn get(
                 .map(|r| mongodb::bson::Bson::Document(r.clone()).into_relaxed_extjson()),
         })
         .collect();
+    let feedback = d
+        .feedback
+        .iter()
+        .map(|f| FeedbackNote {
+            kind: f.kind,
+            provider: f.provider.clone(),
+            event_id: f.event_id.clone(),
+            at: rfc3339(f.at),
+            detail: f.detail.clone(),
+        })
+        .collect();
     Ok(Json(DeliveryDetail {
         delivery: Delivery::from(&d),
         attempt_log,
+        feedback,
     }))
 }
 

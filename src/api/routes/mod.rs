@@ -3,6 +3,7 @@
 pub mod dead_letters;
 pub mod deliveries;
 pub mod events;
+pub mod feedback;
 pub mod groups;
 pub mod health;
 pub mod keys;
@@ -10,6 +11,7 @@ pub mod notifications;
 pub mod schedules;
 pub mod service;
 pub mod stats;
+pub mod suppressions;
 pub mod templates;
 pub mod unsubscribe;
 pub mod users;

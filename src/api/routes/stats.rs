@@ -60,8 +60,14 @@ pub struct ChannelSummary {
     dead: i64,
     skipped: i64,
     pending: i64,
-    /// sent / (sent + failed + dead); null when none of those.
+    /// Reported by the providers after `sent`.
+    delivered: i64,
+    bounced: i64,
+    undelivered: i64,
+    /// (sent + delivered) over every provider-decided outcome; null when none.
     success_rate: Option<f64>,
+    /// (bounced + undelivered) over every handed-over delivery; null when none.
+    bounce_rate: Option<f64>,
     /// Milliseconds from acceptance to the provider's answer: p50, p90, p99.
     send_latency_ms: BTreeMap<String, i64>,
 }
@@ -145,7 +151,11 @@ pub async fn deliveries(
                 dead: s.dead,
                 skipped: s.skipped,
                 pending: s.pending,
+                delivered: s.delivered,
+                bounced: s.bounced,
+                undelivered: s.undelivered,
                 success_rate: s.success_rate(),
+                bounce_rate: s.bounce_rate(),
                 send_latency_ms,
             };
             (channel, summary)

@@ -266,6 +266,7 @@ impl UserBody {
             timezone: self.timezone,
             preferences,
             unsubscribes: Vec::new(),
+            suppressed: Vec::new(),
             created_at: None,
             updated_at: None,
         })

@@ -1,0 +1,378 @@
+//! Providers' feedback (delivered, bounced, complained…): each provider event kept once,
+//! applied to its delivery with the counters and statistics in one transaction, and
+//! suppressing the address when it calls for it. Feedback for no known message is kept
+//! too, as unmatched, for operators to see.
+
+use futures::{FutureExt, TryStreamExt};
+use mongodb::bson::{self, doc, DateTime, Document};
+use mongodb::error::ErrorKind;
+use mongodb::Collection;
+use serde::{Deserialize, Serialize};
+
+use super::documents::DeliveryDoc;
+use super::stats::StatMoves;
+use super::suppressions::{SuppressionDoc, SuppressionReason};
+use super::txn::conflict_retried;
+use super::{bson_time, chrono_time, Store};
+use crate::domain::{DeliveryStatus, Priority};
+
+pub const FEEDBACK: &str = "feedback";
+
+/// What a provider reported about a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FeedbackKind {
+    /// It reached the recipient's server, phone or device.
+    Delivered,
+    /// Refused for good (a hard bounce).
+    Bounced,
+    /// Refused for now (a soft bounce, a delay): recorded, no status change.
+    Deferred,
+    /// The carrier or service could not deliver it.
+    Undelivered,
+    /// The recipient marked it as spam.
+    Complained,
+}
+
+/// How feedback names its message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FeedbackTarget {
+    /// herald's delivery id (a VERP return path, or herald's own Message-ID).
+    Delivery(String),
+    /// The id the provider gave the message (Twilio's sid, SES's message id…).
+    MessageId(String),
+}
+
+/// One provider event, mapped.
+#[derive(Debug, Clone)]
+pub struct Feedback {
+    /// `twilio`, `ses`, `dsn`, `postmark`…
+    pub provider: String,
+    /// The provider's id for this event: a replay carries the same one.
+    pub event_id: String,
+    pub kind: FeedbackKind,
+    pub target: FeedbackTarget,
+    /// The recipient address the event names, if it names one.
+    pub address: Option<String>,
+    /// The provider's code or diagnostic.
+    pub detail: Option<String>,
+    /// The suppression the event calls for (with `address`).
+    pub suppress: Option<SuppressionReason>,
+}
+
+/// A feedback event as kept (`_id`: provider and event id, so each is applied once).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FeedbackDoc {
+    #[serde(rename = "_id")]
+    pub id: String,
+    pub provider: String,
+    pub event_id: String,
+    pub kind: FeedbackKind,
+    /// `None`: unmatched (no delivery has the message it names).
+    pub delivery_id: Option<String>,
+    /// The message id or delivery id the event named.
+    pub target: String,
+    pub address: Option<String>,
+    pub detail: Option<String>,
+    pub received_at: DateTime,
+}
+
+/// One feedback event on its delivery.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeedbackEntry {
+    pub kind: FeedbackKind,
+    pub provider: String,
+    pub event_id: String,
+    pub at: DateTime,
+    pub detail: Option<String>,
+}
+
+/// What applying one feedback event did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// Recorded on its delivery; `Some` when the delivery's status changed to it.
+    Recorded {
+        delivery_id: String,
+        status: Option<DeliveryStatus>,
+    },
+    /// This provider event was applied before: nothing changed.
+    Duplicate,
+    /// No delivery has the message it names: kept as unmatched.
+    Unmatched,
+}
+
+/// The status feedback moves a delivery to from `current`, if any. Order-independent: a
+/// bounce after `delivered` wins; a late `delivered` never overwrites a bounce.
+pub fn transition(current: DeliveryStatus, kind: FeedbackKind) -> Option<DeliveryStatus> {
+    use DeliveryStatus as S;
+    match (kind, current) {
+        (FeedbackKind::Delivered, S::Sent) => Some(S::Delivered),
+        (FeedbackKind::Bounced, S::Sent | S::Delivered) => Some(S::Bounced),
+        (FeedbackKind::Undelivered, S::Sent | S::Delivered) => Some(S::Undelivered),
+        _ => None,
+    }
+}
+
+/// The reason a feedback status carries.
+fn reason_of(status: DeliveryStatus) -> Option<&'static str> {
+    match status {
+        DeliveryStatus::Bounced => Some("hard_bounce"),
+        DeliveryStatus::Undelivered => Some("undelivered"),
+        _ => None,
+    }
+}
+
+fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
+    match e.kind.as_ref() {
+        ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) => w.code == 11000,
+        ErrorKind::Command(c) => c.code == 11000,
+        _ => false,
+    }
+}
+
+impl Store {
+    fn feedback(&self) -> Collection<FeedbackDoc> {
+        self.db.collection(FEEDBACK)
+    }
+
+    pub(super) async fn index_feedback(&self) -> anyhow::Result<()> {
+        let model = |keys: Document, name: &str| {
+            mongodb::IndexModel::builder()
+                .keys(keys)
+                .options(
+                    mongodb::options::IndexOptions::builder()
+                        .name(name.to_owned())
+                        .build(),
+                )
+                .build()
+        };
+        self.feedback()
+            .create_indexes([
+                model(
+                    doc! {"delivery_id": 1, "received_at": -1},
+                    "delivery_received",
+                ),
+                model(doc! {"received_at": -1}, "received_at"),
+            ])
+            .await?;
+        Ok(())
+    }
+
+    /// The delivery a feedback event names, by delivery id or by provider message id.
+    async fn feedback_delivery(&self, target: &FeedbackTarget) -> anyhow::Result<Option<String>> {
+        let filter = match target {
+            FeedbackTarget::Delivery(id) => doc! {"_id": id},
+            FeedbackTarget::MessageId(id) => doc! {"attempts.response.message_id": id},
+        };
+        Ok(self
+            .deliveries()
+            .clone_with_type::<Document>()
+            .find_one(filter)
+            .projection(doc! {"_id": 1})
+            .await?
+            .and_then(|d| d.get_str("_id").ok().map(str::to_owned)))
+    }
+
+    /// Keeps a feedback event once and applies it to its delivery: the feedback entry,
+    /// the status it moves to (with the notification's counters and the statistics), and
+    /// the suppression it calls for — all in one transaction.
+    pub async fn apply_feedback(&self, fb: &Feedback) -> anyhow::Result<Applied> {
+        let delivery_id = self.feedback_delivery(&fb.target).await?;
+        conflict_retried(|| self.apply_feedback_once(fb, delivery_id.as_deref())).await
+    }
+
+    async fn apply_feedback_once(
+        &self,
+        fb: &Feedback,
+        delivery_id: Option<&str>,
+    ) -> anyhow::Result<Applied> {
+        let now = DateTime::now();
+        let record = FeedbackDoc {
+            id: format!("{}:{}", fb.provider, fb.event_id),
+            provider: fb.provider.clone(),
+            event_id: fb.event_id.clone(),
+            kind: fb.kind,
+            delivery_id: delivery_id.map(str::to_owned),
+            target: match &fb.target {
+                FeedbackTarget::Delivery(id) | FeedbackTarget::MessageId(id) => id.clone(),
+            },
+            address: fb.address.clone(),
+            detail: fb.detail.clone(),
+            received_at: now,
+        };
+        // Applied before: nothing to do. (A concurrent twin fails its insert below, and
+        // its transaction with it; that error is the same answer.)
+        if self
+            .feedback()
+            .find_one(doc! {"_id": &record.id})
+            .await?
+            .is_some()
+        {
+            return Ok(Applied::Duplicate);
+        }
+        let mut session = self.client.start_session().await?;
+        let applied = session
+            .start_transaction()
+            .and_run((self, fb, record), |s, (store, fb, record)| {
+                async move {
+                    store
+                        .feedback()
+                        .insert_one(&*record)
+                        .session(&mut *s)
+                        .await?;
+                    let Some(id) = record.delivery_id.clone() else {
+                        return Ok(Applied::Unmatched);
+                    };
+                    let Some(d) = store
+                        .deliveries()
+                        .find_one(doc! {"_id": &id})
+                        .projection(doc! {"attempts": 0})
+                        .session(&mut *s)
+                        .await?
+                    else {
+                        return Ok(Applied::Unmatched);
+                    };
+                    let status = transition(d.status, fb.kind);
+                    store.record_feedback(s, &d, fb, status, now).await?;
+                    if let (Some(reason), Some(address)) = (fb.suppress, &fb.address) {
+                        let suppression = SuppressionDoc::new(
+                            d.channel,
+                            address,
+                            reason,
+                            Some(id.clone()),
+                            fb.detail.clone(),
+                        );
+                        store.suppress_in(s, &suppression).await?;
+                    }
+                    Ok(Applied::Recorded {
+                        delivery_id: id,
+                        status,
+                    })
+                }
+                .boxed()
+            })
+            .await;
+        let applied = match applied {
+            Err(e) if is_duplicate_key(&e) => Applied::Duplicate,
+            other => other?,
+        };
+        if let Applied::Recorded {
+            delivery_id,
+            status: Some(_),
+        } = &applied
+        {
+            tracing::debug!(%delivery_id, provider = %fb.provider, "feedback applied");
+        }
+        Ok(applied)
+    }
+
+    /// The delivery's feedback entry and, with `status`, its move (guarded by the status
+    /// the transaction read), the notification's counters and the statistics.
+    async fn record_feedback(
+        &self,
+        s: &mut mongodb::ClientSession,
+        d: &DeliveryDoc,
+        fb: &Feedback,
+        status: Option<DeliveryStatus>,
+        now: DateTime,
+    ) -> mongodb::error::Result<()> {
+        let entry = FeedbackEntry {
+            kind: fb.kind,
+            provider: fb.provider.clone(),
+            event_id: fb.event_id.clone(),
+            at: now,
+            detail: fb.detail.clone(),
+        };
+        let mut set = doc! {"updated_at": now};
+        if fb.kind == FeedbackKind::Complained {
+            set.insert("complained_at", now);
+        }
+        if let Some(to) = status {
+            set.insert("status", to.as_str());
+            set.insert("reason", reason_of(to));
+            if let Some(at) = self.retention.delivery_expiry(to, chrono_time(now)) {
+                set.insert("expire_at", bson_time(at));
+            }
+        }
+        let written = self
+            .deliveries()
+            .update_one(
+                doc! {"_id": &d.id, "status": d.status.as_str()},
+                doc! {"$set": set, "$push": {"feedback": bson::to_bson(&entry)
+                .map_err(mongodb::error::Error::custom)?}},
+            )
+            .session(&mut *s)
+            .await?;
+        if written.matched_count != 1 {
+            return Err(mongodb::error::Error::custom(
+                "a delivery changed inside its feedback transaction",
+            ));
+        }
+        let Some(to) = status else {
+            return Ok(());
+        };
+        let mut moves = StatMoves::sharded("feedback", Priority::Normal);
+        moves.add(d, d.status, d.provider.as_deref(), -1, None);
+        moves.add(d, to, d.provider.as_deref(), 1, None);
+        moves.write(&self.db, s, self.retention.stats_days).await?;
+        let (Some(old), Some(new)) = (d.status.counter(), to.counter()) else {
+            return Ok(());
+        };
+        self.notifications()
+            .update_one(
+                doc! {"_id": &d.notification_id},
+                doc! {"$inc": {format!("counts.{old}"): -1, format!("counts.{new}"): 1},
+                "$set": {"updated_at": now}},
+            )
+            .session(&mut *s)
+            .await?;
+        Ok(())
+    }
+
+    /// Feedback events, newest first: those of one delivery, or those that matched none.
+    pub async fn list_feedback(
+        &self,
+        delivery_id: Option<&str>,
+        limit: i64,
+    ) -> anyhow::Result<Vec<FeedbackDoc>> {
+        Ok(self
+            .feedback()
+            .find(doc! {"delivery_id": delivery_id})
+            .sort(doc! {"received_at": -1})
+            .limit(limit)
+            .await?
+            .try_collect()
+            .await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use DeliveryStatus as S;
+    use FeedbackKind as K;
+
+    #[test]
+    fn feedback_moves_a_sent_delivery_once_and_a_bounce_wins_in_any_order() {
+        assert_eq!(transition(S::Sent, K::Delivered), Some(S::Delivered));
+        assert_eq!(transition(S::Sent, K::Bounced), Some(S::Bounced));
+        assert_eq!(transition(S::Delivered, K::Bounced), Some(S::Bounced));
+        assert_eq!(
+            transition(S::Delivered, K::Undelivered),
+            Some(S::Undelivered)
+        );
+        // A late `delivered` never overwrites a bounce.
+        assert_eq!(transition(S::Bounced, K::Delivered), None);
+        assert_eq!(transition(S::Undelivered, K::Delivered), None);
+        assert_eq!(transition(S::Delivered, K::Delivered), None);
+        // Soft bounces and complaints are recorded, not statuses.
+        assert_eq!(transition(S::Sent, K::Deferred), None);
+        assert_eq!(transition(S::Delivered, K::Complained), None);
+        // Nothing moves a delivery that was never handed over.
+        for s in [S::Queued, S::Sending, S::Failed, S::Dead, S::Skipped] {
+            for k in [K::Delivered, K::Bounced, K::Undelivered] {
+                assert_eq!(transition(s, k), None, "{s:?} {k:?}");
+            }
+        }
+    }
+}
