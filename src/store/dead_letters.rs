@@ -70,16 +70,7 @@ impl Store {
     }
 
     pub(super) async fn index_dead_letters(&self) -> anyhow::Result<()> {
-        let model = |keys: Document, name: &str| {
-            mongodb::IndexModel::builder()
-                .keys(keys)
-                .options(
-                    mongodb::options::IndexOptions::builder()
-                        .name(name.to_owned())
-                        .build(),
-                )
-                .build()
-        };
+        let model = super::named_index;
         self.dead_letters()
             .create_indexes([
                 model(doc! {"replayed_at": 1, "created_at": -1}, "pending_created"),

@@ -136,16 +136,7 @@ impl Store {
     }
 
     pub(super) async fn index_feedback(&self) -> anyhow::Result<()> {
-        let model = |keys: Document, name: &str| {
-            mongodb::IndexModel::builder()
-                .keys(keys)
-                .options(
-                    mongodb::options::IndexOptions::builder()
-                        .name(name.to_owned())
-                        .build(),
-                )
-                .build()
-        };
+        let model = super::named_index;
         self.feedback()
             .create_indexes([
                 model(

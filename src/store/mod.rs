@@ -123,6 +123,14 @@ pub fn delivery_indexes() -> Vec<IndexModel> {
     all
 }
 
+/// A plain index with a name of its own.
+fn named_index(keys: Document, name: &str) -> IndexModel {
+    IndexModel::builder()
+        .keys(keys)
+        .options(IndexOptions::builder().name(name.to_owned()).build())
+        .build()
+}
+
 /// A retention's expiry instant as stored, counted from now.
 pub(crate) fn expires(days: u32) -> Option<DateTime> {
     crate::config::expiry(days, chrono::Utc::now()).map(bson_time)

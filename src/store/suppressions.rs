@@ -100,16 +100,7 @@ impl Store {
     }
 
     pub(super) async fn index_suppressions(&self) -> anyhow::Result<()> {
-        let model = |keys: Document, name: &str| {
-            mongodb::IndexModel::builder()
-                .keys(keys)
-                .options(
-                    mongodb::options::IndexOptions::builder()
-                        .name(name.to_owned())
-                        .build(),
-                )
-                .build()
-        };
+        let model = super::named_index;
         self.suppressions()
             .create_indexes([model(doc! {"reason": 1, "_id": 1}, "reason_id")])
             .await?;

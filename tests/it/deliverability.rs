@@ -30,17 +30,7 @@ async fn marketing_app() -> TestApp {
 
 /// dkimpy's verdict on a raw message, the public key handed to it as the DNS answer.
 fn dkimpy_verifies(raw: &str) -> Option<bool> {
-    let python = std::env::var("HERALD_PYTHON")
-        .ok()
-        .filter(|p| Path::new(p).exists());
-    let Some(python) = python else {
-        assert!(
-            std::env::var("HERALD_PYTHON_TESTS").as_deref() != Ok("require"),
-            "dkimpy cannot run: set HERALD_PYTHON to a Python with dkimpy"
-        );
-        eprintln!("skipping the DKIM check: no HERALD_PYTHON");
-        return None;
-    };
+    let python = python_checker("dkimpy")?;
     let key = std::fs::read_to_string(fixture("test-rsa.pub.b64")).expect("public key");
     let script = r#"
 import sys, dkim

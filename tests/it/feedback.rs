@@ -3,8 +3,6 @@
 //! delivery status notifications in the shapes Postfix and Gmail send them; suppression
 //! of what bounced, and the suppression list.
 
-use std::path::Path;
-
 use serde_json::{json, Value};
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -16,16 +14,7 @@ const CALLBACK: &str = "http://127.0.0.1:8080/v1/feedback/twilio";
 
 /// Twilio's signature of a callback, by Twilio's own library (`twilio` from PyPI).
 fn twilio_signs(params: &[(&str, &str)]) -> Option<String> {
-    let python = std::env::var("HERALD_PYTHON")
-        .ok()
-        .filter(|p| Path::new(p).exists());
-    let Some(python) = python else {
-        assert!(
-            std::env::var("HERALD_PYTHON_TESTS").as_deref() != Ok("require"),
-            "twilio cannot run: set HERALD_PYTHON to a Python with twilio"
-        );
-        return None;
-    };
+    let python = python_checker("twilio")?;
     let script = r#"
 import json, sys
 from twilio.request_validator import RequestValidator

@@ -525,3 +525,20 @@ impl Drop for TestApp {
         let _ = cleanup.join();
     }
 }
+
+/// The Python the tests check herald against (`HERALD_PYTHON`, with dkimpy and twilio from
+/// PyPI); `None` skips the check, except under scripts/test, which installs it.
+pub fn python_checker(what: &str) -> Option<PathBuf> {
+    let python = std::env::var("HERALD_PYTHON")
+        .ok()
+        .map(PathBuf::from)
+        .filter(|p| p.exists());
+    if python.is_none() {
+        assert!(
+            std::env::var("HERALD_PYTHON_TESTS").as_deref() != Ok("require"),
+            "{what} cannot run: set HERALD_PYTHON to a Python with it installed"
+        );
+        eprintln!("skipping the {what} check: no HERALD_PYTHON");
+    }
+    python
+}

@@ -102,6 +102,7 @@ try {
     await page.waitForSelector("[data-preview=subject]");
     assert.match(await page.textContent("[data-preview=subject]"), /Hello/);
     assert.ok((await page.locator("table[aria-label=Attempts] tbody tr").count()) >= 1, "an attempt is listed");
+    await page.waitForSelector("text=Provider feedback (0)");
     await shot("delivery");
   });
 

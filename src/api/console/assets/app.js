@@ -145,7 +145,7 @@ function formValues(form) {
 
 const STATUSES = ["queued", "sending", "sent", "failed", "retrying", "dead", "skipped", "deferred"];
 const CHANNELS = ["email", "sms", "push", "webhook"];
-const STATUS_COLORS = { sent: "#16a34a", failed: "#dc2626", dead: "#7f1d1d", retrying: "#d97706", deferred: "#f59e0b", skipped: "#9ca3af", queued: "#60a5fa", sending: "#2563eb" };
+const STATUS_COLORS = { sent: "#16a34a", delivered: "#15803d", failed: "#dc2626", bounced: "#b91c1c", undelivered: "#9f1239", dead: "#7f1d1d", retrying: "#d97706", deferred: "#f59e0b", skipped: "#9ca3af", queued: "#60a5fa", sending: "#2563eb" };
 const CHANNEL_COLORS = { email: "#2563eb", sms: "#16a34a", push: "#9333ea", webhook: "#ea580c" };
 
 // ---------- routing ----------
@@ -288,6 +288,7 @@ async function deliveryPage(m, token) {
           h("dt", {}, "Created"), h("dd", {}, timeCell(d.created_at)),
           h("dt", {}, "Updated"), h("dd", {}, timeCell(d.updated_at)),
           h("dt", {}, "Sent"), h("dd", {}, timeCell(d.sent_at)),
+          d.complained_at ? [h("dt", {}, "Complained"), h("dd", {}, timeCell(d.complained_at))] : null,
           h("dt", {}, "Last error"), h("dd", {}, d.last_error || "—"))),
       h("section", { class: "card", "aria-label": "Message preview" }, h("h2", {}, "Message"),
         h("p", { class: "muted small" }, "Rendered now from the current template and the recipient's current profile."), preview)),
@@ -296,7 +297,14 @@ async function deliveryPage(m, token) {
       ? h("div", { class: "table-wrap" }, h("table", { "aria-label": "Attempts" },
           h("thead", {}, h("tr", {}, ["#", "Started", "Provider", "Status", "Took", "Error", "Provider's answer"].map((t) => h("th", { scope: "col" }, t)))),
           h("tbody", {}, attempts)))
-      : h("p", { class: "muted" }, "No attempt yet."));
+      : h("p", { class: "muted" }, "No attempt yet."),
+    h("h2", {}, `Provider feedback (${d.feedback.length})`),
+    d.feedback.length
+      ? h("div", { class: "table-wrap" }, h("table", { "aria-label": "Provider feedback" },
+          h("thead", {}, h("tr", {}, ["At", "Provider", "Report", "Detail"].map((t) => h("th", { scope: "col" }, t)))),
+          h("tbody", {}, d.feedback.map((f) => h("tr", {}, h("td", {}, timeCell(f.at)), h("td", {}, f.provider),
+            h("td", {}, badge(f.kind)), h("td", {}, f.detail || ""))))))
+      : h("p", { class: "muted" }, "No report from the provider yet."));
   try {
     const p = await api(`/v1/deliveries/${encodeURIComponent(id)}/preview`);
     if (current(token)) preview.replaceChildren(renderedPreview(p.channel, p.rendered));
