@@ -171,9 +171,10 @@ pub struct UserDoc {
     pub timezone: Option<String>,
     #[serde(default)]
     pub preferences: Document,
-    /// Marketing the user left through an unsubscribe link. Only `Store::unsubscribe`
-    /// writes it: a profile write (`PUT`, import) never carries it, so never clears it.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Marketing the user left through an unsubscribe link, from the `unsubscribes`
+    /// collection (filled by the reads that need it, never stored here: an opt-out
+    /// outlives a profile's replacement and deletion, and a profile herald does not store).
+    #[serde(skip)]
     pub unsubscribes: Vec<UnsubscribeDoc>,
     /// The channels whose address of this user is on the suppression list; filled by
     /// the worker's batched read, never stored.
@@ -186,6 +187,10 @@ pub struct UserDoc {
 /// One opt-out: of one event type's marketing, or (`event_type: None`) of all of it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct UnsubscribeDoc {
+    /// `{user_id}|{event_type or *}`: one opt-out per user and scope.
+    #[serde(rename = "_id")]
+    pub id: String,
+    pub user_id: String,
     pub event_type: Option<String>,
     pub at: DateTime,
 }

@@ -75,6 +75,9 @@ pub struct FeedbackDoc {
     pub address: Option<String>,
     pub detail: Option<String>,
     pub received_at: DateTime,
+    /// Kept as long as failed deliveries (`retention.failed_days`), then removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expire_at: Option<DateTime>,
 }
 
 /// One feedback event on its delivery.
@@ -144,6 +147,7 @@ impl Store {
                     "delivery_received",
                 ),
                 model(doc! {"received_at": -1}, "received_at"),
+                super::expiry_index(),
             ])
             .await?;
         Ok(())
@@ -190,6 +194,7 @@ impl Store {
             address: fb.address.clone(),
             detail: fb.detail.clone(),
             received_at: now,
+            expire_at: super::expires(self.retention.failed_days),
         };
         // Applied before: nothing to do. (A concurrent twin fails its insert below, and
         // its transaction with it; that error is the same answer.)

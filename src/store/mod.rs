@@ -54,6 +54,7 @@ const OUTBOX: &str = "outbox";
 const FANOUT_PROGRESS: &str = "fanout_progress";
 pub(crate) const DELIVERIES: &str = "deliveries";
 const USERS: &str = "users";
+const UNSUBSCRIBES: &str = "unsubscribes";
 const GROUPS: &str = "groups";
 const GROUP_MEMBERS: &str = "group_members";
 const CONTENTS: &str = "contents";
@@ -277,6 +278,7 @@ impl Store {
             dead_letters::DEAD_LETTERS,
             suppressions::SUPPRESSIONS,
             feedback::FEEDBACK,
+            UNSUBSCRIBES,
         ] {
             if !existing.contains(name) {
                 if let Err(e) = self.db.create_collection(name).await {
@@ -358,6 +360,10 @@ impl Store {
             .await
             .context("indexing suppressions")?;
         self.index_feedback().await.context("indexing feedback")?;
+        self.unsubscribes()
+            .create_indexes([named_index(doc! {"user_id": 1}, "user_id")])
+            .await
+            .context("indexing unsubscribes")?;
         Ok(())
     }
 }

@@ -318,7 +318,7 @@ impl Store {
             return Ok(());
         }
         let c = n.counts;
-        let status = if c.failed + c.dead == 0 {
+        let status = if c.failed + c.dead + c.bounced + c.undelivered == 0 {
             "completed"
         } else if c.sent + c.delivered > 0 || c.skipped > 0 {
             "partially_failed"

@@ -7,7 +7,7 @@ use futures::{FutureExt, Stream, TryStreamExt};
 use mongodb::bson::{self, doc, Document};
 
 use super::documents::{GroupDoc, SegmentDoc, UnsubscribeDoc, UserDoc};
-use super::{by_ids, now, Store, USERS};
+use super::{by_ids, now, Store, UNSUBSCRIBES, USERS};
 
 impl Store {
     /// Creates or replaces a user's profile (its opt-outs stay); returns true when it
@@ -18,32 +18,52 @@ impl Store {
     }
 
     /// Records that `user_id` left marketing of `event_type` (`None`: all of it), once:
-    /// a repeat keeps the first time. False when there is no such user.
-    pub async fn unsubscribe(
-        &self,
-        user_id: &str,
-        event_type: Option<&str>,
-    ) -> anyhow::Result<bool> {
+    /// a repeat keeps the first time. Kept apart from the profile, so it holds for a
+    /// user known only to the enrichment service and survives the profile's deletion.
+    pub async fn unsubscribe(&self, user_id: &str, event_type: Option<&str>) -> anyhow::Result<()> {
         let entry = UnsubscribeDoc {
+            id: format!("{user_id}|{}", event_type.unwrap_or("*")),
+            user_id: user_id.to_owned(),
             event_type: event_type.map(str::to_owned),
             at: now(),
         };
-        let matched = self
-            .users()
+        self.unsubscribes()
             .update_one(
-                doc! {"_id": user_id, "unsubscribes": {"$not": {"$elemMatch": {"event_type": &entry.event_type}}}},
-                doc! {"$push": {"unsubscribes": bson::to_bson(&entry)?}},
+                doc! {"_id": &entry.id},
+                doc! {"$setOnInsert": bson::to_document(&entry)?},
             )
-            .await?
-            .matched_count;
-        if matched == 1 {
-            return Ok(true);
-        }
-        Ok(self.users().count_documents(doc! {"_id": user_id}).await? == 1)
+            .upsert(true)
+            .await?;
+        Ok(())
     }
 
+    /// Every opt-out of these users: one query for a batch.
+    pub async fn unsubscribes_of(
+        &self,
+        user_ids: &[String],
+    ) -> anyhow::Result<Vec<UnsubscribeDoc>> {
+        if user_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .unsubscribes()
+            .find(doc! {"user_id": {"$in": user_ids}})
+            .await?
+            .try_collect()
+            .await?)
+    }
+
+    /// A user's profile with their opt-outs.
     pub async fn get_user(&self, id: &str) -> anyhow::Result<Option<UserDoc>> {
-        Ok(self.users().find_one(doc! {"_id": id}).await?)
+        let Some(mut user) = self.users().find_one(doc! {"_id": id}).await? else {
+            return Ok(None);
+        };
+        user.unsubscribes = self.unsubscribes_of(&[id.to_owned()]).await?;
+        Ok(Some(user))
+    }
+
+    pub(super) fn unsubscribes(&self) -> mongodb::Collection<UnsubscribeDoc> {
+        self.db.collection(UNSUBSCRIBES)
     }
 
     pub async fn delete_user(&self, id: &str) -> anyhow::Result<bool> {

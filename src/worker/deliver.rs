@@ -369,17 +369,8 @@ async fn prepare(ctx: &Worker, shared: &Shared, d: &DeliveryDoc) -> anyhow::Resu
         return skipped("unknown_user");
     };
     if remote {
-        // A profile from the enrichment service was not in the batch's suppression read.
-        let keys = super::suppression_keys(&user);
-        let hits = ctx
-            .store
-            .suppressed_among(&keys.iter().map(|(_, k)| k.clone()).collect::<Vec<_>>())
-            .await?;
-        user.suppressed = keys
-            .into_iter()
-            .filter(|(_, k)| hits.contains(k))
-            .map(|(c, _)| c)
-            .collect();
+        // A profile from the enrichment service was not in the batch's read.
+        super::mark_one(&ctx.store, &mut user).await?;
     }
     let Some(destination) = destination(ctx, &d.event_type, d.channel, &user) else {
         return skipped("no_address");

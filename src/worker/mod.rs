@@ -419,28 +419,42 @@ pub fn suppression_keys(u: &UserDoc) -> Vec<(Channel, String)> {
     keys
 }
 
-/// Marks each user's suppressed channels: one query for the whole batch's addresses,
-/// riding on the batch's user read.
+/// Marks each user's suppressed channels and opt-outs: one query for the batch's
+/// addresses and one for its users, side by side, riding on the batch's user read.
 async fn mark_suppressed(
     store: &Store,
     users: &mut HashMap<String, Result<UserDoc, String>>,
 ) -> anyhow::Result<()> {
-    let keys: Vec<String> = users
-        .values()
-        .filter_map(|u| u.as_ref().ok())
-        .flat_map(suppression_keys)
+    let found: Vec<&UserDoc> = users.values().filter_map(|u| u.as_ref().ok()).collect();
+    let keys: Vec<String> = found
+        .iter()
+        .flat_map(|u| suppression_keys(u))
         .map(|(_, k)| k)
         .collect();
-    let suppressed = store.suppressed_among(&keys).await?;
-    if suppressed.is_empty() {
-        return Ok(());
-    }
+    let ids: Vec<String> = found.iter().map(|u| u.id.clone()).collect();
+    let (suppressed, opt_outs) =
+        tokio::try_join!(store.suppressed_among(&keys), store.unsubscribes_of(&ids))?;
     for u in users.values_mut().filter_map(|u| u.as_mut().ok()) {
         u.suppressed = suppression_keys(u)
             .into_iter()
             .filter(|(_, k)| suppressed.contains(k))
             .map(|(c, _)| c)
             .collect();
+        u.unsubscribes = opt_outs
+            .iter()
+            .filter(|o| o.user_id == u.id)
+            .cloned()
+            .collect();
+    }
+    Ok(())
+}
+
+/// The same for one user the batch did not read (a profile from the enrichment service).
+pub async fn mark_one(store: &Store, user: &mut UserDoc) -> anyhow::Result<()> {
+    let mut one = HashMap::from([(user.id.clone(), Ok(std::mem::take(user)))]);
+    mark_suppressed(store, &mut one).await?;
+    if let Some(Ok(marked)) = one.into_values().next() {
+        *user = marked;
     }
     Ok(())
 }

@@ -240,6 +240,11 @@ async fn one_click_unsubscribe_records_the_opt_out_once_and_later_marketing_is_s
         (Some("skipped"), Some("unsubscribed")),
         "{d}"
     );
+    // The opt-out outlives the profile: deleted and created again, still unsubscribed.
+    assert_eq!(app.delete("/v1/users/u1").await, 204);
+    app.put_ana().await;
+    let d = send(&app, greeting("u1")).await;
+    assert_eq!(d["reason"], "unsubscribed", "{d}");
     // Transactional mail of the same type still goes out.
     let mut transactional = greeting("u1");
     transactional["category"] = json!("transactional");

@@ -90,8 +90,13 @@ try {
     await page.fill("input[name=user_id]", findUser);
     await page.press("input[name=user_id]", "Enter");
     await page.waitForURL(new RegExp(`user_id=${findUser}`));
+    // The unfiltered table may still be on screen while the filtered one loads: wait for
+    // the filtered rows themselves.
+    await page.waitForFunction((user) => {
+      const cells = [...document.querySelectorAll("tbody tr[data-delivery] td:nth-child(2)")];
+      return cells.length >= 1 && cells.every((c) => c.textContent === user);
+    }, findUser);
     const row = page.locator("tbody tr[data-delivery]").first();
-    await row.waitFor();
     const users = await page.$$eval("tbody tr[data-delivery] td:nth-child(2)", (tds) => tds.map((t) => t.textContent));
     assert.ok(users.length >= 1 && users.every((u) => u === findUser), `only ${findUser}'s deliveries: ${users}`);
     await shot("deliveries");

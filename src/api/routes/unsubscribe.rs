@@ -89,7 +89,11 @@ async fn one_click(req: Request, limit: usize) -> Result<bool, ApiError> {
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_ascii_lowercase();
+    // Bounded first, whatever the form: the route is open to anyone with a link.
+    let (parts, body) = req.into_parts();
+    let body = read_body(Request::from_parts(parts.clone(), body), limit).await?;
     if kind.starts_with("multipart/form-data") {
+        let req = Request::from_parts(parts, axum::body::Body::from(body));
         let mut form = Multipart::from_request(req, &())
             .await
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_form", e.body_text()))?;
@@ -107,7 +111,6 @@ async fn one_click(req: Request, limit: usize) -> Result<bool, ApiError> {
         }
         return Ok(false);
     }
-    let body = read_body(req, limit).await?;
     Ok(url::form_urlencoded::parse(&body).any(|(k, v)| k == FIELD && v == ONE_CLICK))
 }
 
