@@ -110,27 +110,50 @@ fn user_json(u: &UserDoc) -> Value {
     })
 }
 
+/// A marketing delivery's one-click unsubscribe links: this event type's, and all
+/// marketing's; `None` for transactional ones.
+struct UnsubscribeLinks {
+    this: Option<String>,
+    all: Option<String>,
+}
+
+fn unsubscribe_links(
+    ctx: &Worker,
+    d: &DeliveryDoc,
+    n: &NotificationContext,
+    user: &UserDoc,
+) -> UnsubscribeLinks {
+    if n.category != Category::Marketing {
+        return UnsubscribeLinks {
+            this: None,
+            all: None,
+        };
+    }
+    UnsubscribeLinks {
+        this: ctx.settings.unsubscribe_url(&user.id, Some(&d.event_type)),
+        all: ctx.settings.unsubscribe_url(&user.id, None),
+    }
+}
+
 /// The message of delivery `d` for `user`, as the worker renders it.
 fn render(
     ctx: &Worker,
     d: &DeliveryDoc,
     n: &NotificationContext,
     user: &UserDoc,
+    links: &UnsubscribeLinks,
 ) -> Result<Rendered, TemplateError> {
-    let mut render_ctx = json!({
+    // The links are null in transactional mail, so one template can serve both
+    // (`{{#if unsubscribe_url}}`) under strict mode.
+    let render_ctx = json!({
         "user": user_json(user),
         "payload": n.payload,
         "content": n.content,
         "event_type": n.event_type,
         "notification_id": d.notification_id,
+        "unsubscribe_url": links.this,
+        "unsubscribe_all_url": links.all,
     });
-    // Marketing gets its links; elsewhere they are null, so one template can serve both
-    // (`{{#if unsubscribe_url}}`) under strict mode.
-    let marketing = n.category == Category::Marketing;
-    render_ctx["unsubscribe_url"] =
-        json!(marketing.then(|| ctx.settings.unsubscribe_url(&user.id, Some(&d.event_type))));
-    render_ctx["unsubscribe_all_url"] =
-        json!(marketing.then(|| ctx.settings.unsubscribe_url(&user.id, None)));
     ctx.templates.render(
         &d.event_type,
         d.channel,
@@ -159,7 +182,8 @@ pub async fn render_now(
     else {
         return Ok(None);
     };
-    Ok(Some(render(ctx, d, &n, &user)))
+    let links = unsubscribe_links(ctx, d, &n, &user);
+    Ok(Some(render(ctx, d, &n, &user, &links)))
 }
 
 fn destination(
@@ -395,13 +419,12 @@ async fn prepare(ctx: &Worker, shared: &Shared, d: &DeliveryDoc) -> anyhow::Resu
             return Ok(Prepared::Decided(Box::new(deferred)));
         }
     }
-    match render(ctx, d, &n, &user) {
+    let links = unsubscribe_links(ctx, d, &n, &user);
+    match render(ctx, d, &n, &user, &links) {
         Ok(content) => Ok(Prepared::Send {
             destination,
             content,
-            unsubscribe_url: (n.category == Category::Marketing)
-                .then(|| ctx.settings.unsubscribe_url(&user.id, Some(&d.event_type)))
-                .flatten(),
+            unsubscribe_url: links.this,
         }),
         Err(e) => {
             let now = DateTime::now();

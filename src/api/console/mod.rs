@@ -73,8 +73,8 @@ fn login_form(message: Option<&str>) -> String {
     LOGIN.replace("<!--notice-->", &notice)
 }
 
-/// HTML-escapes text for the server-rendered sign-in page.
-fn escape(s: &str) -> String {
+/// HTML-escapes text for the server-rendered pages (sign-in, unsubscribe).
+pub(crate) fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")

@@ -9,6 +9,7 @@ use axum::response::Html;
 use serde::Deserialize;
 use utoipa::ToSchema;
 
+use crate::api::console::escape;
 use crate::api::error::{read_body, ApiError};
 use crate::config::Settings;
 use crate::domain::unsubscribe::Unsubscribe;
@@ -44,13 +45,6 @@ fn what(leave: &Unsubscribe) -> String {
         Some(t) => format!("“{}” messages", escape(t.as_str())),
         None => "all marketing messages".to_owned(),
     }
-}
-
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }
 
 fn page(title: &str, body: &str) -> Html<String> {
