@@ -72,7 +72,7 @@ ensure_browser_tools() {
 # document against the running API), dkimpy (DKIM signatures) and twilio (its request
 # signatures), in a virtual
 # environment under ~/.cache/herald, installed again only when the pins change.
-PYTHON_TOOLS="schemathesis==4.32.5 dkimpy==1.1.8 twilio==9.13.0"
+PYTHON_TOOLS="schemathesis==4.32.5 dkimpy==1.1.8 twilio==9.13.0 sendgrid==6.12.5 aws-sns-message-validator==0.0.5"
 ensure_python_tools() {
   local venv="${XDG_CACHE_HOME:-$HOME/.cache}/herald/venv"
   export HERALD_SCHEMATHESIS="$venv/bin/schemathesis" HERALD_PYTHON="$venv/bin/python"

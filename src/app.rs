@@ -5,6 +5,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tokio::sync::Notify;
 
+use crate::channels::sns::SnsVerifier;
 use crate::channels::Channels;
 use crate::config::Settings;
 use crate::enrich::Enricher;
@@ -37,6 +38,8 @@ pub struct Context {
     pub intake: Intake,
     /// Applies the templates stored through the API.
     pub template_sync: TemplateSync,
+    /// Checks the signatures of SNS messages (SES feedback).
+    pub sns: Arc<SnsVerifier>,
 }
 
 /// Applies the templates stored through the API to this process's templates.
@@ -143,6 +146,7 @@ impl Context {
             worker,
             intake,
             template_sync,
+            sns: Arc::new(SnsVerifier::new()?),
         })
     }
 

@@ -52,9 +52,38 @@ pub struct Settings {
     pub enrichment: EnrichmentSettings,
     pub retention: RetentionSettings,
     pub auth: AuthSettings,
+    pub feedback: FeedbackSettings,
     /// Per event type: its category (`[event_types.<event_type>] category = "marketing"`).
     #[serde(default)]
     pub event_types: std::collections::HashMap<String, EventTypeSettings>,
+}
+
+/// How the providers' feedback endpoints authenticate what they receive.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedbackSettings {
+    pub ses: SesFeedbackSettings,
+    pub sendgrid: SendgridFeedbackSettings,
+}
+
+/// Amazon SES through SNS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SesFeedbackSettings {
+    /// The SNS topics accepted; none: every SNS message is refused.
+    pub topic_arns: Vec<String>,
+    /// Host patterns (`*` is one DNS label) signing certificates and subscription URLs
+    /// may come from.
+    pub cert_hosts: Vec<String>,
+}
+
+/// SendGrid's signed Event Webhook.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendgridFeedbackSettings {
+    /// The webhook's verification key (base64 DER of an ECDSA P-256 public key).
+    #[serde(default)]
+    pub public_key: Option<String>,
 }
 
 /// What is configured for one event type.
@@ -519,6 +548,19 @@ impl Settings {
             .map_or(true, |u| !matches!(u.scheme(), "http" | "https"))
         {
             return bad("server.public_url", "must be an http:// or https:// URL");
+        }
+        if let Some(key) = &self.feedback.sendgrid.public_key {
+            if let Err(why) = crate::domain::signatures::p256_public_key(key) {
+                return bad("feedback.sendgrid.public_key", &why);
+            }
+        }
+        for pattern in &self.feedback.ses.cert_hosts {
+            if pattern.is_empty() || pattern.split('.').any(str::is_empty) {
+                return bad(
+                    "feedback.ses.cert_hosts",
+                    "each must be a host name pattern",
+                );
+            }
         }
         let secret = self.email.unsubscribe_secret.expose();
         if secret.len() < 16 {

@@ -17,6 +17,14 @@ pub struct DeliveryLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FeedbackLabels {
+    pub provider: String,
+    pub kind: String,
+    /// `applied`, `duplicate` or `unmatched`.
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AttemptLabels {
     pub channel: String,
     pub provider: String,
@@ -46,6 +54,7 @@ type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 pub struct Metrics {
     registry: Registry,
     pub deliveries: Family<DeliveryLabels, Counter>,
+    pub feedback: Family<FeedbackLabels, Counter>,
     pub attempt_seconds: HistogramFamily<AttemptLabels>,
     pub events_accepted: Family<SourceLabels, Counter>,
     pub http_seconds: HistogramFamily<HttpLabels>,
@@ -67,8 +76,14 @@ impl Default for Metrics {
         let deliveries = Family::<DeliveryLabels, Counter>::default();
         registry.register(
             "deliveries",
-            "Delivery outcomes committed by this process, by channel, status and provider",
+            "Delivery outcomes committed by this process (and the statuses provider feedback moved deliveries to), by channel, status and provider",
             deliveries.clone(),
+        );
+        let feedback = Family::<FeedbackLabels, Counter>::default();
+        registry.register(
+            "feedback_events",
+            "Provider feedback events received, by provider, kind and result",
+            feedback.clone(),
         );
         let attempt_seconds = HistogramFamily::<AttemptLabels>::new_with_constructor(
             latency_histogram as fn() -> Histogram,
@@ -113,6 +128,7 @@ impl Default for Metrics {
         Self {
             registry,
             deliveries,
+            feedback,
             attempt_seconds,
             events_accepted,
             http_seconds,
@@ -139,6 +155,16 @@ impl Metrics {
                 channel: channel.to_owned(),
                 status: status.to_owned(),
                 provider: provider.unwrap_or_default().to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn feedback(&self, provider: &str, kind: &str, result: &str) {
+        self.feedback
+            .get_or_create(&FeedbackLabels {
+                provider: provider.to_owned(),
+                kind: kind.to_owned(),
+                result: result.to_owned(),
             })
             .inc();
     }

@@ -375,6 +375,43 @@ pub fn routes(ctx: &Context, auth: Arc<Auth>) -> (Router<Context>, Value) {
             feedback::twilio,
         )
         .post(
+            "/v1/feedback/ses",
+            Op::new(
+                "feedback",
+                "Amazon SES notifications through SNS (sent as text/plain): subscription \
+                 confirmation, bounces, complaints, deliveries; signed by SNS, from the \
+                 topics of feedback.ses.topic_arns",
+                None,
+            )
+            .body_as::<crate::channels::sns::SnsMessage>("application/json")
+            .ok::<fb::FeedbackAnswer>(200)
+            .ok::<fb::FeedbackAnswer>(202)
+            .errors(&[403, 502]),
+            feedback::ses,
+        )
+        .post(
+            "/v1/feedback/sendgrid",
+            Op::new(
+                "feedback",
+                "SendGrid's signed Event Webhook: a batch of delivered, bounce, dropped, \
+                 deferred and spamreport events",
+                None,
+            )
+            .header(
+                "X-Twilio-Email-Event-Webhook-Signature",
+                "base64 ECDSA P-256 signature of the timestamp header followed by the body",
+            )
+            .header(
+                "X-Twilio-Email-Event-Webhook-Timestamp",
+                "the time SendGrid signed the batch",
+            )
+            .body::<Vec<fb::SendgridEvent>>()
+            .ok::<fb::FeedbackAnswer>(200)
+            .ok::<fb::FeedbackAnswer>(202)
+            .errors(&[401, 403]),
+            feedback::sendgrid,
+        )
+        .post(
             "/v1/feedback/dsn",
             Op::new(
                 "feedback",

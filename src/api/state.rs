@@ -6,6 +6,7 @@ use std::sync::Arc;
 use axum::extract::FromRef;
 
 use crate::app::{Context, TemplateSync};
+use crate::channels::sns::SnsVerifier;
 use crate::config::Settings;
 use crate::ingest::Intake;
 use crate::metrics::Metrics;
@@ -37,4 +38,5 @@ handles! {
     worker: Worker,
     intake: Intake,
     template_sync: TemplateSync,
+    sns: Arc<SnsVerifier>,
 }

@@ -6,6 +6,7 @@ pub mod fcm;
 pub mod http;
 pub mod record;
 pub mod smtp_pool;
+pub mod sns;
 pub mod twilio;
 pub mod webhook;
 

@@ -4,6 +4,7 @@ pub mod cron;
 pub mod event;
 pub mod plan;
 pub mod preferences;
+pub mod signatures;
 pub mod unsubscribe;
 
 use std::fmt;

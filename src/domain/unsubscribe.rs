@@ -14,6 +14,9 @@ pub struct Unsubscribe {
     pub user_id: UserId,
     /// `None`: every marketing event type.
     pub event_type: Option<EventType>,
+    /// The delivery whose link it is, marked `unsubscribed_at` when used (links made
+    /// before deliveries were named in them carry none).
+    pub delivery_id: Option<String>,
 }
 
 /// Separates the signed fields; neither a user id nor an event type contains it.
@@ -32,7 +35,10 @@ fn mac(secret: &[u8], payload: &str) -> Hmac<Sha256> {
 impl Unsubscribe {
     fn payload(&self) -> String {
         let scope = self.event_type.as_ref().map_or("*", |t| t.as_str());
-        format!("{}{SEP}{scope}", self.user_id)
+        match &self.delivery_id {
+            Some(d) => format!("{}{SEP}{scope}{SEP}{d}", self.user_id),
+            None => format!("{}{SEP}{scope}", self.user_id),
+        }
     }
 
     /// The token for a link: the fields and their HMAC-SHA256, base64url.
@@ -56,13 +62,19 @@ impl Unsubscribe {
         let payload = String::from_utf8(URL_SAFE_NO_PAD.decode(payload).ok()?).ok()?;
         let tag = URL_SAFE_NO_PAD.decode(tag).ok()?;
         mac(secret, &payload).verify_slice(&tag).ok()?;
-        let (user, scope) = payload.split_once(SEP)?;
+        let mut fields = payload.split(SEP);
+        let (user, scope) = (fields.next()?, fields.next()?);
+        let delivery_id = fields.next().map(str::to_owned);
+        if fields.next().is_some() || delivery_id.as_deref() == Some("") {
+            return None;
+        }
         Some(Self {
             user_id: UserId::parse(user).ok()?,
             event_type: match scope {
                 "*" => None,
                 t => Some(EventType::parse(t).ok()?),
             },
+            delivery_id,
         })
     }
 }
@@ -75,6 +87,7 @@ mod tests {
         Unsubscribe {
             user_id: UserId::parse(user).expect("id"),
             event_type: Some(EventType::parse("promo").expect("type")),
+            delivery_id: None,
         }
     }
 
@@ -86,6 +99,7 @@ mod tests {
             Unsubscribe {
                 user_id: UserId::parse("u:1@x").expect("id"),
                 event_type: None,
+                delivery_id: Some("019ae0c1-7f00-7000-8000-000000000001".to_owned()),
             },
         ] {
             let token = u.token(secret);

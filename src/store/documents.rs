@@ -280,6 +280,9 @@ pub struct DeliveryDoc {
     /// When the recipient marked it as spam.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub complained_at: Option<DateTime>,
+    /// When the recipient unsubscribed through this delivery's one-click link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unsubscribed_at: Option<DateTime>,
     /// Set with a final status; MongoDB's TTL monitor removes the record then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expire_at: Option<DateTime>,

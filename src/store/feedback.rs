@@ -10,7 +10,7 @@ use mongodb::Collection;
 use serde::{Deserialize, Serialize};
 
 use super::documents::DeliveryDoc;
-use super::stats::StatMoves;
+use super::stats::{Mark, StatMoves};
 use super::suppressions::{SuppressionDoc, SuppressionReason};
 use super::txn::conflict_retried;
 use super::{bson_time, chrono_time, Store};
@@ -32,6 +32,18 @@ pub enum FeedbackKind {
     Undelivered,
     /// The recipient marked it as spam.
     Complained,
+}
+
+impl FeedbackKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Delivered => "delivered",
+            Self::Bounced => "bounced",
+            Self::Deferred => "deferred",
+            Self::Undelivered => "undelivered",
+            Self::Complained => "complained",
+        }
+    }
 }
 
 /// How feedback names its message.
@@ -96,6 +108,9 @@ pub enum Applied {
     /// Recorded on its delivery; `Some` when the delivery's status changed to it.
     Recorded {
         delivery_id: String,
+        /// The delivery's channel and provider.
+        channel: &'static str,
+        provider: Option<String>,
         status: Option<DeliveryStatus>,
     },
     /// This provider event was applied before: nothing changed.
@@ -242,6 +257,8 @@ impl Store {
                     }
                     Ok(Applied::Recorded {
                         delivery_id: id,
+                        channel: d.channel.as_str(),
+                        provider: d.provider.clone(),
                         status,
                     })
                 }
@@ -255,6 +272,7 @@ impl Store {
         if let Applied::Recorded {
             delivery_id,
             status: Some(_),
+            ..
         } = &applied
         {
             tracing::debug!(%delivery_id, provider = %fb.provider, "feedback applied");
@@ -280,7 +298,9 @@ impl Store {
             detail: fb.detail.clone(),
         };
         let mut set = doc! {"updated_at": now};
-        if fb.kind == FeedbackKind::Complained {
+        // The first complaint marks the delivery (and counts); later ones are entries.
+        let complained = fb.kind == FeedbackKind::Complained && d.complained_at.is_none();
+        if complained {
             set.insert("complained_at", now);
         }
         if let Some(to) = status {
@@ -304,13 +324,18 @@ impl Store {
                 "a delivery changed inside its feedback transaction",
             ));
         }
+        let mut moves = StatMoves::sharded("feedback", Priority::Normal);
+        if complained {
+            moves.mark(d, Mark::Complained, d.provider.as_deref(), 1);
+        }
+        if let Some(to) = status {
+            moves.add(d, d.status, d.provider.as_deref(), -1, None);
+            moves.add(d, to, d.provider.as_deref(), 1, None);
+        }
+        moves.write(&self.db, s, self.retention.stats_days).await?;
         let Some(to) = status else {
             return Ok(());
         };
-        let mut moves = StatMoves::sharded("feedback", Priority::Normal);
-        moves.add(d, d.status, d.provider.as_deref(), -1, None);
-        moves.add(d, to, d.provider.as_deref(), 1, None);
-        moves.write(&self.db, s, self.retention.stats_days).await?;
         let (Some(old), Some(new)) = (d.status.counter(), to.counter()) else {
             return Ok(());
         };
@@ -323,6 +348,40 @@ impl Store {
             .session(&mut *s)
             .await?;
         Ok(())
+    }
+
+    /// Marks the delivery whose unsubscribe link `user_id` used (the first use counts).
+    pub async fn mark_unsubscribed(&self, delivery_id: &str, user_id: &str) -> anyhow::Result<()> {
+        conflict_retried(|| async {
+            let mut session = self.client.start_session().await?;
+            session
+                .start_transaction()
+                .and_run(self, |s, store| {
+                    async move {
+                        let now = DateTime::now();
+                        let Some(d) = store
+                            .deliveries()
+                            .find_one_and_update(
+                                doc! {"_id": delivery_id, "user_id": user_id,
+                                "unsubscribed_at": null},
+                                doc! {"$set": {"unsubscribed_at": now, "updated_at": now}},
+                            )
+                            .projection(doc! {"attempts": 0})
+                            .session(&mut *s)
+                            .await?
+                        else {
+                            return Ok(());
+                        };
+                        let mut moves = StatMoves::sharded("feedback", Priority::Normal);
+                        moves.mark(&d, Mark::Unsubscribed, d.provider.as_deref(), 1);
+                        moves.write(&store.db, s, store.retention.stats_days).await
+                    }
+                    .boxed()
+                })
+                .await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Feedback events, newest first: those of one delivery, or those that matched none.

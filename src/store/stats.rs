@@ -41,6 +41,24 @@ struct StatKey {
     status: &'static str,
 }
 
+/// What a recipient did with a delivery, counted in the rollups beside the statuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mark {
+    Complained,
+    Unsubscribed,
+}
+
+impl Mark {
+    pub(crate) const ALL: [&'static str; 2] = ["complained", "unsubscribed"];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Complained => "complained",
+            Self::Unsubscribed => "unsubscribed",
+        }
+    }
+}
+
 /// Counter moves of one transaction, merged per rollup document before writing.
 #[derive(Debug, Default)]
 pub(crate) struct StatMoves {
@@ -77,6 +95,26 @@ impl StatMoves {
         let Some(status) = status.counter() else {
             return;
         };
+        self.count(d, status, provider, delta);
+        if let Some(ms) = latency_ms {
+            let created = d.created_at.timestamp_millis();
+            let hour_ms = created - created.rem_euclid(HOUR_MS);
+            *self
+                .latency
+                .entry((hour_ms, d.channel.as_str()))
+                .or_default()
+                .entry(latency_bucket(ms))
+                .or_default() += delta;
+        }
+    }
+
+    /// Counts `delta` deliveries like `d` that the recipient acted on (`complained`,
+    /// `unsubscribed`): marks beside its status, not statuses.
+    pub(crate) fn mark(&mut self, d: &DeliveryDoc, mark: Mark, provider: Option<&str>, delta: i64) {
+        self.count(d, mark.as_str(), provider, delta);
+    }
+
+    fn count(&mut self, d: &DeliveryDoc, status: &'static str, provider: Option<&str>, delta: i64) {
         let created = d.created_at.timestamp_millis();
         let hour_ms = created - created.rem_euclid(HOUR_MS);
         let key = StatKey {
@@ -87,14 +125,6 @@ impl StatMoves {
             status,
         };
         *self.counts.entry(key).or_default() += delta;
-        if let Some(ms) = latency_ms {
-            *self
-                .latency
-                .entry((hour_ms, d.channel.as_str()))
-                .or_default()
-                .entry(latency_bucket(ms))
-                .or_default() += delta;
-        }
     }
 
     /// Writes every non-zero move (one upsert per rollup document) inside `session`'s
@@ -210,9 +240,9 @@ pub struct StatRow {
     pub count: i64,
 }
 
-/// Per channel: outcome counts and accept-to-sent latency percentiles.
+/// Outcome counts of a channel, or of one provider of it.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct ChannelSummary {
+pub struct Outcomes {
     pub sent: i64,
     pub failed: i64,
     pub dead: i64,
@@ -221,11 +251,49 @@ pub struct ChannelSummary {
     pub delivered: i64,
     pub bounced: i64,
     pub undelivered: i64,
+    /// Deliveries the recipient reported as spam, or unsubscribed from.
+    pub complained: i64,
+    pub unsubscribed: i64,
+}
+
+/// Per channel: outcome counts, per provider too, and accept-to-sent latency percentiles.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ChannelSummary {
+    pub outcomes: Outcomes,
+    /// By the provider that took (or refused) each delivery; skipped and pending
+    /// deliveries have none.
+    pub providers: BTreeMap<String, Outcomes>,
     /// (percentile, milliseconds), from the latency histogram.
     pub latency_ms: Vec<(f64, i64)>,
 }
 
-impl ChannelSummary {
+impl Outcomes {
+    fn add(&mut self, status: &str, n: i64) {
+        match status {
+            "sent" => self.sent += n,
+            "failed" => self.failed += n,
+            "dead" => self.dead += n,
+            "skipped" => self.skipped += n,
+            "delivered" => self.delivered += n,
+            "bounced" => self.bounced += n,
+            "undelivered" => self.undelivered += n,
+            "complained" => self.complained += n,
+            "unsubscribed" => self.unsubscribed += n,
+            _ => self.pending += n,
+        }
+    }
+
+    /// Handed over: what a provider took (and may have reported on since).
+    fn handed_over(&self) -> i64 {
+        self.sent + self.delivered + self.bounced + self.undelivered
+    }
+
+    /// Complaints among those handed over (mailbox providers want it under 0.3%).
+    pub fn complaint_rate(&self) -> Option<f64> {
+        let handed = self.handed_over();
+        (handed > 0).then(|| self.complained as f64 / handed as f64)
+    }
+
     /// Handed over (and not reported lost since) among those that reached an outcome a
     /// provider decided (skips excluded).
     pub fn success_rate(&self) -> Option<f64> {
@@ -236,9 +304,8 @@ impl ChannelSummary {
 
     /// Bounced (or reported undeliverable) among those handed over.
     pub fn bounce_rate(&self) -> Option<f64> {
-        let lost = self.bounced + self.undelivered;
-        let handed = self.sent + self.delivered + lost;
-        (handed > 0).then(|| lost as f64 / handed as f64)
+        let handed = self.handed_over();
+        (handed > 0).then(|| (self.bounced + self.undelivered) as f64 / handed as f64)
     }
 }
 
@@ -299,8 +366,11 @@ impl Store {
         for d in by {
             group_id.insert(d.name(), d.expression());
         }
+        // Deliveries, by status: the marks beside them are counted in the summaries.
+        let mut deliveries = Self::hour_range(since, until);
+        deliveries.insert("s", doc! {"$nin": Mark::ALL.to_vec()});
         let pipeline = [
-            doc! {"$match": Self::hour_range(since, until)},
+            doc! {"$match": deliveries},
             doc! {"$group": {"_id": group_id, "count": {"$sum": "$n"}}},
             doc! {"$match": {"count": {"$ne": 0}}},
             doc! {"$sort": {"_id": 1}},
@@ -338,7 +408,7 @@ impl Store {
             .stats()
             .aggregate([
                 doc! {"$match": Self::hour_range(since, until)},
-                doc! {"$group": {"_id": {"c": "$c", "s": "$s"}, "n": {"$sum": "$n"}}},
+                doc! {"$group": {"_id": {"c": "$c", "p": "$p", "s": "$s"}, "n": {"$sum": "$n"}}},
             ])
             .await
             .context("aggregating channel outcomes")?
@@ -348,17 +418,17 @@ impl Store {
         for row in counts {
             let id = row.get_document("_id").cloned().unwrap_or_default();
             let channel = id.get_str("c").unwrap_or_default().to_owned();
+            let provider = id.get_str("p").unwrap_or_default();
+            let status = id.get_str("s").unwrap_or_default();
             let n = number(row.get("n"));
             let summary = out.entry(channel).or_default();
-            match id.get_str("s").unwrap_or_default() {
-                "sent" => summary.sent += n,
-                "failed" => summary.failed += n,
-                "dead" => summary.dead += n,
-                "skipped" => summary.skipped += n,
-                "delivered" => summary.delivered += n,
-                "bounced" => summary.bounced += n,
-                "undelivered" => summary.undelivered += n,
-                _ => summary.pending += n,
+            summary.outcomes.add(status, n);
+            if !provider.is_empty() {
+                summary
+                    .providers
+                    .entry(provider.to_owned())
+                    .or_default()
+                    .add(status, n);
             }
         }
         // A few thousand small documents a month: merged here, not unwound in a pipeline.
@@ -420,6 +490,12 @@ impl Store {
                 1,
                 latency_of(&d, d.sent_at),
             );
+            if d.complained_at.is_some() {
+                moves.mark(&d, Mark::Complained, d.provider.as_deref(), 1);
+            }
+            if d.unsubscribed_at.is_some() {
+                moves.mark(&d, Mark::Unsubscribed, d.provider.as_deref(), 1);
+            }
             pending += 1;
             if pending == 50_000 {
                 self.write_moves(std::mem::take(&mut moves)).await?;

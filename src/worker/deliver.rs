@@ -130,8 +130,10 @@ fn unsubscribe_links(
         };
     }
     UnsubscribeLinks {
-        this: ctx.settings.unsubscribe_url(&user.id, Some(&d.event_type)),
-        all: ctx.settings.unsubscribe_url(&user.id, None),
+        this: ctx
+            .settings
+            .unsubscribe_url(&d.id, &user.id, Some(&d.event_type)),
+        all: ctx.settings.unsubscribe_url(&d.id, &user.id, None),
     }
 }
 

@@ -133,6 +133,7 @@ pub async fn dispatch(ctx: &Worker, shared: &Shared, notification_id: &str) -> a
                     sent_at: None,
                     feedback: Vec::new(),
                     complained_at: None,
+                    unsubscribed_at: None,
                     expire_at: None,
                 })
             })

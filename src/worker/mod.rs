@@ -87,15 +87,21 @@ impl WorkerConfig {
         })
     }
 
-    /// The one-click unsubscribe link for `user_id` leaving `event_type` (`None`: all
-    /// marketing).
-    pub fn unsubscribe_url(&self, user_id: &str, event_type: Option<&str>) -> Option<String> {
+    /// The one-click unsubscribe link in delivery `delivery_id` for `user_id` leaving
+    /// `event_type` (`None`: all marketing).
+    pub fn unsubscribe_url(
+        &self,
+        delivery_id: &str,
+        user_id: &str,
+        event_type: Option<&str>,
+    ) -> Option<String> {
         let leave = Unsubscribe {
             user_id: UserId::parse(user_id).ok()?,
             event_type: match event_type {
                 Some(t) => Some(EventType::parse(t).ok()?),
                 None => None,
             },
+            delivery_id: Some(delivery_id.to_owned()),
         };
         let token = leave.token(self.unsubscribe_secret.expose().as_bytes());
         Some(format!("{}/u/{token}", self.public_url))

@@ -181,7 +181,11 @@ fn unsubscribe_path(mail: &Mail) -> String {
 async fn one_click_unsubscribe_records_the_opt_out_once_and_later_marketing_is_skipped() {
     let app = marketing_app().await;
     app.put_ana().await;
-    send(&app, greeting("u1")).await;
+    let first = send(&app, greeting("u1")).await;
+    let first = format!(
+        "/v1/deliveries/{}",
+        first["delivery_id"].as_str().expect("id")
+    );
     let mail = app.smtp.wait_for(1, 10).await.remove(0);
     let path = unsubscribe_path(&mail);
     let anonymous = reqwest::Client::new();
@@ -196,6 +200,7 @@ async fn one_click_unsubscribe_records_the_opt_out_once_and_later_marketing_is_s
     );
     let (_, user) = app.get("/v1/users/u1").await;
     assert_eq!(user["unsubscribes"], json!([]), "{user}");
+    assert_eq!(app.get(&first).await.1["unsubscribed_at"], Value::Null);
 
     // A forged token, and a POST without the one-click field, write nothing.
     let forged = format!("{}x", path);
@@ -225,6 +230,11 @@ async fn one_click_unsubscribe_records_the_opt_out_once_and_later_marketing_is_s
     let opt_outs = user["unsubscribes"].as_array().expect("unsubscribes");
     assert_eq!(opt_outs.len(), 1, "{user}");
     assert_eq!(opt_outs[0]["event_type"], "greeting");
+    // The delivery whose link it was is marked, and counted once.
+    let (_, detail) = app.get(&first).await;
+    assert!(detail["unsubscribed_at"].is_string(), "{detail}");
+    let (_, stats) = app.get("/v1/stats/deliveries").await;
+    assert_eq!(stats["channels"]["email"]["unsubscribed"], 1, "{stats}");
     // A profile replace keeps it.
     app.put_ana().await;
     let (_, user) = app.get("/v1/users/u1").await;

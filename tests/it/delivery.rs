@@ -429,6 +429,7 @@ fn planned(nid: &str, user: &str) -> herald::store::DeliveryDoc {
         sent_at: None,
         feedback: Vec::new(),
         complained_at: None,
+        unsubscribed_at: None,
         expire_at: None,
     }
 }

@@ -64,7 +64,7 @@ async fn twilio_app() -> (TestApp, MockServer) {
     (app, twilio)
 }
 
-async fn send(app: &TestApp, channel: &str) -> Value {
+pub(crate) async fn send(app: &TestApp, channel: &str) -> Value {
     let (status, body) = app
         .post_event(&json!({"event_type": "greeting", "channels": [channel],
                             "recipients": {"user_ids": ["u1"]}, "payload": {"note": "hi"}}))
@@ -85,7 +85,7 @@ async fn callback(app: &TestApp, params: &[(&str, &str)], signature: Option<&str
     answer(request).await
 }
 
-async fn delivery(app: &TestApp, id: &str) -> Value {
+pub(crate) async fn delivery(app: &TestApp, id: &str) -> Value {
     app.get(&format!("/v1/deliveries/{id}")).await.1
 }
 

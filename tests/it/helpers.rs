@@ -542,3 +542,25 @@ pub fn python_checker(what: &str) -> Option<PathBuf> {
     }
     python
 }
+
+/// A directory of its own under the system's temporary directory, removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn tempdir() -> TempDir {
+    let dir = std::env::temp_dir().join(format!("herald-test-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("temporary directory");
+    TempDir(dir)
+}

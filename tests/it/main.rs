@@ -16,6 +16,7 @@ mod logs;
 mod marketing;
 mod outages;
 mod policy;
+mod provider_feedback;
 mod providers;
 mod push;
 mod recipients;

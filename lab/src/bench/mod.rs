@@ -324,6 +324,7 @@ pub async fn logs(settings: Settings, deliveries: usize, samples: usize) -> anyh
                 sent_at: sent,
                 feedback: Vec::new(),
                 complained_at: None,
+                unsubscribed_at: None,
                 expire_at: None,
             });
             written += 1;

@@ -49,6 +49,7 @@ pub struct Delivery {
     sent_at: Option<Time>,
     /// When the recipient marked it as spam.
     complained_at: Option<Time>,
+    unsubscribed_at: Option<Time>,
 }
 
 impl From<&DeliveryDoc> for Delivery {
@@ -70,6 +71,7 @@ impl From<&DeliveryDoc> for Delivery {
             updated_at: rfc3339(d.updated_at),
             sent_at: d.sent_at.map(rfc3339),
             complained_at: d.complained_at.map(rfc3339),
+            unsubscribed_at: d.unsubscribed_at.map(rfc3339),
         }
     }
 }

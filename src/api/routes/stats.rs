@@ -52,9 +52,20 @@ pub struct Stats {
     channels: BTreeMap<String, ChannelSummary>,
 }
 
-/// One channel's outcomes in the window.
+/// One channel's outcomes in the window, with each provider's.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ChannelSummary {
+    #[serde(flatten)]
+    outcomes: Outcomes,
+    /// Milliseconds from acceptance to the provider's answer: p50, p90, p99.
+    send_latency_ms: BTreeMap<String, i64>,
+    /// The same counts and rates per provider (deliveries a provider took or refused).
+    providers: BTreeMap<String, Outcomes>,
+}
+
+/// Delivery outcomes and what recipients and providers reported about them.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Outcomes {
     sent: i64,
     failed: i64,
     dead: i64,
@@ -64,12 +75,36 @@ pub struct ChannelSummary {
     delivered: i64,
     bounced: i64,
     undelivered: i64,
+    /// Deliveries reported as spam by their recipient (beside their status).
+    complained: i64,
+    /// Deliveries whose one-click unsubscribe link was used (beside their status).
+    unsubscribed: i64,
     /// (sent + delivered) over every provider-decided outcome; null when none.
     success_rate: Option<f64>,
     /// (bounced + undelivered) over every handed-over delivery; null when none.
     bounce_rate: Option<f64>,
-    /// Milliseconds from acceptance to the provider's answer: p50, p90, p99.
-    send_latency_ms: BTreeMap<String, i64>,
+    /// complained over every handed-over delivery (keep it under 0.003); null when none.
+    complaint_rate: Option<f64>,
+}
+
+impl From<&crate::store::stats::Outcomes> for Outcomes {
+    fn from(o: &crate::store::stats::Outcomes) -> Self {
+        Self {
+            sent: o.sent,
+            failed: o.failed,
+            dead: o.dead,
+            skipped: o.skipped,
+            pending: o.pending,
+            delivered: o.delivered,
+            bounced: o.bounced,
+            undelivered: o.undelivered,
+            complained: o.complained,
+            unsubscribed: o.unsubscribed,
+            success_rate: o.success_rate(),
+            bounce_rate: o.bounce_rate(),
+            complaint_rate: o.complaint_rate(),
+        }
+    }
 }
 
 fn key_json(dimension: &str, v: &Bson) -> Value {
@@ -146,17 +181,13 @@ pub async fn deliveries(
                 })
                 .collect();
             let summary = ChannelSummary {
-                sent: s.sent,
-                failed: s.failed,
-                dead: s.dead,
-                skipped: s.skipped,
-                pending: s.pending,
-                delivered: s.delivered,
-                bounced: s.bounced,
-                undelivered: s.undelivered,
-                success_rate: s.success_rate(),
-                bounce_rate: s.bounce_rate(),
+                outcomes: Outcomes::from(&s.outcomes),
                 send_latency_ms,
+                providers: s
+                    .providers
+                    .iter()
+                    .map(|(p, o)| (p.clone(), o.into()))
+                    .collect(),
             };
             (channel, summary)
         })

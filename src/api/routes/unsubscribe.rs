@@ -130,6 +130,11 @@ pub async fn confirm(
             leave.event_type.as_ref().map(|t| t.as_str()),
         )
         .await?;
+    if let Some(delivery_id) = &leave.delivery_id {
+        store
+            .mark_unsubscribed(delivery_id, leave.user_id.as_str())
+            .await?;
+    }
     Ok(page(
         "Unsubscribed",
         &format!("<p>You will not receive {} any more.</p>", what(&leave)),
