@@ -58,7 +58,8 @@ where
     r
 }
 
-/// The edge: REST API, the `herald.events` intake, and an outbox relay woken by accepts.
+/// The edge: REST API, the `herald.events` intake, an outbox relay woken by accepts, and
+/// provider feedback that waits for its delivery.
 pub async fn api(
     ctx: Context,
     listener: TcpListener,
@@ -71,6 +72,7 @@ pub async fn api(
             intake(ctx.clone(), cancel.clone()),
             ctx.relay.clone().run(cancel.clone()),
             refresh_templates(ctx.clone(), cancel.clone()),
+            api::retry_feedback(ctx.store.clone(), ctx.metrics.clone(), cancel.clone()),
         )?;
         Ok(())
     };
@@ -122,6 +124,7 @@ pub async fn all(
             scheduler::run(ctx.scheduler.clone(), cancel.clone()),
             worker::run(ctx.worker.clone(), cancel.clone()),
             refresh_templates(ctx.clone(), cancel.clone()),
+            api::retry_feedback(ctx.store.clone(), ctx.metrics.clone(), cancel.clone()),
         )?;
         Ok(())
     };

@@ -7,6 +7,8 @@ mod routes;
 pub mod spec;
 mod state;
 
+pub use routes::feedback::retry_waiting as retry_feedback;
+
 use std::sync::Arc;
 use std::time::Instant;
 

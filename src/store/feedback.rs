@@ -87,9 +87,33 @@ pub struct FeedbackDoc {
     pub address: Option<String>,
     pub detail: Option<String>,
     pub received_at: DateTime,
+    /// The suppression the event calls for, applied with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suppress: Option<SuppressionReason>,
+    /// Set while the event waits for its delivery (feedback can outrun the commit of the
+    /// provider's answer): tried again until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_until: Option<DateTime>,
     /// Kept as long as failed deliveries (`retention.failed_days`), then removed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expire_at: Option<DateTime>,
+}
+
+/// How long feedback waits for its delivery to be committed before it stays unmatched.
+const WAIT_FOR_DELIVERY_MS: i64 = 3_600_000;
+
+impl FeedbackDoc {
+    fn feedback(&self) -> Feedback {
+        Feedback {
+            provider: self.provider.clone(),
+            event_id: self.event_id.clone(),
+            kind: self.kind,
+            target: FeedbackTarget::MessageId(self.target.clone()),
+            address: self.address.clone(),
+            detail: self.detail.clone(),
+            suppress: self.suppress,
+        }
+    }
 }
 
 /// One feedback event on its delivery.
@@ -115,8 +139,21 @@ pub enum Applied {
     },
     /// This provider event was applied before: nothing changed.
     Duplicate,
-    /// No delivery has the message it names: kept as unmatched.
+    /// No delivery has the message it names (yet: feedback can outrun the commit of the
+    /// provider's answer): kept as unmatched, and tried again for an hour.
     Unmatched,
+    /// Its delivery is still being sent: applied once its outcome is committed.
+    Pending { delivery_id: String },
+}
+
+/// Whether feedback of `kind` must wait for a delivery in `status`: one not yet handed
+/// over cannot take a provider's status, but will once its outcome is committed.
+fn must_wait(status: DeliveryStatus, kind: FeedbackKind) -> bool {
+    matches!(status, DeliveryStatus::Queued | DeliveryStatus::Sending)
+        && matches!(
+            kind,
+            FeedbackKind::Delivered | FeedbackKind::Bounced | FeedbackKind::Undelivered
+        )
 }
 
 /// The status feedback moves a delivery to from `current`, if any. Order-independent: a
@@ -162,6 +199,7 @@ impl Store {
                     "delivery_received",
                 ),
                 model(doc! {"received_at": -1}, "received_at"),
+                model(doc! {"retry_until": 1}, "retry_until"),
                 super::expiry_index(),
             ])
             .await?;
@@ -209,6 +247,8 @@ impl Store {
             address: fb.address.clone(),
             detail: fb.detail.clone(),
             received_at: now,
+            suppress: fb.suppress,
+            retry_until: None,
             expire_at: super::expires(self.retention.failed_days),
         };
         // Applied before: nothing to do. (A concurrent twin fails its insert below, and
@@ -226,41 +266,36 @@ impl Store {
             .start_transaction()
             .and_run((self, fb, record), |s, (store, fb, record)| {
                 async move {
+                    let delivery = match &record.delivery_id {
+                        Some(id) => {
+                            store
+                                .deliveries()
+                                .find_one(doc! {"_id": id})
+                                .projection(doc! {"attempts": 0})
+                                .session(&mut *s)
+                                .await?
+                        }
+                        None => None,
+                    };
+                    let waits = delivery
+                        .as_ref()
+                        .is_none_or(|d| must_wait(d.status, fb.kind));
+                    let mut record = record.clone();
+                    if waits {
+                        record.retry_until = Some(DateTime::from_millis(
+                            now.timestamp_millis() + WAIT_FOR_DELIVERY_MS,
+                        ));
+                    }
                     store
                         .feedback()
-                        .insert_one(&*record)
+                        .insert_one(&record)
                         .session(&mut *s)
                         .await?;
-                    let Some(id) = record.delivery_id.clone() else {
-                        return Ok(Applied::Unmatched);
-                    };
-                    let Some(d) = store
-                        .deliveries()
-                        .find_one(doc! {"_id": &id})
-                        .projection(doc! {"attempts": 0})
-                        .session(&mut *s)
-                        .await?
-                    else {
-                        return Ok(Applied::Unmatched);
-                    };
-                    let status = transition(d.status, fb.kind);
-                    store.record_feedback(s, &d, fb, status, now).await?;
-                    if let (Some(reason), Some(address)) = (fb.suppress, &fb.address) {
-                        let suppression = SuppressionDoc::new(
-                            d.channel,
-                            address,
-                            reason,
-                            Some(id.clone()),
-                            fb.detail.clone(),
-                        );
-                        store.suppress_in(s, &suppression).await?;
+                    match delivery {
+                        None => Ok(Applied::Unmatched),
+                        Some(d) if waits => Ok(Applied::Pending { delivery_id: d.id }),
+                        Some(d) => store.apply_to(s, &d, fb, now).await,
                     }
-                    Ok(Applied::Recorded {
-                        delivery_id: id,
-                        channel: d.channel.as_str(),
-                        provider: d.provider.clone(),
-                        status,
-                    })
                 }
                 .boxed()
             })
@@ -278,6 +313,112 @@ impl Store {
             tracing::debug!(%delivery_id, provider = %fb.provider, "feedback applied");
         }
         Ok(applied)
+    }
+
+    /// Applies `fb` to delivery `d` inside `s`'s transaction: its entry, the status it
+    /// moves to, and the suppression it calls for.
+    async fn apply_to(
+        &self,
+        s: &mut mongodb::ClientSession,
+        d: &DeliveryDoc,
+        fb: &Feedback,
+        now: DateTime,
+    ) -> mongodb::error::Result<Applied> {
+        let status = transition(d.status, fb.kind);
+        self.record_feedback(s, d, fb, status, now).await?;
+        if let (Some(reason), Some(address)) = (fb.suppress, &fb.address) {
+            let suppression = SuppressionDoc::new(
+                d.channel,
+                address,
+                reason,
+                Some(d.id.clone()),
+                fb.detail.clone(),
+            );
+            self.suppress_in(s, &suppression).await?;
+        }
+        Ok(Applied::Recorded {
+            delivery_id: d.id.clone(),
+            channel: d.channel.as_str(),
+            provider: d.provider.clone(),
+            status,
+        })
+    }
+
+    /// Tries again the feedback that waits for its delivery (oldest first, up to
+    /// `limit`); what it applied, with the events.
+    pub async fn retry_feedback(&self, limit: i64) -> anyhow::Result<Vec<(Feedback, Applied)>> {
+        let now = DateTime::now();
+        let waiting: Vec<FeedbackDoc> = self
+            .feedback()
+            .find(doc! {"retry_until": {"$gt": DateTime::from_millis(0)}})
+            .sort(doc! {"retry_until": 1})
+            .limit(limit)
+            .await?
+            .try_collect()
+            .await?;
+        let mut done = Vec::new();
+        for w in waiting {
+            if w.retry_until.is_some_and(|t| t < now) {
+                // Waited long enough: it stays as it is, unmatched or unapplied.
+                self.feedback()
+                    .update_one(doc! {"_id": &w.id}, doc! {"$unset": {"retry_until": 1}})
+                    .await?;
+                continue;
+            }
+            let fb = w.feedback();
+            let id = match &w.delivery_id {
+                Some(id) => Some(id.clone()),
+                None => self.feedback_delivery(&fb.target).await?,
+            };
+            let Some(id) = id else { continue };
+            if let Some(applied) = conflict_retried(|| self.retry_once(&w, &fb, &id)).await? {
+                done.push((fb, applied));
+            }
+        }
+        Ok(done)
+    }
+
+    /// Applies waiting feedback `w` to delivery `id` if its outcome is committed now.
+    async fn retry_once(
+        &self,
+        w: &FeedbackDoc,
+        fb: &Feedback,
+        id: &str,
+    ) -> anyhow::Result<Option<Applied>> {
+        let mut session = self.client.start_session().await?;
+        Ok(session
+            .start_transaction()
+            .and_run((self, w, fb, id), |s, (store, w, fb, id)| {
+                async move {
+                    let Some(d) = store
+                        .deliveries()
+                        .find_one(doc! {"_id": *id})
+                        .projection(doc! {"attempts": 0})
+                        .session(&mut *s)
+                        .await?
+                    else {
+                        return Ok(None);
+                    };
+                    if must_wait(d.status, fb.kind) {
+                        return Ok(None);
+                    }
+                    // Taken by this transaction only (another process may retry too).
+                    let taken = store
+                        .feedback()
+                        .update_one(
+                            doc! {"_id": &w.id, "retry_until": {"$exists": true}},
+                            doc! {"$set": {"delivery_id": *id}, "$unset": {"retry_until": 1}},
+                        )
+                        .session(&mut *s)
+                        .await?;
+                    if taken.modified_count != 1 {
+                        return Ok(None);
+                    }
+                    store.apply_to(s, &d, fb, DateTime::now()).await.map(Some)
+                }
+                .boxed()
+            })
+            .await?)
     }
 
     /// The delivery's feedback entry and, with `status`, its move (guarded by the status
@@ -423,6 +564,11 @@ mod tests {
         // Soft bounces and complaints are recorded, not statuses.
         assert_eq!(transition(S::Sent, K::Deferred), None);
         assert_eq!(transition(S::Delivered, K::Complained), None);
+        // Feedback for a delivery still being sent waits for its outcome; a complaint
+        // or a soft bounce need not.
+        assert!(must_wait(S::Sending, K::Delivered) && must_wait(S::Queued, K::Bounced));
+        assert!(!must_wait(S::Sending, K::Complained) && !must_wait(S::Sending, K::Deferred));
+        assert!(!must_wait(S::Sent, K::Delivered) && !must_wait(S::Failed, K::Delivered));
         // Nothing moves a delivery that was never handed over.
         for s in [S::Queued, S::Sending, S::Failed, S::Dead, S::Skipped] {
             for k in [K::Delivered, K::Bounced, K::Undelivered] {

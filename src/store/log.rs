@@ -218,7 +218,8 @@ impl Store {
         Ok(self.db.run_command(command).await?)
     }
 
-    /// Status changes of deliveries from now on (or after `resume`), filtered.
+    /// Status changes (and complaint and unsubscribe marks) of deliveries from now on (or
+    /// after `resume`), filtered.
     pub async fn watch_deliveries(
         &self,
         f: &ChangeFilter,
@@ -227,10 +228,12 @@ impl Store {
         let mut conditions = vec![
             doc! {"operationType": {"$in": ["insert", "update", "replace"]}},
             doc! {"fullDocument": {"$ne": null}},
-            // Only updates that set a status are status changes.
+            // Updates that set a status, or mark a complaint or an unsubscribe.
             doc! {"$or": [
                 {"operationType": {"$ne": "update"}},
                 {"updateDescription.updatedFields.status": {"$exists": true}},
+                {"updateDescription.updatedFields.complained_at": {"$exists": true}},
+                {"updateDescription.updatedFields.unsubscribed_at": {"$exists": true}},
             ]},
         ];
         if let Some(s) = f.status {

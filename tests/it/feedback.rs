@@ -394,3 +394,80 @@ async fn operators_suppress_and_lift_addresses_by_hand() {
     assert_eq!(send(&app, "email").await["status"], "sent");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_callback_that_outruns_the_providers_answer_is_applied_once_the_outcome_commits() {
+    // Twilio answers the send two seconds late; its status callback comes before that.
+    let twilio = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(201)
+                .set_body_json(json!({"sid": "SM77", "status": "queued"}))
+                .set_delay(std::time::Duration::from_secs(2)),
+        )
+        .mount(&twilio)
+        .await;
+    let app = spawn_app_with(TestOptions {
+        config_toml: Some(format!(
+            "[sms]\nrecord_dir = \"unused\"\n[[sms.providers]]\nname = \"twilio\"\nkind = \"twilio\"\n\
+             base_url = \"{}\"\naccount_sid = \"AC123\"\nauth_token = \"{TWILIO_TOKEN}\"\n\
+             from = \"+15550001111\"\n",
+            twilio.uri()
+        )),
+        ..TestOptions::default()
+    })
+    .await;
+    app.put_user("u1", json!({"phone": "+4915100000001"})).await;
+    let delivered = [
+        ("MessageSid", "SM77"),
+        ("MessageStatus", "delivered"),
+        ("AccountSid", "AC123"),
+    ];
+    let Some(signature) = twilio_signs(&delivered) else {
+        return app.stop().await;
+    };
+    let (status, body) = app
+        .post_event(&json!({"event_type": "greeting", "channels": ["sms"],
+                            "recipients": {"user_ids": ["u1"]}, "payload": {"note": "hi"}}))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let notification = body["notification_id"].as_str().expect("id").to_owned();
+    // The send is under way (Twilio has the request), its answer not yet committed.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while twilio.received_requests().await.map_or(0, |r| r.len()) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Twilio was never called"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let (status, body) = callback(&app, &delivered, Some(&signature)).await;
+    assert_eq!(
+        (status, body["result"].as_str()),
+        (202, Some("unmatched")),
+        "{body}"
+    );
+    app.wait_finished(&notification, 30).await;
+    let d = app.deliveries(&notification).await.remove(0);
+    let id = d["delivery_id"].as_str().expect("id").to_owned();
+    // Tried again once the sid is on record: delivered, applied once.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let d = delivery(&app, &id).await;
+        if d["status"] == "delivered" {
+            assert_eq!(d["feedback"].as_array().map(Vec::len), Some(1), "{d}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never applied: {d}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let (_, unmatched) = app.get("/v1/feedback").await;
+    assert_eq!(
+        unmatched["items"],
+        json!([]),
+        "no longer unmatched: {unmatched}"
+    );
+    let (_, its) = app.get(&format!("/v1/feedback?delivery_id={id}")).await;
+    assert_eq!(its["items"][0]["event_id"], "SM77:delivered", "{its}");
+    app.stop().await;
+}

@@ -507,20 +507,20 @@ async fn log_queries_refuse_bad_filters_and_foreign_cursors() {
 
 /// One server-sent event.
 #[derive(Debug, Clone)]
-struct Sse {
+pub(crate) struct Sse {
     id: Option<String>,
     event: Option<String>,
     data: String,
 }
 
 /// Reads events (and heartbeat comments, as `event == Some("comment")`) from a stream.
-struct SseReader {
+pub(crate) struct SseReader {
     body: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
     buf: String,
 }
 
 impl SseReader {
-    async fn open(app: &TestApp, query: &str, last_id: Option<&str>) -> Self {
+    pub(crate) async fn open(app: &TestApp, query: &str, last_id: Option<&str>) -> Self {
         let mut req = app
             .http
             .get(app.url(&format!("/v1/deliveries/stream?{query}")));
@@ -577,7 +577,7 @@ impl SseReader {
     }
 
     /// The next `delivery` event, skipping heartbeats.
-    async fn delivery(&mut self, secs: u64) -> (String, Value) {
+    pub(crate) async fn delivery(&mut self, secs: u64) -> (String, Value) {
         loop {
             let e = self.next(secs).await;
             if e.event.as_deref() == Some("delivery") {

@@ -299,13 +299,24 @@ async fn ses_notifications_through_sns_are_verified_confirmed_and_applied() {
             ),
         ],
     );
+    // The live stream shows the status feedback sets, and the complaint mark.
+    let mut stream = crate::logs::SseReader::open(&app, "channel=email", None).await;
     assert_eq!(post_sns(&app, &signed[0]).await.0, 200);
+    let (_, change) = stream.delivery(20).await;
+    assert_eq!(
+        (change["delivery_id"].as_str(), change["status"].as_str()),
+        (Some(second.as_str()), Some("delivered")),
+        "{change}"
+    );
     assert_eq!(delivery(&app, &second).await["status"], "delivered");
     assert_eq!(post_sns(&app, &signed[1]).await.0, 200);
     let detail = delivery(&app, &second).await;
     assert_eq!(detail["status"], "delivered", "{detail}");
     assert_eq!(detail["feedback"][1]["kind"], "deferred", "{detail}");
     assert_eq!(post_sns(&app, &signed[2]).await.0, 200);
+    let (_, change) = stream.delivery(20).await;
+    assert!(change["complained_at"].is_string(), "{change}");
+    drop(stream);
     let detail = delivery(&app, &second).await;
     assert_eq!(detail["status"], "delivered", "{detail}");
     assert!(detail["complained_at"].is_string(), "{detail}");

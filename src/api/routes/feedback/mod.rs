@@ -13,10 +13,13 @@ pub use sendgrid::{sendgrid, SendgridEvent};
 pub use ses::ses;
 pub use twilio::{twilio, TwilioStatus};
 
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 use utoipa::{IntoParams, ToSchema};
 
 use super::{rfc3339, Time};
@@ -29,7 +32,9 @@ use crate::store::Store;
 #[derive(Debug, Serialize, ToSchema)]
 pub struct FeedbackAnswer {
     /// `applied` (recorded on its delivery), `duplicate` (applied before), `unmatched`
-    /// (no delivery has that message; kept for operators), `ignored` (an event that
+    /// (no delivery has that message; kept for operators, and tried again for an hour in
+    /// case the message's delivery is still being committed), `pending` (its delivery is
+    /// still being sent: applied when its outcome is committed), `ignored` (an event that
     /// changes nothing, such as Twilio's `queued`) or `confirmed` (an SNS subscription).
     result: &'static str,
     delivery_id: Option<String>,
@@ -40,6 +45,7 @@ fn answer(applied: Applied) -> (StatusCode, Json<FeedbackAnswer>) {
         Applied::Recorded { delivery_id, .. } => (StatusCode::OK, "applied", Some(delivery_id)),
         Applied::Duplicate => (StatusCode::OK, "duplicate", None),
         Applied::Unmatched => (StatusCode::ACCEPTED, "unmatched", None),
+        Applied::Pending { delivery_id } => (StatusCode::ACCEPTED, "pending", Some(delivery_id)),
     };
     (
         status,
@@ -50,10 +56,17 @@ fn answer(applied: Applied) -> (StatusCode, Json<FeedbackAnswer>) {
     )
 }
 
-/// Applies one provider event and counts it (and the status it moved to) in `/metrics`.
+/// Applies one provider event and counts it.
 async fn apply(store: &Store, metrics: &Metrics, fb: &Feedback) -> Result<Applied, ApiError> {
     let applied = store.apply_feedback(fb).await?;
-    let result = match &applied {
+    count(metrics, fb, &applied);
+    Ok(applied)
+}
+
+/// Counts a feedback event by its result in `/metrics`, and the status it moved its
+/// delivery to.
+fn count(metrics: &Metrics, fb: &Feedback, applied: &Applied) {
+    let result = match applied {
         Applied::Recorded {
             channel,
             provider,
@@ -67,9 +80,38 @@ async fn apply(store: &Store, metrics: &Metrics, fb: &Feedback) -> Result<Applie
         }
         Applied::Duplicate => "duplicate",
         Applied::Unmatched => "unmatched",
+        Applied::Pending { .. } => "pending",
     };
     metrics.feedback(&fb.provider, fb.kind.as_str(), result);
-    Ok(applied)
+}
+
+/// How often feedback waiting for its delivery is tried again.
+const RETRY_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Applies the feedback that outran the commit of its delivery's outcome, every two
+/// seconds until `cancel`.
+pub async fn retry_waiting(
+    store: Store,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(RETRY_EVERY) => {}
+        }
+        match store.retry_feedback(100).await {
+            Ok(done) => {
+                for (fb, applied) in &done {
+                    count(&metrics, fb, applied);
+                }
+            }
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                "could not retry feedback waiting for its delivery"
+            ),
+        }
+    }
 }
 
 /// An answer that applied nothing: `ignored` (a status that changes nothing, such as
