@@ -149,7 +149,8 @@ pub enum Applied {
 /// Whether feedback of `kind` must wait for a delivery in `status`: one not yet handed
 /// over cannot take a provider's status, but will once its outcome is committed.
 fn must_wait(status: DeliveryStatus, kind: FeedbackKind) -> bool {
-    matches!(status, DeliveryStatus::Queued | DeliveryStatus::Sending)
+    use DeliveryStatus as S;
+    matches!(status, S::Queued | S::Sending | S::Retrying | S::Deferred)
         && matches!(
             kind,
             FeedbackKind::Delivered | FeedbackKind::Bounced | FeedbackKind::Undelivered
@@ -567,6 +568,7 @@ mod tests {
         // Feedback for a delivery still being sent waits for its outcome; a complaint
         // or a soft bounce need not.
         assert!(must_wait(S::Sending, K::Delivered) && must_wait(S::Queued, K::Bounced));
+        assert!(must_wait(S::Retrying, K::Delivered) && must_wait(S::Deferred, K::Undelivered));
         assert!(!must_wait(S::Sending, K::Complained) && !must_wait(S::Sending, K::Deferred));
         assert!(!must_wait(S::Sent, K::Delivered) && !must_wait(S::Failed, K::Delivered));
         // Nothing moves a delivery that was never handed over.

@@ -139,6 +139,7 @@ try {
     await page.waitForSelector("svg[aria-label='Jobs waiting per lane']");
     await page.waitForSelector("svg[aria-label='Send latency percentiles per channel'] rect");
     await page.waitForSelector("svg[aria-label='Success rate per provider'] rect");
+    await page.waitForSelector("table[aria-label='Deliverability per provider'] tbody tr");
     assert.ok(Number((await page.textContent("#kpi-total")).replace(/\D/g, "")) >= 2, "deliveries counted");
     await labelled("overview");
     await shot("overview");

@@ -143,7 +143,7 @@ function formValues(form) {
   return out;
 }
 
-const STATUSES = ["queued", "sending", "sent", "failed", "retrying", "dead", "skipped", "deferred"];
+const STATUSES = ["queued", "sending", "sent", "delivered", "bounced", "undelivered", "failed", "retrying", "dead", "skipped", "deferred"];
 const CHANNELS = ["email", "sms", "push", "webhook"];
 const STATUS_COLORS = { sent: "#16a34a", delivered: "#15803d", failed: "#dc2626", bounced: "#b91c1c", undelivered: "#9f1239", dead: "#7f1d1d", retrying: "#d97706", deferred: "#f59e0b", skipped: "#9ca3af", queued: "#60a5fa", sending: "#2563eb" };
 const CHANNEL_COLORS = { email: "#2563eb", sms: "#16a34a", push: "#9333ea", webhook: "#ea580c" };
@@ -289,6 +289,7 @@ async function deliveryPage(m, token) {
           h("dt", {}, "Updated"), h("dd", {}, timeCell(d.updated_at)),
           h("dt", {}, "Sent"), h("dd", {}, timeCell(d.sent_at)),
           d.complained_at ? [h("dt", {}, "Complained"), h("dd", {}, timeCell(d.complained_at))] : null,
+          d.unsubscribed_at ? [h("dt", {}, "Unsubscribed"), h("dd", {}, timeCell(d.unsubscribed_at))] : null,
           h("dt", {}, "Last error"), h("dd", {}, d.last_error || "—"))),
       h("section", { class: "card", "aria-label": "Message preview" }, h("h2", {}, "Message"),
         h("p", { class: "muted small" }, "Rendered now from the current template and the recipient's current profile."), preview)),
@@ -429,23 +430,17 @@ async function overviewPage(m, token) {
   const queues = h("div", {}, h("p", { class: "muted" }, "Loading…"));
   render(h("h1", {}, "Overview"), h("div", { class: "actions" }, h("label", { for: "range" }, "Range"), picker),
     h("p", { class: "muted" }, "Loading…"));
-  const [byStatus, byChannel, byProvider] = await Promise.all([
+  const [byStatus, byChannel] = await Promise.all([
     api(`/v1/stats/deliveries${qs({ since, group_by: "hour,status" })}`),
     api(`/v1/stats/deliveries${qs({ since, group_by: "hour,channel" })}`),
-    api(`/v1/stats/deliveries${qs({ since, group_by: "channel,provider,status" })}`),
   ]);
   if (!current(token)) return;
   const channels = Object.entries(byChannel.channels || {});
   const sent = channels.reduce((a, [, c]) => a + c.sent, 0);
   const failed = channels.reduce((a, [, c]) => a + c.failed + c.dead, 0);
   const pending = channels.reduce((a, [, c]) => a + c.pending, 0);
-  const providers = {};
-  for (const r of byProvider.rows) {
-    if (!r.provider) continue;
-    const p = (providers[`${r.channel} · ${r.provider}`] ||= { sent: 0, done: 0 });
-    if (r.status === "sent") p.sent += r.count;
-    if (["sent", "failed", "dead"].includes(r.status)) p.done += r.count;
-  }
+  // Per channel and provider: outcomes, rates, and what recipients reported.
+  const providers = channels.flatMap(([c, v]) => Object.entries(v.providers || {}).map(([p, o]) => [`${c} · ${p}`, o]));
   const pct = (v) => (v === null || v === undefined ? "—" : `${(v * 100).toFixed(1)}%`);
   const ms = (v) => (v === null || v === undefined ? "—" : `${num(Math.round(v))} ms`);
   render(
@@ -465,7 +460,18 @@ async function overviewPage(m, token) {
       h("section", { class: "card", "aria-label": "Success rate per channel" }, h("h2", {}, "Success rate per channel"),
         hbars(channels.map(([c, v]) => ({ label: c, value: v.success_rate, color: CHANNEL_COLORS[c] })), "Success rate per channel", pct, "#2563eb")),
       h("section", { class: "card", "aria-label": "Success rate per provider" }, h("h2", {}, "Success rate per provider"),
-        hbars(Object.entries(providers).map(([k, v]) => ({ label: k, value: v.done ? v.sent / v.done : null })), "Success rate per provider", pct, "#0d9488"))),
+        hbars(providers.map(([k, v]) => ({ label: k, value: v.success_rate })), "Success rate per provider", pct, "#0d9488"))),
+    h("section", { class: "card", "aria-label": "Deliverability" }, h("h2", {}, "Deliverability"),
+      h("p", { class: "muted small" }, "What the providers and recipients reported after sending. Mailbox providers expect complaints under 0.3%."),
+      providers.length
+        ? h("div", { class: "table-wrap" }, h("table", { class: "small", "aria-label": "Deliverability per provider" },
+            h("thead", {}, h("tr", {}, ["Channel · provider", "Delivered", "Bounced", "Undelivered", "Complaints", "Unsubscribes", "Bounce rate", "Complaint rate"]
+              .map((t, i) => h("th", { scope: "col", class: i ? "num" : "" }, t)))),
+            h("tbody", {}, providers.map(([k, v]) => h("tr", {}, h("td", {}, k),
+              [v.delivered, v.bounced, v.undelivered, v.complained, v.unsubscribed].map((n) => h("td", { class: "num" }, num(n))),
+              h("td", { class: "num" }, pct(v.bounce_rate)),
+              h("td", { class: v.complaint_rate >= 0.003 ? "num bad" : "num" }, pct(v.complaint_rate)))))))
+        : h("p", { class: "muted" }, "Nothing handed to a provider in this range.")),
     h("div", { class: "row" },
       h("section", { class: "card", "aria-label": "Send latency" }, h("h2", {}, "Send latency (accept → sent)"),
         hbars(channels.flatMap(([c, v]) => ["p50", "p90", "p99"].map((p) => ({ label: `${c} ${p}`, value: (v.send_latency_ms || {})[p], color: CHANNEL_COLORS[c] }))),
