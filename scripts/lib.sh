@@ -121,8 +121,12 @@ ensure_mongodb() {
   ensure_secantus_installed
   mkdir -p "$HERALD_VAR/secantus"
   say "MongoDB: starting SecantusDB on port $SECANTUS_PORT (data in var/secantus)"
+  # --sync-on-commit: a commit is on disk before it is acknowledged (without it a killed
+  # server loses journaled writes); HERALD_SECANTUS_SYNC=0 measures the difference.
+  local sync=(--sync-on-commit)
+  [ "${HERALD_SECANTUS_SYNC:-1}" = 1 ] || sync=()
   nohup secantusd-rs --port "$SECANTUS_PORT" --storage-path "$HERALD_VAR/secantus" \
-    --log-level WARNING >"$HERALD_VAR/secantus.log" 2>&1 &
+    "${sync[@]}" --log-level WARNING >"$HERALD_VAR/secantus.log" 2>&1 &
   echo $! >"$HERALD_VAR/secantus.pid"
   SECANTUS_STARTED=1
   wait_port "$SECANTUS_PORT" 60 "secantusd-rs" || { tail -20 "$HERALD_VAR/secantus.log" >&2; return 1; }

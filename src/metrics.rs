@@ -20,7 +20,8 @@ pub struct DeliveryLabels {
 pub struct FeedbackLabels {
     pub provider: String,
     pub kind: String,
-    /// `applied`, `duplicate` or `unmatched`.
+    /// `applied`, `duplicate`, `unmatched` or `pending` when received; `applied_late`
+    /// when a waiting event is applied afterwards.
     pub result: String,
 }
 

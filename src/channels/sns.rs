@@ -124,7 +124,26 @@ pub enum SnsError {
     BadSignature,
 }
 
-/// Whether `host` matches one of `patterns` (`*` stands for exactly one DNS label).
+/// Whether `label` is shaped like an AWS region (`us-east-1`, `us-gov-west-1`,
+/// `cn-north-1`): two letters, words, a number. S3's host labels (`s3`, `s3-us-west-2`,
+/// `s3-accelerate`) are not.
+fn is_region(label: &str) -> bool {
+    let parts: Vec<&str> = label.split('-').collect();
+    let (Some(first), Some(last)) = (parts.first(), parts.last()) else {
+        return false;
+    };
+    parts.len() >= 3
+        && first.len() == 2
+        && first.bytes().all(|b| b.is_ascii_lowercase())
+        && !last.is_empty()
+        && last.bytes().all(|b| b.is_ascii_digit())
+        && parts[1..parts.len() - 1]
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_lowercase()))
+}
+
+/// Whether `host` matches one of `patterns`, where `*` stands for one label shaped like
+/// an AWS region.
 pub fn host_matches(patterns: &[String], host: &str) -> bool {
     let host = host.trim_end_matches('.').to_ascii_lowercase();
     let labels: Vec<&str> = host.split('.').collect();
@@ -134,8 +153,23 @@ pub fn host_matches(patterns: &[String], host: &str) -> bool {
             && want
                 .iter()
                 .zip(&labels)
-                .all(|(w, l)| *w == "*" && !l.is_empty() || w.eq_ignore_ascii_case(l))
+                .all(|(w, l)| (*w == "*" && is_region(l)) || w.eq_ignore_ascii_case(l))
     })
+}
+
+/// Whether `url` is SNS's signing certificate on an allowed host: its path is
+/// `/SimpleNotificationService-<hex>.pem`, as SNS names them.
+pub fn cert_url_allowed(patterns: &[String], url: &str) -> bool {
+    url_allowed(patterns, url)
+        && url::Url::parse(url).is_ok_and(|u| {
+            u.query().is_none()
+                && u.path()
+                    .strip_prefix("/SimpleNotificationService-")
+                    .and_then(|rest| rest.strip_suffix(".pem"))
+                    .is_some_and(|hex| {
+                        !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit())
+                    })
+        })
 }
 
 /// A URL SNS may name: HTTPS on an allowed host (plain HTTP only on a loopback address,
@@ -178,7 +212,7 @@ impl SnsVerifier {
     /// Checks `m`'s signature with the certificate its `SigningCertURL` names, which
     /// must be on one of `hosts`.
     pub async fn verify(&self, hosts: &[String], m: &SnsMessage) -> Result<(), SnsError> {
-        if !url_allowed(hosts, &m.signing_cert_url) {
+        if !cert_url_allowed(hosts, &m.signing_cert_url) {
             return Err(SnsError::HostNotAllowed("SigningCertURL"));
         }
         let key = match self.keys.get(&m.signing_cert_url) {
@@ -233,26 +267,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_listed_hosts_and_https_or_loopback_are_allowed() {
+    fn only_sns_certificates_on_listed_hosts_over_https_or_loopback_are_allowed() {
         let hosts = vec!["sns.*.amazonaws.com".to_owned(), "127.0.0.1".to_owned()];
         for ok in [
-            "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-1.pem",
-            "https://SNS.eu-west-1.amazonaws.com./x.pem",
-            "http://127.0.0.1:8123/cert.pem",
+            "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-9c6465fa7f48f5cacd23014631ec1136.pem",
+            "https://SNS.us-gov-west-1.amazonaws.com./SimpleNotificationService-01ab.pem",
+            "http://127.0.0.1:8123/SimpleNotificationService-0123.pem",
         ] {
-            assert!(url_allowed(&hosts, ok), "{ok}");
+            assert!(cert_url_allowed(&hosts, ok), "{ok}");
         }
         for bad in [
-            // Anyone can put a file on S3, under amazonaws.com.
-            "https://bucket.s3.amazonaws.com/cert.pem",
-            "https://sns.us-east-1.amazonaws.com.evil.example/x.pem",
-            "https://sns.amazonaws.com/x.pem",
-            "http://sns.us-east-1.amazonaws.com/x.pem",
-            "https://user@sns.us-east-1.amazonaws.com/x.pem",
-            "https://127.0.0.2/x.pem",
+            // Anyone can put a file on S3, under amazonaws.com, in a bucket named `sns` too.
+            "https://bucket.s3.amazonaws.com/SimpleNotificationService-01.pem",
+            "https://sns.s3.amazonaws.com/SimpleNotificationService-01.pem",
+            "https://sns.s3-us-west-2.amazonaws.com/SimpleNotificationService-01.pem",
+            "https://sns.s3-external-1.amazonaws.com/SimpleNotificationService-01.pem",
+            "https://sns.s3-accelerate.amazonaws.com/SimpleNotificationService-01.pem",
+            "https://sns.us-east-1.amazonaws.com.evil.example/SimpleNotificationService-01.pem",
+            "https://sns.amazonaws.com/SimpleNotificationService-01.pem",
+            "http://sns.us-east-1.amazonaws.com/SimpleNotificationService-01.pem",
+            "https://user@sns.us-east-1.amazonaws.com/SimpleNotificationService-01.pem",
+            "https://sns.us-east-1.amazonaws.com/other.pem",
+            "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-01.pem?x=1",
+            "https://127.0.0.2/SimpleNotificationService-01.pem",
             "not a url",
         ] {
-            assert!(!url_allowed(&hosts, bad), "{bad}");
+            assert!(!cert_url_allowed(&hosts, bad), "{bad}");
         }
+        // A subscription URL is any path on an allowed host.
+        assert!(url_allowed(
+            &hosts,
+            "https://sns.eu-west-1.amazonaws.com/?Action=ConfirmSubscription&Token=x"
+        ));
+        assert!(!url_allowed(
+            &hosts,
+            "https://sns.s3.amazonaws.com/?Action=ConfirmSubscription"
+        ));
     }
 }

@@ -94,6 +94,12 @@ pub struct FeedbackDoc {
     /// provider's answer): tried again until then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_until: Option<DateTime>,
+    /// While it waits: when it is tried next, backing off from two seconds to five
+    /// minutes, so a few events that never match do not hold up the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_try: Option<DateTime>,
+    #[serde(default)]
+    pub tries: u32,
     /// Kept as long as failed deliveries (`retention.failed_days`), then removed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expire_at: Option<DateTime>,
@@ -101,6 +107,17 @@ pub struct FeedbackDoc {
 
 /// How long feedback waits for its delivery to be committed before it stays unmatched.
 const WAIT_FOR_DELIVERY_MS: i64 = 3_600_000;
+/// The first pause before waiting feedback is tried again, doubled each try up to the most.
+const FIRST_RETRY_MS: i64 = 2_000;
+const MOST_RETRY_MS: i64 = 300_000;
+
+/// When waiting feedback tried `tries` times is tried next.
+fn next_try(now: DateTime, tries: u32) -> DateTime {
+    let pause = FIRST_RETRY_MS
+        .saturating_mul(1 << tries.min(20))
+        .min(MOST_RETRY_MS);
+    DateTime::from_millis(now.timestamp_millis() + pause)
+}
 
 impl FeedbackDoc {
     fn feedback(&self) -> Feedback {
@@ -151,10 +168,7 @@ pub enum Applied {
 fn must_wait(status: DeliveryStatus, kind: FeedbackKind) -> bool {
     use DeliveryStatus as S;
     matches!(status, S::Queued | S::Sending | S::Retrying | S::Deferred)
-        && matches!(
-            kind,
-            FeedbackKind::Delivered | FeedbackKind::Bounced | FeedbackKind::Undelivered
-        )
+        && kind != FeedbackKind::Deferred
 }
 
 /// The status feedback moves a delivery to from `current`, if any. Order-independent: a
@@ -200,7 +214,7 @@ impl Store {
                     "delivery_received",
                 ),
                 model(doc! {"received_at": -1}, "received_at"),
-                model(doc! {"retry_until": 1}, "retry_until"),
+                model(doc! {"next_try": 1}, "next_try"),
                 super::expiry_index(),
             ])
             .await?;
@@ -250,6 +264,8 @@ impl Store {
             received_at: now,
             suppress: fb.suppress,
             retry_until: None,
+            next_try: None,
+            tries: 0,
             expire_at: super::expires(self.retention.failed_days),
         };
         // Applied before: nothing to do. (A concurrent twin fails its insert below, and
@@ -278,14 +294,18 @@ impl Store {
                         }
                         None => None,
                     };
-                    let waits = delivery
-                        .as_ref()
-                        .is_none_or(|d| must_wait(d.status, fb.kind));
+                    // A message id may yet be recorded (its send is being committed); a
+                    // delivery id that names no delivery never will be.
+                    let waits = match &delivery {
+                        Some(d) => must_wait(d.status, fb.kind),
+                        None => matches!(fb.target, FeedbackTarget::MessageId(_)),
+                    };
                     let mut record = record.clone();
                     if waits {
                         record.retry_until = Some(DateTime::from_millis(
                             now.timestamp_millis() + WAIT_FOR_DELIVERY_MS,
                         ));
+                        record.next_try = Some(next_try(now, 0));
                     }
                     store
                         .feedback()
@@ -345,38 +365,64 @@ impl Store {
         })
     }
 
-    /// Tries again the feedback that waits for its delivery (oldest first, up to
-    /// `limit`); what it applied, with the events.
+    /// Tries again the feedback whose turn it is (up to `limit`), and lets what waited
+    /// its hour stay as it is; what it applied, with the events.
     pub async fn retry_feedback(&self, limit: i64) -> anyhow::Result<Vec<(Feedback, Applied)>> {
         let now = DateTime::now();
-        let waiting: Vec<FeedbackDoc> = self
+        self.feedback()
+            .update_many(
+                doc! {"next_try": {"$lte": now}, "retry_until": {"$lt": now}},
+                doc! {"$unset": {"retry_until": 1, "next_try": 1}},
+            )
+            .await?;
+        let due: Vec<FeedbackDoc> = self
             .feedback()
-            .find(doc! {"retry_until": {"$gt": DateTime::from_millis(0)}})
-            .sort(doc! {"retry_until": 1})
+            .find(doc! {"next_try": {"$lte": now}})
+            .sort(doc! {"next_try": 1})
             .limit(limit)
             .await?
             .try_collect()
             .await?;
         let mut done = Vec::new();
-        for w in waiting {
-            if w.retry_until.is_some_and(|t| t < now) {
-                // Waited long enough: it stays as it is, unmatched or unapplied.
-                self.feedback()
-                    .update_one(doc! {"_id": &w.id}, doc! {"$unset": {"retry_until": 1}})
-                    .await?;
-                continue;
-            }
-            let fb = w.feedback();
-            let id = match &w.delivery_id {
-                Some(id) => Some(id.clone()),
-                None => self.feedback_delivery(&fb.target).await?,
-            };
-            let Some(id) = id else { continue };
-            if let Some(applied) = conflict_retried(|| self.retry_once(&w, &fb, &id)).await? {
-                done.push((fb, applied));
+        for w in due {
+            match self.retry_one(&w).await {
+                Ok(Some(applied)) => done.push((w.feedback(), applied)),
+                Ok(None) => {
+                    let later = doc! {"$set": {"next_try": next_try(now, w.tries + 1)},
+                    "$inc": {"tries": 1}};
+                    if let Err(e) = self
+                        .feedback()
+                        .update_one(doc! {"_id": &w.id, "next_try": {"$exists": true}}, later)
+                        .await
+                    {
+                        tracing::warn!(
+                            error = format!("{e:#}"),
+                            "could not postpone waiting feedback"
+                        );
+                    }
+                }
+                // One event that cannot be tried now does not hold up the others.
+                Err(e) => tracing::warn!(
+                    error = format!("{e:#}"),
+                    provider = %w.provider,
+                    "could not retry waiting feedback"
+                ),
             }
         }
         Ok(done)
+    }
+
+    /// Applies waiting feedback `w` if its delivery is found and handed over now.
+    async fn retry_one(&self, w: &FeedbackDoc) -> anyhow::Result<Option<Applied>> {
+        let fb = w.feedback();
+        let id = match &w.delivery_id {
+            Some(id) => Some(id.clone()),
+            None => self.feedback_delivery(&fb.target).await?,
+        };
+        let Some(id) = id else {
+            return Ok(None);
+        };
+        conflict_retried(|| self.retry_once(w, &fb, &id)).await
     }
 
     /// Applies waiting feedback `w` to delivery `id` if its outcome is committed now.
@@ -407,8 +453,9 @@ impl Store {
                     let taken = store
                         .feedback()
                         .update_one(
-                            doc! {"_id": &w.id, "retry_until": {"$exists": true}},
-                            doc! {"$set": {"delivery_id": *id}, "$unset": {"retry_until": 1}},
+                            doc! {"_id": &w.id, "next_try": {"$exists": true}},
+                            doc! {"$set": {"delivery_id": *id},
+                            "$unset": {"retry_until": 1, "next_try": 1}},
                         )
                         .session(&mut *s)
                         .await?;
@@ -565,11 +612,23 @@ mod tests {
         // Soft bounces and complaints are recorded, not statuses.
         assert_eq!(transition(S::Sent, K::Deferred), None);
         assert_eq!(transition(S::Delivered, K::Complained), None);
-        // Feedback for a delivery still being sent waits for its outcome; a complaint
-        // or a soft bounce need not.
+        // Feedback for a delivery still being sent waits for its outcome; a soft bounce
+        // need not.
         assert!(must_wait(S::Sending, K::Delivered) && must_wait(S::Queued, K::Bounced));
         assert!(must_wait(S::Retrying, K::Delivered) && must_wait(S::Deferred, K::Undelivered));
-        assert!(!must_wait(S::Sending, K::Complained) && !must_wait(S::Sending, K::Deferred));
+        assert!(must_wait(S::Sending, K::Complained) && !must_wait(S::Sending, K::Deferred));
+        assert_eq!(
+            next_try(DateTime::from_millis(0), 0).timestamp_millis(),
+            2_000
+        );
+        assert_eq!(
+            next_try(DateTime::from_millis(0), 3).timestamp_millis(),
+            16_000
+        );
+        assert_eq!(
+            next_try(DateTime::from_millis(0), 40).timestamp_millis(),
+            300_000
+        );
         assert!(!must_wait(S::Sent, K::Delivered) && !must_wait(S::Failed, K::Delivered));
         // Nothing moves a delivery that was never handed over.
         for s in [S::Queued, S::Sending, S::Failed, S::Dead, S::Skipped] {

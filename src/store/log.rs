@@ -218,8 +218,7 @@ impl Store {
         Ok(self.db.run_command(command).await?)
     }
 
-    /// Status changes (and complaint and unsubscribe marks) of deliveries from now on (or
-    /// after `resume`), filtered.
+    /// Status changes of deliveries from now on (or after `resume`), filtered.
     pub async fn watch_deliveries(
         &self,
         f: &ChangeFilter,
@@ -228,12 +227,10 @@ impl Store {
         let mut conditions = vec![
             doc! {"operationType": {"$in": ["insert", "update", "replace"]}},
             doc! {"fullDocument": {"$ne": null}},
-            // Updates that set a status, or mark a complaint or an unsubscribe.
+            // Only updates that set a status are status changes.
             doc! {"$or": [
                 {"operationType": {"$ne": "update"}},
                 {"updateDescription.updatedFields.status": {"$exists": true}},
-                {"updateDescription.updatedFields.complained_at": {"$exists": true}},
-                {"updateDescription.updatedFields.unsubscribed_at": {"$exists": true}},
             ]},
         ];
         if let Some(s) = f.status {

@@ -469,5 +469,17 @@ async fn a_callback_that_outruns_the_providers_answer_is_applied_once_the_outcom
     );
     let (_, its) = app.get(&format!("/v1/feedback?delivery_id={id}")).await;
     assert_eq!(its["items"][0]["event_id"], "SM77:delivered", "{its}");
+    let metrics = reqwest::get(app.url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for line in [
+        r#"herald_feedback_events_total{provider="twilio",kind="delivered",result="unmatched"} 1"#,
+        r#"herald_feedback_events_total{provider="twilio",kind="delivered",result="applied_late"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
     app.stop().await;
 }

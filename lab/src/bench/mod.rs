@@ -585,6 +585,55 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     Some((utime + stime) / 100.0)
 }
 
+/// The local process that listens on the database's port (SecantusDB or mongod), for its
+/// CPU time; `None` when the database is elsewhere or cannot be seen.
+fn database_pid(uri: &str) -> Option<u32> {
+    let port = uri
+        .split("://")
+        .nth(1)?
+        .split(['/', '?', ','])
+        .next()?
+        .rsplit_once(':')?
+        .1
+        .parse::<u16>()
+        .ok()?;
+    // The listening socket's inode, from the kernel's table (state 0A: LISTEN).
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let listening = f.get(3) == Some(&"0A");
+            let on_port = f
+                .get(1)
+                .and_then(|a| a.rsplit_once(':'))
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+                == Some(port);
+            if listening && on_port {
+                inodes.extend(f.get(9).map(|i| format!("socket:[{i}]")));
+            }
+        }
+    }
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                if inodes.iter().any(|i| target.to_string_lossy() == *i) {
+                    return Some(pid);
+                }
+            }
+        }
+    }
+    None
+}
+
 /// A herald role as a process of its own, on this run's database and queues.
 fn spawn_role(
     settings: &Settings,
@@ -971,6 +1020,8 @@ pub async fn campaign(settings: Settings, c: Campaign) -> anyhow::Result<Value> 
         .iter()
         .map(|(_, p)| cpu_seconds(*p).unwrap_or(0.0))
         .collect();
+    let database = database_pid(settings.mongodb.uri.expose());
+    let database_cpu_before = database.and_then(cpu_seconds);
     let started = Instant::now();
     let id = roles
         .post(&json!({"event_type": "new_episode", "priority": "low", "channels": channels,
@@ -1004,6 +1055,14 @@ pub async fn campaign(settings: Settings, c: Campaign) -> anyhow::Result<Value> 
             json!({"cpu_seconds": (cpu * 10.0).round() / 10.0, "peak_rss_mb": peak_rss_mb(*pid).map(|r| r.round())}),
         );
     }
+    // The database server's own CPU over the same span (a local server only).
+    let database_cpu_per_1000 =
+        database
+            .and_then(cpu_seconds)
+            .zip(database_cpu_before)
+            .map(|(after, before)| {
+                ((after - before) / deliveries as f64 * 1000.0 * 100.0).round() / 100.0
+            });
     let backlog = if c.probe_per_sec > 0.0 {
         Some(probe_latencies(&ctx, &probes).await?)
     } else {
@@ -1013,9 +1072,10 @@ pub async fn campaign(settings: Settings, c: Campaign) -> anyhow::Result<Value> 
     let rate = deliveries as f64 / secs;
     let cpu_per_1000 = (cpu_total / deliveries as f64 * 1000.0 * 100.0).round() / 100.0;
     println!(
-        "{name}: {deliveries} deliveries ({channels}) in {secs:.1} s = {rate:.0} deliveries/s; sent {}, status {:?}; {cpu_per_1000:.2} CPU s per 1,000; {}",
+        "{name}: {deliveries} deliveries ({channels}) in {secs:.1} s = {rate:.0} deliveries/s; sent {}, status {:?}; {cpu_per_1000:.2} CPU s per 1,000 (herald), {} (database); {}",
         notification.counts.sent,
         notification.status,
+        database_cpu_per_1000.map_or("unseen".to_owned(), |c| format!("{c:.2}")),
         Value::Object(processes.clone())
     );
     let mut result = json!({
@@ -1028,6 +1088,7 @@ pub async fn campaign(settings: Settings, c: Campaign) -> anyhow::Result<Value> 
         "sink_received": {"sms": received.sms.load(std::sync::atomic::Ordering::Relaxed),
             "push": received.push.load(std::sync::atomic::Ordering::Relaxed)},
         "cpu_seconds_per_1000": cpu_per_1000,
+        "database_cpu_seconds_per_1000": database_cpu_per_1000,
         "processes": processes,
     });
     if let (Some(idle), Some(backlog)) = (idle, backlog) {

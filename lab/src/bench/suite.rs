@@ -112,9 +112,11 @@ pub async fn all(
         "ingest_to_rabbitmq": ratio(&ingest["accepted_per_sec"], rabbit),
         "ingest_to_mongodb_insert": ratio(&ingest["accepted_per_sec"], mongo_insert),
         "fanout_to_rabbitmq": ratio(&fanout["deliveries_per_sec"], rabbit),
+        "fanout_to_mongodb_insert": ratio(&fanout["deliveries_per_sec"], mongo_insert),
         "fanout_to_mongodb_outcomes": ratio(&fanout["deliveries_per_sec"], mongo_outcomes),
         "fanout_to_mongodb_delivery_bound": ratio(&fanout["deliveries_per_sec"], delivery_bound),
         "mixed_to_rabbitmq": ratio(&mixed["deliveries_per_sec"], rabbit),
+        "mixed_to_mongodb_insert": ratio(&mixed["deliveries_per_sec"], mongo_insert),
         "mixed_to_mongodb_outcomes": ratio(&mixed["deliveries_per_sec"], mongo_outcomes),
         "mixed_to_mongodb_delivery_bound": ratio(&mixed["deliveries_per_sec"], delivery_bound),
     });
@@ -177,14 +179,16 @@ fn table(r: &Value) -> String {
     let campaign = |s: &Value, scenario: &str| {
         let ratio = |ceiling: &str| f(&r["ratios"][format!("{scenario}_to_{ceiling}")]);
         format!(
-            "{} deliveries/s ({} in {} s; sent {}); {} CPU s per 1,000; RSS {} | {} of RabbitMQ, {} of MongoDB outcomes, {} of the MongoDB delivery bound",
+            "{} deliveries/s ({} in {} s; sent {}); CPU s per 1,000: herald {}, database {}; RSS {} | {} of RabbitMQ, {} of MongoDB indexed insert, {} of MongoDB outcomes, {} of the MongoDB delivery bound",
             f(&s["deliveries_per_sec"]),
             f(&s["deliveries"]),
             f(&s["seconds"]),
             f(&s["counts"]["sent"]),
             f(&s["cpu_seconds_per_1000"]),
+            f(&s["database_cpu_seconds_per_1000"]),
             rss(s),
             ratio("rabbitmq"),
+            ratio("mongodb_insert"),
             ratio("mongodb_outcomes"),
             ratio("mongodb_delivery_bound")
         )

@@ -118,6 +118,8 @@ impl Database {
             .arg(self.port.to_string())
             .arg("--storage-path")
             .arg(&self.dir)
+            // As the scripts start it: a commit is on disk before it is acknowledged.
+            .arg("--sync-on-commit")
             .args(["--log-level", "WARNING"])
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -130,10 +130,14 @@ pub async fn confirm(
             leave.event_type.as_ref().map(|t| t.as_str()),
         )
         .await?;
+    // The opt-out is recorded: a mark that cannot be written now does not undo it.
     if let Some(delivery_id) = &leave.delivery_id {
-        store
+        if let Err(e) = store
             .mark_unsubscribed(delivery_id, leave.user_id.as_str())
-            .await?;
+            .await
+        {
+            tracing::warn!(error = format!("{e:#}"), %delivery_id, "could not mark the delivery unsubscribed");
+        }
     }
     Ok(page(
         "Unsubscribed",

@@ -7,11 +7,11 @@ use axum::http::StatusCode;
 use axum::Json;
 use mail_parser::MimeHeaders as _;
 
-use super::{answer, apply, ignored, FeedbackAnswer};
+use super::{apply_all, message_id, FeedbackAnswer};
 use crate::api::error::{read_body, ApiError};
 use crate::config::Settings;
 use crate::metrics::Metrics;
-use crate::store::feedback::{Applied, Feedback, FeedbackKind, FeedbackTarget};
+use crate::store::feedback::{Feedback, FeedbackKind, FeedbackTarget};
 use crate::store::suppressions::SuppressionReason;
 use crate::store::Store;
 
@@ -161,16 +161,16 @@ pub async fn dsn(
         .and_then(|pattern| dsn.sent_to.iter().find_map(|a| verp_delivery(pattern, a)));
     let target = match (verp, &dsn.original_message_id) {
         (Some(id), _) => FeedbackTarget::Delivery(id),
-        (None, Some(mid)) => FeedbackTarget::MessageId(mid.clone()),
+        (None, Some(mid)) => FeedbackTarget::MessageId(message_id(mid)),
         (None, None) => return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "dsn_unmatchable",
             "the DSN names neither a return path of email.return_path nor the original Message-ID",
         )),
     };
-    let mut last = Applied::Unmatched;
-    let mut any = false;
-    for r in &dsn.recipients {
+    // A DSN has no event id of its own per recipient: its Message-ID and the recipient.
+    let dsn_id = dsn.id.clone().unwrap_or_else(|| digest(&raw));
+    let events = dsn.recipients.iter().filter_map(|r| {
         let permanent = r.action == "failed" && r.status.starts_with('5');
         let kind = if permanent {
             FeedbackKind::Bounced
@@ -179,35 +179,26 @@ pub async fn dsn(
         } else if r.action == "delivered" {
             FeedbackKind::Delivered
         } else {
-            continue;
+            return None;
         };
-        any = true;
-        // A DSN has no event id of its own per recipient: its Message-ID and the recipient.
-        let event_id = format!(
-            "{}:{}:{}",
-            dsn.id.clone().unwrap_or_else(|| digest(&raw)),
-            r.recipient.clone().unwrap_or_default(),
-            r.status
-        );
-        last = apply(
-            &store,
-            &metrics,
-            &Feedback {
-                provider: "dsn".to_owned(),
-                event_id,
-                kind,
-                target: target.clone(),
-                address: r.recipient.clone(),
-                detail: Some(match &r.diagnostic {
-                    Some(d) => format!("{} {d}", r.status),
-                    None => r.status.clone(),
-                }),
-                suppress: permanent.then_some(SuppressionReason::HardBounce),
-            },
-        )
-        .await?;
-    }
-    Ok(if any { answer(last) } else { ignored() })
+        Some(Feedback {
+            provider: "dsn".to_owned(),
+            event_id: format!(
+                "{dsn_id}:{}:{}",
+                r.recipient.clone().unwrap_or_default(),
+                r.status
+            ),
+            kind,
+            target: target.clone(),
+            address: r.recipient.clone(),
+            detail: Some(match &r.diagnostic {
+                Some(d) => format!("{} {d}", r.status),
+                None => r.status.clone(),
+            }),
+            suppress: permanent.then_some(SuppressionReason::HardBounce),
+        })
+    });
+    apply_all(&store, &metrics, events.collect()).await
 }
 
 /// A stable id for a message that has no Message-ID.

@@ -59,13 +59,27 @@ fn answer(applied: Applied) -> (StatusCode, Json<FeedbackAnswer>) {
 /// Applies one provider event and counts it.
 async fn apply(store: &Store, metrics: &Metrics, fb: &Feedback) -> Result<Applied, ApiError> {
     let applied = store.apply_feedback(fb).await?;
-    count(metrics, fb, &applied);
+    count(metrics, fb, &applied, false);
     Ok(applied)
 }
 
-/// Counts a feedback event by its result in `/metrics`, and the status it moved its
-/// delivery to.
-fn count(metrics: &Metrics, fb: &Feedback, applied: &Applied) {
+/// Applies a provider's events in order; the answer says what the last one did
+/// (`ignored` when there were none).
+async fn apply_all(
+    store: &Store,
+    metrics: &Metrics,
+    events: Vec<Feedback>,
+) -> Result<(StatusCode, Json<FeedbackAnswer>), ApiError> {
+    let mut last = None;
+    for fb in &events {
+        last = Some(apply(store, metrics, fb).await?);
+    }
+    Ok(last.map_or_else(ignored, answer))
+}
+
+/// Counts a feedback event by its result in `/metrics` (`late`: a waiting event applied
+/// now, counted as received before), and the status it moved its delivery to.
+fn count(metrics: &Metrics, fb: &Feedback, applied: &Applied, late: bool) {
     let result = match applied {
         Applied::Recorded {
             channel,
@@ -76,7 +90,11 @@ fn count(metrics: &Metrics, fb: &Feedback, applied: &Applied) {
             if let Some(status) = status {
                 metrics.delivery(channel, status.as_str(), provider.as_deref());
             }
-            "applied"
+            if late {
+                "applied_late"
+            } else {
+                "applied"
+            }
         }
         Applied::Duplicate => "duplicate",
         Applied::Unmatched => "unmatched",
@@ -103,7 +121,7 @@ pub async fn retry_waiting(
         match store.retry_feedback(100).await {
             Ok(done) => {
                 for (fb, applied) in &done {
-                    count(&metrics, fb, applied);
+                    count(&metrics, fb, applied, true);
                 }
             }
             Err(e) => tracing::warn!(
@@ -112,6 +130,11 @@ pub async fn retry_waiting(
             ),
         }
     }
+}
+
+/// A Message-ID as herald records it: in angle brackets, however the provider quotes it.
+fn message_id(id: &str) -> String {
+    format!("<{}>", id.trim().trim_matches(['<', '>']))
 }
 
 /// An answer that applied nothing: `ignored` (a status that changes nothing, such as

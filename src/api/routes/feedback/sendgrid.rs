@@ -11,7 +11,7 @@ use base64::Engine as _;
 use serde::Deserialize;
 use utoipa::ToSchema;
 
-use super::{answer, apply, ignored, FeedbackAnswer};
+use super::{apply_all, message_id, FeedbackAnswer};
 use crate::api::error::{read_body, ApiError};
 use crate::config::Settings;
 use crate::domain::signatures::{p256_public_key, p256_verifies};
@@ -64,14 +64,8 @@ impl SendgridEvent {
     /// The message it names: herald's Message-ID, else SendGrid's message id (the part
     /// before the first dot is the id SendGrid answered the send with).
     fn target(&self) -> Option<FeedbackTarget> {
-        if let Some(id) = self
-            .smtp_id
-            .as_deref()
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-        {
-            let id = id.trim_matches(['<', '>']);
-            return Some(FeedbackTarget::MessageId(format!("<{id}>")));
+        if let Some(id) = self.smtp_id.as_deref().filter(|s| !s.trim().is_empty()) {
+            return Some(FeedbackTarget::MessageId(message_id(id)));
         }
         let sg = self.sg_message_id.as_deref()?;
         let id = sg.split('.').next().unwrap_or(sg);
@@ -142,27 +136,17 @@ pub async fn sendgrid(
             "every event needs its sg_event_id",
         ));
     }
-    let mut last = None;
-    for e in &events {
-        let (Some((kind, suppress)), Some(target)) = (e.mapped(), e.target()) else {
-            continue;
-        };
-        last = Some(
-            apply(
-                &store,
-                &metrics,
-                &Feedback {
-                    provider: "sendgrid".to_owned(),
-                    event_id: e.sg_event_id.clone(),
-                    kind,
-                    target,
-                    address: e.email.clone(),
-                    detail: e.detail(),
-                    suppress,
-                },
-            )
-            .await?,
-        );
-    }
-    Ok(last.map_or_else(ignored, answer))
+    let applied = events.iter().filter_map(|e| {
+        let ((kind, suppress), target) = (e.mapped()?, e.target()?);
+        Some(Feedback {
+            provider: "sendgrid".to_owned(),
+            event_id: e.sg_event_id.clone(),
+            kind,
+            target,
+            address: e.email.clone(),
+            detail: e.detail(),
+            suppress,
+        })
+    });
+    apply_all(&store, &metrics, applied.collect()).await
 }

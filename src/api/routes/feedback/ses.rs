@@ -9,7 +9,7 @@ use axum::Json;
 use serde::Deserialize;
 
 use super::dsn::verp_delivery;
-use super::{answer, apply, ignored, FeedbackAnswer};
+use super::{apply_all, ignored, message_id, result, FeedbackAnswer};
 use crate::api::error::{read_body, ApiError};
 use crate::channels::sns::{SnsError, SnsMessage, SnsType, SnsVerifier};
 use crate::config::Settings;
@@ -238,7 +238,10 @@ fn target(settings: &Settings, mail: &SesMail) -> FeedbackTarget {
                 .find(|h| h.name.eq_ignore_ascii_case("message-id"))
                 .map(|h| h.value.clone())
         });
-    FeedbackTarget::MessageId(header.unwrap_or_else(|| mail.message_id.clone()))
+    match header {
+        Some(h) => FeedbackTarget::MessageId(message_id(&h)),
+        None => FeedbackTarget::MessageId(mail.message_id.clone()),
+    }
 }
 
 fn refused(e: &SnsError) -> ApiError {
@@ -293,7 +296,7 @@ pub async fn ses(
                 .await
                 .map_err(|e| refused(&e))?;
             tracing::info!(topic = %m.topic_arn, "SNS subscription confirmed");
-            return Ok(super::result("confirmed"));
+            return Ok(result("confirmed"));
         }
         SnsType::UnsubscribeConfirmation => return Ok(ignored()),
         SnsType::Notification => {}
@@ -306,30 +309,19 @@ pub async fn ses(
         )
     })?;
     let target = target(&settings, &notification.mail);
-    let mut last = None;
-    for event in map(&notification) {
-        // SNS keeps a message's id on every retry: with the recipient, the event's id.
-        let event_id = format!(
+    // SNS keeps a message's id on every retry: with the recipient, each event's id.
+    let events = map(&notification).into_iter().map(|event| Feedback {
+        provider: "ses".to_owned(),
+        event_id: format!(
             "{}:{}",
             m.message_id,
             event.address.as_deref().unwrap_or_default()
-        );
-        last = Some(
-            apply(
-                &store,
-                &metrics,
-                &Feedback {
-                    provider: "ses".to_owned(),
-                    event_id,
-                    kind: event.kind,
-                    target: target.clone(),
-                    address: event.address,
-                    detail: event.detail,
-                    suppress: event.suppress,
-                },
-            )
-            .await?,
-        );
-    }
-    Ok(last.map_or_else(ignored, answer))
+        ),
+        kind: event.kind,
+        target: target.clone(),
+        address: event.address,
+        detail: event.detail,
+        suppress: event.suppress,
+    });
+    apply_all(&store, &metrics, events.collect()).await
 }
