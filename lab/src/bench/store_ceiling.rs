@@ -25,6 +25,10 @@ pub struct StoreCeiling {
     pub transactions_per_sec: f64,
     /// Deliveries given their outcome per second inside those transactions.
     pub outcomes_per_sec: f64,
+    /// Deliveries per second written once, with their outcome, in transactions that also
+    /// complete their chunk and move a rollup and a counter: the shape of a campaign whose
+    /// deliveries are recorded when sent rather than queued, claimed and updated.
+    pub written_with_outcome_per_sec: f64,
 }
 
 /// Inserts `docs` delivery-shaped documents (1,000 per bulk write) into a collection
@@ -143,10 +147,84 @@ pub async fn measure(lab: &LabDb, docs: usize, batch: usize) -> anyhow::Result<S
     }
     let secs = started.elapsed().as_secs_f64();
     coll.drop().await?;
+    db.create_collection(SCRATCH).await?;
+    coll.create_indexes(delivery_indexes()).await?;
+    let written_with_outcome_per_sec = written_with_outcome(lab, docs, batch).await?;
+    coll.drop().await?;
     counters.drop().await?;
     Ok(StoreCeiling {
         inserts_per_sec,
         transactions_per_sec: transactions as f64 / secs,
         outcomes_per_sec: docs as f64 / secs,
+        written_with_outcome_per_sec,
     })
+}
+
+/// Transactions of `batch` deliveries written once with their outcome (`sent`, one
+/// attempt with the provider's message id): the chunk's completion (guarded by its
+/// claim), the inserts, one rollup and one counter write. Deliveries per second.
+async fn written_with_outcome(lab: &LabDb, docs: usize, batch: usize) -> anyhow::Result<f64> {
+    let db = lab.database();
+    let coll = db.collection::<Document>(SCRATCH);
+    let counters = db.collection::<Document>(SCRATCH_COUNTERS);
+    let chunks = (0..docs).collect::<Vec<_>>();
+    let chunks: Vec<&[usize]> = chunks.chunks(batch.max(1)).collect();
+    counters
+        .insert_many((0..chunks.len()).map(|c| doc! {"_id": format!("chunk-{c}"), "claim": "attempt"}))
+        .await?;
+    let started = Instant::now();
+    let mut session = lab.client().start_session().await?;
+    for (c, chunk) in chunks.iter().enumerate() {
+        session
+            .start_transaction()
+            .and_run((&coll, &counters, c, chunk), |s, (coll, counters, c, chunk)| {
+                async move {
+                    let at = now();
+                    let done = counters
+                        .update_one(
+                            doc! {"_id": format!("chunk-{c}"), "claim": "attempt"},
+                            doc! {"$set": {"claim": null, "done": true}},
+                        )
+                        .session(&mut *s)
+                        .await?;
+                    if done.matched_count != 1 {
+                        return Err(mongodb::error::Error::custom("scratch chunk changed"));
+                    }
+                    let records = chunk.iter().map(|i| {
+                        doc! {
+                            "_id": format!("w{i:012}"), "notification_id": "n",
+                            "event_type": "order_shipped", "user_id": format!("user-{i:07}"),
+                            "channel": "email", "priority": "low", "schedule_id": null,
+                            "status": "sent", "reason": null, "provider": "smtp",
+                            "attempt_count": 1, "last_error": null,
+                            "attempts": [{"attempt_id": "attempt", "provider": "smtp",
+                                "started_at": at, "finished_at": at, "duration_ms": 3,
+                                "status": "sent", "error": null,
+                                "response": {"message_id": format!("<w{i:012}@example.com>"),
+                                    "smtp_code": "250", "smtp_message": "2.0.0 Ok: queued"}}],
+                            "accepted_at": at, "created_at": at, "updated_at": at,
+                            "sent_at": at, "expire_at": at,
+                        }
+                    });
+                    coll.insert_many(records).session(&mut *s).await?;
+                    let n = chunk.len() as i64;
+                    counters
+                        .update_one(doc! {"_id": "rollup"}, doc! {"$inc": {"sent": n}})
+                        .session(&mut *s)
+                        .await?;
+                    counters
+                        .find_one_and_update(
+                            doc! {"_id": "n"},
+                            doc! {"$inc": {"sent": n}, "$set": {"updated_at": at}},
+                        )
+                        .return_document(ReturnDocument::After)
+                        .session(&mut *s)
+                        .await?;
+                    Ok(())
+                }
+                .boxed()
+            })
+            .await?;
+    }
+    Ok(docs as f64 / started.elapsed().as_secs_f64())
 }
