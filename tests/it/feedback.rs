@@ -43,11 +43,15 @@ print(RequestValidator(sys.argv[1]).compute_signature(sys.argv[2], params))
     Some(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-async fn twilio_app() -> (TestApp, MockServer) {
+/// herald with a Twilio account whose API gives every message `sid`, answering after
+/// `delay`.
+async fn twilio_app(sid: &str, delay: std::time::Duration) -> (TestApp, MockServer) {
     let twilio = MockServer::start().await;
     Mock::given(method("POST"))
         .respond_with(
-            ResponseTemplate::new(201).set_body_json(json!({"sid": "SM42", "status": "queued"})),
+            ResponseTemplate::new(201)
+                .set_body_json(json!({"sid": sid, "status": "queued"}))
+                .set_delay(delay),
         )
         .mount(&twilio)
         .await;
@@ -92,7 +96,7 @@ pub(crate) async fn delivery(app: &TestApp, id: &str) -> Value {
 #[tokio::test]
 async fn twilio_callbacks_move_the_delivery_once_in_any_order_and_an_invalid_number_is_suppressed()
 {
-    let (app, _twilio) = twilio_app().await;
+    let (app, _twilio) = twilio_app("SM42", std::time::Duration::ZERO).await;
     app.put_user("u1", json!({"phone": "+4915100000001", "first_name": "P"}))
         .await;
     let d = send(&app, "sms").await;
@@ -398,25 +402,7 @@ async fn operators_suppress_and_lift_addresses_by_hand() {
 #[tokio::test]
 async fn a_callback_that_outruns_the_providers_answer_is_applied_once_the_outcome_commits() {
     // Twilio answers the send two seconds late; its status callback comes before that.
-    let twilio = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(201)
-                .set_body_json(json!({"sid": "SM77", "status": "queued"}))
-                .set_delay(std::time::Duration::from_secs(2)),
-        )
-        .mount(&twilio)
-        .await;
-    let app = spawn_app_with(TestOptions {
-        config_toml: Some(format!(
-            "[sms]\nrecord_dir = \"unused\"\n[[sms.providers]]\nname = \"twilio\"\nkind = \"twilio\"\n\
-             base_url = \"{}\"\naccount_sid = \"AC123\"\nauth_token = \"{TWILIO_TOKEN}\"\n\
-             from = \"+15550001111\"\n",
-            twilio.uri()
-        )),
-        ..TestOptions::default()
-    })
-    .await;
+    let (app, twilio) = twilio_app("SM77", std::time::Duration::from_secs(2)).await;
     app.put_user("u1", json!({"phone": "+4915100000001"})).await;
     let delivered = [
         ("MessageSid", "SM77"),
@@ -469,12 +455,7 @@ async fn a_callback_that_outruns_the_providers_answer_is_applied_once_the_outcom
     );
     let (_, its) = app.get(&format!("/v1/feedback?delivery_id={id}")).await;
     assert_eq!(its["items"][0]["event_id"], "SM77:delivered", "{its}");
-    let metrics = reqwest::get(app.url("/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = app.metrics().await;
     for line in [
         r#"herald_feedback_events_total{provider="twilio",kind="delivered",result="unmatched"} 1"#,
         r#"herald_feedback_events_total{provider="twilio",kind="delivered",result="applied_late"} 1"#,

@@ -410,6 +410,16 @@ impl TestApp {
         assert!(status == 201 || status == 200, "{status} {body}");
     }
 
+    /// The `/metrics` exposition.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.url("/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     /// User `u1`: Ana, reached by email at one@example.com.
     pub async fn put_ana(&self) {
         self.put_user(

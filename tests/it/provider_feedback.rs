@@ -353,12 +353,7 @@ async fn ses_notifications_through_sns_are_verified_confirmed_and_applied() {
     );
     assert_eq!(email["providers"]["smtp"]["complained"], 1, "{stats}");
     // So does /metrics: each event by its result, and the statuses feedback moved to.
-    let metrics = reqwest::get(app.url("/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = app.metrics().await;
     for line in [
         r#"herald_feedback_events_total{provider="ses",kind="bounced",result="applied"} 2"#,
         r#"herald_feedback_events_total{provider="ses",kind="bounced",result="duplicate"} 2"#,

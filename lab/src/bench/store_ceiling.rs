@@ -124,20 +124,7 @@ pub async fn measure(lab: &LabDb, docs: usize, batch: usize) -> anyhow::Result<S
                         if matched != expected.iter().sum::<u64>() {
                             return Err(mongodb::error::Error::custom("scratch batch changed"));
                         }
-                        let n = chunk.len() as i64;
-                        counters
-                            .update_one(doc! {"_id": "rollup"}, doc! {"$inc": {"sent": n}})
-                            .session(&mut *s)
-                            .await?;
-                        counters
-                            .find_one_and_update(
-                                doc! {"_id": "n"},
-                                doc! {"$inc": {"sent": n}, "$set": {"updated_at": at}},
-                            )
-                            .return_document(ReturnDocument::After)
-                            .session(&mut *s)
-                            .await?;
-                        Ok(())
+                        count_sent(counters, s, chunk.len() as i64, at).await
                     }
                     .boxed()
                 },
@@ -170,61 +157,75 @@ async fn written_with_outcome(lab: &LabDb, docs: usize, batch: usize) -> anyhow:
     let chunks = (0..docs).collect::<Vec<_>>();
     let chunks: Vec<&[usize]> = chunks.chunks(batch.max(1)).collect();
     counters
-        .insert_many((0..chunks.len()).map(|c| doc! {"_id": format!("chunk-{c}"), "claim": "attempt"}))
+        .insert_many(
+            (0..chunks.len()).map(|c| doc! {"_id": format!("chunk-{c}"), "claim": "attempt"}),
+        )
         .await?;
     let started = Instant::now();
     let mut session = lab.client().start_session().await?;
     for (c, chunk) in chunks.iter().enumerate() {
         session
             .start_transaction()
-            .and_run((&coll, &counters, c, chunk), |s, (coll, counters, c, chunk)| {
-                async move {
-                    let at = now();
-                    let done = counters
-                        .update_one(
-                            doc! {"_id": format!("chunk-{c}"), "claim": "attempt"},
-                            doc! {"$set": {"claim": null, "done": true}},
-                        )
-                        .session(&mut *s)
-                        .await?;
-                    if done.matched_count != 1 {
-                        return Err(mongodb::error::Error::custom("scratch chunk changed"));
-                    }
-                    let records = chunk.iter().map(|i| {
-                        doc! {
-                            "_id": format!("w{i:012}"), "notification_id": "n",
-                            "event_type": "order_shipped", "user_id": format!("user-{i:07}"),
-                            "channel": "email", "priority": "low", "schedule_id": null,
-                            "status": "sent", "reason": null, "provider": "smtp",
-                            "attempt_count": 1, "last_error": null,
-                            "attempts": [{"attempt_id": "attempt", "provider": "smtp",
-                                "started_at": at, "finished_at": at, "duration_ms": 3,
-                                "status": "sent", "error": null,
-                                "response": {"message_id": format!("<w{i:012}@example.com>"),
-                                    "smtp_code": "250", "smtp_message": "2.0.0 Ok: queued"}}],
-                            "accepted_at": at, "created_at": at, "updated_at": at,
-                            "sent_at": at, "expire_at": at,
+            .and_run(
+                (&coll, &counters, c, chunk),
+                |s, (coll, counters, c, chunk)| {
+                    async move {
+                        let at = now();
+                        let done = counters
+                            .update_one(
+                                doc! {"_id": format!("chunk-{c}"), "claim": "attempt"},
+                                doc! {"$set": {"claim": null, "done": true}},
+                            )
+                            .session(&mut *s)
+                            .await?;
+                        if done.matched_count != 1 {
+                            return Err(mongodb::error::Error::custom("scratch chunk changed"));
                         }
-                    });
-                    coll.insert_many(records).session(&mut *s).await?;
-                    let n = chunk.len() as i64;
-                    counters
-                        .update_one(doc! {"_id": "rollup"}, doc! {"$inc": {"sent": n}})
-                        .session(&mut *s)
-                        .await?;
-                    counters
-                        .find_one_and_update(
-                            doc! {"_id": "n"},
-                            doc! {"$inc": {"sent": n}, "$set": {"updated_at": at}},
-                        )
-                        .return_document(ReturnDocument::After)
-                        .session(&mut *s)
-                        .await?;
-                    Ok(())
-                }
-                .boxed()
-            })
+                        let records = chunk.iter().map(|i| {
+                            doc! {
+                                "_id": format!("w{i:012}"), "notification_id": "n",
+                                "event_type": "order_shipped", "user_id": format!("user-{i:07}"),
+                                "channel": "email", "priority": "low", "schedule_id": null,
+                                "status": "sent", "reason": null, "provider": "smtp",
+                                "attempt_count": 1, "last_error": null,
+                                "attempts": [{"attempt_id": "attempt", "provider": "smtp",
+                                    "started_at": at, "finished_at": at, "duration_ms": 3,
+                                    "status": "sent", "error": null,
+                                    "response": {"message_id": format!("<w{i:012}@example.com>"),
+                                        "smtp_code": "250", "smtp_message": "2.0.0 Ok: queued"}}],
+                                "accepted_at": at, "created_at": at, "updated_at": at,
+                                "sent_at": at, "expire_at": at,
+                            }
+                        });
+                        coll.insert_many(records).session(&mut *s).await?;
+                        count_sent(counters, s, chunk.len() as i64, at).await
+                    }
+                    .boxed()
+                },
+            )
             .await?;
     }
     Ok(docs as f64 / started.elapsed().as_secs_f64())
+}
+
+/// A commit's counting, as herald's: one rollup and one notification counter, read back.
+async fn count_sent(
+    counters: &mongodb::Collection<Document>,
+    s: &mut mongodb::ClientSession,
+    n: i64,
+    at: mongodb::bson::DateTime,
+) -> mongodb::error::Result<()> {
+    counters
+        .update_one(doc! {"_id": "rollup"}, doc! {"$inc": {"sent": n}})
+        .session(&mut *s)
+        .await?;
+    counters
+        .find_one_and_update(
+            doc! {"_id": "n"},
+            doc! {"$inc": {"sent": n}, "$set": {"updated_at": at}},
+        )
+        .return_document(ReturnDocument::After)
+        .session(&mut *s)
+        .await?;
+    Ok(())
 }
