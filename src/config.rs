@@ -229,6 +229,9 @@ pub struct WorkerSettings {
     pub redelivery_grace_secs: i64,
     pub commit_batch_max: usize,
     pub fanout_batch_size: usize,
+    /// Fan-outs write chunks, and each delivery is written once with its outcome.
+    #[serde(default)]
+    pub chunked_fanout: bool,
     /// Provider calls per delivery before it is `dead`.
     pub max_attempts: u32,
     pub retry_base_ms: u64,

@@ -19,6 +19,11 @@ pub enum Job {
         delivery_id: String,
         notification_id: String,
     },
+    /// Send a chunk of a notification's deliveries, each written once with its outcome.
+    DeliverChunk {
+        chunk_id: String,
+        notification_id: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -1,5 +1,6 @@
 //! MongoDB: the only module that knows collection names, indexes and transactions.
 
+mod chunks;
 mod claims;
 pub mod console_sessions;
 mod contents;
@@ -32,6 +33,7 @@ use mongodb::options::{Acknowledgment, ClientOptions, IndexOptions, WriteConcern
 use mongodb::{Client, Collection, Database, IndexModel};
 
 use crate::config::{MongoSettings, RetentionSettings};
+pub use chunks::{ChunkClaim, ChunkDoc, ChunkItem, ChunkResume};
 pub use dead_letters::{DeadLetterDoc, DeadLetterFilter};
 pub use documents::{
     new_notification, payload_document, storable_document, AttemptDoc, ClaimDoc, Counts,
@@ -360,6 +362,7 @@ impl Store {
             .await
             .context("indexing suppressions")?;
         self.index_feedback().await.context("indexing feedback")?;
+        self.index_chunks().await.context("indexing chunks")?;
         self.unsubscribes()
             .create_indexes([named_index(doc! {"user_id": 1}, "user_id")])
             .await

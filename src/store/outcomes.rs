@@ -19,12 +19,15 @@ use crate::config::RetentionSettings;
 use crate::domain::{DeliveryStatus, Priority};
 
 /// What must hold for an outcome to be written.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Precondition {
     /// Decided before any provider call: the delivery must still be waiting.
     Unclaimed,
     /// After a provider call: the delivery must still carry this attempt's claim.
     Claimed { attempt_id: String },
+    /// A chunk's delivery, written once with its outcome: it must have no record yet
+    /// (this is the record, still `queued`).
+    Unwritten(Box<DeliveryDoc>),
 }
 
 /// A delivery's outcome, committed with its attempt and the notification counters.
@@ -106,9 +109,16 @@ impl Store {
                     // One instant for the whole batch, so that equal outcomes write
                     // equal fields and share one update.
                     let now = now();
-                    let (writes, plans) =
+                    let (writes, inserts, plans) =
                         plan_writes(outcomes, &mut current, now, &store.retention)?;
                     store.write_statuses(s, writes).await?;
+                    if !inserts.is_empty() {
+                        store
+                            .deliveries()
+                            .insert_many(&inserts)
+                            .session(&mut *s)
+                            .await?;
+                    }
                     let mut moves = StatMoves::sharded("commit", lane);
                     let mut counters = BTreeMap::new();
                     let mut applied = vec![false; outcomes.len()];
@@ -261,6 +271,7 @@ fn guard_for(o: &Outcome, state: &DeliveryDoc) -> Option<Guard> {
     );
     match &o.precondition {
         Precondition::Unclaimed => waiting.then_some(Guard::Waiting),
+        Precondition::Unwritten(_) => None,
         Precondition::Claimed { attempt_id } => match &state.claim {
             Some(c) => (&c.attempt_id == attempt_id).then(|| Guard::Claim(attempt_id.clone())),
             // Unclaimed although this attempt claimed it: the database lost the claim's
@@ -282,10 +293,22 @@ fn plan_writes<'a>(
     current: &mut HashMap<String, DeliveryDoc>,
     now: DateTime,
     retention: &RetentionSettings,
-) -> mongodb::error::Result<(Vec<StatusWrite<'a>>, Applied)> {
+) -> mongodb::error::Result<(Vec<StatusWrite<'a>>, Vec<DeliveryDoc>, Applied)> {
     let mut writes = Vec::new();
     let mut plans = Vec::new();
+    let mut inserts = Vec::new();
     for (i, o) in outcomes.iter().enumerate() {
+        if let Precondition::Unwritten(queued) = &o.precondition {
+            // Written by an earlier try, or resolved as unknown meanwhile: not again.
+            if current.contains_key(&o.delivery_id) {
+                continue;
+            }
+            let record = written_with(queued, o, now, retention)?;
+            plans.push((i, (**queued).clone()));
+            current.insert(o.delivery_id.clone(), record.clone());
+            inserts.push(record);
+            continue;
+        }
         let Some(state) = current.get_mut(&o.delivery_id) else {
             continue;
         };
@@ -327,7 +350,35 @@ fn plan_writes<'a>(
             state.provider = Some(p.clone());
         }
     }
-    Ok((writes, plans))
+    Ok((writes, inserts, plans))
+}
+
+/// A chunk's delivery as first written: `queued` with `o` applied.
+fn written_with(
+    queued: &DeliveryDoc,
+    o: &Outcome,
+    now: DateTime,
+    retention: &RetentionSettings,
+) -> mongodb::error::Result<DeliveryDoc> {
+    let mut d = queued.clone();
+    d.status = o.status;
+    d.reason = o.reason.clone();
+    if let Some(p) = &o.provider {
+        d.provider = Some(p.clone());
+    }
+    if o.status == DeliveryStatus::Sent {
+        d.sent_at = Some(now);
+    }
+    d.updated_at = now;
+    d.expire_at = retention
+        .delivery_expiry(o.status, chrono_time(now))
+        .map(bson_time);
+    if let Some(a) = &o.attempt {
+        d.last_error = a.error.clone();
+        d.attempt_count = 1;
+        d.attempts = vec![a.clone()];
+    }
+    Ok(d)
 }
 
 /// An applied outcome's moves: -1 under the delivery's old (status, provider) in the

@@ -210,10 +210,15 @@ impl Store {
     pub async fn stream_group_members(
         &self,
         id: &str,
+        after: Option<&str>,
     ) -> anyhow::Result<impl Stream<Item = anyhow::Result<String>> + Send + use<>> {
+        let mut filter = doc! {"group_id": id};
+        if let Some(a) = after {
+            filter.insert("user_id", doc! {"$gt": a});
+        }
         let cursor = self
             .members()
-            .find(doc! {"group_id": id})
+            .find(filter)
             .sort(doc! {"user_id": 1})
             .projection(doc! {"user_id": 1, "_id": 0})
             .batch_size(1000)
@@ -227,12 +232,17 @@ impl Store {
             }))
     }
 
-    /// Streams the ids of users in a segment with a cursor (index-backed on locale and tags).
+    /// Streams the ids of users in a segment with a cursor (index-backed on locale and
+    /// tags), in id order, those after `after` only.
     pub async fn stream_segment(
         &self,
         segment: &SegmentDoc,
+        after: Option<&str>,
     ) -> anyhow::Result<impl Stream<Item = anyhow::Result<String>> + Send + use<>> {
         let mut filter = Document::new();
+        if let Some(a) = after {
+            filter.insert("_id", doc! {"$gt": a});
+        }
         if let Some(l) = &segment.locale {
             filter.insert("locale", l);
         }
@@ -244,6 +254,7 @@ impl Store {
             .clone_with_type::<Document>()
             .find(filter)
             .projection(doc! {"_id": 1})
+            .sort(doc! {"_id": 1})
             .batch_size(1000)
             .await?;
         Ok(cursor
@@ -258,7 +269,7 @@ impl Store {
     /// True when a segment selects at least one user.
     pub async fn segment_has_users(&self, segment: &SegmentDoc) -> anyhow::Result<bool> {
         use futures::StreamExt;
-        let mut s = Box::pin(self.stream_segment(segment).await?);
+        let mut s = Box::pin(self.stream_segment(segment, None).await?);
         Ok(s.next().await.transpose()?.is_some())
     }
 

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use mongodb::bson::{self, DateTime, Document};
 use serde_json::{json, Value};
 use tracing::instrument;
@@ -15,8 +16,8 @@ use crate::domain::preferences::{Preferences, Verdict};
 use crate::domain::{Category, Channel, DeliveryStatus, Priority};
 use crate::enrich::EnrichError;
 use crate::store::{
-    AttemptDoc, ClaimDoc, DeliveryClaim, DeliveryDoc, NotificationDoc, Outcome, Precondition,
-    Retry, UserDoc,
+    AttemptDoc, ChunkClaim, ChunkDoc, ClaimDoc, DeliveryClaim, DeliveryDoc, NotificationDoc,
+    Outcome, Precondition, Retry, UserDoc,
 };
 use crate::templates::{Rendered, TemplateError};
 
@@ -297,7 +298,137 @@ pub async fn deliver(
         tracing::debug!("another worker holds this delivery");
         return Ok(());
     };
-    send(ctx, shared, &d, attempt_id, message).await
+    let claimed = Precondition::Claimed {
+        attempt_id: attempt_id.clone(),
+    };
+    send(ctx, shared, &d, attempt_id, claimed, message).await
+}
+
+/// A chunk's deliveries sent at once by one chunk job; the lane's slots bound the jobs.
+const CHUNK_SENDS_AT_ONCE: usize = 16;
+
+/// Processes one chunk job: claims the chunk, prepares and sends its deliveries, and
+/// writes each one's record once, with its outcome. Returns once every outcome is
+/// committed and the chunk marked done; the caller acks only then.
+#[instrument(skip_all, fields(chunk_id = %chunk_id))]
+pub async fn deliver_chunk(
+    ctx: &Worker,
+    shared: &Shared,
+    chunk_id: &str,
+    redelivered: bool,
+) -> anyhow::Result<()> {
+    let (chunk, attempt_id) = match ctx.store.claim_chunk(chunk_id, &ctx.instance).await? {
+        ChunkClaim::Claimed { chunk, attempt_id } => (chunk, attempt_id),
+        ChunkClaim::Nothing => return Ok(()),
+        ChunkClaim::Held(chunk) => {
+            return resolve_held_chunk(ctx, &shared.commits, &chunk, redelivered).await
+        }
+    };
+    let sends: Vec<_> = chunk
+        .items
+        .iter()
+        .map(|item| deliver_unwritten(ctx, shared, chunk.delivery(item), &attempt_id))
+        .collect();
+    let results: Vec<anyhow::Result<()>> = futures::stream::iter(sends)
+        .buffer_unordered(CHUNK_SENDS_AT_ONCE)
+        .collect()
+        .await;
+    // One that failed leaves the chunk claimed: its job comes back and, past the grace,
+    // records what has no record as unknown.
+    results.into_iter().collect::<anyhow::Result<()>>()?;
+    ctx.store.finish_chunk(&chunk.id).await
+}
+
+/// One delivery of a claimed chunk: decided, or sent under the chunk's attempt, and its
+/// record written with the outcome.
+async fn deliver_unwritten(
+    ctx: &Worker,
+    shared: &Shared,
+    d: DeliveryDoc,
+    attempt_id: &str,
+) -> anyhow::Result<()> {
+    let unwritten = Precondition::Unwritten(Box::new(d.clone()));
+    match prepare(ctx, shared, &d).await? {
+        Prepared::Send {
+            destination,
+            content,
+            unsubscribe_url,
+        } => {
+            let message = OutboundMessage {
+                delivery_id: d.id.clone(),
+                destination,
+                content,
+                unsubscribe_url,
+            };
+            send(ctx, shared, &d, attempt_id.to_owned(), unwritten, message).await
+        }
+        Prepared::Decided(mut outcome) => {
+            outcome.precondition = unwritten;
+            settle(ctx, &shared.commits, *outcome).await
+        }
+        Prepared::Nothing => Ok(()),
+    }
+}
+
+/// A chunk found claimed by another attempt, resolved like a `sending` delivery
+/// ([`resolve_sending`]): left alone while its worker may still be at it, else each of
+/// its deliveries without a record is recorded `failed` / `outcome_unknown`.
+async fn resolve_held_chunk(
+    ctx: &Worker,
+    committer: &Committer,
+    chunk: &ChunkDoc,
+    redelivered: bool,
+) -> anyhow::Result<()> {
+    let Some(claim) = &chunk.claim else {
+        return Ok(());
+    };
+    let w = &ctx.settings.worker;
+    let age = millis_since(claim.claimed_at);
+    if age <= w.claim_timeout_secs * 1000 {
+        if !redelivered {
+            tracing::debug!("chunk is being sent by another worker");
+            return Ok(());
+        }
+        if age <= w.redelivery_grace_secs * 1000 {
+            return Err(super::Later(format!(
+                "chunk claimed {age} ms ago by {}; waiting for it to finish",
+                claim.worker
+            ))
+            .into());
+        }
+    }
+    recover_chunk(ctx, committer, chunk, "its job came back while it was being sent").await
+}
+
+/// Records each delivery of a chunk whose worker stopped that has no record as
+/// `failed` / `outcome_unknown` (never re-sent), then marks the chunk done.
+pub(super) async fn recover_chunk(
+    ctx: &Worker,
+    committer: &Committer,
+    chunk: &ChunkDoc,
+    found: &str,
+) -> anyhow::Result<()> {
+    let Some(claim) = &chunk.claim else {
+        return Ok(());
+    };
+    let ids: Vec<String> = chunk.items.iter().map(|i| i.delivery_id.clone()).collect();
+    let written = ctx.store.written(&ids).await?;
+    let missing: Vec<&crate::store::ChunkItem> = chunk
+        .items
+        .iter()
+        .filter(|i| !written.contains(&i.delivery_id))
+        .collect();
+    if !missing.is_empty() {
+        tracing::warn!(worker = %claim.worker, count = missing.len(), "chunk left claimed by a stopped worker; recording outcome_unknown");
+    }
+    let outcomes = missing.into_iter().map(|item| {
+        let d = chunk.delivery(item);
+        let mut o = outcome_unknown(&d, claim, found);
+        o.precondition = Precondition::Unwritten(Box::new(d));
+        committer.call(o)
+    });
+    futures::future::try_join_all(outcomes).await?;
+    ctx.store.finish_chunk(&chunk.id).await
 }
 
 /// What a delivery comes to before any provider is called.
@@ -453,6 +584,7 @@ async fn send(
     shared: &Shared,
     d: &DeliveryDoc,
     attempt_id: String,
+    claim: Precondition,
     message: OutboundMessage,
 ) -> anyhow::Result<()> {
     // SMS is length-checked: the log says how many segments it cost.
@@ -482,9 +614,6 @@ async fn send(
             .await?;
     }
     let attempt_number = d.attempt_count + 1;
-    let claim = Precondition::Claimed {
-        attempt_id: attempt_id.clone(),
-    };
     if let Err(DeliveryError::CircuitOpen { retry_after, .. }) = &result {
         // Nothing was sent nor attempted: the delivery waits for the soonest trial (or,
         // while one is under way, a backoff) without spending an attempt, so an outage

@@ -11,7 +11,7 @@ use super::Worker;
 use crate::domain::{Channel, DeliveryStatus, NotificationStatus};
 use crate::queue::messages::Job;
 use crate::queue::Outgoing;
-use crate::store::{DeliveryDoc, FanoutBatch, NotificationDoc, QueuedDelivery};
+use crate::store::{ChunkDoc, ChunkItem, DeliveryDoc, FanoutBatch, NotificationDoc, QueuedDelivery};
 
 /// The channels a notification goes out on: the event's own list, else every channel
 /// with a template; with neither, email, so the missing template shows on the delivery.
@@ -85,6 +85,9 @@ pub async fn dispatch(ctx: &Worker, shared: &Shared, notification_id: &str) -> a
     }
     ctx.store.mark_dispatching(notification_id).await?;
     let channels = channels_of(ctx, &n);
+    if ctx.settings.worker.chunked_fanout {
+        return dispatch_chunks(ctx, &n, &channels).await;
+    }
     let batch_size = ctx.settings.worker.fanout_batch_size;
 
     // Inline users first, then the group, then the segment, each streamed with a cursor.
@@ -93,11 +96,11 @@ pub async fn dispatch(ctx: &Worker, shared: &Shared, notification_id: &str) -> a
     let not_inline = move |u: &String| futures::future::ready(!inline.contains(u));
     let inline_stream = futures::stream::iter(n.recipients.user_ids.clone().into_iter().map(Ok));
     let group_stream = match &n.recipients.group_id {
-        Some(g) => ctx.store.stream_group_members(g).await?.boxed(),
+        Some(g) => ctx.store.stream_group_members(g, None).await?.boxed(),
         None => futures::stream::empty().boxed(),
     };
     let segment_stream = match &n.recipients.segment {
-        Some(seg) => ctx.store.stream_segment(seg).await?.boxed(),
+        Some(seg) => ctx.store.stream_segment(seg, None).await?.boxed(),
         None => futures::stream::empty().boxed(),
     };
     let mut audience = inline_stream
@@ -172,4 +175,186 @@ pub async fn publish(ctx: &Worker, queued: &[QueuedDelivery]) -> anyhow::Result<
         })
         .collect();
     ctx.broker.publish_confirmed(&messages).await
+}
+
+/// Chunks a fan-out writes per transaction.
+const CHUNKS_PER_WRITE: usize = 4;
+
+/// Recipient ids merged from streams each in id order, each id once.
+struct Merged {
+    streams: Vec<futures::stream::BoxStream<'static, anyhow::Result<String>>>,
+    heads: Vec<Option<String>>,
+    last: Option<String>,
+}
+
+impl Merged {
+    async fn new(
+        mut streams: Vec<futures::stream::BoxStream<'static, anyhow::Result<String>>>,
+    ) -> anyhow::Result<Self> {
+        let mut heads = Vec::with_capacity(streams.len());
+        for s in &mut streams {
+            heads.push(s.try_next().await?);
+        }
+        Ok(Self {
+            streams,
+            heads,
+            last: None,
+        })
+    }
+
+    async fn next(&mut self) -> anyhow::Result<Option<String>> {
+        loop {
+            let Some(i) = (0..self.heads.len())
+                .filter(|i| self.heads[*i].is_some())
+                .min_by(|a, b| self.heads[*a].cmp(&self.heads[*b]))
+            else {
+                return Ok(None);
+            };
+            let next = self.streams[i].try_next().await?;
+            let id = std::mem::replace(&mut self.heads[i], next);
+            if id.is_some() && id != self.last {
+                self.last = id.clone();
+                return Ok(id);
+            }
+        }
+    }
+}
+
+/// The chunked fan-out: the audience in id order (inline ids, the group, the segment,
+/// merged, each recipient once), cut into chunks of `worker.fanout_batch_size`
+/// recipients written with the fan-out's progress, each published as one job. A dispatch
+/// that comes back resumes after the last recipient cut and publishes again the chunks
+/// not yet done.
+async fn dispatch_chunks(
+    ctx: &Worker,
+    n: &NotificationDoc,
+    channels: &[Channel],
+) -> anyhow::Result<()> {
+    let open = ctx.store.open_chunks(&n.id).await?;
+    publish_chunks(ctx, n, &open).await?;
+    if n.fanout_done {
+        return Ok(());
+    }
+    let mut at = ctx.store.chunk_resume(&n.id).await?;
+    let after = at.after_user.clone();
+    let mut inline: Vec<String> = n
+        .recipients
+        .user_ids
+        .iter()
+        .filter(|u| after.as_ref().is_none_or(|a| *u > a))
+        .cloned()
+        .collect();
+    inline.sort();
+    let mut streams = vec![futures::stream::iter(inline.into_iter().map(Ok)).boxed()];
+    if let Some(g) = &n.recipients.group_id {
+        streams.push(ctx.store.stream_group_members(g, after.as_deref()).await?.boxed());
+    }
+    if let Some(seg) = &n.recipients.segment {
+        streams.push(ctx.store.stream_segment(seg, after.as_deref()).await?.boxed());
+    }
+    let mut audience = Merged::new(streams).await?;
+    let batch_size = ctx.settings.worker.fanout_batch_size;
+    let mut total = 0usize;
+    loop {
+        let mut chunks = Vec::with_capacity(CHUNKS_PER_WRITE);
+        let mut to = at.clone();
+        while chunks.len() < CHUNKS_PER_WRITE {
+            let mut users = Vec::with_capacity(batch_size);
+            while users.len() < batch_size {
+                match audience.next().await? {
+                    Some(u) => users.push(u),
+                    None => break,
+                }
+            }
+            let Some(last) = users.last().cloned() else {
+                break;
+            };
+            let now = DateTime::now();
+            chunks.push(ChunkDoc {
+                id: format!("{}:{:06}", n.id, to.next_seq),
+                notification_id: n.id.clone(),
+                event_type: n.event_type.clone(),
+                priority: n.priority,
+                schedule_id: n.schedule_id.clone(),
+                accepted_at: Some(n.created_at),
+                created_at: now,
+                items: users
+                    .iter()
+                    .flat_map(|u| {
+                        channels.iter().map(move |c| ChunkItem {
+                            delivery_id: uuid::Uuid::now_v7().to_string(),
+                            user_id: u.clone(),
+                            channel: *c,
+                        })
+                    })
+                    .collect(),
+                claim: None,
+                done: false,
+                expire_at: None,
+            });
+            to.next_seq += 1;
+            to.after_user = Some(last);
+        }
+        if chunks.is_empty() {
+            break;
+        }
+        ctx.store.insert_chunks(&at, &chunks, &to).await?;
+        total += chunks.iter().map(|c| c.items.len()).sum::<usize>();
+        let ids: Vec<String> = chunks.into_iter().map(|c| c.id).collect();
+        publish_chunks(ctx, n, &ids).await?;
+        at = to;
+    }
+    ctx.store.mark_fanout_done(&n.id).await?;
+    tracing::info!(deliveries = total, "chunked fan-out done");
+    Ok(())
+}
+
+/// Publishes chunk jobs to the notification's lane and waits for RabbitMQ's confirms.
+async fn publish_chunks(ctx: &Worker, n: &NotificationDoc, ids: &[String]) -> anyhow::Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let exchange = &ctx.broker.names().jobs_exchange;
+    let messages: Vec<Outgoing> = ids
+        .iter()
+        .map(|id| Outgoing {
+            exchange: exchange.clone(),
+            routing_key: n.priority.as_str().to_owned(),
+            body: Job::DeliverChunk {
+                chunk_id: id.clone(),
+                notification_id: n.id.clone(),
+            }
+            .encode(),
+            headers: Vec::new(),
+            expiration_ms: None,
+        })
+        .collect();
+    ctx.broker.publish_confirmed(&messages).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(v: &[&str]) -> futures::stream::BoxStream<'static, anyhow::Result<String>> {
+        let owned: Vec<anyhow::Result<String>> = v.iter().map(|s| Ok((*s).to_owned())).collect();
+        futures::stream::iter(owned).boxed()
+    }
+
+    #[tokio::test]
+    async fn sorted_streams_merge_into_each_id_once_in_order() {
+        let mut m = Merged::new(vec![
+            ids(&["a", "c", "c", "f"]),
+            ids(&[]),
+            ids(&["b", "c", "d"]),
+            ids(&["a", "f", "g"]),
+        ])
+        .await
+        .expect("merged");
+        let mut out = Vec::new();
+        while let Some(id) = m.next().await.expect("next") {
+            out.push(id);
+        }
+        assert_eq!(out, ["a", "b", "c", "d", "f", "g"]);
+    }
 }

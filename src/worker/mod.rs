@@ -235,6 +235,9 @@ pub async fn handle(ctx: &Worker, shared: &Shared, message: Incoming) -> Disposi
             Job::Deliver { delivery_id, .. } => {
                 deliver::deliver(ctx, shared, delivery_id, message.redelivered).await
             }
+            Job::DeliverChunk { chunk_id, .. } => {
+                deliver::deliver_chunk(ctx, shared, chunk_id, message.redelivered).await
+            }
         }
     };
     match result {
@@ -310,6 +313,23 @@ async fn sweep_stale_claims(ctx: Worker, commits: Committer, cancel: Cancellatio
             {
                 tracing::warn!(error = format!("{e:#}"), "could not resolve a stale claim");
             }
+        }
+        match ctx.store.stale_chunks(cutoff, 100).await {
+            Ok(chunks) => {
+                for chunk in &chunks {
+                    if let Err(e) = deliver::recover_chunk(
+                        &ctx,
+                        &commits,
+                        chunk,
+                        "still claimed past the claim timeout",
+                    )
+                    .await
+                    {
+                        tracing::warn!(error = format!("{e:#}"), "could not resolve a stale chunk");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = format!("{e:#}"), "could not look for stale chunks"),
         }
         let undispatched = ctx.store.undispatched_notifications(cutoff, 100).await;
         let jobs: Vec<Outgoing> = undispatched

@@ -285,6 +285,7 @@ async fn a_job_redelivered_after_its_worker_died_mid_send_is_not_sent_again() {
                 m.acker.ack(Default::default()).await.expect("ack");
             }
             Job::DispatchMany { .. } => panic!("one event, one dispatch job"),
+            Job::DeliverChunk { .. } => panic!("fan-outs write deliveries here, not chunks"),
             Job::Deliver { delivery_id: d, .. } => {
                 // The doomed worker claims the delivery (as before a provider call) ...
                 assert!(app

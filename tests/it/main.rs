@@ -4,6 +4,7 @@ mod helpers;
 
 mod access;
 mod api_document;
+mod chunks;
 mod console;
 mod deliverability;
 mod delivery;

@@ -1,0 +1,108 @@
+//! Chunked fan-out (`worker.chunked_fanout`): a campaign's recipients cut into chunks, each
+//! delivery written once with its outcome; every recipient once however many of the
+//! audience's parts name them.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+async fn chunked_app() -> TestApp {
+    spawn_app_with(TestOptions {
+        env: vec![
+            ("HERALD__WORKER__CHUNKED_FANOUT".into(), "true".into()),
+            // Chunks of three recipients: a dozen make several chunks and writes.
+            ("HERALD__WORKER__FANOUT_BATCH_SIZE".into(), "3".into()),
+        ],
+        ..TestOptions::default()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_chunked_campaign_reaches_each_recipient_once_and_records_each_delivery_once() {
+    let app = chunked_app().await;
+    // u00..u11 with an address, tagged; u12 without one; u13 suppressed.
+    for i in 0..14 {
+        let mut profile = json!({"first_name": format!("U{i}"), "tags": ["beta"]});
+        if i != 12 {
+            profile["email"] = json!(format!("u{i:02}@example.com"));
+        }
+        app.put_user(&format!("u{i:02}"), profile).await;
+    }
+    let (status, _) = app
+        .put("/v1/suppressions/email/u13@example.com", &json!({}))
+        .await;
+    assert_eq!(status, 201);
+    // The group, the segment and the inline ids overlap.
+    let members: Vec<String> = (0..8).map(|i| format!("u{i:02}")).collect();
+    let (status, body) = app
+        .put("/v1/groups/g1", &json!({"name": "G", "user_ids": members}))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = app
+        .post_event(&json!({"event_type": "greeting", "channels": ["email"],
+            "recipients": {"user_ids": ["u03", "u11", "u11"], "group_id": "g1",
+                           "segment": {"tag": "beta"}},
+            "payload": {"note": "hi"}}))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["notification_id"].as_str().expect("id").to_owned();
+    let n = app.wait_finished(&id, 60).await;
+    assert_eq!(n["counts"]["total"], 14, "{n}");
+    assert_eq!(n["counts"]["sent"], 12, "{n}");
+    assert_eq!(n["counts"]["skipped"], 2, "{n}");
+    assert_eq!(n["counts"]["queued"], 0, "{n}");
+
+    let mails = app.smtp.wait_for(12, 20).await;
+    let mut per_address: BTreeMap<String, usize> = BTreeMap::new();
+    for m in &mails {
+        for to in &m.to {
+            *per_address.entry(to.clone()).or_default() += 1;
+        }
+    }
+    assert_eq!(per_address.len(), 12, "{per_address:?}");
+    assert!(per_address.values().all(|n| *n == 1), "{per_address:?}");
+
+    let (status, page) = app
+        .get(&format!("/v1/deliveries?notification_id={id}&limit=100"))
+        .await;
+    assert_eq!(status, 200, "{page}");
+    let items = page["items"].as_array().expect("items");
+    assert_eq!(items.len(), 14, "one record per recipient: {page}");
+    let reason_of = |user: &str| {
+        items
+            .iter()
+            .find(|d| d["user_id"] == user)
+            .map(|d| (d["status"].clone(), d["reason"].clone()))
+    };
+    assert_eq!(reason_of("u12"), Some((json!("skipped"), json!("no_address"))));
+    assert_eq!(reason_of("u13"), Some((json!("skipped"), json!("suppressed"))));
+    // A sent record carries its one attempt, with the provider's message id.
+    let sent = items.iter().find(|d| d["status"] == "sent").expect("sent");
+    let (_, detail) = app
+        .get(&format!("/v1/deliveries/{}", sent["delivery_id"].as_str().expect("id")))
+        .await;
+    assert_eq!(detail["attempts"], 1, "{detail}");
+    assert!(
+        detail["attempt_log"][0]["response"]["message_id"].is_string(),
+        "{detail}"
+    );
+    // Fourteen recipients in chunks of three: five chunks, each done.
+    let chunks = app
+        .db
+        .collection::<mongodb::bson::Document>("chunks")
+        .count_documents(mongodb::bson::doc! {"notification_id": &id, "done": true})
+        .await
+        .expect("count");
+    assert_eq!(chunks, 5);
+    // The statistics moved every delivery out of `queued`.
+    let (_, stats) = app.get("/v1/stats/deliveries?group_by=status").await;
+    let rows: Vec<&Value> = stats["rows"].as_array().expect("rows").iter().collect();
+    assert!(
+        rows.iter().all(|r| r["status"] != "queued" || r["count"] == 0),
+        "{stats}"
+    );
+    app.stop().await;
+}
