@@ -92,7 +92,10 @@ pub struct ChunkResume {
 #[derive(Debug)]
 pub enum ChunkClaim {
     /// Claimed: send it under this attempt id.
-    Claimed { chunk: Box<ChunkDoc>, attempt_id: String },
+    Claimed {
+        chunk: Box<ChunkDoc>,
+        attempt_id: String,
+    },
     /// Another attempt holds it.
     Held(Box<ChunkDoc>),
     /// Finished, or gone.
@@ -265,7 +268,11 @@ impl Store {
     }
 
     /// Chunks still claimed since before `cutoff` (their worker stopped), at most `limit`.
-    pub async fn stale_chunks(&self, cutoff: DateTime, limit: i64) -> anyhow::Result<Vec<ChunkDoc>> {
+    pub async fn stale_chunks(
+        &self,
+        cutoff: DateTime,
+        limit: i64,
+    ) -> anyhow::Result<Vec<ChunkDoc>> {
         Ok(self
             .chunks()
             .find(doc! {"done": false, "claim.claimed_at": {"$lt": cutoff}})

@@ -397,7 +397,13 @@ async fn resolve_held_chunk(
             .into());
         }
     }
-    recover_chunk(ctx, committer, chunk, "its job came back while it was being sent").await
+    recover_chunk(
+        ctx,
+        committer,
+        chunk,
+        "its job came back while it was being sent",
+    )
+    .await
 }
 
 /// Records each delivery of a chunk whose worker stopped that has no record as

@@ -11,7 +11,9 @@ use super::Worker;
 use crate::domain::{Channel, DeliveryStatus, NotificationStatus};
 use crate::queue::messages::Job;
 use crate::queue::Outgoing;
-use crate::store::{ChunkDoc, ChunkItem, DeliveryDoc, FanoutBatch, NotificationDoc, QueuedDelivery};
+use crate::store::{
+    ChunkDoc, ChunkItem, DeliveryDoc, FanoutBatch, NotificationDoc, QueuedDelivery,
+};
 
 /// The channels a notification goes out on: the event's own list, else every channel
 /// with a template; with neither, email, so the missing template shows on the delivery.
@@ -247,10 +249,20 @@ async fn dispatch_chunks(
     inline.sort();
     let mut streams = vec![futures::stream::iter(inline.into_iter().map(Ok)).boxed()];
     if let Some(g) = &n.recipients.group_id {
-        streams.push(ctx.store.stream_group_members(g, after.as_deref()).await?.boxed());
+        streams.push(
+            ctx.store
+                .stream_group_members(g, after.as_deref())
+                .await?
+                .boxed(),
+        );
     }
     if let Some(seg) = &n.recipients.segment {
-        streams.push(ctx.store.stream_segment(seg, after.as_deref()).await?.boxed());
+        streams.push(
+            ctx.store
+                .stream_segment(seg, after.as_deref())
+                .await?
+                .boxed(),
+        );
     }
     let mut audience = Merged::new(streams).await?;
     let batch_size = ctx.settings.worker.fanout_batch_size;

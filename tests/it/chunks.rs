@@ -77,12 +77,21 @@ async fn a_chunked_campaign_reaches_each_recipient_once_and_records_each_deliver
             .find(|d| d["user_id"] == user)
             .map(|d| (d["status"].clone(), d["reason"].clone()))
     };
-    assert_eq!(reason_of("u12"), Some((json!("skipped"), json!("no_address"))));
-    assert_eq!(reason_of("u13"), Some((json!("skipped"), json!("suppressed"))));
+    assert_eq!(
+        reason_of("u12"),
+        Some((json!("skipped"), json!("no_address")))
+    );
+    assert_eq!(
+        reason_of("u13"),
+        Some((json!("skipped"), json!("suppressed")))
+    );
     // A sent record carries its one attempt, with the provider's message id.
     let sent = items.iter().find(|d| d["status"] == "sent").expect("sent");
     let (_, detail) = app
-        .get(&format!("/v1/deliveries/{}", sent["delivery_id"].as_str().expect("id")))
+        .get(&format!(
+            "/v1/deliveries/{}",
+            sent["delivery_id"].as_str().expect("id")
+        ))
         .await;
     assert_eq!(detail["attempts"], 1, "{detail}");
     assert!(
@@ -101,7 +110,8 @@ async fn a_chunked_campaign_reaches_each_recipient_once_and_records_each_deliver
     let (_, stats) = app.get("/v1/stats/deliveries?group_by=status").await;
     let rows: Vec<&Value> = stats["rows"].as_array().expect("rows").iter().collect();
     assert!(
-        rows.iter().all(|r| r["status"] != "queued" || r["count"] == 0),
+        rows.iter()
+            .all(|r| r["status"] != "queued" || r["count"] == 0),
         "{stats}"
     );
     app.stop().await;

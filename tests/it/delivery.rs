@@ -228,11 +228,25 @@ async fn a_delivery_left_sending_by_a_dead_worker_is_failed_outcome_unknown_not_
 
 #[tokio::test]
 async fn a_job_redelivered_after_its_worker_died_mid_send_is_not_sent_again() {
+    died_mid_send(false).await;
+}
+
+#[tokio::test]
+async fn a_chunk_redelivered_after_its_worker_died_mid_send_is_not_sent_again() {
+    died_mid_send(true).await;
+}
+
+/// A worker claims a delivery (or the chunk holding it) as before a provider call and
+/// dies without acking; the job comes back to a live worker.
+async fn died_mid_send(chunked: bool) {
     // Only the API runs; this test plays the worker that dies. Its claim is taken for a
     // dead worker's one second after it was made.
     let app = spawn_app_with(TestOptions {
         roles: Roles::ApiOnly,
-        env: vec![("HERALD__WORKER__REDELIVERY_GRACE_SECS".into(), "1".into())],
+        env: vec![
+            ("HERALD__WORKER__REDELIVERY_GRACE_SECS".into(), "1".into()),
+            ("HERALD__WORKER__CHUNKED_FANOUT".into(), chunked.to_string()),
+        ],
         ..Default::default()
     })
     .await;
@@ -285,7 +299,19 @@ async fn a_job_redelivered_after_its_worker_died_mid_send_is_not_sent_again() {
                 m.acker.ack(Default::default()).await.expect("ack");
             }
             Job::DispatchMany { .. } => panic!("one event, one dispatch job"),
-            Job::DeliverChunk { .. } => panic!("fan-outs write deliveries here, not chunks"),
+            Job::DeliverChunk { chunk_id, .. } => {
+                // The doomed worker claims the chunk (as before its provider calls) ...
+                let herald::store::ChunkClaim::Claimed { chunk, .. } = app
+                    .ctx
+                    .store
+                    .claim_chunk(&chunk_id, "doomed")
+                    .await
+                    .expect("claim")
+                else {
+                    panic!("the chunk was free");
+                };
+                delivery_id = Some(chunk.items[0].delivery_id.clone());
+            }
             Job::Deliver { delivery_id: d, .. } => {
                 // The doomed worker claims the delivery (as before a provider call) ...
                 assert!(app
