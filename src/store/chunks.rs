@@ -45,6 +45,11 @@ pub struct ChunkDoc {
     pub items: Vec<ChunkItem>,
     /// The worker sending it; `from` is always `queued`.
     pub claim: Option<ClaimDoc>,
+    /// Items (from the first) that may have been handed to a provider: marked a window
+    /// at a time before their sends, so a chunk whose worker stopped is resumed after them
+    /// and only they can be `outcome_unknown`.
+    #[serde(default)]
+    pub started: u32,
     /// Every item has its record.
     pub done: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -254,6 +259,36 @@ impl Store {
             .iter()
             .filter_map(|d| d.get_str("_id").ok().map(str::to_owned))
             .collect())
+    }
+
+    /// Marks items up to `through` as possibly handed to a provider, if `attempt_id` still
+    /// holds the chunk; `false`: it does not (the chunk was resolved as stopped).
+    pub async fn start_window(
+        &self,
+        id: &str,
+        attempt_id: &str,
+        through: u32,
+    ) -> anyhow::Result<bool> {
+        let r = self
+            .chunks()
+            .update_one(
+                doc! {"_id": id, "claim.attempt_id": attempt_id},
+                doc! {"$max": {"started": through}},
+            )
+            .await?;
+        Ok(r.matched_count == 1)
+    }
+
+    /// Lets another worker claim the chunk, if `attempt_id` still holds it.
+    pub async fn release_chunk(&self, id: &str, attempt_id: &str) -> anyhow::Result<bool> {
+        let r = self
+            .chunks()
+            .update_one(
+                doc! {"_id": id, "claim.attempt_id": attempt_id},
+                doc! {"$set": {"claim": null}},
+            )
+            .await?;
+        Ok(r.matched_count == 1)
     }
 
     /// Marks a chunk done: every item has its record.

@@ -3,7 +3,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use mongodb::bson::{self, DateTime, Document};
 use serde_json::{json, Value};
 use tracing::instrument;
@@ -304,12 +303,11 @@ pub async fn deliver(
     send(ctx, shared, &d, attempt_id, claimed, message).await
 }
 
-/// A chunk's deliveries sent at once by one chunk job; the lane's slots bound the jobs.
-const CHUNK_SENDS_AT_ONCE: usize = 16;
-
-/// Processes one chunk job: claims the chunk, prepares and sends its deliveries, and
-/// writes each one's record once, with its outcome. Returns once every outcome is
-/// committed and the chunk marked done; the caller acks only then.
+/// Processes one chunk job: claims the chunk (when one of the lane's chunk permits is
+/// free), then sends its deliveries a window at a time — each window marked on the chunk
+/// before its sends — and writes each record once, with its outcome. A chunk resumed
+/// after a stopped worker goes on after what it had started. Returns once every outcome
+/// is committed and the chunk marked done; the caller acks only then.
 #[instrument(skip_all, fields(chunk_id = %chunk_id))]
 pub async fn deliver_chunk(
     ctx: &Worker,
@@ -317,6 +315,7 @@ pub async fn deliver_chunk(
     chunk_id: &str,
     redelivered: bool,
 ) -> anyhow::Result<()> {
+    let _permit = shared.chunks.acquire().await?;
     let (chunk, attempt_id) = match ctx.store.claim_chunk(chunk_id, &ctx.instance).await? {
         ChunkClaim::Claimed { chunk, attempt_id } => (chunk, attempt_id),
         ChunkClaim::Nothing => return Ok(()),
@@ -324,18 +323,36 @@ pub async fn deliver_chunk(
             return resolve_held_chunk(ctx, &shared.commits, &chunk, redelivered).await
         }
     };
-    let sends: Vec<_> = chunk
-        .items
-        .iter()
-        .map(|item| deliver_unwritten(ctx, shared, chunk.delivery(item), &attempt_id))
-        .collect();
-    let results: Vec<anyhow::Result<()>> = futures::stream::iter(sends)
-        .buffer_unordered(CHUNK_SENDS_AT_ONCE)
-        .collect()
-        .await;
-    // One that failed leaves the chunk claimed: its job comes back and, past the grace,
-    // records what has no record as unknown.
-    results.into_iter().collect::<anyhow::Result<()>>()?;
+    let start = (chunk.started as usize).min(chunk.items.len());
+    let rest = &chunk.items[start..];
+    // Resumed: what the stopped worker recorded is not sent again.
+    let written = if start > 0 {
+        let ids: Vec<String> = rest.iter().map(|i| i.delivery_id.clone()).collect();
+        ctx.store.written(&ids).await?
+    } else {
+        Default::default()
+    };
+    for (n, window) in rest.chunks(super::CHUNK_WINDOW).enumerate() {
+        let through = (start + (n + 1) * super::CHUNK_WINDOW).min(chunk.items.len()) as u32;
+        if !ctx
+            .store
+            .start_window(&chunk.id, &attempt_id, through)
+            .await?
+        {
+            tracing::warn!("the chunk was resolved as stopped while this worker sent it");
+            return Ok(());
+        }
+        let sends = window
+            .iter()
+            .filter(|i| !written.contains(&i.delivery_id))
+            .map(|item| deliver_unwritten(ctx, shared, chunk.delivery(item), &attempt_id));
+        // One that failed leaves the chunk claimed: its job comes back and, past the
+        // grace, records what the window started without a record as unknown.
+        futures::future::join_all(sends)
+            .await
+            .into_iter()
+            .collect::<anyhow::Result<Vec<()>>>()?;
+    }
     ctx.store.finish_chunk(&chunk.id).await
 }
 
@@ -371,8 +388,9 @@ async fn deliver_unwritten(
 }
 
 /// A chunk found claimed by another attempt, resolved like a `sending` delivery
-/// ([`resolve_sending`]): left alone while its worker may still be at it, else each of
-/// its deliveries without a record is recorded `failed` / `outcome_unknown`.
+/// ([`resolve_sending`]): left alone while its worker may still be at it; else its
+/// started deliveries without a record are recorded `failed` / `outcome_unknown`, and the
+/// job comes back to send the rest.
 async fn resolve_held_chunk(
     ctx: &Worker,
     committer: &Committer,
@@ -397,30 +415,38 @@ async fn resolve_held_chunk(
             .into());
         }
     }
-    recover_chunk(
+    if recover_chunk(
         ctx,
         committer,
         chunk,
         "its job came back while it was being sent",
     )
-    .await
+    .await?
+    {
+        return Err(super::Later("a stopped worker's chunk, resumed".to_owned()).into());
+    }
+    Ok(())
 }
 
-/// Records each delivery of a chunk whose worker stopped that has no record as
-/// `failed` / `outcome_unknown` (never re-sent), then marks the chunk done.
+/// Records each started delivery of a chunk whose worker stopped that has no record as
+/// `failed` / `outcome_unknown` (never re-sent). Then the chunk is done, or, with
+/// deliveries not yet started, released for another claim (`true`: it needs a job).
 pub(super) async fn recover_chunk(
     ctx: &Worker,
     committer: &Committer,
     chunk: &ChunkDoc,
     found: &str,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let Some(claim) = &chunk.claim else {
-        return Ok(());
+        return Ok(false);
     };
-    let ids: Vec<String> = chunk.items.iter().map(|i| i.delivery_id.clone()).collect();
+    let started = (chunk.started as usize).min(chunk.items.len());
+    let ids: Vec<String> = chunk.items[..started]
+        .iter()
+        .map(|i| i.delivery_id.clone())
+        .collect();
     let written = ctx.store.written(&ids).await?;
-    let missing: Vec<&crate::store::ChunkItem> = chunk
-        .items
+    let missing: Vec<&crate::store::ChunkItem> = chunk.items[..started]
         .iter()
         .filter(|i| !written.contains(&i.delivery_id))
         .collect();
@@ -434,7 +460,11 @@ pub(super) async fn recover_chunk(
         committer.call(o)
     });
     futures::future::try_join_all(outcomes).await?;
-    ctx.store.finish_chunk(&chunk.id).await
+    if started < chunk.items.len() {
+        return ctx.store.release_chunk(&chunk.id, &claim.attempt_id).await;
+    }
+    ctx.store.finish_chunk(&chunk.id).await?;
+    Ok(false)
 }
 
 /// What a delivery comes to before any provider is called.

@@ -301,6 +301,7 @@ async fn dispatch_chunks(
                     })
                     .collect(),
                 claim: None,
+                started: 0,
                 done: false,
                 expire_at: None,
             });

@@ -131,7 +131,15 @@ pub struct Shared {
     /// deliveries to publish.
     pub fanouts: Batcher<FanoutBatch, Vec<QueuedDelivery>>,
     pub commits: Committer,
+    /// Chunks this lane sends at once: its slots over [`CHUNK_WINDOW`], so a chunk's
+    /// window of sends takes as many deliveries as the lane has slots, and a worker that
+    /// stops leaves at most that many `outcome_unknown`.
+    pub chunks: Arc<tokio::sync::Semaphore>,
 }
+
+/// A chunk's deliveries are sent this many at a time, each window marked on the chunk
+/// before its sends.
+pub const CHUNK_WINDOW: usize = 16;
 
 impl Shared {
     /// Starts one lane's batching tasks; they end when the last `Shared` is dropped.
@@ -197,7 +205,14 @@ impl Shared {
                 }
             },
         );
+        let w = &ctx.settings.worker;
+        let slots = match lane {
+            Priority::High => w.high_concurrency,
+            Priority::Normal => w.normal_concurrency,
+            Priority::Low => w.low_concurrency,
+        } as usize;
         let shared = Self {
+            chunks: Arc::new(tokio::sync::Semaphore::new((slots / CHUNK_WINDOW).max(1))),
             lane,
             gate,
             notifications,
@@ -317,7 +332,7 @@ async fn sweep_stale_claims(ctx: Worker, commits: Committer, cancel: Cancellatio
         match ctx.store.stale_chunks(cutoff, 100).await {
             Ok(chunks) => {
                 for chunk in &chunks {
-                    if let Err(e) = deliver::recover_chunk(
+                    match deliver::recover_chunk(
                         &ctx,
                         &commits,
                         chunk,
@@ -325,7 +340,31 @@ async fn sweep_stale_claims(ctx: Worker, commits: Committer, cancel: Cancellatio
                     )
                     .await
                     {
-                        tracing::warn!(error = format!("{e:#}"), "could not resolve a stale chunk");
+                        // Deliveries not yet started: another worker sends them.
+                        Ok(true) => {
+                            let job = Outgoing {
+                                exchange: ctx.broker.names().jobs_exchange.clone(),
+                                routing_key: chunk.priority.as_str().to_owned(),
+                                body: Job::DeliverChunk {
+                                    chunk_id: chunk.id.clone(),
+                                    notification_id: chunk.notification_id.clone(),
+                                }
+                                .encode(),
+                                headers: Vec::new(),
+                                expiration_ms: None,
+                            };
+                            if let Err(e) = ctx.broker.publish_confirmed(&[job]).await {
+                                tracing::warn!(
+                                    error = format!("{e:#}"),
+                                    "could not publish a resumed chunk"
+                                );
+                            }
+                        }
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!(
+                            error = format!("{e:#}"),
+                            "could not resolve a stale chunk"
+                        ),
                     }
                 }
             }

@@ -116,3 +116,51 @@ async fn a_chunked_campaign_reaches_each_recipient_once_and_records_each_deliver
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_chunk_whose_worker_stopped_before_sending_is_resumed_and_sent_once() {
+    // Only the API runs at first; the chunk is claimed by a worker that stops before any
+    // window, then a worker runs and the sweep (claim timeout 2 s) resumes the chunk.
+    let app = spawn_app_with(TestOptions {
+        roles: Roles::ApiOnly,
+        env: vec![
+            ("HERALD__WORKER__CHUNKED_FANOUT".into(), "true".into()),
+            ("HERALD__WORKER__CLAIM_TIMEOUT_SECS".into(), "2".into()),
+        ],
+        ..TestOptions::default()
+    })
+    .await;
+    app.put_ana().await;
+    let (_, body) = app
+        .post_event(&json!({"event_type": "greeting", "channels": ["email"],
+                            "recipients": {"user_ids": ["u1"]}, "payload": {"note": "x"}}))
+        .await;
+    let nid = body["notification_id"].as_str().expect("id").to_owned();
+    // The fan-out, as a worker would run it, then a claim that is never worked on.
+    let (shared, _tasks) = herald::worker::Shared::start(
+        &app.ctx.worker,
+        herald::domain::Priority::Normal,
+        Default::default(),
+        Default::default(),
+    );
+    herald::worker::dispatch::dispatch(&app.ctx.worker, &shared, &nid)
+        .await
+        .expect("dispatch");
+    let chunk_id = format!("{nid}:000000");
+    assert!(matches!(
+        app.ctx
+            .store
+            .claim_chunk(&chunk_id, "stopped")
+            .await
+            .expect("claim"),
+        herald::store::ChunkClaim::Claimed { .. }
+    ));
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let worker = tokio::spawn(herald::roles::worker(app.ctx.clone(), cancel.clone()));
+    let n = app.wait_finished(&nid, 30).await;
+    cancel.cancel();
+    let _ = worker.await;
+    assert_eq!(n["counts"]["sent"], 1, "{n}");
+    assert_eq!(app.smtp.wait_for(1, 10).await.len(), 1);
+    app.stop().await;
+}

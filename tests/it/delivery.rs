@@ -300,8 +300,9 @@ async fn died_mid_send(chunked: bool) {
             }
             Job::DispatchMany { .. } => panic!("one event, one dispatch job"),
             Job::DeliverChunk { chunk_id, .. } => {
-                // The doomed worker claims the chunk (as before its provider calls) ...
-                let herald::store::ChunkClaim::Claimed { chunk, .. } = app
+                // The doomed worker claims the chunk and starts its first window (as
+                // before its provider calls) ...
+                let herald::store::ChunkClaim::Claimed { chunk, attempt_id } = app
                     .ctx
                     .store
                     .claim_chunk(&chunk_id, "doomed")
@@ -310,6 +311,12 @@ async fn died_mid_send(chunked: bool) {
                 else {
                     panic!("the chunk was free");
                 };
+                assert!(app
+                    .ctx
+                    .store
+                    .start_window(&chunk_id, &attempt_id, 1)
+                    .await
+                    .expect("window"));
                 delivery_id = Some(chunk.items[0].delivery_id.clone());
             }
             Job::Deliver { delivery_id: d, .. } => {
