@@ -230,7 +230,6 @@ pub struct WorkerSettings {
     pub commit_batch_max: usize,
     pub fanout_batch_size: usize,
     /// Fan-outs write chunks, and each delivery is written once with its outcome.
-    #[serde(default)]
     pub chunked_fanout: bool,
     /// Provider calls per delivery before it is `dead`.
     pub max_attempts: u32,
