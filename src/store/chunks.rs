@@ -50,6 +50,14 @@ pub struct ChunkDoc {
     /// and only they can be `outcome_unknown`.
     #[serde(default)]
     pub started: u32,
+    /// Started items whose attempt failed before their provider call (a database error
+    /// reading the recipient, say): sent when the chunk is resumed, not `outcome_unknown`.
+    #[serde(default)]
+    pub unsent: Vec<String>,
+    /// When a stopped worker's claim was released: a chunk left released (its job lost)
+    /// is published again by the sweep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub released_at: Option<DateTime>,
     /// Every item has its record.
     pub done: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -91,6 +99,9 @@ impl ChunkDoc {
 pub struct ChunkResume {
     pub next_seq: i64,
     pub after_user: Option<String>,
+    /// The fan-out began writing one record per delivery (before chunks were turned on):
+    /// it goes on that way.
+    pub per_delivery: bool,
 }
 
 /// What a worker found when it went to claim a chunk.
@@ -117,6 +128,7 @@ impl Store {
             .create_indexes([
                 super::named_index(doc! {"notification_id": 1, "done": 1}, "notification_open"),
                 super::named_index(doc! {"claim.claimed_at": 1}, "claimed_at"),
+                super::named_index(doc! {"released_at": 1}, "released_at"),
                 super::expiry_index(),
             ])
             .await?;
@@ -134,6 +146,7 @@ impl Store {
                 .as_ref()
                 .and_then(|p| p.get_i64("next_seq").ok())
                 .unwrap_or(0),
+            per_delivery: p.as_ref().is_some_and(|p| !p.contains_key("next_seq")),
             after_user: p.and_then(|p| p.get_str("after_user").ok().map(str::to_owned)),
         })
     }
@@ -162,7 +175,8 @@ impl Store {
                         let mut at = doc! {"_id": &**id};
                         match &from.after_user {
                             Some(u) => at.insert("after_user", u),
-                            None => at.insert("after_user", doc! {"$exists": false}),
+                            // A progress document without chunks is another kind of fan-out's.
+                            None => at.insert("next_seq", doc! {"$exists": false}),
                         };
                         let moved = store
                             .fanout_progress()
@@ -261,8 +275,9 @@ impl Store {
             .collect())
     }
 
-    /// Marks items up to `through` as possibly handed to a provider, if `attempt_id` still
-    /// holds the chunk; `false`: it does not (the chunk was resolved as stopped).
+    /// Marks items up to `through` as possibly handed to a provider, and the claim as
+    /// alive now (a chunk's age is its current window's), if `attempt_id` still holds the
+    /// chunk; `false`: it does not (the chunk was resolved as stopped).
     pub async fn start_window(
         &self,
         id: &str,
@@ -273,19 +288,68 @@ impl Store {
             .chunks()
             .update_one(
                 doc! {"_id": id, "claim.attempt_id": attempt_id},
-                doc! {"$max": {"started": through}},
+                doc! {"$max": {"started": through}, "$set": {"claim.claimed_at": now()}},
             )
             .await?;
         Ok(r.matched_count == 1)
     }
 
-    /// Lets another worker claim the chunk, if `attempt_id` still holds it.
-    pub async fn release_chunk(&self, id: &str, attempt_id: &str) -> anyhow::Result<bool> {
+    /// Records started items that failed before their provider call, if `attempt_id`
+    /// still holds the chunk.
+    pub async fn mark_unsent(
+        &self,
+        id: &str,
+        attempt_id: &str,
+        ids: &[String],
+    ) -> anyhow::Result<()> {
+        self.chunks()
+            .update_one(
+                doc! {"_id": id, "claim.attempt_id": attempt_id},
+                doc! {"$addToSet": {"unsent": {"$each": ids}}},
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Takes started items that had failed before their provider call back from the
+    /// unsent list, before they are tried again, if `attempt_id` still holds the chunk.
+    pub async fn retake_unsent(
+        &self,
+        id: &str,
+        attempt_id: &str,
+        ids: &[String],
+    ) -> anyhow::Result<bool> {
         let r = self
             .chunks()
             .update_one(
                 doc! {"_id": id, "claim.attempt_id": attempt_id},
-                doc! {"$set": {"claim": null}},
+                doc! {"$pullAll": {"unsent": ids}, "$set": {"claim.claimed_at": now()}},
+            )
+            .await?;
+        Ok(r.matched_count == 1)
+    }
+
+    /// Ends a stopped worker's hold on a chunk, as read in `chunk`: done, or released for
+    /// another claim. `false`: the chunk moved on since it was read (that worker is
+    /// alive, or another resolved it) and must be looked at again.
+    pub async fn end_stopped_claim(
+        &self,
+        chunk: &ChunkDoc,
+        attempt_id: &str,
+        done: bool,
+    ) -> anyhow::Result<bool> {
+        let set = if done {
+            doc! {"done": true, "expire_at": super::expires(self.retention.notification_days)}
+        } else {
+            doc! {"claim": null, "released_at": now()}
+        };
+        let r = self
+            .chunks()
+            .update_one(
+                doc! {"_id": &chunk.id, "claim.attempt_id": attempt_id,
+                "started": i64::from(chunk.started),
+                "unsent": {"$size": chunk.unsent.len() as i64}},
+                doc! {"$set": set},
             )
             .await?;
         Ok(r.matched_count == 1)
@@ -302,7 +366,8 @@ impl Store {
         Ok(())
     }
 
-    /// Chunks still claimed since before `cutoff` (their worker stopped), at most `limit`.
+    /// Chunks still claimed since before `cutoff` (their worker stopped), or released
+    /// before it and never claimed again (their job was lost); at most `limit`.
     pub async fn stale_chunks(
         &self,
         cutoff: DateTime,
@@ -310,7 +375,10 @@ impl Store {
     ) -> anyhow::Result<Vec<ChunkDoc>> {
         Ok(self
             .chunks()
-            .find(doc! {"done": false, "claim.claimed_at": {"$lt": cutoff}})
+            .find(doc! {"done": false, "$or": [
+                {"claim.claimed_at": {"$lt": cutoff}},
+                {"claim": null, "released_at": {"$lt": cutoff}},
+            ]})
             .limit(limit)
             .await?
             .try_collect()

@@ -15,8 +15,8 @@ use crate::domain::preferences::{Preferences, Verdict};
 use crate::domain::{Category, Channel, DeliveryStatus, Priority};
 use crate::enrich::EnrichError;
 use crate::store::{
-    AttemptDoc, ChunkClaim, ChunkDoc, ClaimDoc, DeliveryClaim, DeliveryDoc, NotificationDoc,
-    Outcome, Precondition, Retry, UserDoc,
+    AttemptDoc, ChunkClaim, ChunkDoc, ChunkItem, ClaimDoc, DeliveryClaim, DeliveryDoc,
+    NotificationDoc, Outcome, Precondition, Retry, UserDoc,
 };
 use crate::templates::{Rendered, TemplateError};
 
@@ -306,8 +306,9 @@ pub async fn deliver(
 /// Processes one chunk job: claims the chunk (when one of the lane's chunk permits is
 /// free), then sends its deliveries a window at a time — each window marked on the chunk
 /// before its sends — and writes each record once, with its outcome. A chunk resumed
-/// after a stopped worker goes on after what it had started. Returns once every outcome
-/// is committed and the chunk marked done; the caller acks only then.
+/// after a stopped worker goes on after what it had started, first trying again what
+/// had failed before its provider call. Returns once every outcome is committed and the
+/// chunk marked done; the caller acks only then.
 #[instrument(skip_all, fields(chunk_id = %chunk_id))]
 pub async fn deliver_chunk(
     ctx: &Worker,
@@ -324,15 +325,36 @@ pub async fn deliver_chunk(
         }
     };
     let start = (chunk.started as usize).min(chunk.items.len());
-    let rest = &chunk.items[start..];
-    // Resumed: what the stopped worker recorded is not sent again.
+    // Resumed: what a stopped worker recorded is not sent again.
     let written = if start > 0 {
-        let ids: Vec<String> = rest.iter().map(|i| i.delivery_id.clone()).collect();
+        let ids: Vec<String> = chunk.items.iter().map(|i| i.delivery_id.clone()).collect();
         ctx.store.written(&ids).await?
     } else {
         Default::default()
     };
-    for (n, window) in rest.chunks(super::CHUNK_WINDOW).enumerate() {
+    let todo = |items: &[ChunkItem]| -> Vec<ChunkItem> {
+        items
+            .iter()
+            .filter(|i| !written.contains(&i.delivery_id))
+            .cloned()
+            .collect()
+    };
+    let retried: Vec<ChunkItem> = todo(&chunk.items[..start])
+        .into_iter()
+        .filter(|i| chunk.unsent.contains(&i.delivery_id))
+        .collect();
+    if !retried.is_empty() {
+        let ids: Vec<String> = retried.iter().map(|i| i.delivery_id.clone()).collect();
+        if !ctx
+            .store
+            .retake_unsent(&chunk.id, &attempt_id, &ids)
+            .await?
+        {
+            return Ok(());
+        }
+        send_window(ctx, shared, &chunk, &attempt_id, retried).await?;
+    }
+    for (n, window) in chunk.items[start..].chunks(super::CHUNK_WINDOW).enumerate() {
         let through = (start + (n + 1) * super::CHUNK_WINDOW).min(chunk.items.len()) as u32;
         if !ctx
             .store
@@ -342,18 +364,51 @@ pub async fn deliver_chunk(
             tracing::warn!("the chunk was resolved as stopped while this worker sent it");
             return Ok(());
         }
-        let sends = window
-            .iter()
-            .filter(|i| !written.contains(&i.delivery_id))
-            .map(|item| deliver_unwritten(ctx, shared, chunk.delivery(item), &attempt_id));
-        // One that failed leaves the chunk claimed: its job comes back and, past the
-        // grace, records what the window started without a record as unknown.
-        futures::future::join_all(sends)
-            .await
-            .into_iter()
-            .collect::<anyhow::Result<Vec<()>>>()?;
+        send_window(ctx, shared, &chunk, &attempt_id, todo(window)).await?;
     }
     ctx.store.finish_chunk(&chunk.id).await
+}
+
+/// Sends one started window of a chunk. Deliveries that failed before their provider
+/// call are listed on the chunk as unsent (tried again when it is resumed, never
+/// `outcome_unknown`); any failure leaves the chunk claimed, so its job comes back.
+async fn send_window(
+    ctx: &Worker,
+    shared: &Shared,
+    chunk: &ChunkDoc,
+    attempt_id: &str,
+    items: Vec<ChunkItem>,
+) -> anyhow::Result<()> {
+    let sends = items
+        .iter()
+        .map(|item| deliver_unwritten(ctx, shared, chunk.delivery(item), attempt_id));
+    let results = futures::future::join_all(sends).await;
+    let mut unsent = Vec::new();
+    let mut first = None;
+    for (item, r) in items.iter().zip(results) {
+        match r {
+            Ok(()) => {}
+            Err(ItemError::BeforeSend(e)) => {
+                unsent.push(item.delivery_id.clone());
+                first.get_or_insert(e);
+            }
+            Err(ItemError::AfterSend(e)) => {
+                first.get_or_insert(e);
+            }
+        }
+    }
+    if !unsent.is_empty() {
+        ctx.store
+            .mark_unsent(&chunk.id, attempt_id, &unsent)
+            .await?;
+    }
+    first.map_or(Ok(()), Err)
+}
+
+/// How one delivery of a chunk failed: before its provider call (nothing sent), or after.
+enum ItemError {
+    BeforeSend(anyhow::Error),
+    AfterSend(anyhow::Error),
 }
 
 /// One delivery of a claimed chunk: decided, or sent under the chunk's attempt, and its
@@ -363,9 +418,14 @@ async fn deliver_unwritten(
     shared: &Shared,
     d: DeliveryDoc,
     attempt_id: &str,
-) -> anyhow::Result<()> {
+) -> Result<(), ItemError> {
+    // Each send of a high-lane chunk is at work on its own (its provider call is not).
+    let _at_work = shared.gate.job();
     let unwritten = Precondition::Unwritten(Box::new(d.clone()));
-    match prepare(ctx, shared, &d).await? {
+    match prepare(ctx, shared, &d)
+        .await
+        .map_err(ItemError::BeforeSend)?
+    {
         Prepared::Send {
             destination,
             content,
@@ -377,11 +437,15 @@ async fn deliver_unwritten(
                 content,
                 unsubscribe_url,
             };
-            send(ctx, shared, &d, attempt_id.to_owned(), unwritten, message).await
+            send(ctx, shared, &d, attempt_id.to_owned(), unwritten, message)
+                .await
+                .map_err(ItemError::AfterSend)
         }
         Prepared::Decided(mut outcome) => {
             outcome.precondition = unwritten;
-            settle(ctx, &shared.commits, *outcome).await
+            settle(ctx, &shared.commits, *outcome)
+                .await
+                .map_err(ItemError::BeforeSend)
         }
         Prepared::Nothing => Ok(()),
     }
@@ -428,9 +492,10 @@ async fn resolve_held_chunk(
     Ok(())
 }
 
-/// Records each started delivery of a chunk whose worker stopped that has no record as
-/// `failed` / `outcome_unknown` (never re-sent). Then the chunk is done, or, with
-/// deliveries not yet started, released for another claim (`true`: it needs a job).
+/// Records each started delivery of a chunk whose worker stopped that has no record
+/// (and did not fail before its provider call) as `failed` / `outcome_unknown`, never
+/// re-sent. Then the chunk is done, or, with deliveries left to send, released for
+/// another claim (`true`: it needs a job).
 pub(super) async fn recover_chunk(
     ctx: &Worker,
     committer: &Committer,
@@ -438,7 +503,8 @@ pub(super) async fn recover_chunk(
     found: &str,
 ) -> anyhow::Result<bool> {
     let Some(claim) = &chunk.claim else {
-        return Ok(false);
+        // Released earlier and its job lost: it needs one.
+        return Ok(true);
     };
     let started = (chunk.started as usize).min(chunk.items.len());
     let ids: Vec<String> = chunk.items[..started]
@@ -446,9 +512,9 @@ pub(super) async fn recover_chunk(
         .map(|i| i.delivery_id.clone())
         .collect();
     let written = ctx.store.written(&ids).await?;
-    let missing: Vec<&crate::store::ChunkItem> = chunk.items[..started]
+    let missing: Vec<&ChunkItem> = chunk.items[..started]
         .iter()
-        .filter(|i| !written.contains(&i.delivery_id))
+        .filter(|i| !written.contains(&i.delivery_id) && !chunk.unsent.contains(&i.delivery_id))
         .collect();
     if !missing.is_empty() {
         tracing::warn!(worker = %claim.worker, count = missing.len(), "chunk left claimed by a stopped worker; recording outcome_unknown");
@@ -460,11 +526,15 @@ pub(super) async fn recover_chunk(
         committer.call(o)
     });
     futures::future::try_join_all(outcomes).await?;
-    if started < chunk.items.len() {
-        return ctx.store.release_chunk(&chunk.id, &claim.attempt_id).await;
+    let rest = started < chunk.items.len() || chunk.unsent.iter().any(|id| !written.contains(id));
+    if !ctx
+        .store
+        .end_stopped_claim(chunk, &claim.attempt_id, !rest)
+        .await?
+    {
+        anyhow::bail!("the chunk moved on while a stopped worker's hold on it was resolved");
     }
-    ctx.store.finish_chunk(&chunk.id).await?;
-    Ok(false)
+    Ok(rest)
 }
 
 /// What a delivery comes to before any provider is called.

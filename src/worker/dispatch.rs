@@ -12,7 +12,7 @@ use crate::domain::{Channel, DeliveryStatus, NotificationStatus};
 use crate::queue::messages::Job;
 use crate::queue::Outgoing;
 use crate::store::{
-    ChunkDoc, ChunkItem, DeliveryDoc, FanoutBatch, NotificationDoc, QueuedDelivery,
+    ChunkDoc, ChunkItem, ChunkResume, DeliveryDoc, FanoutBatch, NotificationDoc, QueuedDelivery,
 };
 
 /// The channels a notification goes out on: the event's own list, else every channel
@@ -87,8 +87,11 @@ pub async fn dispatch(ctx: &Worker, shared: &Shared, notification_id: &str) -> a
     }
     ctx.store.mark_dispatching(notification_id).await?;
     let channels = channels_of(ctx, &n);
-    if ctx.settings.worker.chunked_fanout {
-        return dispatch_chunks(ctx, &n, &channels).await;
+    // A fan-out goes on the way it began, whatever the setting says now.
+    let at = ctx.store.chunk_resume(notification_id).await?;
+    let chunked = !at.per_delivery && (at.next_seq > 0 || ctx.settings.worker.chunked_fanout);
+    if chunked {
+        return dispatch_chunks(ctx, &n, &channels, at).await;
     }
     let batch_size = ctx.settings.worker.fanout_batch_size;
 
@@ -213,6 +216,10 @@ impl Merged {
                 return Ok(None);
             };
             let next = self.streams[i].try_next().await?;
+            if next.is_some() && next < self.heads[i] {
+                // Each recipient once rests on the order: never go on without it.
+                anyhow::bail!("an audience stream is not in id order");
+            }
             let id = std::mem::replace(&mut self.heads[i], next);
             if id.is_some() && id != self.last {
                 self.last = id.clone();
@@ -231,13 +238,13 @@ async fn dispatch_chunks(
     ctx: &Worker,
     n: &NotificationDoc,
     channels: &[Channel],
+    mut at: ChunkResume,
 ) -> anyhow::Result<()> {
     let open = ctx.store.open_chunks(&n.id).await?;
     publish_chunks(ctx, n, &open).await?;
     if n.fanout_done {
         return Ok(());
     }
-    let mut at = ctx.store.chunk_resume(&n.id).await?;
     let after = at.after_user.clone();
     let mut inline: Vec<String> = n
         .recipients
@@ -302,6 +309,8 @@ async fn dispatch_chunks(
                     .collect(),
                 claim: None,
                 started: 0,
+                unsent: Vec::new(),
+                released_at: None,
                 done: false,
                 expire_at: None,
             });
