@@ -303,8 +303,8 @@ pub async fn deliver(
     send(ctx, shared, &d, attempt_id, claimed, message).await
 }
 
-/// Processes one chunk job: claims the chunk (when one of the lane's chunk permits is
-/// free), then sends its deliveries a window at a time — each window marked on the chunk
+/// Processes one chunk job: claims the chunk, then sends its deliveries a window at a
+/// time (once the lane has as many sends free) — each window marked on the chunk
 /// before its sends — and writes each record once, with its outcome. A chunk resumed
 /// after a stopped worker goes on after what it had started, first trying again what
 /// had failed before its provider call. Returns once every outcome is committed and the
@@ -316,7 +316,6 @@ pub async fn deliver_chunk(
     chunk_id: &str,
     redelivered: bool,
 ) -> anyhow::Result<()> {
-    let _permit = shared.chunks.acquire().await?;
     let (chunk, attempt_id) = match ctx.store.claim_chunk(chunk_id, &ctx.instance).await? {
         ChunkClaim::Claimed { chunk, attempt_id } => (chunk, attempt_id),
         ChunkClaim::Nothing => return Ok(()),
@@ -343,8 +342,9 @@ pub async fn deliver_chunk(
         .into_iter()
         .filter(|i| chunk.unsent.contains(&i.delivery_id))
         .collect();
-    if !retried.is_empty() {
-        let ids: Vec<String> = retried.iter().map(|i| i.delivery_id.clone()).collect();
+    for window in retried.chunks(super::CHUNK_WINDOW) {
+        let ids: Vec<String> = window.iter().map(|i| i.delivery_id.clone()).collect();
+        let _permits = shared.chunk_sends.acquire_many(ids.len() as u32).await?;
         if !ctx
             .store
             .retake_unsent(&chunk.id, &attempt_id, &ids)
@@ -352,10 +352,12 @@ pub async fn deliver_chunk(
         {
             return Ok(());
         }
-        send_window(ctx, shared, &chunk, &attempt_id, retried).await?;
+        send_window(ctx, shared, &chunk, &attempt_id, window.to_vec()).await?;
     }
     for (n, window) in chunk.items[start..].chunks(super::CHUNK_WINDOW).enumerate() {
         let through = (start + (n + 1) * super::CHUNK_WINDOW).min(chunk.items.len()) as u32;
+        // The lane's deliveries under way are bounded whatever the chunks' sizes.
+        let _permits = shared.chunk_sends.acquire_many(window.len() as u32).await?;
         if !ctx
             .store
             .start_window(&chunk.id, &attempt_id, through)

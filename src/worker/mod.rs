@@ -131,10 +131,11 @@ pub struct Shared {
     /// deliveries to publish.
     pub fanouts: Batcher<FanoutBatch, Vec<QueuedDelivery>>,
     pub commits: Committer,
-    /// Chunks this lane sends at once: its slots over [`CHUNK_WINDOW`], so a chunk's
-    /// window of sends takes as many deliveries as the lane has slots, and a worker that
-    /// stops leaves at most that many `outcome_unknown`.
-    pub chunks: Arc<tokio::sync::Semaphore>,
+    /// Chunk deliveries this lane has started at once, one permit each (as many as its
+    /// slots): chunks of one recipient go as many at a time as single deliveries, large
+    /// ones a window of [`CHUNK_WINDOW`] each, and a worker that stops leaves at most
+    /// that many `outcome_unknown`.
+    pub chunk_sends: Arc<tokio::sync::Semaphore>,
 }
 
 /// A chunk's deliveries are sent this many at a time, each window marked on the chunk
@@ -212,7 +213,7 @@ impl Shared {
             Priority::Low => w.low_concurrency,
         } as usize;
         let shared = Self {
-            chunks: Arc::new(tokio::sync::Semaphore::new((slots / CHUNK_WINDOW).max(1))),
+            chunk_sends: Arc::new(tokio::sync::Semaphore::new(slots.max(CHUNK_WINDOW))),
             lane,
             gate,
             notifications,
