@@ -275,6 +275,20 @@ impl Store {
             .collect())
     }
 
+    /// Applies `update` to chunk `id` if `attempt_id` still holds it; `false`: it does not.
+    async fn update_held(
+        &self,
+        id: &str,
+        attempt_id: &str,
+        update: Document,
+    ) -> anyhow::Result<bool> {
+        let r = self
+            .chunks()
+            .update_one(doc! {"_id": id, "claim.attempt_id": attempt_id}, update)
+            .await?;
+        Ok(r.matched_count == 1)
+    }
+
     /// Marks items up to `through` as possibly handed to a provider, and the claim as
     /// alive now (a chunk's age is its current window's), if `attempt_id` still holds the
     /// chunk; `false`: it does not (the chunk was resolved as stopped).
@@ -284,14 +298,12 @@ impl Store {
         attempt_id: &str,
         through: u32,
     ) -> anyhow::Result<bool> {
-        let r = self
-            .chunks()
-            .update_one(
-                doc! {"_id": id, "claim.attempt_id": attempt_id},
-                doc! {"$max": {"started": through}, "$set": {"claim.claimed_at": now()}},
-            )
-            .await?;
-        Ok(r.matched_count == 1)
+        self.update_held(
+            id,
+            attempt_id,
+            doc! {"$max": {"started": through}, "$set": {"claim.claimed_at": now()}},
+        )
+        .await
     }
 
     /// Records started items that failed before their provider call, if `attempt_id`
@@ -302,12 +314,12 @@ impl Store {
         attempt_id: &str,
         ids: &[String],
     ) -> anyhow::Result<()> {
-        self.chunks()
-            .update_one(
-                doc! {"_id": id, "claim.attempt_id": attempt_id},
-                doc! {"$addToSet": {"unsent": {"$each": ids}}},
-            )
-            .await?;
+        self.update_held(
+            id,
+            attempt_id,
+            doc! {"$addToSet": {"unsent": {"$each": ids}}},
+        )
+        .await?;
         Ok(())
     }
 
@@ -319,14 +331,12 @@ impl Store {
         attempt_id: &str,
         ids: &[String],
     ) -> anyhow::Result<bool> {
-        let r = self
-            .chunks()
-            .update_one(
-                doc! {"_id": id, "claim.attempt_id": attempt_id},
-                doc! {"$pullAll": {"unsent": ids}, "$set": {"claim.claimed_at": now()}},
-            )
-            .await?;
-        Ok(r.matched_count == 1)
+        self.update_held(
+            id,
+            attempt_id,
+            doc! {"$pullAll": {"unsent": ids}, "$set": {"claim.claimed_at": now()}},
+        )
+        .await
     }
 
     /// Ends a stopped worker's hold on a chunk, as read in `chunk`: done, or released for

@@ -455,12 +455,10 @@ async fn a_callback_that_outruns_the_providers_answer_is_applied_once_the_outcom
     );
     let (_, its) = app.get(&format!("/v1/feedback?delivery_id={id}")).await;
     assert_eq!(its["items"][0]["event_id"], "SM77:delivered", "{its}");
-    let metrics = app.metrics().await;
-    for line in [
+    app.assert_metrics(&[
         r#"herald_feedback_events_total{provider="twilio",kind="delivered",result="unmatched"} 1"#,
         r#"herald_feedback_events_total{provider="twilio",kind="delivered",result="applied_late"} 1"#,
-    ] {
-        assert!(metrics.contains(line), "{line} in\n{metrics}");
-    }
+    ])
+    .await;
     app.stop().await;
 }

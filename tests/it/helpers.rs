@@ -420,6 +420,14 @@ impl TestApp {
             .expect("metrics text")
     }
 
+    /// Asserts that `/metrics` holds each of `lines`.
+    pub async fn assert_metrics(&self, lines: &[&str]) {
+        let metrics = self.metrics().await;
+        for line in lines {
+            assert!(metrics.contains(line), "{line} in\n{metrics}");
+        }
+    }
+
     /// User `u1`: Ana, reached by email at one@example.com.
     pub async fn put_ana(&self) {
         self.put_user(

@@ -353,16 +353,14 @@ async fn ses_notifications_through_sns_are_verified_confirmed_and_applied() {
     );
     assert_eq!(email["providers"]["smtp"]["complained"], 1, "{stats}");
     // So does /metrics: each event by its result, and the statuses feedback moved to.
-    let metrics = app.metrics().await;
-    for line in [
+    app.assert_metrics(&[
         r#"herald_feedback_events_total{provider="ses",kind="bounced",result="applied"} 2"#,
         r#"herald_feedback_events_total{provider="ses",kind="bounced",result="duplicate"} 2"#,
         r#"herald_feedback_events_total{provider="ses",kind="delivered",result="unmatched"} 1"#,
         r#"herald_deliveries_total{channel="email",status="bounced",provider="smtp"} 1"#,
         r#"herald_deliveries_total{channel="email",status="delivered",provider="smtp"} 1"#,
-    ] {
-        assert!(metrics.contains(line), "{line} in\n{metrics}");
-    }
+    ])
+    .await;
     app.stop().await;
     certs.verify().await;
 }
