@@ -1,5 +1,7 @@
 //! `herald-lab bench`: reproducible measurements against the real local servers, printed and saved as JSON.
 
+mod commands;
+mod cpu;
 mod queue_ceiling;
 pub mod sink;
 mod store_ceiling;
@@ -458,12 +460,19 @@ pub async fn ceilings(settings: Settings, messages: usize, docs: usize) -> anyho
         rabbit.publish_per_sec, rabbit.consume_per_sec
     );
     let batch = 64;
-    let mongo =
-        store_ceiling::measure(&LabDb::connect(&ctx.settings.mongodb).await?, docs, batch).await?;
+    let database = cpu::port_of(ctx.settings.mongodb.uri.expose()).and_then(cpu::listener);
+    let mongo = store_ceiling::measure(
+        &LabDb::connect(&ctx.settings.mongodb).await?,
+        docs,
+        batch,
+        database,
+    )
+    .await?;
+    let cpu = |c: Option<f64>| c.map_or("unseen".to_owned(), |c| format!("{c:.2}"));
     println!(
-        "MongoDB (deliveries' indexes): bulk insert {:.0} docs/s; outcome-shaped transactions {:.0}/s ({batch} outcomes each = {:.0} outcomes/s); written once with their outcome, {batch} a transaction: {:.0} deliveries/s",
-        mongo.inserts_per_sec, mongo.transactions_per_sec, mongo.outcomes_per_sec,
-        mongo.written_with_outcome_per_sec
+        "MongoDB (deliveries' indexes): bulk insert {:.0} docs/s ({} database CPU s per 1,000); outcome-shaped transactions {:.0}/s ({batch} outcomes each = {:.0} outcomes/s); written once with their outcome, {batch} a transaction: {:.0} deliveries/s ({} database CPU s per 1,000)",
+        mongo.inserts_per_sec, cpu(mongo.insert_cpu_per_1000), mongo.transactions_per_sec, mongo.outcomes_per_sec,
+        mongo.written_with_outcome_per_sec, cpu(mongo.written_with_outcome_cpu_per_1000)
     );
     clean_up(&ctx).await;
     Ok(json!({
@@ -474,7 +483,9 @@ pub async fn ceilings(settings: Settings, messages: usize, docs: usize) -> anyho
         "mongodb": {"documents": docs, "insert_per_sec": mongo.inserts_per_sec.round(),
             "transactions_per_sec": mongo.transactions_per_sec.round(),
             "outcomes_in_transactions_per_sec": mongo.outcomes_per_sec.round(), "outcomes_per_transaction": batch,
-            "written_with_outcome_per_sec": mongo.written_with_outcome_per_sec.round()},
+            "written_with_outcome_per_sec": mongo.written_with_outcome_per_sec.round(),
+            "insert_database_cpu_seconds_per_1000": mongo.insert_cpu_per_1000,
+            "written_with_outcome_database_cpu_seconds_per_1000": mongo.written_with_outcome_cpu_per_1000},
     }))
 }
 
@@ -575,65 +586,6 @@ pub async fn ingest(settings: Settings, events: usize, clients: usize) -> anyhow
         "response_ms": {"p50": ms(percentile(&took, 50.0)), "p99": ms(percentile(&took, 99.0))},
         "api_peak_rss_mb": rss.map(|r| r.round()),
     }))
-}
-
-/// CPU seconds (user + system) a process has used so far.
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / 100.0)
-}
-
-/// The local process that listens on the database's port (SecantusDB or mongod), for its
-/// CPU time; `None` when the database is elsewhere or cannot be seen.
-fn database_pid(uri: &str) -> Option<u32> {
-    let port = uri
-        .split("://")
-        .nth(1)?
-        .split(['/', '?', ','])
-        .next()?
-        .rsplit_once(':')?
-        .1
-        .parse::<u16>()
-        .ok()?;
-    // The listening socket's inode, from the kernel's table (state 0A: LISTEN).
-    let mut inodes = Vec::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let listening = f.get(3) == Some(&"0A");
-            let on_port = f
-                .get(1)
-                .and_then(|a| a.rsplit_once(':'))
-                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
-                == Some(port);
-            if listening && on_port {
-                inodes.extend(f.get(9).map(|i| format!("socket:[{i}]")));
-            }
-        }
-    }
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
-            continue;
-        };
-        for fd in fds.flatten() {
-            if let Ok(target) = std::fs::read_link(fd.path()) {
-                if inodes.iter().any(|i| target.to_string_lossy() == *i) {
-                    return Some(pid);
-                }
-            }
-        }
-    }
-    None
 }
 
 /// A herald role as a process of its own, on this run's database and queues.
@@ -1020,10 +972,24 @@ pub async fn campaign(settings: Settings, c: Campaign) -> anyhow::Result<Value> 
     );
     let cpu_before: Vec<f64> = pids
         .iter()
-        .map(|(_, p)| cpu_seconds(*p).unwrap_or(0.0))
+        .map(|(_, p)| cpu::seconds(*p).unwrap_or(0.0))
         .collect();
-    let database = database_pid(settings.mongodb.uri.expose());
-    let database_cpu_before = database.and_then(cpu_seconds);
+    let lab = LabDb::connect(&settings.mongodb).await?;
+    let commands_before = commands::counts(lab.client()).await;
+    let meter = cpu::Meter::start(&[
+        ("herald_api", Some(pids[0].1)),
+        ("herald_worker", Some(pids[1].1)),
+        (
+            "database",
+            cpu::port_of(settings.mongodb.uri.expose()).and_then(cpu::listener),
+        ),
+        (
+            "broker",
+            cpu::port_of(settings.amqp.url.expose()).and_then(cpu::listener),
+        ),
+        ("smtp_sink", cpu::listener(c.smtp_port)),
+        ("harness", Some(std::process::id())),
+    ]);
     let started = Instant::now();
     let id = roles
         .post(&json!({"event_type": "new_episode", "priority": "low", "channels": channels,
@@ -1050,21 +1016,21 @@ pub async fn campaign(settings: Settings, c: Campaign) -> anyhow::Result<Value> 
     let mut processes = serde_json::Map::new();
     let mut cpu_total = 0.0;
     for ((role, pid), before) in pids.iter().zip(&cpu_before) {
-        let cpu = cpu_seconds(*pid).unwrap_or(0.0) - before;
+        let cpu = cpu::seconds(*pid).unwrap_or(0.0) - before;
         cpu_total += cpu;
         processes.insert(
             (*role).to_owned(),
             json!({"cpu_seconds": (cpu * 10.0).round() / 10.0, "peak_rss_mb": peak_rss_mb(*pid).map(|r| r.round())}),
         );
     }
+    let budget = meter.per_1000(deliveries, secs);
+    let commands = commands::per_1000(
+        &commands_before,
+        &commands::counts(lab.client()).await,
+        deliveries,
+    );
     // The database server's own CPU over the same span (a local server only).
-    let database_cpu_per_1000 =
-        database
-            .and_then(cpu_seconds)
-            .zip(database_cpu_before)
-            .map(|(after, before)| {
-                ((after - before) / deliveries as f64 * 1000.0 * 100.0).round() / 100.0
-            });
+    let database_cpu_per_1000 = budget.processes.get("database").and_then(Value::as_f64);
     let backlog = if c.probe_per_sec > 0.0 {
         Some(probe_latencies(&ctx, &probes).await?)
     } else {
@@ -1080,6 +1046,8 @@ pub async fn campaign(settings: Settings, c: Campaign) -> anyhow::Result<Value> 
         database_cpu_per_1000.map_or("unseen".to_owned(), |c| format!("{c:.2}")),
         Value::Object(processes.clone())
     );
+    println!("{name}: {}", budget.line());
+    println!("{name}: {}", commands::line(&commands));
     let mut result = json!({
         "bench": name,
         "deliveries": deliveries,
@@ -1091,6 +1059,8 @@ pub async fn campaign(settings: Settings, c: Campaign) -> anyhow::Result<Value> 
             "push": received.push.load(std::sync::atomic::Ordering::Relaxed)},
         "cpu_seconds_per_1000": cpu_per_1000,
         "database_cpu_seconds_per_1000": database_cpu_per_1000,
+        "cpu": budget.json(),
+        "database_commands_per_1000": commands,
         "processes": processes,
     });
     if let (Some(idle), Some(backlog)) = (idle, backlog) {

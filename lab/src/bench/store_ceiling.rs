@@ -29,13 +29,30 @@ pub struct StoreCeiling {
     /// complete their chunk and move a rollup and a counter: the shape of a campaign whose
     /// deliveries are recorded when sent rather than queued, claimed and updated.
     pub written_with_outcome_per_sec: f64,
+    /// The database server's CPU seconds per 1,000 documents bulk inserted, and per 1,000
+    /// deliveries written with their outcome (when the server is local and seen).
+    pub insert_cpu_per_1000: Option<f64>,
+    pub written_with_outcome_cpu_per_1000: Option<f64>,
+}
+
+/// The CPU seconds per 1,000 units a process used since `before`.
+fn cpu_per_1000(database: Option<u32>, before: Option<f64>, units: usize) -> Option<f64> {
+    let used = database.and_then(super::cpu::seconds)? - before?;
+    Some((used / units.max(1) as f64 * 1000.0 * 1000.0).round() / 1000.0)
 }
 
 /// Inserts `docs` delivery-shaped documents (1,000 per bulk write) into a collection
 /// with the deliveries' indexes, then runs transactions shaped like an outcome commit
 /// of `batch` sent deliveries: read the batch, the status writes exactly as the worker
 /// builds them (equal outcomes share an update), one rollup and one counter write.
-pub async fn measure(lab: &LabDb, docs: usize, batch: usize) -> anyhow::Result<StoreCeiling> {
+/// `database` is the server's pid, for its CPU time.
+pub async fn measure(
+    lab: &LabDb,
+    docs: usize,
+    batch: usize,
+    database: Option<u32>,
+) -> anyhow::Result<StoreCeiling> {
+    let cpu = || database.and_then(super::cpu::seconds);
     let db = lab.database();
     let coll = db.collection::<Document>(SCRATCH);
     let counters = db.collection::<Document>(SCRATCH_COUNTERS);
@@ -56,6 +73,7 @@ pub async fn measure(lab: &LabDb, docs: usize, batch: usize) -> anyhow::Result<S
             "accepted_at": now(), "created_at": now(), "updated_at": now(),
         }
     };
+    let cpu_before = cpu();
     let started = Instant::now();
     let mut written = 0;
     while written < docs {
@@ -64,6 +82,7 @@ pub async fn measure(lab: &LabDb, docs: usize, batch: usize) -> anyhow::Result<S
         written += n;
     }
     let inserts_per_sec = docs as f64 / started.elapsed().as_secs_f64();
+    let insert_cpu_per_1000 = cpu_per_1000(database, cpu_before, docs);
 
     counters
         .insert_many([
@@ -136,7 +155,9 @@ pub async fn measure(lab: &LabDb, docs: usize, batch: usize) -> anyhow::Result<S
     coll.drop().await?;
     db.create_collection(SCRATCH).await?;
     coll.create_indexes(delivery_indexes()).await?;
+    let cpu_before = cpu();
     let written_with_outcome_per_sec = written_with_outcome(lab, docs, batch).await?;
+    let written_with_outcome_cpu_per_1000 = cpu_per_1000(database, cpu_before, docs);
     coll.drop().await?;
     counters.drop().await?;
     Ok(StoreCeiling {
@@ -144,6 +165,8 @@ pub async fn measure(lab: &LabDb, docs: usize, batch: usize) -> anyhow::Result<S
         transactions_per_sec: transactions as f64 / secs,
         outcomes_per_sec: docs as f64 / secs,
         written_with_outcome_per_sec,
+        insert_cpu_per_1000,
+        written_with_outcome_cpu_per_1000,
     })
 }
 

@@ -99,6 +99,9 @@ pub async fn all(
     let mongo_outcomes = ceilings["mongodb"]["outcomes_in_transactions_per_sec"]
         .as_f64()
         .unwrap_or(0.0);
+    let written_with_outcome = ceilings["mongodb"]["written_with_outcome_per_sec"]
+        .as_f64()
+        .unwrap_or(0.0);
     let delivery_bound = delivery_bound(mongo_insert, mongo_outcomes);
     let ratio = |x: &Value, ceiling: f64| {
         let x = x.as_f64().unwrap_or(0.0);
@@ -115,10 +118,14 @@ pub async fn all(
         "fanout_to_mongodb_insert": ratio(&fanout["deliveries_per_sec"], mongo_insert),
         "fanout_to_mongodb_outcomes": ratio(&fanout["deliveries_per_sec"], mongo_outcomes),
         "fanout_to_mongodb_delivery_bound": ratio(&fanout["deliveries_per_sec"], delivery_bound),
+        "fanout_to_mongodb_written_with_outcome": ratio(&fanout["deliveries_per_sec"], written_with_outcome),
+        "fanout_to_cpu_bound": ratio(&fanout["deliveries_per_sec"], fanout["cpu"]["bound_per_sec"].as_f64().unwrap_or(0.0)),
         "mixed_to_rabbitmq": ratio(&mixed["deliveries_per_sec"], rabbit),
         "mixed_to_mongodb_insert": ratio(&mixed["deliveries_per_sec"], mongo_insert),
         "mixed_to_mongodb_outcomes": ratio(&mixed["deliveries_per_sec"], mongo_outcomes),
         "mixed_to_mongodb_delivery_bound": ratio(&mixed["deliveries_per_sec"], delivery_bound),
+        "mixed_to_mongodb_written_with_outcome": ratio(&mixed["deliveries_per_sec"], written_with_outcome),
+        "mixed_to_cpu_bound": ratio(&mixed["deliveries_per_sec"], mixed["cpu"]["bound_per_sec"].as_f64().unwrap_or(0.0)),
     });
     let result = json!({
         "bench": "all",
@@ -179,18 +186,27 @@ fn table(r: &Value) -> String {
     let campaign = |s: &Value, scenario: &str| {
         let ratio = |ceiling: &str| f(&r["ratios"][format!("{scenario}_to_{ceiling}")]);
         format!(
-            "{} deliveries/s ({} in {} s; sent {}); CPU s per 1,000: herald {}, database {}; RSS {} | {} of RabbitMQ, {} of MongoDB indexed insert, {} of MongoDB outcomes, {} of the MongoDB delivery bound",
+            "{} deliveries/s ({} in {} s; sent {}); CPU s per 1,000: herald {}, database {}, broker {}, smtp-sink {}, harness {}, whole machine {} ({} of {} cores busy); RSS {} | {} of RabbitMQ, {} of MongoDB indexed insert, {} of MongoDB outcomes, {} of the MongoDB delivery bound, {} of MongoDB written-with-outcome; {} of the CPU bound ({} deliveries/s: the cores ÷ the machine's CPU per delivery)",
             f(&s["deliveries_per_sec"]),
             f(&s["deliveries"]),
             f(&s["seconds"]),
             f(&s["counts"]["sent"]),
             f(&s["cpu_seconds_per_1000"]),
             f(&s["database_cpu_seconds_per_1000"]),
+            f(&s["cpu"]["per_1000"]["broker"]),
+            f(&s["cpu"]["per_1000"]["smtp_sink"]),
+            f(&s["cpu"]["per_1000"]["harness"]),
+            f(&s["cpu"]["machine_per_1000"]),
+            f(&s["cpu"]["busy_cores"]),
+            f(&s["cpu"]["cores"]),
             rss(s),
             ratio("rabbitmq"),
             ratio("mongodb_insert"),
             ratio("mongodb_outcomes"),
-            ratio("mongodb_delivery_bound")
+            ratio("mongodb_delivery_bound"),
+            ratio("mongodb_written_with_outcome"),
+            ratio("cpu_bound"),
+            f(&s["cpu"]["bound_per_sec"])
         )
     };
     let p = &r["priority"]["high_lane"];
@@ -206,12 +222,15 @@ fn table(r: &Value) -> String {
             ),
         ),
         (
-            "ceiling: MongoDB, on a collection with the deliveries' indexes: bulk insert / outcome-shaped transactions of 64 sent deliveries".to_owned(),
+            "ceiling: MongoDB, on a collection with the deliveries' indexes: bulk insert / outcome-shaped transactions of 64 sent deliveries / 64 deliveries written once with their outcome a transaction".to_owned(),
             format!(
-                "{} docs/s / {} txn/s ({} outcomes/s); delivery bound (one insert + one outcome each) {} deliveries/s | —",
+                "{} docs/s ({} database CPU s per 1,000) / {} txn/s ({} outcomes/s) / {} deliveries/s ({} database CPU s per 1,000); delivery bound (one insert + one outcome each) {} deliveries/s | —",
                 f(&c["mongodb"]["insert_per_sec"]),
+                f(&c["mongodb"]["insert_database_cpu_seconds_per_1000"]),
                 f(&c["mongodb"]["transactions_per_sec"]),
                 f(&c["mongodb"]["outcomes_in_transactions_per_sec"]),
+                f(&c["mongodb"]["written_with_outcome_per_sec"]),
+                f(&c["mongodb"]["written_with_outcome_database_cpu_seconds_per_1000"]),
                 f(&r["mongodb_delivery_bound_per_sec"])
             ),
         ),
