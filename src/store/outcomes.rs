@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use anyhow::Context as _;
 use futures::{FutureExt, TryStreamExt};
 use mongodb::bson::{self, doc, DateTime, Document};
-use mongodb::options::ReturnDocument;
+use mongodb::options::{InsertOneModel, ReturnDocument, WriteModel};
 use mongodb::ClientSession;
 
 use super::documents::{AttemptDoc, DeliveryDoc, OutboxDoc};
@@ -111,14 +111,7 @@ impl Store {
                     let now = now();
                     let (writes, inserts, plans) =
                         plan_writes(outcomes, &mut current, now, &store.retention)?;
-                    store.write_statuses(s, writes).await?;
-                    if !inserts.is_empty() {
-                        store
-                            .deliveries()
-                            .insert_many(&inserts)
-                            .session(&mut *s)
-                            .await?;
-                    }
+                    store.write_statuses(s, writes, &inserts).await?;
                     let mut moves = StatMoves::sharded("commit", lane);
                     let mut counters = BTreeMap::new();
                     let mut applied = vec![false; outcomes.len()];
@@ -144,18 +137,30 @@ impl Store {
         Ok(applied)
     }
 
-    /// Every status change of a batch in one round trip; equal changes as one update of
-    /// many deliveries. Any delivery that no longer matches its guard fails the
-    /// transaction (it is tried again on a fresh snapshot).
+    /// Every status change of a batch, and the records written once with their outcome,
+    /// in one round trip; equal changes as one update of many deliveries. Any delivery
+    /// that no longer matches its guard fails the transaction (it is tried again on a
+    /// fresh snapshot).
     async fn write_statuses(
         &self,
         s: &mut ClientSession,
         writes: Vec<StatusWrite<'_>>,
+        inserts: &[DeliveryDoc],
     ) -> mongodb::error::Result<()> {
-        if writes.is_empty() {
+        if writes.is_empty() && inserts.is_empty() {
             return Ok(());
         }
-        let (models, expected) = status_write_models(writes, self.deliveries().namespace());
+        let namespace = self.deliveries().namespace();
+        let (mut models, expected) = status_write_models(writes, namespace.clone());
+        // After the updates, so the updates' result indexes stay theirs.
+        for d in inserts {
+            models.push(WriteModel::InsertOne(
+                InsertOneModel::builder()
+                    .namespace(namespace.clone())
+                    .document(bson::to_document(d)?)
+                    .build(),
+            ));
+        }
         let written = self
             .client
             .bulk_write(models)

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use anyhow::Context as _;
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Bson, DateTime, Document};
-use mongodb::{ClientSession, Collection, Database, IndexModel};
+use mongodb::options::{UpdateOneModel, WriteModel};
+use mongodb::{ClientSession, Collection, Database, IndexModel, Namespace};
 
 use super::{DeliveryDoc, Store};
 use crate::domain::{DeliveryStatus, Priority};
@@ -128,17 +129,43 @@ impl StatMoves {
     }
 
     /// Writes every non-zero move (one upsert per rollup document) inside `session`'s
-    /// transaction; a new rollup is kept `retention_days` past its hour.
+    /// transaction, all in one round trip; a new rollup is kept `retention_days` past its
+    /// hour.
     pub(crate) async fn write(
         self,
         db: &Database,
         session: &mut ClientSession,
         retention_days: u32,
     ) -> mongodb::error::Result<()> {
+        let models = self.models(db, retention_days);
+        if models.is_empty() {
+            return Ok(());
+        }
+        db.client()
+            .bulk_write(models)
+            .session(&mut *session)
+            .await?;
+        Ok(())
+    }
+
+    /// The upserts of every non-zero move: counts, then latency histograms.
+    fn models(self, db: &Database, retention_days: u32) -> Vec<WriteModel> {
         let expiry = |hour: DateTime| {
             crate::config::expiry(retention_days, super::chrono_time(hour)).map(super::bson_time)
         };
-        let stats = db.collection::<Document>(DELIVERY_STATS);
+        let upsert = |namespace: &Namespace, filter: Document, update: Document| {
+            WriteModel::UpdateOne(
+                UpdateOneModel::builder()
+                    .namespace(namespace.clone())
+                    .filter(filter)
+                    .update(update)
+                    .upsert(true)
+                    .build(),
+            )
+        };
+        let stats = db.collection::<Document>(DELIVERY_STATS).namespace();
+        let latency = db.collection::<Document>(DELIVERY_LATENCY).namespace();
+        let mut models = Vec::new();
         for (key, n) in self.counts {
             if n == 0 {
                 continue;
@@ -151,16 +178,12 @@ impl StatMoves {
             );
             let on_insert = doc! {"h": hour, "c": key.channel, "e": &key.event_type,
             "p": &key.provider, "s": key.status, "expire_at": expiry(hour)};
-            stats
-                .update_one(
-                    doc! {"_id": id},
-                    doc! {"$inc": {"n": n}, "$setOnInsert": on_insert},
-                )
-                .upsert(true)
-                .session(&mut *session)
-                .await?;
+            models.push(upsert(
+                &stats,
+                doc! {"_id": id},
+                doc! {"$inc": {"n": n}, "$setOnInsert": on_insert},
+            ));
         }
-        let latency = db.collection::<Document>(DELIVERY_LATENCY);
         for ((hour_ms, channel), buckets) in self.latency {
             let mut inc = doc! {};
             for (bucket, count) in buckets {
@@ -172,17 +195,14 @@ impl StatMoves {
                 continue;
             }
             let hour = DateTime::from_millis(hour_ms);
-            latency
-                .update_one(
-                    doc! {"_id": format!("{hour_ms}|{channel}{}", self.shard)},
-                    doc! {"$inc": inc,
-                    "$setOnInsert": {"h": hour, "c": channel, "expire_at": expiry(hour)}},
-                )
-                .upsert(true)
-                .session(&mut *session)
-                .await?;
+            models.push(upsert(
+                &latency,
+                doc! {"_id": format!("{hour_ms}|{channel}{}", self.shard)},
+                doc! {"$inc": inc,
+                "$setOnInsert": {"h": hour, "c": channel, "expire_at": expiry(hour)}},
+            ));
         }
-        Ok(())
+        models
     }
 }
 

@@ -1,5 +1,6 @@
 //! One delivery: enrich, render, claim, send, and hand the outcome to the committer.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -342,6 +343,12 @@ pub async fn deliver_chunk(
         .into_iter()
         .filter(|i| chunk.unsent.contains(&i.delivery_id))
         .collect();
+    // Every profile the chunk needs, read at once (reading sends nothing).
+    let users = profiles(
+        shared,
+        retried.iter().chain(todo(&chunk.items[start..]).iter()),
+    )
+    .await?;
     for window in retried.chunks(super::CHUNK_WINDOW) {
         let ids: Vec<String> = window.iter().map(|i| i.delivery_id.clone()).collect();
         let _permits = shared.chunk_sends.acquire_many(ids.len() as u32).await?;
@@ -352,7 +359,7 @@ pub async fn deliver_chunk(
         {
             return Ok(());
         }
-        send_window(ctx, shared, &chunk, &attempt_id, window.to_vec()).await?;
+        send_window(ctx, shared, &chunk, &attempt_id, window.to_vec(), &users).await?;
     }
     for (n, window) in chunk.items[start..].chunks(super::CHUNK_WINDOW).enumerate() {
         let through = (start + (n + 1) * super::CHUNK_WINDOW).min(chunk.items.len()) as u32;
@@ -366,9 +373,26 @@ pub async fn deliver_chunk(
             tracing::warn!("the chunk was resolved as stopped while this worker sent it");
             return Ok(());
         }
-        send_window(ctx, shared, &chunk, &attempt_id, todo(window)).await?;
+        send_window(ctx, shared, &chunk, &attempt_id, todo(window), &users).await?;
     }
     ctx.store.finish_chunk(&chunk.id).await
+}
+
+/// The profiles of these deliveries' recipients, read through the lane's batched read
+/// (one round trip for a chunk's worth), by user id.
+async fn profiles(
+    shared: &Shared,
+    items: impl Iterator<Item = &ChunkItem>,
+) -> anyhow::Result<HashMap<String, Result<Option<UserDoc>, String>>> {
+    let ids: HashSet<&str> = items.map(|i| i.user_id.as_str()).collect();
+    let reads = ids.into_iter().map(|id| async move {
+        let user = shared.users.call(id.to_owned()).await?;
+        anyhow::Ok((id.to_owned(), user))
+    });
+    Ok(futures::future::try_join_all(reads)
+        .await?
+        .into_iter()
+        .collect())
 }
 
 /// Sends one started window of a chunk. Deliveries that failed before their provider
@@ -380,10 +404,22 @@ async fn send_window(
     chunk: &ChunkDoc,
     attempt_id: &str,
     items: Vec<ChunkItem>,
+    users: &HashMap<String, Result<Option<UserDoc>, String>>,
 ) -> anyhow::Result<()> {
-    let sends = items
-        .iter()
-        .map(|item| deliver_unwritten(ctx, shared, chunk.delivery(item), attempt_id));
+    let sends = items.iter().map(|item| async {
+        let read = match users.get(&item.user_id) {
+            Some(user) => Ok(user.clone()),
+            None => shared.users.call(item.user_id.clone()).await,
+        };
+        deliver_unwritten(
+            ctx,
+            shared,
+            chunk.delivery(item),
+            attempt_id,
+            local_user(read),
+        )
+        .await
+    });
     let results = futures::future::join_all(sends).await;
     let mut unsent = Vec::new();
     let mut first = None;
@@ -420,11 +456,12 @@ async fn deliver_unwritten(
     shared: &Shared,
     d: DeliveryDoc,
     attempt_id: &str,
+    user: anyhow::Result<Option<UserDoc>>,
 ) -> Result<(), ItemError> {
     // Each send of a high-lane chunk is at work on its own (its provider call is not).
     let _at_work = shared.gate.job();
     let unwritten = Precondition::Unwritten(Box::new(d.clone()));
-    match prepare(ctx, shared, &d)
+    match prepare_for(ctx, shared, &d, user)
         .await
         .map_err(ItemError::BeforeSend)?
     {
@@ -593,13 +630,26 @@ fn unclaimed(d: &DeliveryDoc, status: DeliveryStatus, reason: &str) -> Outcome {
 /// The recipient and the notification (enriched), the address, the recipient's
 /// preferences and the rendered message: everything a send needs, or why there is none.
 async fn prepare(ctx: &Worker, shared: &Shared, d: &DeliveryDoc) -> anyhow::Result<Prepared> {
+    let local = local_user(shared.users.call(d.user_id.clone()).await);
+    prepare_for(ctx, shared, d, local).await
+}
+
+/// A profile as the lane's batched read answered it.
+fn local_user(
+    read: anyhow::Result<Result<Option<UserDoc>, String>>,
+) -> anyhow::Result<Option<UserDoc>> {
+    read.and_then(|u| u.map_err(|e| anyhow::Error::new(super::Unprocessable(e))))
+}
+
+/// [`prepare`] with the recipient's profile already read (`local`).
+async fn prepare_for(
+    ctx: &Worker,
+    shared: &Shared,
+    d: &DeliveryDoc,
+    local: anyhow::Result<Option<UserDoc>>,
+) -> anyhow::Result<Prepared> {
     let enriched = match shared.notifications.get(ctx, &d.notification_id).await {
-        Ok(n) => match shared
-            .users
-            .call(d.user_id.clone())
-            .await
-            .and_then(|u| u.map_err(|e| anyhow::Error::new(super::Unprocessable(e))))
-        {
+        Ok(n) => match local {
             Ok(local) => {
                 let remote = local.is_none();
                 ctx.enricher

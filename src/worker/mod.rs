@@ -140,7 +140,7 @@ pub struct Shared {
 
 /// A chunk's deliveries are sent this many at a time, each window marked on the chunk
 /// before its sends.
-pub const CHUNK_WINDOW: usize = 16;
+pub const CHUNK_WINDOW: usize = 32;
 
 impl Shared {
     /// Starts one lane's batching tasks; they end when the last `Shared` is dropped.
