@@ -333,13 +333,18 @@ impl Store {
         for old in ["notification_created", "user_created", "status_created"] {
             let _ = self.deliveries().drop_index(old).await;
         }
+        // A segment is read in id order (a fan-out resumes after the last id it wrote).
         self.users()
             .create_indexes([
-                plain(doc! {"locale": 1}, "locale"),
-                plain(doc! {"tags": 1}, "tags"),
+                plain(doc! {"locale": 1, "_id": 1}, "locale_id"),
+                plain(doc! {"tags": 1, "_id": 1}, "tags_id"),
             ])
             .await
             .context("indexing users")?;
+        // Replaced by the two above.
+        for old in ["locale", "tags"] {
+            let _ = self.users().drop_index(old).await;
+        }
         self.members()
             .create_indexes([unique(
                 doc! {"group_id": 1, "user_id": 1},

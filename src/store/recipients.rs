@@ -239,20 +239,10 @@ impl Store {
         segment: &SegmentDoc,
         after: Option<&str>,
     ) -> anyhow::Result<impl Stream<Item = anyhow::Result<String>> + Send + use<>> {
-        let mut filter = Document::new();
-        if let Some(a) = after {
-            filter.insert("_id", doc! {"$gt": a});
-        }
-        if let Some(l) = &segment.locale {
-            filter.insert("locale", l);
-        }
-        if let Some(t) = &segment.tag {
-            filter.insert("tags", t);
-        }
         let cursor = self
             .users()
             .clone_with_type::<Document>()
-            .find(filter)
+            .find(segment_query(segment, after))
             .projection(doc! {"_id": 1})
             .sort(doc! {"_id": 1})
             .batch_size(1000)
@@ -264,6 +254,25 @@ impl Store {
                     .map(str::to_owned)
                     .context("user without _id")
             }))
+    }
+
+    /// The plan the database picks for reading a segment (tests: it walks an index in id
+    /// order, never sorting in memory).
+    pub async fn explain_segment(
+        &self,
+        segment: &SegmentDoc,
+        after: Option<&str>,
+    ) -> anyhow::Result<Document> {
+        let command = doc! {
+            "explain": {
+                "find": self.users().name(),
+                "filter": segment_query(segment, after),
+                "projection": {"_id": 1},
+                "sort": {"_id": 1},
+            },
+            "verbosity": "queryPlanner",
+        };
+        Ok(self.db.run_command(command).await?)
     }
 
     /// True when a segment selects at least one user.
@@ -295,4 +304,19 @@ impl Store {
             .await?;
         Ok(deleted)
     }
+}
+
+/// The users of a segment, those after `after` only.
+fn segment_query(segment: &SegmentDoc, after: Option<&str>) -> Document {
+    let mut filter = Document::new();
+    if let Some(a) = after {
+        filter.insert("_id", doc! {"$gt": a});
+    }
+    if let Some(l) = &segment.locale {
+        filter.insert("locale", l);
+    }
+    if let Some(t) = &segment.tag {
+        filter.insert("tags", t);
+    }
+    filter
 }

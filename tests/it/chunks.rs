@@ -164,3 +164,55 @@ async fn a_chunk_whose_worker_stopped_before_sending_is_resumed_and_sent_once() 
     assert_eq!(app.smtp.wait_for(1, 10).await.len(), 1);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_segment_is_read_in_id_order_through_an_index_without_sorting() {
+    use herald::store::SegmentDoc;
+    let app = spawn_app().await;
+    app.put_user(
+        "u1",
+        json!({"email": "one@example.com", "locale": "de", "tags": ["beta"]}),
+    )
+    .await;
+    let segments = [
+        SegmentDoc {
+            locale: Some("de".into()),
+            tag: None,
+        },
+        SegmentDoc {
+            locale: None,
+            tag: Some("beta".into()),
+        },
+        SegmentDoc {
+            locale: Some("de".into()),
+            tag: Some("beta".into()),
+        },
+    ];
+    for segment in &segments {
+        for after in [None, Some("u0")] {
+            let plan = app
+                .ctx
+                .store
+                .explain_segment(segment, after)
+                .await
+                .expect("explain");
+            let winning = plan
+                .get_document("queryPlanner")
+                .and_then(|q| q.get_document("winningPlan"))
+                .expect("winning plan")
+                .clone();
+            let text = mongodb::bson::Bson::Document(winning)
+                .into_relaxed_extjson()
+                .to_string();
+            assert!(!text.contains("COLLSCAN"), "{segment:?}: {text}");
+            assert!(!text.contains("\"SORT\""), "{segment:?}: {text}");
+            // Not the `_id` index alone: that would walk every user.
+            assert!(
+                text.contains("\"indexName\":\"locale_id\"")
+                    || text.contains("\"indexName\":\"tags_id\""),
+                "{segment:?}: {text}"
+            );
+        }
+    }
+    app.stop().await;
+}
