@@ -329,7 +329,11 @@ impl Bed {
             ),
             ("HERALD__AMQP__URL".into(), amqp_url.to_string()),
             ("HERALD__AMQP__PREFIX".into(), settings.amqp.prefix.clone()),
-            ("HERALD__LOG__LEVEL".into(), "warn".into()),
+            // `HERALD_CHAOS_LOG` (e.g. `warn,herald::worker=info`) for a closer post-mortem.
+            (
+                "HERALD__LOG__LEVEL".into(),
+                std::env::var("HERALD_CHAOS_LOG").unwrap_or_else(|_| "warn".into()),
+            ),
             (
                 "HERALD__SERVER__BIND".into(),
                 format!("127.0.0.1:{api_port}"),
