@@ -87,9 +87,15 @@ pub async fn dispatch(ctx: &Worker, shared: &Shared, notification_id: &str) -> a
     }
     ctx.store.mark_dispatching(notification_id).await?;
     let channels = channels_of(ctx, &n);
-    // A fan-out goes on the way it began, whatever the setting says now.
+    // A fan-out goes on the way it began, whatever the setting says now. Chunks are for
+    // audiences (a group or a segment): an event naming its recipients takes the
+    // per-delivery path, whose writes are shared across notifications — a chunk's are
+    // its notification's own, and a flood of single-recipient events each writing its
+    // own chunk left fan-outs waiting past the claim timeout (docs/reliability.md).
     let at = ctx.store.chunk_resume(notification_id).await?;
-    let chunked = !at.per_delivery && (at.next_seq > 0 || ctx.settings.worker.chunked_fanout);
+    let audience = n.recipients.group_id.is_some() || n.recipients.segment.is_some();
+    let chunked =
+        !at.per_delivery && (at.next_seq > 0 || (ctx.settings.worker.chunked_fanout && audience));
     if chunked {
         return dispatch_chunks(ctx, &n, &channels, at).await;
     }

@@ -132,8 +132,7 @@ pub struct Shared {
     pub fanouts: Batcher<FanoutBatch, Vec<QueuedDelivery>>,
     pub commits: Committer,
     /// Chunk deliveries this lane has started at once, one permit each (as many as its
-    /// slots): chunks of one recipient go as many at a time as single deliveries, large
-    /// ones a window of [`CHUNK_WINDOW`] each, and a worker that stops leaves at most
+    /// slots, at least a window of [`CHUNK_WINDOW`]): a worker that stops leaves at most
     /// that many `outcome_unknown`.
     pub chunk_sends: Arc<tokio::sync::Semaphore>,
 }

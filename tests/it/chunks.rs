@@ -106,6 +106,24 @@ async fn a_chunked_campaign_reaches_each_recipient_once_and_records_each_deliver
         .await
         .expect("count");
     assert_eq!(chunks, 5);
+    // An event naming its recipients (more than a chunk's worth) takes the per-delivery
+    // path, whose fan-out writes are shared across notifications: no chunk.
+    let named: Vec<String> = (0..5).map(|i| format!("u{i:02}")).collect();
+    let (status, body) = app
+        .post_event(&json!({"event_type": "greeting", "channels": ["email"],
+            "recipients": {"user_ids": named}, "payload": {"note": "x"}}))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let named_id = body["notification_id"].as_str().expect("id").to_owned();
+    let done = app.wait_finished(&named_id, 30).await;
+    assert_eq!(done["counts"]["sent"], 5, "{done}");
+    let chunks = app
+        .db
+        .collection::<mongodb::bson::Document>("chunks")
+        .count_documents(mongodb::bson::doc! {"notification_id": &named_id})
+        .await
+        .expect("count");
+    assert_eq!(chunks, 0);
     // The statistics moved every delivery out of `queued`.
     let (_, stats) = app.get("/v1/stats/deliveries?group_by=status").await;
     let rows: Vec<&Value> = stats["rows"].as_array().expect("rows").iter().collect();
@@ -130,10 +148,14 @@ async fn a_chunk_whose_worker_stopped_before_sending_is_resumed_and_sent_once() 
         ..TestOptions::default()
     })
     .await;
-    app.put_ana().await;
+    app.put_user(
+        "u1",
+        json!({"email": "one@example.com", "first_name": "Ana", "tags": ["solo"]}),
+    )
+    .await;
     let (_, body) = app
         .post_event(&json!({"event_type": "greeting", "channels": ["email"],
-                            "recipients": {"user_ids": ["u1"]}, "payload": {"note": "x"}}))
+                            "recipients": {"segment": {"tag": "solo"}}, "payload": {"note": "x"}}))
         .await;
     let nid = body["notification_id"].as_str().expect("id").to_owned();
     // The fan-out, as a worker would run it, then a claim that is never worked on.

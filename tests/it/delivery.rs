@@ -250,10 +250,15 @@ async fn died_mid_send(chunked: bool) {
         ..Default::default()
     })
     .await;
-    app.put_ana().await;
+    // An audience (chunks are for groups and segments) of one.
+    app.put_user(
+        "u1",
+        json!({"email": "one@example.com", "first_name": "Ana", "tags": ["solo"]}),
+    )
+    .await;
     let (_, body) = app
         .post_event(&json!({"event_type": "greeting", "channels": ["email"],
-                            "recipients": {"user_ids": ["u1"]}, "payload": {"note": "x"}}))
+                            "recipients": {"segment": {"tag": "solo"}}, "payload": {"note": "x"}}))
         .await;
     let nid = body["notification_id"].as_str().expect("id").to_owned();
 
