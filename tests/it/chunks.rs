@@ -218,14 +218,7 @@ async fn a_segment_is_read_in_id_order_through_an_index_without_sorting() {
                 .explain_segment(segment, after)
                 .await
                 .expect("explain");
-            let winning = plan
-                .get_document("queryPlanner")
-                .and_then(|q| q.get_document("winningPlan"))
-                .expect("winning plan")
-                .clone();
-            let text = mongodb::bson::Bson::Document(winning)
-                .into_relaxed_extjson()
-                .to_string();
+            let text = winning_plan(&plan);
             assert!(!text.contains("COLLSCAN"), "{segment:?}: {text}");
             assert!(!text.contains("\"SORT\""), "{segment:?}: {text}");
             // Not the `_id` index alone: that would walk every user.

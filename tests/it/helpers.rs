@@ -582,3 +582,16 @@ pub fn tempdir() -> TempDir {
     std::fs::create_dir_all(&dir).expect("temporary directory");
     TempDir(dir)
 }
+
+/// The plan an `explain` says the server will run (rejected alternatives may sort; they
+/// do not run), as relaxed extended JSON to search.
+pub fn winning_plan(explained: &Document) -> String {
+    let winning = explained
+        .get_document("queryPlanner")
+        .and_then(|q| q.get_document("winningPlan"))
+        .expect("winning plan")
+        .clone();
+    mongodb::bson::Bson::Document(winning)
+        .into_relaxed_extjson()
+        .to_string()
+}

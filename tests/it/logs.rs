@@ -10,7 +10,7 @@ use herald::store::{DeliveryFilter, LogCursor};
 use mongodb::bson::{doc, DateTime, Document};
 use serde_json::{json, Value};
 
-use crate::helpers::{iso, spawn_app, spawn_app_with, TestApp, TestOptions};
+use crate::helpers::{iso, spawn_app, spawn_app_with, winning_plan, TestApp, TestOptions};
 
 /// A delivery as stored, read without herald's code.
 #[derive(Debug, Clone)]
@@ -455,15 +455,7 @@ async fn every_delivery_log_query_shape_walks_an_index_without_sorting() {
                     .explain_deliveries(&f, after)
                     .await
                     .expect("explain");
-                // The plan MongoDB will run (rejected alternatives may sort; they do not run).
-                let winning = plan
-                    .get_document("queryPlanner")
-                    .and_then(|q| q.get_document("winningPlan"))
-                    .expect("winning plan")
-                    .clone();
-                let text = mongodb::bson::Bson::Document(winning)
-                    .into_relaxed_extjson()
-                    .to_string();
+                let text = winning_plan(&plan);
                 assert!(
                     !text.contains("COLLSCAN"),
                     "collection scan for {f:?}: {text}"
