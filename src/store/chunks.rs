@@ -230,6 +230,17 @@ impl Store {
             .collect())
     }
 
+    /// True when the notification's fan-out was cut into chunks.
+    pub async fn has_chunks(&self, notification_id: &str) -> anyhow::Result<bool> {
+        Ok(self
+            .chunks()
+            .clone_with_type::<Document>()
+            .find_one(doc! {"notification_id": notification_id})
+            .projection(doc! {"_id": 1})
+            .await?
+            .is_some())
+    }
+
     /// Claims chunk `id` for `worker` if it is neither done nor held.
     pub async fn claim_chunk(&self, id: &str, worker: &str) -> anyhow::Result<ChunkClaim> {
         let attempt_id = uuid::Uuid::now_v7().to_string();

@@ -159,6 +159,8 @@ pub fn is_duplicate_key(err: &mongodb::error::Error) -> bool {
             .write_errors
             .as_ref()
             .is_some_and(|errs| errs.iter().any(|w| w.code == DUPLICATE_KEY)),
+        // A rollup upsert racing another, inside a bulk write.
+        ErrorKind::BulkWrite(b) => b.write_errors.values().any(|w| w.code == DUPLICATE_KEY),
         _ => false,
     }
 }

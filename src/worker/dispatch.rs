@@ -94,8 +94,17 @@ pub async fn dispatch(ctx: &Worker, shared: &Shared, notification_id: &str) -> a
     // own chunk left fan-outs waiting past the claim timeout (docs/reliability.md).
     let at = ctx.store.chunk_resume(notification_id).await?;
     let audience = n.recipients.group_id.is_some() || n.recipients.segment.is_some();
-    let chunked =
-        !at.per_delivery && (at.next_seq > 0 || (ctx.settings.worker.chunked_fanout && audience));
+    let chunked = if at.per_delivery {
+        false
+    } else if at.next_seq > 0 {
+        true
+    } else if n.fanout_done {
+        // Finished, so its progress is gone: whether it was cut into chunks says how it
+        // began (the per-delivery path would write records for the chunks' recipients).
+        ctx.store.has_chunks(notification_id).await?
+    } else {
+        ctx.settings.worker.chunked_fanout && audience
+    };
     if chunked {
         return dispatch_chunks(ctx, &n, &channels, at).await;
     }

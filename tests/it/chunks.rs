@@ -177,6 +177,15 @@ async fn a_chunk_whose_worker_stopped_before_sending_is_resumed_and_sent_once() 
             .expect("claim"),
         herald::store::ChunkClaim::Claimed { .. }
     ));
+    // Its dispatch comes back to a worker with chunks turned off: the fan-out is done,
+    // and it keeps the way it began (no per-delivery record for the chunk's recipient).
+    let mut off = app.settings.clone();
+    off.worker.chunked_fanout = false;
+    let mut unchunked = app.ctx.worker.clone();
+    unchunked.settings = std::sync::Arc::new(herald::worker::WorkerConfig::from_settings(&off));
+    herald::worker::dispatch::dispatch(&unchunked, &shared, &nid)
+        .await
+        .expect("dispatch again");
     let cancel = tokio_util::sync::CancellationToken::new();
     let worker = tokio::spawn(herald::roles::worker(app.ctx.clone(), cancel.clone()));
     let n = app.wait_finished(&nid, 30).await;
@@ -184,6 +193,9 @@ async fn a_chunk_whose_worker_stopped_before_sending_is_resumed_and_sent_once() 
     let _ = worker.await;
     assert_eq!(n["counts"]["sent"], 1, "{n}");
     assert_eq!(app.smtp.wait_for(1, 10).await.len(), 1);
+    // Given time for a second message, none comes.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(app.smtp.mails().len(), 1);
     app.stop().await;
 }
 

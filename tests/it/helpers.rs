@@ -163,7 +163,7 @@ impl Default for TestOptions {
 
 pub struct TestApp {
     pub address: String,
-    settings: Settings,
+    pub settings: Settings,
     /// Sends an admin key with every request.
     pub http: reqwest::Client,
     pub ctx: Context,

@@ -14,7 +14,8 @@ pub fn seconds(pid: u32) -> Option<f64> {
     Some((utime + stime) / 100.0)
 }
 
-/// The whole machine's busy CPU seconds so far (every core; idle and I/O wait excluded).
+/// The whole machine's busy CPU seconds so far (every core; idle, I/O wait and time
+/// stolen by a hypervisor excluded).
 fn machine_busy_seconds() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let jiffies: Vec<f64> = stat
@@ -24,9 +25,24 @@ fn machine_busy_seconds() -> Option<f64> {
         .skip(1)
         .filter_map(|v| v.parse().ok())
         .collect();
-    let total: f64 = jiffies.iter().take(8).sum();
+    // user, nice, system, idle, iowait, irq, softirq (then steal and guest time).
+    let total: f64 = jiffies.iter().take(7).sum();
     let idle = jiffies.get(3)? + jiffies.get(4)?;
     Some((total - idle) / 100.0)
+}
+
+/// The cores `/proc/stat` counts (the same machine its busy time covers).
+fn machine_cores() -> usize {
+    std::fs::read_to_string("/proc/stat")
+        .map(|s| {
+            s.lines()
+                .filter(|l| {
+                    l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit)
+                })
+                .count()
+        })
+        .unwrap_or(0)
+        .max(1)
 }
 
 /// The local process listening on TCP `port` (a server's, for its CPU time); `None` when
@@ -126,7 +142,7 @@ impl Meter {
             .machine
             .zip(machine_busy_seconds())
             .map(|(before, after)| after - before);
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let cores = machine_cores() as f64;
         // Unwatched processes (the kernel's own work, anything else running) count too.
         let all = machine.unwrap_or(watched_total).max(watched_total);
         Budget {
