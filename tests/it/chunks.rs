@@ -148,16 +148,7 @@ async fn a_chunk_whose_worker_stopped_before_sending_is_resumed_and_sent_once() 
         ..TestOptions::default()
     })
     .await;
-    app.put_user(
-        "u1",
-        json!({"email": "one@example.com", "first_name": "Ana", "tags": ["solo"]}),
-    )
-    .await;
-    let (_, body) = app
-        .post_event(&json!({"event_type": "greeting", "channels": ["email"],
-                            "recipients": {"segment": {"tag": "solo"}}, "payload": {"note": "x"}}))
-        .await;
-    let nid = body["notification_id"].as_str().expect("id").to_owned();
+    let nid = app.post_to_an_audience_of_one().await;
     // The fan-out, as a worker would run it, then a claim that is never worked on.
     let (shared, _tasks) = herald::worker::Shared::start(
         &app.ctx.worker,

@@ -250,17 +250,7 @@ async fn died_mid_send(chunked: bool) {
         ..Default::default()
     })
     .await;
-    // An audience (chunks are for groups and segments) of one.
-    app.put_user(
-        "u1",
-        json!({"email": "one@example.com", "first_name": "Ana", "tags": ["solo"]}),
-    )
-    .await;
-    let (_, body) = app
-        .post_event(&json!({"event_type": "greeting", "channels": ["email"],
-                            "recipients": {"segment": {"tag": "solo"}}, "payload": {"note": "x"}}))
-        .await;
-    let nid = body["notification_id"].as_str().expect("id").to_owned();
+    let nid = app.post_to_an_audience_of_one().await;
 
     let lane = app
         .ctx

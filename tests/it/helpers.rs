@@ -437,6 +437,21 @@ impl TestApp {
         .await;
     }
 
+    /// Posts a greeting to a segment whose one member is Ana (`u1`): an audience (chunks
+    /// are for groups and segments) of one. Returns the notification's id.
+    pub async fn post_to_an_audience_of_one(&self) -> String {
+        self.put_user(
+            "u1",
+            json!({"email": "one@example.com", "first_name": "Ana", "tags": ["solo"]}),
+        )
+        .await;
+        let (_, body) = self
+            .post_event(&json!({"event_type": "greeting", "channels": ["email"],
+                "recipients": {"segment": {"tag": "solo"}}, "payload": {"note": "x"}}))
+            .await;
+        body["notification_id"].as_str().expect("id").to_owned()
+    }
+
     /// Waits until the notification reaches a final status; returns its JSON.
     pub async fn wait_finished(&self, notification_id: &str, secs: u64) -> Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);

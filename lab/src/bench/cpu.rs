@@ -130,14 +130,15 @@ impl Meter {
     pub fn per_1000(&self, units: usize, secs: f64) -> Budget {
         let per_1000 = |cpu: f64| cpu / units.max(1) as f64 * 1000.0;
         let mut processes = Map::new();
-        let mut watched_total = 0.0;
+        let mut used = Vec::new();
         for (name, pid, before) in &self.watched {
             let Some(after) = seconds(*pid) else {
                 continue;
             };
-            watched_total += after - before;
+            used.push((*name, after - before));
             processes.insert((*name).to_owned(), json!(round2(per_1000(after - before))));
         }
+        let watched_total: f64 = used.iter().map(|(_, s)| s).sum();
         let machine = self
             .machine
             .zip(machine_busy_seconds())
@@ -146,6 +147,7 @@ impl Meter {
         // Unwatched processes (the kernel's own work, anything else running) count too.
         let all = machine.unwrap_or(watched_total).max(watched_total);
         Budget {
+            used,
             processes,
             total_per_1000: per_1000(all),
             busy_cores: machine.map(|m| m / secs.max(1e-9)),
@@ -156,6 +158,8 @@ impl Meter {
 
 /// One span's CPU account.
 pub struct Budget {
+    /// CPU seconds each watched process used over the span.
+    used: Vec<(&'static str, f64)>,
     /// CPU seconds per 1,000 units, per watched process.
     pub processes: Map<String, Value>,
     /// The whole machine's busy CPU seconds per 1,000 units.
@@ -166,6 +170,11 @@ pub struct Budget {
 }
 
 impl Budget {
+    /// The CPU seconds process `name` used over the span (`None`: not seen).
+    pub fn seconds(&self, name: &str) -> Option<f64> {
+        self.used.iter().find(|(n, _)| *n == name).map(|(_, s)| *s)
+    }
+
     /// Units per second the machine's cores allow at this CPU cost.
     pub fn bound_per_sec(&self) -> f64 {
         self.cores * 1000.0 / self.total_per_1000.max(1e-9)
@@ -230,5 +239,6 @@ mod tests {
         let b = meter.per_1000(1000, 0.1);
         assert!(b.processes.contains_key("harness"));
         assert!(!b.processes.contains_key("gone"));
+        assert!(b.seconds("harness").is_some() && b.seconds("gone").is_none());
     }
 }

@@ -970,10 +970,6 @@ pub async fn campaign(settings: Settings, c: Campaign) -> anyhow::Result<Value> 
         "{name}: {users} recipients written in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    let cpu_before: Vec<f64> = pids
-        .iter()
-        .map(|(_, p)| cpu::seconds(*p).unwrap_or(0.0))
-        .collect();
     let lab = LabDb::connect(&settings.mongodb).await?;
     let commands_before = commands::counts(lab.client()).await;
     let meter = cpu::Meter::start(&[
@@ -1013,17 +1009,17 @@ pub async fn campaign(settings: Settings, c: Campaign) -> anyhow::Result<Value> 
         (finished(&ctx, &id).await?, Vec::new())
     };
     let secs = started.elapsed().as_secs_f64();
+    let budget = meter.per_1000(deliveries, secs);
     let mut processes = serde_json::Map::new();
     let mut cpu_total = 0.0;
-    for ((role, pid), before) in pids.iter().zip(&cpu_before) {
-        let cpu = cpu::seconds(*pid).unwrap_or(0.0) - before;
+    for (role, pid) in &pids {
+        let cpu = budget.seconds(&format!("herald_{role}")).unwrap_or(0.0);
         cpu_total += cpu;
         processes.insert(
             (*role).to_owned(),
             json!({"cpu_seconds": (cpu * 10.0).round() / 10.0, "peak_rss_mb": peak_rss_mb(*pid).map(|r| r.round())}),
         );
     }
-    let budget = meter.per_1000(deliveries, secs);
     let commands = commands::per_1000(
         &commands_before,
         &commands::counts(lab.client()).await,
