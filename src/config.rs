@@ -53,6 +53,7 @@ pub struct Settings {
     pub retention: RetentionSettings,
     pub auth: AuthSettings,
     pub feedback: FeedbackSettings,
+    pub inbox: InboxSettings,
     /// Per event type: its category (`[event_types.<event_type>] category = "marketing"`).
     #[serde(default)]
     pub event_types: std::collections::HashMap<String, EventTypeSettings>,
@@ -85,6 +86,24 @@ pub struct SendgridFeedbackSettings {
     #[serde(default)]
     pub public_key: Option<String>,
 }
+
+/// The in-app inbox: end users' sessions, CORS, the socket and the demo.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboxSettings {
+    /// Signs user hashes (`hex(HMAC-SHA256(secret, user_id))`) and session tokens.
+    pub secret: Secret,
+    pub session_secs: u64,
+    /// Browser origins allowed by CORS (exact `scheme://host[:port]`).
+    pub allowed_origins: Vec<String>,
+    pub ping_secs: u64,
+    /// Serve `/inbox/demo` (never with `environment = "production"`).
+    pub demo: bool,
+    pub demo_user: String,
+}
+
+/// The inbox secret shipped in `config/default.toml`; production refuses it.
+pub const DEVELOPMENT_INBOX_SECRET: &str = "development-only-inbox-secret";
 
 /// What is configured for one event type.
 #[derive(Debug, Clone, Deserialize)]
@@ -125,6 +144,8 @@ pub struct RetentionSettings {
     pub dead_letter_days: u32,
     /// Hourly statistics rollups.
     pub stats_days: u32,
+    /// In-app inbox items, counted from their arrival.
+    pub inbox_days: u32,
 }
 
 impl RetentionSettings {
@@ -474,7 +495,10 @@ impl Settings {
                     .prefix_separator("__")
                     .separator("__")
                     .source(Some(env_map))
-                    .try_parsing(true),
+                    .try_parsing(true)
+                    // Lists from variables: comma-separated.
+                    .list_separator(",")
+                    .with_list_parse_key("inbox.allowed_origins"),
             );
         if let Some(uri) = var("MONGODB_URI").filter(|v| !v.is_empty()) {
             builder = builder.set_override("mongodb.uri", uri)?;
@@ -573,6 +597,42 @@ impl Settings {
                 "email.unsubscribe_secret",
                 "with environment = \"production\" set a long random value of your own",
             );
+        }
+        let inbox = self.inbox.secret.expose();
+        if inbox.len() < 16 {
+            return bad(
+                "inbox.secret",
+                "must be at least 16 characters (HERALD__INBOX__SECRET: a long random value)",
+            );
+        }
+        if self.environment == "production" && inbox == DEVELOPMENT_INBOX_SECRET {
+            return bad(
+                "inbox.secret",
+                "with environment = \"production\" set a long random value of your own",
+            );
+        }
+        if self.environment == "production" && self.inbox.demo {
+            return bad("inbox.demo", "the demo page is for development only");
+        }
+        if !(60..=86_400).contains(&self.inbox.session_secs) {
+            return bad("inbox.session_secs", "must be between 60 and 86400");
+        }
+        if !(1..=300).contains(&self.inbox.ping_secs) {
+            return bad("inbox.ping_secs", "must be between 1 and 300");
+        }
+        for origin in &self.inbox.allowed_origins {
+            let ok = url::Url::parse(origin).is_ok_and(|u| {
+                matches!(u.scheme(), "http" | "https")
+                    && u.path() == "/"
+                    && !origin.ends_with('/')
+                    && u.query().is_none()
+            });
+            if !ok {
+                return bad(
+                    "inbox.allowed_origins",
+                    "each must be an origin: scheme://host[:port], no path",
+                );
+            }
         }
         if let Some(path) = &self.email.return_path {
             let sample = path.replace("{delivery_id}", "01a24670-63af-75ad-8824-9ee61d5b3bd9");
@@ -692,8 +752,12 @@ mod tests {
             "HERALD__EMAIL__UNSUBSCRIBE_SECRET",
             "a long random value of our own",
         );
-        let err = Settings::load_from(&shipped(), &env(&[("HERALD_ENV", "production"), secret]))
-            .expect_err("record providers in production");
+        let inbox = ("HERALD__INBOX__SECRET", "another long random value");
+        let err = Settings::load_from(
+            &shipped(),
+            &env(&[("HERALD_ENV", "production"), secret, inbox]),
+        )
+        .expect_err("record providers in production");
         let shown = format!("{err:#}");
         assert!(shown.contains("sms.providers.record.kind"), "{shown}");
 
@@ -713,13 +777,15 @@ from = "+15550100"
 name = "gateway"
 kind = "webhook"
 url = "https://push.example.com/send"
+[inbox]
+demo = false
 "#;
         std::fs::write(dir.join("production.toml"), real).expect("write");
         let secret = (
             "HERALD__EMAIL__UNSUBSCRIBE_SECRET",
             "a long random value of our own",
         );
-        let s = Settings::load_from(&dir, &env(&[("HERALD_ENV", "production"), secret]))
+        let s = Settings::load_from(&dir, &env(&[("HERALD_ENV", "production"), secret, inbox]))
             .expect("real providers load");
         assert_eq!(
             s.sms.providers.len(),

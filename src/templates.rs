@@ -11,7 +11,7 @@ use serde_json::Value;
 use crate::domain::Channel;
 
 /// The parts a channel's message is made of. HTML parts are escaped; the rest are not.
-const PARTS: [&str; 8] = [
+const PARTS: [&str; 12] = [
     "email.subject",
     "email.html",
     "email.txt",
@@ -20,6 +20,10 @@ const PARTS: [&str; 8] = [
     "push.data",
     "sms",
     "webhook",
+    "in_app.title",
+    "in_app.body",
+    "in_app.url",
+    "in_app.data",
 ];
 
 /// A rendered message for one channel.
@@ -42,6 +46,15 @@ pub enum Rendered {
     /// A JSON document.
     Webhook {
         body: String,
+    },
+    /// An inbox item.
+    InApp {
+        title: String,
+        body: String,
+        /// Where clicking the item leads: an absolute `http(s)` URL.
+        url: Option<String>,
+        /// A JSON object for the customer's own front end (`in_app.data`).
+        data: Option<serde_json::Map<String, Value>>,
     },
 }
 
@@ -100,6 +113,8 @@ pub fn channel_of(part: &str) -> Channel {
         Channel::Email
     } else if part.starts_with("push.") {
         Channel::Push
+    } else if part.starts_with("in_app.") {
+        Channel::InApp
     } else if part == "webhook" {
         Channel::Webhook
     } else {
@@ -398,6 +413,9 @@ impl Templates {
                     self.has(event_type, "push.title") || self.has(event_type, "push.body")
                 }
                 Channel::Webhook => self.has(event_type, "webhook"),
+                Channel::InApp => {
+                    self.has(event_type, "in_app.title") || self.has(event_type, "in_app.body")
+                }
             })
             .collect()
     }
@@ -517,6 +535,50 @@ impl Templates {
                     reason: format!("the rendered body is not JSON: {e}"),
                 })?;
                 Ok(Rendered::Webhook { body })
+            }
+            Channel::InApp => {
+                let title = self.part(event_type, "in_app.title", locale, ctx)?;
+                let body = self.part(event_type, "in_app.body", locale, ctx)?;
+                if title.is_none() && body.is_none() {
+                    return Err(missing());
+                }
+                let failed = |part: &str, reason: String| TemplateError::Render {
+                    name: format!("{event_type}/{part}"),
+                    reason,
+                };
+                let url = match self.part(event_type, "in_app.url", locale, ctx)? {
+                    Some(raw) if !raw.trim().is_empty() => {
+                        let raw = raw.trim();
+                        match url::Url::parse(raw) {
+                            Ok(u) if matches!(u.scheme(), "http" | "https") => Some(raw.to_owned()),
+                            _ => {
+                                return Err(failed(
+                                    "in_app.url",
+                                    "in_app.url must render an absolute http(s) URL".to_owned(),
+                                ))
+                            }
+                        }
+                    }
+                    _ => None,
+                };
+                let data = match self.part(event_type, "in_app.data", locale, ctx)? {
+                    None => None,
+                    Some(raw) => match serde_json::from_str::<Value>(&raw) {
+                        Ok(Value::Object(m)) => Some(m),
+                        _ => {
+                            return Err(failed(
+                                "in_app.data",
+                                "in_app.data must render a JSON object".to_owned(),
+                            ))
+                        }
+                    },
+                };
+                Ok(Rendered::InApp {
+                    title: title.unwrap_or_default().trim().to_owned(),
+                    body: body.unwrap_or_default().trim().to_owned(),
+                    url,
+                    data,
+                })
             }
         }
     }

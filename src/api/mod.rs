@@ -28,6 +28,7 @@ use crate::domain::{Channel, EventType, Scope, UserId};
 use crate::metrics::Metrics;
 use auth::Auth;
 use error::{ApiError, BodyLimit};
+use routes::inbox::{self, Sessions};
 use routes::*;
 use spec::{Api, Op};
 
@@ -47,13 +48,13 @@ fn metrics_op(ctx: &Context) -> Op {
 ///
 /// Long on purpose: this is the route table, one entry per route, read top to bottom
 /// like the API reference it generates; split up, no single place would list the API.
-pub fn routes(ctx: &Context, auth: Arc<Auth>) -> (Router<Context>, Value) {
+pub fn routes(ctx: &Context, auth: Arc<Auth>, sessions: Arc<Sessions>) -> (Router<Context>, Value) {
     use routes::{
         dead_letters as dl, deliveries as dv, events as ev, feedback as fb, groups as gr,
-        health as he, keys as ke, notifications as no, schedules as sc, service as se, stats as st,
-        suppressions as su, templates as te, unsubscribe as un, users as us,
+        health as he, inbox as ib, keys as ke, notifications as no, schedules as sc, service as se,
+        stats as st, suppressions as su, templates as te, unsubscribe as un, users as us,
     };
-    Api::new(auth)
+    let api = Api::new(auth, sessions)
         .get(
             "/health",
             Op::new("service", "the process is up", None).ok::<he::Health>(200),
@@ -512,7 +513,114 @@ pub fn routes(ctx: &Context, auth: Arc<Auth>) -> (Router<Context>, Value) {
             Op::new("keys", "revoke a key", ADMIN).empty(204),
             keys::revoke,
         )
-        .finish()
+        .post(
+            "/v1/inbox/session",
+            Op::new(
+                "inbox",
+                "an end user's inbox session: trade the user hash your server computed for a \
+                 short-lived token naming only that user",
+                None,
+            )
+            .body::<ib::SessionBody>()
+            .ok::<ib::Session>(200)
+            .errors(&[401]),
+            inbox::start_session,
+        )
+        .get(
+            "/v1/inbox/notifications",
+            Op::new("inbox", "the user's items, newest first, cursor pages", None)
+                .session()
+                .query::<ib::ListQuery>()
+                .ok::<ib::ItemPage>(200),
+            inbox::list,
+        )
+        .get(
+            "/v1/inbox/counts",
+            Op::new("inbox", "unread, unseen and total, from the items themselves", None)
+                .session()
+                .ok::<ib::Counts>(200),
+            inbox::counts,
+        )
+        .post(
+            "/v1/inbox/notifications/{id}/{action}",
+            Op::new(
+                "inbox",
+                "mark one item read or unread, archive or unarchive it",
+                None,
+            )
+            .session()
+            .path::<ib::ItemActionName>("action")
+            .ok::<ib::Item>(200),
+            inbox::act,
+        )
+        .post(
+            "/v1/inbox/seen",
+            Op::new("inbox", "mark every item seen", None)
+                .session()
+                .ok::<ib::Marked>(200),
+            inbox::seen_all,
+        )
+        .post(
+            "/v1/inbox/read",
+            Op::new("inbox", "mark every item (of one event type) read", None)
+                .session()
+                .query::<ib::ReadAllQuery>()
+                .ok::<ib::Marked>(200),
+            inbox::read_all,
+        )
+        .get(
+            "/v1/inbox/preferences",
+            Op::new("inbox", "the user's own channel opt-outs and mutes", None)
+                .session()
+                .ok::<ib::PreferencesBody>(200),
+            inbox::get_preferences,
+        )
+        .put(
+            "/v1/inbox/preferences",
+            Op::new(
+                "inbox",
+                "replace the user's preferences (the worker applies them to every channel)",
+                None,
+            )
+            .session()
+            .body::<ib::PreferencesBody>()
+            .ok::<ib::PreferencesBody>(200),
+            inbox::put_preferences,
+        )
+        .get(
+            "/v1/inbox/ws",
+            Op::new(
+                "inbox",
+                "a WebSocket: `notification_received` and `counts_changed` messages, pings; \
+                 `after` resumes after the last item seen",
+                None,
+            )
+            .query::<ib::SocketQuery>()
+            .empty(101)
+            .errors(&[401, 403, 426]),
+            inbox::socket,
+        )
+        .get(
+            "/inbox.js",
+            Op::new("inbox", "the inbox widget: Herald.inbox({...})", None)
+                .ok_media(200, "text/javascript"),
+            inbox::widget,
+        );
+    let api = if ctx.settings.inbox.demo {
+        api.get(
+            "/inbox/demo",
+            Op::new(
+                "inbox",
+                "the widget for the demo user (development only)",
+                None,
+            )
+            .ok_media(200, "text/html"),
+            inbox::demo,
+        )
+    } else {
+        api
+    };
+    api.finish()
 }
 
 /// Times every request under its route pattern (unmatched ones as `unmatched`).
@@ -533,11 +641,13 @@ async fn observe(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) 
     response
 }
 
-/// Every route, with its state.
-pub fn router(ctx: Context) -> Router {
+/// Every route, with its state; `hub` carries inbox changes to this process's sockets,
+/// which close at `cancel`.
+pub fn router(ctx: Context, hub: inbox::hub::Hub, cancel: CancellationToken) -> Router {
     let limit = ctx.settings.server.body_limit_bytes;
     let auth = Arc::new(Auth::new(ctx.store.clone(), ctx.settings.auth.clone()));
-    let (routes, spec) = routes(&ctx, auth.clone());
+    let sessions = Arc::new(Sessions::new(&ctx.settings.inbox));
+    let (routes, spec) = routes(&ctx, auth.clone(), sessions.clone());
     routes
         .merge(console::routes(auth.clone()))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
@@ -549,6 +659,10 @@ pub fn router(ctx: Context) -> Router {
         .layer(Extension(BodyLimit(limit)))
         .layer(Extension(auth))
         .layer(Extension(service::Spec(Arc::new(spec))))
+        .layer(Extension(sessions))
+        .layer(Extension(hub))
+        .layer(Extension(inbox::SocketShutdown(cancel)))
+        .layer(inbox::cors(&ctx.settings.inbox))
         .layer(TraceLayer::new_for_http())
         .with_state(ctx)
 }
@@ -573,8 +687,9 @@ pub async fn serve_metrics(
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "metrics listening");
     let auth = Arc::new(Auth::new(ctx.store.clone(), ctx.settings.auth.clone()));
+    let sessions = Arc::new(Sessions::new(&ctx.settings.inbox));
     let health_op = || Op::new("service", "the process is up", None).ok::<health::Health>(200);
-    let api = Api::new(auth)
+    let api = Api::new(auth, sessions)
         .get("/metrics", metrics_op(&ctx), service::metrics)
         .get("/health", health_op(), health::health);
     let api = match role {
@@ -607,8 +722,15 @@ pub async fn serve(
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "API listening");
-    axum::serve(listener, router(ctx))
-        .with_graceful_shutdown(async move { cancel.cancelled().await })
-        .await?;
+    let hub = inbox::hub::Hub::default();
+    let follow = hub.clone().run(ctx.store.clone(), cancel.clone());
+    let app = router(ctx, hub, cancel.clone());
+    let server = async {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { cancel.cancelled().await })
+            .await?;
+        anyhow::Ok(())
+    };
+    tokio::try_join!(server, follow)?;
     Ok(())
 }

@@ -15,6 +15,7 @@ use utoipa::{IntoParams, PartialSchema, ToSchema};
 
 use super::auth::{self, Auth};
 use super::error::ErrorBody;
+use super::routes::inbox::session::{self, Sessions};
 use crate::app::Context;
 use crate::domain::Scope;
 
@@ -24,8 +25,10 @@ use crate::domain::Scope;
 pub struct Op {
     pub tag: &'static str,
     pub summary: &'static str,
-    /// `None`: open to anyone.
+    /// `None`: open to anyone (or, with `session`, to an inbox session's user).
     pub scope: Option<Scope>,
+    /// An end user's inbox session token, not an API key.
+    session: bool,
     /// Path and query parameter objects.
     params: Vec<Value>,
     /// The request body: its media types, each with a schema.
@@ -57,6 +60,7 @@ impl Op {
             tag,
             summary,
             scope,
+            session: false,
             params: Vec::new(),
             body: Vec::new(),
             answers: Vec::new(),
@@ -69,6 +73,13 @@ impl Op {
     fn refer<T: ToSchema>(&mut self) -> Value {
         self.components.extend(components::<T>());
         json!({"$ref": format!("#/components/schemas/{}", T::name())})
+    }
+
+    /// Needs an inbox session token (`Authorization: Bearer <token>`): the handler gets
+    /// its user.
+    pub fn session(mut self) -> Self {
+        self.session = true;
+        self
     }
 
     /// The query parameters `T` parses.
@@ -153,14 +164,16 @@ impl Op {
 pub struct Api {
     router: Router<Context>,
     auth: Arc<Auth>,
+    sessions: Arc<Sessions>,
     ops: Vec<(Method, &'static str, Op)>,
 }
 
 impl Api {
-    pub fn new(auth: Arc<Auth>) -> Self {
+    pub fn new(auth: Arc<Auth>, sessions: Arc<Sessions>) -> Self {
         Self {
             router: Router::new(),
             auth,
+            sessions,
             ops: Vec::new(),
         }
     }
@@ -179,6 +192,9 @@ impl Api {
                 (self.auth.clone(), scope),
                 auth::require,
             ));
+        }
+        if op.session {
+            route = route.route_layer(from_fn_with_state(self.sessions.clone(), session::require));
         }
         self.router = self.router.route(path, route);
         self.ops.push((method, path, op));
@@ -286,6 +302,10 @@ fn operation(method: &Method, path: &str, op: &Op) -> Value {
     if path.contains('{') {
         errors.push(404);
     }
+    if op.session {
+        errors.push(401);
+        o.insert("security".into(), json!([{"inbox": []}]));
+    }
     if let Some(scope) = op.scope {
         errors.extend([401, 403, 429]);
         o.insert("security".into(), json!([{"bearer": [scope.as_str()]}]));
@@ -323,7 +343,11 @@ fn openapi(ops: &[(Method, &'static str, Op)]) -> Value {
         },
         "paths": paths,
         "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "inbox": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+                    "description": "an end user's inbox session token (POST /v1/inbox/session)"},
+            },
             "schemas": schemas,
         },
     })

@@ -33,6 +33,8 @@ pub enum Destination {
     PushTokens(Vec<String>),
     /// The webhook channel's URL for the event type.
     Url(String),
+    /// The recipient's herald inbox.
+    Inbox,
 }
 
 /// One message, ready to send.
@@ -297,12 +299,15 @@ impl Channels {
         })
     }
 
-    pub fn provider(&self, channel: Channel) -> &Chain {
+    /// The providers of a channel; `None` for the in-app channel, which herald delivers
+    /// itself (the inbox item is written with the outcome).
+    pub fn provider(&self, channel: Channel) -> Option<&Chain> {
         match channel {
-            Channel::Email => &self.email,
-            Channel::Sms => &self.sms,
-            Channel::Push => &self.push,
-            Channel::Webhook => &self.webhook,
+            Channel::Email => Some(&self.email),
+            Channel::Sms => Some(&self.sms),
+            Channel::Push => Some(&self.push),
+            Channel::Webhook => Some(&self.webhook),
+            Channel::InApp => None,
         }
     }
 }

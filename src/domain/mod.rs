@@ -238,14 +238,17 @@ pub enum Channel {
     Sms,
     Push,
     Webhook,
+    /// An item in the user's herald inbox, read through the inbox API and widget.
+    InApp,
 }
 
 impl Channel {
-    pub const ALL: [Channel; 4] = [
+    pub const ALL: [Channel; 5] = [
         Channel::Email,
         Channel::Sms,
         Channel::Push,
         Channel::Webhook,
+        Channel::InApp,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -253,6 +256,7 @@ impl Channel {
             Channel::Sms => "sms",
             Channel::Push => "push",
             Channel::Webhook => "webhook",
+            Channel::InApp => "in_app",
         }
     }
 }
@@ -265,7 +269,7 @@ impl FromStr for Channel {
             .find(|c| c.as_str() == s)
             .ok_or_else(|| {
                 format!(
-                    "unknown channel `{}` (email, sms, push, webhook)",
+                    "unknown channel `{}` (email, sms, push, webhook, in_app)",
                     truncate(s, 32)
                 )
             })

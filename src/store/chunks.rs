@@ -89,6 +89,8 @@ impl ChunkDoc {
             feedback: Vec::new(),
             complained_at: None,
             unsubscribed_at: None,
+            seen_at: None,
+            read_at: None,
             expire_at: None,
         }
     }

@@ -283,6 +283,11 @@ pub struct DeliveryDoc {
     /// When the recipient unsubscribed through this delivery's one-click link.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unsubscribed_at: Option<DateTime>,
+    /// In-app: when the recipient first saw its inbox item, and first read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seen_at: Option<DateTime>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_at: Option<DateTime>,
     /// Set with a final status; MongoDB's TTL monitor removes the record then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expire_at: Option<DateTime>,

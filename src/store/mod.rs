@@ -8,6 +8,7 @@ pub mod dead_letters;
 pub mod documents;
 mod fanout;
 pub mod feedback;
+pub mod inbox;
 pub mod keys;
 pub mod log;
 mod notifications;
@@ -281,6 +282,8 @@ impl Store {
             suppressions::SUPPRESSIONS,
             feedback::FEEDBACK,
             UNSUBSCRIBES,
+            inbox::INBOX,
+            inbox::INBOX_USERS,
         ] {
             if !existing.contains(name) {
                 if let Err(e) = self.db.create_collection(name).await {
@@ -368,6 +371,7 @@ impl Store {
             .context("indexing suppressions")?;
         self.index_feedback().await.context("indexing feedback")?;
         self.index_chunks().await.context("indexing chunks")?;
+        self.index_inbox().await.context("indexing inbox")?;
         self.unsubscribes()
             .create_indexes([named_index(doc! {"user_id": 1}, "user_id")])
             .await

@@ -43,6 +43,8 @@ pub struct Outcome {
     pub attempt: Option<AttemptDoc>,
     /// For `retrying`: when and through which delay queue the next attempt comes.
     pub retry: Option<Retry>,
+    /// A `sent` in-app delivery's inbox item, written with the outcome.
+    pub inbox: Option<Box<super::inbox::InboxContent>>,
 }
 
 /// When a `retrying` or `deferred` delivery comes back.
@@ -209,6 +211,9 @@ impl Store {
                 })
                 .session(&mut *s)
                 .await?;
+        }
+        if let (DeliveryStatus::Sent, Some(content)) = (o.status, &o.inbox) {
+            self.write_inbox_item(s, before, content, now).await?;
         }
         if matches!(o.status, DeliveryStatus::Failed | DeliveryStatus::Dead) {
             Store::write_dead_letter(

@@ -57,7 +57,7 @@ pub fn normalise(channel: Channel, address: &str) -> String {
                 digits
             }
         }
-        Channel::Push | Channel::Webhook => a.to_owned(),
+        Channel::Push | Channel::Webhook | Channel::InApp => a.to_owned(),
     }
 }
 

@@ -15,6 +15,7 @@ use crate::channels::{DeliveryError, Destination, OutboundMessage, Provider};
 use crate::domain::preferences::{Preferences, Verdict};
 use crate::domain::{Category, Channel, DeliveryStatus, Priority};
 use crate::enrich::EnrichError;
+use crate::store::inbox::InboxContent;
 use crate::store::{
     AttemptDoc, ChunkClaim, ChunkDoc, ChunkItem, ClaimDoc, DeliveryClaim, DeliveryDoc,
     NotificationDoc, Outcome, Precondition, Retry, UserDoc,
@@ -215,6 +216,7 @@ fn destination(
         Channel::Push => {
             (!u.push_tokens.is_empty()).then(|| Destination::PushTokens(u.push_tokens.clone()))
         }
+        Channel::InApp => Some(Destination::Inbox),
     }
 }
 
@@ -283,7 +285,7 @@ pub async fn deliver(
         } => OutboundMessage {
             delivery_id: d.id.clone(),
             destination,
-            content,
+            content: *content,
             unsubscribe_url,
         },
         Prepared::Decided(outcome) => return settle(ctx, &shared.commits, *outcome).await,
@@ -473,7 +475,7 @@ async fn deliver_unwritten(
             let message = OutboundMessage {
                 delivery_id: d.id.clone(),
                 destination,
-                content,
+                content: *content,
                 unsubscribe_url,
             };
             send(ctx, shared, &d, attempt_id.to_owned(), unwritten, message)
@@ -581,7 +583,7 @@ enum Prepared {
     /// Ready to claim and send.
     Send {
         destination: Destination,
-        content: Rendered,
+        content: Box<Rendered>,
         /// Marketing: the one-click unsubscribe link (`List-Unsubscribe`).
         unsubscribe_url: Option<String>,
     },
@@ -619,6 +621,7 @@ fn outcome_of(
         provider: None,
         attempt: None,
         retry: None,
+        inbox: None,
     }
 }
 
@@ -712,28 +715,78 @@ async fn prepare_for(
     }
     let links = unsubscribe_links(ctx, d, &n, &user);
     match render(ctx, d, &n, &user, &links) {
+        Ok(Rendered::InApp {
+            title,
+            body,
+            url,
+            data,
+        }) => match data.map(|m| bson::to_document(&m)).transpose() {
+            Ok(data) => Ok(Prepared::Decided(Box::new(into_inbox(
+                d,
+                InboxContent {
+                    title,
+                    body,
+                    url,
+                    data,
+                },
+            )))),
+            Err(e) => Ok(Prepared::Decided(Box::new(render_failed(
+                d,
+                &TemplateError::Render {
+                    name: format!("{}/in_app.data", d.event_type),
+                    reason: format!("in_app.data cannot be stored: {e}"),
+                },
+            )))),
+        },
         Ok(content) => Ok(Prepared::Send {
             destination,
-            content,
+            content: Box::new(content),
             unsubscribe_url: links.this,
         }),
-        Err(e) => {
-            let now = DateTime::now();
-            let mut failed = unclaimed(d, DeliveryStatus::Failed, e.reason());
-            failed.attempt = Some(AttemptDoc {
-                attempt_id: uuid::Uuid::new_v4().to_string(),
-                provider: None,
-                started_at: now,
-                finished_at: now,
-                duration_ms: 0,
-                status: DeliveryStatus::Failed,
-                error: Some(e.to_string()),
-                response: None,
-            });
-            Ok(Prepared::Decided(Box::new(failed)))
-        }
+        Err(e) => Ok(Prepared::Decided(Box::new(render_failed(d, &e)))),
     }
 }
+
+/// A delivery whose message does not render: `failed` with the template's reason.
+fn render_failed(d: &DeliveryDoc, e: &TemplateError) -> Outcome {
+    let now = DateTime::now();
+    let mut failed = unclaimed(d, DeliveryStatus::Failed, e.reason());
+    failed.attempt = Some(AttemptDoc {
+        attempt_id: uuid::Uuid::new_v4().to_string(),
+        provider: None,
+        started_at: now,
+        finished_at: now,
+        duration_ms: 0,
+        status: DeliveryStatus::Failed,
+        error: Some(e.to_string()),
+        response: None,
+    });
+    failed
+}
+
+/// An in-app delivery is sent by writing its inbox item, in its outcome's transaction:
+/// no provider, no claim (the outcome's precondition guards it like any decision).
+fn into_inbox(d: &DeliveryDoc, content: InboxContent) -> Outcome {
+    let now = DateTime::now();
+    Outcome {
+        provider: Some(INBOX_PROVIDER.to_owned()),
+        attempt: Some(AttemptDoc {
+            attempt_id: uuid::Uuid::new_v4().to_string(),
+            provider: Some(INBOX_PROVIDER.to_owned()),
+            started_at: now,
+            finished_at: now,
+            duration_ms: 0,
+            status: DeliveryStatus::Sent,
+            error: None,
+            response: None,
+        }),
+        inbox: Some(Box::new(content)),
+        ..outcome_of(d, Precondition::Unclaimed, DeliveryStatus::Sent, None)
+    }
+}
+
+/// The provider name in-app deliveries are recorded under.
+pub const INBOX_PROVIDER: &str = "inbox";
 
 /// Calls the channel's providers under the claim `attempt_id` and commits what they
 /// answered, with the attempt.
@@ -750,7 +803,9 @@ async fn send(
         Rendered::Sms { text } => Some(crate::templates::sms_segments(text) as i32),
         _ => None,
     };
-    let provider = ctx.channels.provider(d.channel);
+    let Some(provider) = ctx.channels.provider(d.channel) else {
+        anyhow::bail!("no provider sends {} messages", d.channel);
+    };
     let started_at = DateTime::now();
     let clock = Instant::now();
     // The lower lanes need not wait while a high-priority job waits for its provider.

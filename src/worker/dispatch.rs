@@ -157,6 +157,8 @@ pub async fn dispatch(ctx: &Worker, shared: &Shared, notification_id: &str) -> a
                     feedback: Vec::new(),
                     complained_at: None,
                     unsubscribed_at: None,
+                    seen_at: None,
+                    read_at: None,
                     expire_at: None,
                 })
             })

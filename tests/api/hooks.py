@@ -8,6 +8,7 @@ the channel in its path. Negative cases are left alone, so every refusal is stil
 """
 
 import copy
+import os
 
 import schemathesis
 from hypothesis import strategies as st
@@ -37,11 +38,14 @@ schemathesis.openapi.format(
 EVENT_TYPE = "greeting"
 CHANNELS = {"email", "sms"}
 GROUP = "everyone"
+# The user the inbox session of the run names (`HERALD_INBOX_TOKEN`, `HERALD_INBOX_HASH`).
+INBOX_USER = "u1"
 FIELDS = {
     "email": ["subject", "html", "text"],
     "sms": ["text"],
     "push": ["title", "body", "data"],
     "webhook": ["body"],
+    "in_app": ["title", "body", "url", "data"],
 }
 
 
@@ -101,6 +105,13 @@ def fix_parts(channel, body):
             body["data"] = '{"note": "{{payload.note}}"}'
     elif channel == "webhook":
         body["body"] = '{"note": "{{payload.note}}"}'
+    elif channel == "in_app":
+        if not ("title" in body or "body" in body):
+            body["title"] = "Hello"
+        if "url" in body:
+            body["url"] = "https://example.com/notes/{{payload.note}}"
+        if "data" in body:
+            body["data"] = '{"note": "{{payload.note}}"}'
 
 
 def fix_campaign(body, patch=False):
@@ -123,6 +134,10 @@ def map_case(ctx, case):
     if path == "/v1/deliveries" and isinstance(case.query, dict):
         # A cursor is opaque: only one a page handed out is valid.
         case.query.pop("cursor", None)
+    if path == "/v1/inbox/session" and isinstance(case.body, dict):
+        # A session is for the user whose hash the customer's server computed.
+        case.body = {"user_id": INBOX_USER, "user_hash": os.environ["HERALD_INBOX_HASH"]}
+        return case
     if path == "/v1/feedback/dsn":
         case.body = DSN.format(n=abs(hash(str(case.body))))
         return case

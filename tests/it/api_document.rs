@@ -48,12 +48,29 @@ async fn schemathesis_finds_no_difference_between_the_document_and_the_api() {
         )
         .await
         .expect("key");
+    // The inbox routes' user: a profile (for preferences) and a session.
+    app.put_user("u1", json!({"first_name": "Ana"})).await;
+    let hash = {
+        use hmac::Mac;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(
+            app.settings.inbox.secret.expose().as_bytes(),
+        )
+        .expect("key");
+        mac.update(b"u1");
+        hex::encode(mac.finalize().into_bytes())
+    };
+    let (status, session) = app
+        .post("/v1/inbox/session", &json!({"user_id": "u1", "user_hash": hash}))
+        .await;
+    assert_eq!(status, 200, "{session}");
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/api");
     let run = tokio::process::Command::new(st)
         .current_dir(&dir)
         .args(["run", &format!("{}/openapi.json", app.address)])
         .args(["--checks", "all", "--max-examples", "30", "--no-color"])
         .env("HERALD_KEY", &key)
+        .env("HERALD_INBOX_TOKEN", session["token"].as_str().expect("token"))
+        .env("HERALD_INBOX_HASH", &hash)
         .kill_on_drop(true)
         .output();
     let output = tokio::time::timeout(Duration::from_secs(600), run)

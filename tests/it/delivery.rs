@@ -459,6 +459,8 @@ fn planned(nid: &str, user: &str) -> herald::store::DeliveryDoc {
         feedback: Vec::new(),
         complained_at: None,
         unsubscribed_at: None,
+        seen_at: None,
+        read_at: None,
         expire_at: None,
     }
 }
@@ -688,6 +690,7 @@ async fn equal_outcomes_of_one_commit_share_a_write_and_each_delivery_keeps_its_
             provider: Some("smtp".to_owned()),
             attempt: Some(attempt(n, status, error)),
             retry: None,
+            inbox: None,
         };
     let mut retrying = outcome(4, DeliveryStatus::Retrying, Some("smtp_4xx"), Some("busy"));
     retrying.retry = Some(Retry {

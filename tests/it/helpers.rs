@@ -161,6 +161,20 @@ impl Default for TestOptions {
     }
 }
 
+/// Another API process of a [`TestApp`].
+pub struct OtherApi {
+    pub address: String,
+    cancel: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl OtherApi {
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(20), self.task).await;
+    }
+}
+
 pub struct TestApp {
     pub address: String,
     pub settings: Settings,
@@ -498,6 +512,32 @@ impl TestApp {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("lane {lane:?} was not drained");
+    }
+
+    /// A second API process on the same database and broker (another listener, its own
+    /// clients and change streams); stop it with [`OtherApi::stop`].
+    pub async fn second_api(&self) -> OtherApi {
+        let ctx = Context::build(self.settings.clone())
+            .await
+            .expect("context");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind api");
+        let address = format!("http://{}", listener.local_addr().expect("addr"));
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(herald::roles::api(ctx, listener, cancel.clone()));
+        for _ in 0..100 {
+            if reqwest::get(format!("{address}/health"))
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        OtherApi {
+            address,
+            cancel,
+            task,
+        }
     }
 
     /// Documents in a collection (tests read the database directly to prove nothing was written).

@@ -12,6 +12,7 @@ mod enrichment;
 mod events;
 mod failures;
 mod feedback;
+mod inbox;
 mod intake;
 mod logs;
 mod marketing;

@@ -301,6 +301,7 @@ pub async fn logs(settings: Settings, deliveries: usize, samples: usize) -> anyh
                 Channel::Sms => ["twilio", "gateway"][rng.random_range(0..2)],
                 Channel::Push => "fcm",
                 Channel::Webhook => "webhook",
+                Channel::InApp => "inbox",
             };
             let sent = (status == DeliveryStatus::Sent).then(|| {
                 mongodb::bson::DateTime::from_millis(created + rng.random_range(50..5_000))
@@ -327,6 +328,8 @@ pub async fn logs(settings: Settings, deliveries: usize, samples: usize) -> anyh
                 feedback: Vec::new(),
                 complained_at: None,
                 unsubscribed_at: None,
+                seen_at: None,
+                read_at: None,
                 expire_at: None,
             });
             written += 1;

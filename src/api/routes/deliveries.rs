@@ -50,6 +50,9 @@ pub struct Delivery {
     /// When the recipient marked it as spam.
     complained_at: Option<Time>,
     unsubscribed_at: Option<Time>,
+    /// In-app: when the recipient first saw the inbox item, and first read it.
+    seen_at: Option<Time>,
+    read_at: Option<Time>,
 }
 
 impl From<&DeliveryDoc> for Delivery {
@@ -72,6 +75,8 @@ impl From<&DeliveryDoc> for Delivery {
             sent_at: d.sent_at.map(rfc3339),
             complained_at: d.complained_at.map(rfc3339),
             unsubscribed_at: d.unsubscribed_at.map(rfc3339),
+            seen_at: d.seen_at.map(rfc3339),
+            read_at: d.read_at.map(rfc3339),
         }
     }
 }

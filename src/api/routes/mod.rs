@@ -6,6 +6,7 @@ pub mod events;
 pub mod feedback;
 pub mod groups;
 pub mod health;
+pub mod inbox;
 pub mod keys;
 pub mod notifications;
 pub mod schedules;

@@ -32,6 +32,12 @@ fn fields(channel: Channel) -> &'static [(&'static str, &'static str)] {
             ("data", "push.data"),
         ],
         Channel::Webhook => &[("body", "webhook")],
+        Channel::InApp => &[
+            ("title", "in_app.title"),
+            ("body", "in_app.body"),
+            ("url", "in_app.url"),
+            ("data", "in_app.data"),
+        ],
     }
 }
 
@@ -91,7 +97,8 @@ pub struct TemplateSource {
 }
 
 /// A template to store: the parts of its channel (email: subject and html and/or text;
-/// SMS: text; push: title and/or body, data; webhook: body), each a Handlebars source.
+/// SMS: text; push: title and/or body, data; webhook: body; in-app: title and/or body,
+/// url, data), each a Handlebars source.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[allow(dead_code)]
@@ -117,6 +124,9 @@ pub struct TemplateBody {
     #[serde(default)]
     #[schema(format = "handlebars", max_length = 262144)]
     data: String,
+    #[serde(default)]
+    #[schema(format = "handlebars", max_length = 262144)]
+    url: String,
 }
 
 /// What `PUT` stored.
@@ -296,6 +306,9 @@ fn parse_parts(
         Channel::Push if parts.is_empty() => {
             errors.push(FieldError::new("title", "give title, body or both"))
         }
+        Channel::InApp if !has("in_app.title") && !has("in_app.body") => {
+            errors.push(FieldError::new("title", "give title, body or both"))
+        }
         _ => {}
     }
     if !errors.is_empty() {
@@ -364,7 +377,8 @@ pub struct Preview {
 }
 
 /// A rendered message: the parts of its channel (email: subject, html, text; SMS: text
-/// and segments; push: title, body, data; webhook: body, a JSON document as text).
+/// and segments; push: title, body, data; webhook: body, a JSON document as text; in-app:
+/// title, body, url, data).
 #[derive(Debug, Default, Serialize, ToSchema)]
 pub struct RenderedBody {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -381,7 +395,11 @@ pub struct RenderedBody {
     #[serde(skip_serializing_if = "Option::is_none")]
     body: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    data: Option<BTreeMap<String, String>>,
+    url: Option<String>,
+    /// Push: every value a string; in-app: any JSON.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    data: Option<Map<String, Value>>,
 }
 
 /// Renders with sample data exactly as a delivery would (same context, strict mode).
@@ -470,7 +488,23 @@ impl From<Rendered> for RenderedBody {
             Rendered::Push { title, body, data } => RenderedBody {
                 title: Some(title),
                 body: Some(body),
-                data: Some(data),
+                data: Some(
+                    data.into_iter()
+                        .map(|(k, v)| (k, Value::String(v)))
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+            Rendered::InApp {
+                title,
+                body,
+                url,
+                data,
+            } => RenderedBody {
+                title: Some(title),
+                body: Some(body),
+                url,
+                data,
                 ..Default::default()
             },
             Rendered::Webhook { body } => RenderedBody {

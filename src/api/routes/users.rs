@@ -78,6 +78,8 @@ pub struct ChannelSwitches {
     push: bool,
     #[serde(default)]
     webhook: bool,
+    #[serde(default)]
+    in_app: bool,
 }
 
 /// Two different local times, `HH:MM`; the span may cross midnight.

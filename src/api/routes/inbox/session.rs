@@ -1,0 +1,193 @@
+//! End users' inbox sessions: a user hash from the customer's server traded for a short-lived token naming that one user.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use hmac::{Hmac, Mac};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+use crate::api::error::ApiError;
+use crate::config::InboxSettings;
+
+const AUDIENCE: &str = "herald-inbox";
+
+/// The user a request's session token names (put on the request by [`require`]).
+#[derive(Debug, Clone)]
+pub struct InboxUser {
+    pub user_id: String,
+    /// Unix seconds.
+    pub expires_at: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    sub: String,
+    aud: String,
+    iat: i64,
+    exp: i64,
+}
+
+/// Checks user hashes and issues and checks session tokens.
+pub struct Sessions {
+    hash_key: Vec<u8>,
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    ttl_secs: i64,
+}
+
+impl std::fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sessions")
+            .field("ttl_secs", &self.ttl_secs)
+            .finish_non_exhaustive()
+    }
+}
+
+fn hmac(key: &[u8]) -> Hmac<Sha256> {
+    <Hmac<Sha256> as Mac>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"))
+}
+
+impl Sessions {
+    pub fn new(settings: &InboxSettings) -> Self {
+        let secret = settings.secret.expose().as_bytes();
+        // Tokens are signed with a key of their own, derived from the secret, so a
+        // token's signature and a user hash are never the same computation.
+        let mut derive = hmac(secret);
+        derive.update(b"herald inbox session tokens v1");
+        let token_key = derive.finalize().into_bytes();
+        Self {
+            hash_key: secret.to_vec(),
+            encoding: EncodingKey::from_secret(&token_key),
+            decoding: DecodingKey::from_secret(&token_key),
+            ttl_secs: settings.session_secs as i64,
+        }
+    }
+
+    /// `hex(HMAC-SHA256(secret, user_id))`, as the customer's server computes it.
+    pub fn user_hash(&self, user_id: &str) -> String {
+        let mut mac = hmac(&self.hash_key);
+        mac.update(user_id.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    /// True when `presented` is the user's hash (hex, either case; constant time).
+    pub fn hash_matches(&self, user_id: &str, presented: &str) -> bool {
+        let Ok(bytes) = hex::decode(presented.trim()) else {
+            return false;
+        };
+        let mut mac = hmac(&self.hash_key);
+        mac.update(user_id.as_bytes());
+        mac.verify_slice(&bytes).is_ok()
+    }
+
+    /// A token naming `user_id`, and when it lapses (Unix seconds).
+    pub fn issue(&self, user_id: &str) -> anyhow::Result<(String, i64)> {
+        let now = chrono::Utc::now().timestamp();
+        let claims = Claims {
+            sub: user_id.to_owned(),
+            aud: AUDIENCE.to_owned(),
+            iat: now,
+            exp: now + self.ttl_secs,
+        };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)?;
+        Ok((token, claims.exp))
+    }
+
+    /// The user a token names, if it is ours and has not lapsed.
+    pub fn check(&self, token: &str) -> Option<InboxUser> {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_audience(&[AUDIENCE]);
+        validation.leeway = 0;
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation).ok()?;
+        Some(InboxUser {
+            user_id: data.claims.sub,
+            expires_at: data.claims.exp,
+        })
+    }
+}
+
+/// The refusal of a request without a valid session.
+pub fn unauthorized(code: &'static str, message: &str) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, code, message)
+}
+
+/// The middleware on every inbox route but the session's: the request must carry a
+/// valid token (`Authorization: Bearer <token>`); its user is put on the request.
+pub async fn require(
+    State(sessions): State<Arc<Sessions>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    let Some(token) = presented else {
+        return unauthorized(
+            "missing_session",
+            "send the inbox session token as `Authorization: Bearer <token>` (POST /v1/inbox/session)",
+        )
+        .into_response();
+    };
+    let Some(user) = sessions.check(token) else {
+        return unauthorized(
+            "invalid_session",
+            "the session token is invalid or has expired; start a new session",
+        )
+        .into_response();
+    };
+    req.extensions_mut().insert(user);
+    next.run(req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    fn sessions(secret: &str) -> Sessions {
+        Sessions::new(&InboxSettings {
+            secret: Secret::new(secret),
+            session_secs: 60,
+            allowed_origins: Vec::new(),
+            ping_secs: 20,
+            demo: false,
+            demo_user: "demo".into(),
+        })
+    }
+
+    #[test]
+    fn a_hash_is_the_hmac_of_the_user_id_and_a_token_names_only_its_user() {
+        let s = sessions("a secret of sixteen+");
+        // Python's hmac.new(b"a secret of sixteen+", b"ana", hashlib.sha256).hexdigest()
+        let hash = s.user_hash("ana");
+        assert_eq!(
+            hash,
+            "d319f5c84572f16c49d398024cb2bd184e9adb858be596c95bf8f664173b9803"
+        );
+        assert!(s.hash_matches("ana", &hash));
+        assert!(s.hash_matches("ana", &hash.to_uppercase()));
+        assert!(!s.hash_matches("bob", &hash));
+        assert!(!s.hash_matches("ana", "not hex"));
+        let (token, exp) = s.issue("ana").expect("issues");
+        let user = s.check(&token).expect("valid");
+        assert_eq!(user.user_id, "ana");
+        assert_eq!(user.expires_at, exp);
+        assert!(s.check(&format!("{token}x")).is_none(), "a changed token");
+        assert!(
+            sessions("another secret sixteen").check(&token).is_none(),
+            "another deployment's token"
+        );
+    }
+}
