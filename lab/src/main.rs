@@ -104,6 +104,17 @@ pub enum Bench {
         #[arg(long, default_value = "docs/benchmarks.md")]
         doc: PathBuf,
     },
+    /// Inbox sockets: one `herald api` process holding `sockets` open sockets while
+    /// `per_sec` in-app events arrive for random connected users → the API's memory and
+    /// the time from an event's 202 to its item on the socket.
+    Inbox {
+        #[arg(long, default_value_t = 10_000)]
+        sockets: usize,
+        #[arg(long, default_value_t = 100.0)]
+        per_sec: f64,
+        #[arg(long, default_value_t = 30)]
+        secs: u64,
+    },
     /// The machine's own ceilings: RabbitMQ and MongoDB without herald in the loop.
     Ceilings {
         #[arg(long, default_value_t = 100_000)]
@@ -191,6 +202,14 @@ async fn run_bench(settings: Settings, which: Bench) -> anyhow::Result<()> {
         } => (
             "all",
             bench::suite::all(settings, quick, smtp_port, &doc).await?,
+        ),
+        Bench::Inbox {
+            sockets,
+            per_sec,
+            secs,
+        } => (
+            "inbox",
+            bench::inbox::inbox(settings, sockets, per_sec, secs).await?,
         ),
         Bench::Ingest { events, clients } => {
             ("ingest", bench::ingest(settings, events, clients).await?)

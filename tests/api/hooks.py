@@ -158,8 +158,9 @@ def map_case(ctx, case):
         order_window(body)
     elif path == "/v1/templates/{event_type}/{channel}" and method == "PUT":
         fix_parts(case.path_parameters.get("channel"), body)
-    elif path == "/v1/users/{id}":
-        quiet = (body.get("preferences") or {}).get("quiet_hours")
+    elif path in ("/v1/users/{id}", "/v1/inbox/preferences"):
+        prefs = body if path == "/v1/inbox/preferences" else (body.get("preferences") or {})
+        quiet = prefs.get("quiet_hours")
         if isinstance(quiet, dict) and quiet.get("start") == quiet.get("end"):
             quiet["end"] = "23:59" if quiet.get("start") != "23:59" else "00:00"
     elif path == "/v1/templates/preview":

@@ -60,7 +60,10 @@ async fn schemathesis_finds_no_difference_between_the_document_and_the_api() {
         hex::encode(mac.finalize().into_bytes())
     };
     let (status, session) = app
-        .post("/v1/inbox/session", &json!({"user_id": "u1", "user_hash": hash}))
+        .post(
+            "/v1/inbox/session",
+            &json!({"user_id": "u1", "user_hash": hash}),
+        )
         .await;
     assert_eq!(status, 200, "{session}");
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/api");
@@ -69,7 +72,10 @@ async fn schemathesis_finds_no_difference_between_the_document_and_the_api() {
         .args(["run", &format!("{}/openapi.json", app.address)])
         .args(["--checks", "all", "--max-examples", "30", "--no-color"])
         .env("HERALD_KEY", &key)
-        .env("HERALD_INBOX_TOKEN", session["token"].as_str().expect("token"))
+        .env(
+            "HERALD_INBOX_TOKEN",
+            session["token"].as_str().expect("token"),
+        )
         .env("HERALD_INBOX_HASH", &hash)
         .kill_on_drop(true)
         .output();

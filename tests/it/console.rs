@@ -379,7 +379,7 @@ async fn a_delivery_preview_renders_its_message_and_queues_report_each_lane() {
 }
 
 /// What the browser test needs: node, Chromium and the installed playwright-core.
-fn browser_missing(ui: &Path) -> Option<String> {
+pub(crate) fn browser_missing(ui: &Path) -> Option<String> {
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     if !Path::new(&chromium).exists() {
         return Some(format!("no Chromium at {chromium}"));

@@ -609,3 +609,78 @@ async fn browsers_of_allowed_origins_alone_may_call_the_inbox() {
     }
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_widget_works_in_a_real_browser() {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let ui = root.join("tests/ui");
+    if let Some(why) = crate::console::browser_missing(&ui) {
+        // scripts/test installs everything and sets this, so CI cannot skip it.
+        assert!(
+            std::env::var("HERALD_BROWSER_TESTS").as_deref() != Ok("require"),
+            "the browser test cannot run: {why}"
+        );
+        eprintln!("skipping the browser test: {why}");
+        return;
+    }
+    let app = spawn_app().await;
+    let user = app.settings.inbox.demo_user.clone();
+    app.put_user(&user, json!({"first_name": "Ada"})).await;
+    let (_, body) = app
+        .post_event(
+            &json!({"event_type": "note", "recipients": {"user_ids": [user]},
+            "payload": {"title": "Welcome", "text": "before the page opened"}}),
+        )
+        .await;
+    app.wait_finished(body["notification_id"].as_str().expect("id"), 30)
+        .await;
+    let (_, key) = app
+        .ctx
+        .store
+        .create_key(
+            "inbox-e2e",
+            &[herald::domain::Scope::Admin],
+            Some(herald::domain::Rate::new(1e6).expect("rate")),
+        )
+        .await
+        .expect("key");
+    let shots = std::env::var("HERALD_SCREENSHOTS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| root.join("var/screenshots"));
+    let run = tokio::process::Command::new("node")
+        .arg(ui.join("inbox.mjs"))
+        .env("HERALD_URL", &app.address)
+        .env("HERALD_KEY", &key)
+        .env("INBOX_USER", &user)
+        .env("SCREENSHOTS", &shots)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(240), run)
+        .await
+        .expect("the browser test finishes within 4 minutes")
+        .expect("node runs");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{log}");
+    assert!(out.status.success(), "the browser test failed:\n{log}");
+    // What the clicks did, read back from herald: the read item's delivery shows it.
+    let (_, log) = app
+        .get(&format!("/v1/deliveries?user_id={user}&limit=100"))
+        .await;
+    let items = log["items"].as_array().expect("items");
+    assert_eq!(items.len(), 23, "every note was delivered in-app");
+    assert!(
+        items
+            .iter()
+            .all(|d| d["channel"] == "in_app" && d["status"] == "sent"),
+        "{log}"
+    );
+    assert!(
+        items.iter().filter(|d| d["read_at"].is_string()).count() >= 2,
+        "the clicked item and mark-all-read show on the deliveries"
+    );
+    app.stop().await;
+}

@@ -2,6 +2,7 @@
 
 mod commands;
 mod cpu;
+pub mod inbox;
 mod queue_ceiling;
 pub mod sink;
 mod store_ceiling;

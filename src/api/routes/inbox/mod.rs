@@ -28,6 +28,7 @@ pub const PAGE_MAX: i64 = 100;
 /// Who is asking: their id and the hash the customer's server computed for it.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = InboxSessionBody)]
 pub struct SessionBody {
     #[schema(value_type = UserId)]
     user_id: String,
@@ -39,6 +40,7 @@ pub struct SessionBody {
 /// A session: send the token as `Authorization: Bearer <token>` (and as `?token=` to
 /// the socket) until it expires.
 #[derive(Serialize, ToSchema)]
+#[schema(as = InboxSession)]
 pub struct Session {
     token: String,
     expires_at: Time,
@@ -48,6 +50,7 @@ pub struct Session {
 
 /// One inbox item.
 #[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(as = InboxItem)]
 pub struct Item {
     id: String,
     delivery_id: String,
@@ -90,6 +93,7 @@ impl From<InboxItemDoc> for Item {
 /// What `POST /v1/inbox/notifications/{id}/{action}` does.
 #[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
+#[schema(as = InboxItemActionName)]
 pub enum ItemActionName {
     Read,
     Unread,
@@ -100,6 +104,7 @@ pub enum ItemActionName {
 /// Items by read state.
 #[derive(Debug, Clone, Copy, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
+#[schema(as = InboxReadState)]
 pub enum ReadState {
     Unread,
     Read,
@@ -125,6 +130,7 @@ pub struct ListQuery {
 
 /// A page of items, newest first, with the user's counts.
 #[derive(Serialize, ToSchema)]
+#[schema(as = InboxItemPage)]
 pub struct ItemPage {
     items: Vec<Item>,
     /// Pass as `cursor` for the next page; null on the last.
@@ -135,6 +141,7 @@ pub struct ItemPage {
 
 /// The user's counts over items not archived: exactly what the items say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[schema(as = InboxCounts)]
 pub struct Counts {
     unread: i64,
     unseen: i64,
@@ -153,6 +160,7 @@ impl From<InboxCounts> for Counts {
 
 /// What a bulk mark changed, and the counts after it.
 #[derive(Serialize, ToSchema)]
+#[schema(as = InboxMarked)]
 pub struct Marked {
     changed: u64,
     unread: i64,
