@@ -64,6 +64,9 @@ pub struct Metrics {
     pub queue_depth: Family<LaneLabels, Gauge>,
     /// Refreshed from MongoDB when scraped.
     pub outbox_backlog: Gauge,
+    /// Inbox sockets open on this process, and whether its inbox change stream is open.
+    pub inbox_sockets: Gauge,
+    pub inbox_following: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -126,8 +129,22 @@ impl Default for Metrics {
             "Outbox entries waiting to be published to RabbitMQ",
             outbox_backlog.clone(),
         );
+        let inbox_sockets = Gauge::default();
+        registry.register(
+            "inbox_sockets",
+            "Inbox WebSockets open on this process",
+            inbox_sockets.clone(),
+        );
+        let inbox_following = Gauge::default();
+        registry.register(
+            "inbox_following",
+            "1 while this process follows inbox changes (its change stream is open); sockets get no live changes while 0",
+            inbox_following.clone(),
+        );
         Self {
             registry,
+            inbox_sockets,
+            inbox_following,
             deliveries,
             feedback,
             attempt_seconds,

@@ -722,7 +722,7 @@ pub async fn serve(
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "API listening");
-    let hub = inbox::hub::Hub::default();
+    let hub = inbox::hub::Hub::new(&ctx.metrics);
     let follow = hub.clone().run(ctx.store.clone(), cancel.clone());
     let app = router(ctx, hub, cancel.clone());
     let server = async {

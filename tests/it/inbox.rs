@@ -454,6 +454,8 @@ async fn the_socket_pushes_new_items_and_counts_changed_by_another_session() {
     let mut ws = ana.socket(None).await;
     let first = next_of(&mut ws, "counts_changed").await;
     assert_eq!(first["unread"], 0, "{first}");
+    app.assert_metrics(&["herald_inbox_sockets 1", "herald_inbox_following 1"])
+        .await;
 
     mention(&app, "ana", 1).await;
     let got = next_of(&mut ws, "notification_received").await;

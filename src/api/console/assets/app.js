@@ -144,9 +144,9 @@ function formValues(form) {
 }
 
 const STATUSES = ["queued", "sending", "sent", "delivered", "bounced", "undelivered", "failed", "retrying", "dead", "skipped", "deferred"];
-const CHANNELS = ["email", "sms", "push", "webhook"];
+const CHANNELS = ["email", "sms", "push", "webhook", "in_app"];
 const STATUS_COLORS = { sent: "#16a34a", delivered: "#15803d", failed: "#dc2626", bounced: "#b91c1c", undelivered: "#9f1239", dead: "#7f1d1d", retrying: "#d97706", deferred: "#f59e0b", skipped: "#9ca3af", queued: "#60a5fa", sending: "#2563eb" };
-const CHANNEL_COLORS = { email: "#2563eb", sms: "#16a34a", push: "#9333ea", webhook: "#ea580c" };
+const CHANNEL_COLORS = { email: "#2563eb", sms: "#16a34a", push: "#9333ea", webhook: "#ea580c", in_app: "#0891b2" };
 
 // ---------- routing ----------
 
@@ -259,6 +259,8 @@ function renderedPreview(channel, r) {
   }
   if (channel === "sms") return h("div", {}, h("pre", { "data-preview": "text" }, r.text), h("p", { class: "muted" }, `${r.segments} segment(s)`));
   if (channel === "push") return h("div", {}, h("dl", { class: "facts" }, h("dt", {}, "Title"), h("dd", {}, r.title), h("dt", {}, "Body"), h("dd", {}, r.body)), h("pre", {}, JSON.stringify(r.data, null, 2)));
+  if (channel === "in_app") return h("div", {}, h("dl", { class: "facts" }, h("dt", {}, "Title"), h("dd", {}, r.title), h("dt", {}, "Body"), h("dd", {}, r.body),
+    h("dt", {}, "Link"), h("dd", {}, r.url || "—")), r.data ? h("pre", {}, JSON.stringify(r.data, null, 2)) : null);
   return h("pre", {}, r.body);
 }
 
@@ -290,6 +292,8 @@ async function deliveryPage(m, token) {
           h("dt", {}, "Sent"), h("dd", {}, timeCell(d.sent_at)),
           d.complained_at ? [h("dt", {}, "Complained"), h("dd", {}, timeCell(d.complained_at))] : null,
           d.unsubscribed_at ? [h("dt", {}, "Unsubscribed"), h("dd", {}, timeCell(d.unsubscribed_at))] : null,
+          d.seen_at ? [h("dt", {}, "Seen"), h("dd", {}, timeCell(d.seen_at))] : null,
+          d.read_at ? [h("dt", {}, "Read"), h("dd", {}, timeCell(d.read_at))] : null,
           h("dt", {}, "Last error"), h("dd", {}, d.last_error || "—"))),
       h("section", { class: "card", "aria-label": "Message preview" }, h("h2", {}, "Message"),
         h("p", { class: "muted small" }, "Rendered now from the current template and the recipient's current profile."), preview)),
@@ -760,7 +764,9 @@ async function campaignForm(id) {
 
 // ---------- templates ----------
 
-const PART_FIELDS = { email: ["subject", "html", "text"], sms: ["text"], push: ["title", "body", "data"], webhook: ["body"] };
+// Parts edited on one line; the rest in a text area.
+const ONE_LINE = ["subject", "title", "url"];
+const PART_FIELDS = { email: ["subject", "html", "text"], sms: ["text"], push: ["title", "body", "data"], webhook: ["body"], in_app: ["title", "body", "url", "data"] };
 
 async function templatesPage(m, token) {
   const { items } = await api("/v1/templates");
@@ -786,8 +792,8 @@ async function templatePage(m, token) {
   const out = h("div", { id: "template-preview" }, h("p", { class: "muted" }, "Press Preview to render the draft."));
   const form = h("form", { class: "card", "aria-label": "Template" },
     parts.map((p) => h("div", { class: "field wide" }, h("label", { for: `part-${p}` }, p),
-      h(p === "subject" || p === "title" ? "input" : "textarea", { id: `part-${p}`, name: p, spellcheck: "false", "aria-describedby": `part-${p}-error`, class: "mono", value: p === "subject" || p === "title" ? t.parts[p] || "" : null },
-        p === "subject" || p === "title" ? null : t.parts[p] || ""),
+      h(ONE_LINE.includes(p) ? "input" : "textarea", { id: `part-${p}`, name: p, spellcheck: "false", "aria-describedby": `part-${p}-error`, class: "mono", value: ONE_LINE.includes(p) ? t.parts[p] || "" : null },
+        ONE_LINE.includes(p) ? null : t.parts[p] || ""),
       h("span", { class: "field-error", id: `part-${p}-error`, "data-error-for": p }))),
     h("fieldset", {}, h("legend", {}, "Sample data"),
       h("div", { class: "row" },

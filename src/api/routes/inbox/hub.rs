@@ -1,7 +1,7 @@
 //! One change stream per API process, fanned out to the sockets of the users it names: every process serves every user, whichever wrote the change.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -9,6 +9,9 @@ use futures::StreamExt;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use prometheus_client::metrics::gauge::Gauge;
+
+use crate::metrics::Metrics;
 use crate::store::inbox::{InboxChange, InboxItemDoc};
 use crate::store::Store;
 
@@ -25,17 +28,17 @@ pub struct Signal {
     pub epoch: u64,
 }
 
-#[derive(Default)]
 struct Inner {
     users: Mutex<HashMap<String, watch::Sender<Signal>>>,
     epoch: std::sync::atomic::AtomicU64,
-    sockets: AtomicUsize,
-    /// False while the change stream is down (reported by `/ready`'s caller if wanted).
-    following: AtomicBool,
+    /// `herald_inbox_sockets`.
+    sockets: Gauge,
+    /// `herald_inbox_following`: 0 while the change stream is down.
+    following: Gauge,
 }
 
 /// The process's registry of open sockets by user.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Hub {
     inner: Arc<Inner>,
 }
@@ -50,7 +53,7 @@ pub struct Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        self.hub.inner.sockets.fetch_sub(1, Ordering::Relaxed);
+        self.hub.inner.sockets.dec();
         let mut users = self
             .hub
             .inner
@@ -69,6 +72,17 @@ impl Drop for Subscription {
 }
 
 impl Hub {
+    pub fn new(metrics: &Metrics) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                users: Mutex::default(),
+                epoch: Default::default(),
+                sockets: metrics.inbox_sockets.clone(),
+                following: metrics.inbox_following.clone(),
+            }),
+        }
+    }
+
     pub fn subscribe(&self, user_id: &str) -> Subscription {
         let mut users = self.inner.users.lock().unwrap_or_else(|p| p.into_inner());
         let epoch = self.inner.epoch.load(Ordering::Relaxed);
@@ -82,22 +96,12 @@ impl Hub {
                 .0
             })
             .subscribe();
-        self.inner.sockets.fetch_add(1, Ordering::Relaxed);
+        self.inner.sockets.inc();
         Subscription {
             hub: self.clone(),
             user_id: user_id.to_owned(),
             rx,
         }
-    }
-
-    /// Open sockets in this process.
-    pub fn sockets(&self) -> usize {
-        self.inner.sockets.load(Ordering::Relaxed)
-    }
-
-    /// True while the change stream is open.
-    pub fn following(&self) -> bool {
-        self.inner.following.load(Ordering::Relaxed)
     }
 
     fn publish(&self, change: InboxChange) {
@@ -135,7 +139,7 @@ impl Hub {
             };
             match opened {
                 Ok(stream) => {
-                    self.inner.following.store(true, Ordering::Relaxed);
+                    self.inner.following.set(1);
                     // Whatever changed before the stream opened, sockets read.
                     self.resync();
                     backoff = Duration::from_millis(200);
@@ -165,7 +169,7 @@ impl Hub {
                     tracing::warn!(error = format!("{e:#}"), wait = ?backoff, "cannot open the inbox change stream; trying again");
                 }
             }
-            self.inner.following.store(false, Ordering::Relaxed);
+            self.inner.following.set(0);
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(backoff) => {}

@@ -6,7 +6,7 @@
 
   var CSS =
     ".hi-root{position:relative;display:inline-block;font:14px/1.4 system-ui,sans-serif}" +
-    ".hi-bell{position:relative;background:none;border:1px solid #ccd;border-radius:6px;padding:6px 10px;cursor:pointer;font-size:18px}" +
+    ".hi-bell{position:relative;display:inline-flex;align-items:center;background:none;border:1px solid #ccd;border-radius:6px;padding:6px 8px;cursor:pointer;color:#223}" +
     ".hi-bell:focus-visible,.hi-panel button:focus-visible,.hi-item:focus-visible{outline:2px solid #2457d6;outline-offset:2px}" +
     ".hi-badge{position:absolute;top:-6px;right:-8px;min-width:18px;padding:0 5px;border-radius:9px;background:#c62828;color:#fff;font-size:12px;line-height:18px;text-align:center}" +
     ".hi-badge[hidden]{display:none}" +
@@ -18,7 +18,7 @@
     ".hi-item{flex:1;text-align:left;background:none;border:0;padding:10px 12px;cursor:pointer;color:inherit;font:inherit}" +
     ".hi-unread .hi-item{background:#f2f6ff}" +
     ".hi-unread .hi-title::before{content:'';display:inline-block;width:8px;height:8px;margin-right:6px;border-radius:4px;background:#2457d6}" +
-    ".hi-title{font-weight:600;display:block}.hi-time{color:#667;font-size:12px}" +
+    ".hi-title{font-weight:600;display:block}.hi-time{display:block;color:#667;font-size:12px}" +
     ".hi-link{background:none;border:0;color:#2457d6;cursor:pointer;padding:4px 8px;font:inherit}" +
     ".hi-empty,.hi-status{padding:16px 12px;color:#667}" +
     ".hi-sr{position:absolute;width:1px;height:1px;overflow:hidden;clip:rect(0 0 0 0);white-space:nowrap}";
@@ -53,7 +53,18 @@
     }
     var wrap = el("div", { class: "hi-root" });
     var bell = el("button", { type: "button", class: "hi-bell", "aria-haspopup": "dialog", "aria-expanded": "false", "aria-controls": uid + "-panel", "data-herald": "bell" });
-    bell.appendChild(el("span", { "aria-hidden": "true" }, "\uD83D\uDD14"));
+    // A drawn bell: no icon font or emoji font needed.
+    var svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+    svg.setAttribute("viewBox", "0 0 24 24");
+    svg.setAttribute("width", "20");
+    svg.setAttribute("height", "20");
+    svg.setAttribute("aria-hidden", "true");
+    svg.setAttribute("focusable", "false");
+    var path = document.createElementNS("http://www.w3.org/2000/svg", "path");
+    path.setAttribute("fill", "currentColor");
+    path.setAttribute("d", "M12 22a2.5 2.5 0 0 0 2.45-2h-4.9A2.5 2.5 0 0 0 12 22zm7-6V11a7 7 0 0 0-5.5-6.84V3.5a1.5 1.5 0 0 0-3 0v.66A7 7 0 0 0 5 11v5l-2 2v1h18v-1l-2-2z");
+    svg.appendChild(path);
+    bell.appendChild(svg);
     var badge = el("span", { class: "hi-badge", "aria-hidden": "true", "data-herald": "badge", hidden: "" }, "0");
     bell.appendChild(badge);
     var panel = el("div", { id: uid + "-panel", class: "hi-panel", role: "dialog", "aria-label": "Notifications", hidden: "" });
@@ -117,7 +128,7 @@
       var open = el("button", { type: "button", class: "hi-item", "data-herald": "item" });
       open.appendChild(el("span", { class: "hi-title" }, item.title || item.body));
       if (item.title && item.body) open.appendChild(el("span", {}, item.body));
-      open.appendChild(el("span", { class: "hi-time" }, " " + when(item.created_at)));
+      open.appendChild(el("span", { class: "hi-time" }, when(item.created_at)));
       open.setAttribute("aria-label", (item.read_at ? "" : "Unread: ") + (item.title || "") + ". " + (item.body || ""));
       open.addEventListener("click", function () {
         var done = item.read_at ? Promise.resolve() : call("POST", "/v1/inbox/notifications/" + encodeURIComponent(item.id) + "/read").then(function (updated) {
