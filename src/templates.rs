@@ -152,6 +152,12 @@ pub const MAX_EACH_DEPTH: usize = 3;
 pub const MAX_ITERATIONS: u64 = 100_000;
 /// A rendered part is at most this long.
 pub const MAX_OUTPUT_BYTES: usize = 1 << 20;
+/// An inbox item's parts are at most this long (bytes): it is shown in a list, and
+/// sent whole to every socket of its user.
+pub const IN_APP_TITLE_MAX: usize = 1024;
+pub const IN_APP_BODY_MAX: usize = 16 * 1024;
+pub const IN_APP_URL_MAX: usize = 2048;
+pub const IN_APP_DATA_MAX: usize = 16 * 1024;
 
 /// Checks that a template compiles and stays within what herald renders: no partials or
 /// decorators (a template could include itself), `{{#each}}` nested at most
@@ -573,9 +579,35 @@ impl Templates {
                         }
                     },
                 };
+                let (title, body) = (
+                    title.unwrap_or_default().trim().to_owned(),
+                    body.unwrap_or_default().trim().to_owned(),
+                );
+                let data_len = data
+                    .as_ref()
+                    .map_or(0, |d| Value::Object(d.clone()).to_string().len());
+                for (part, len, max) in [
+                    ("in_app.title", title.len(), IN_APP_TITLE_MAX),
+                    ("in_app.body", body.len(), IN_APP_BODY_MAX),
+                    (
+                        "in_app.url",
+                        url.as_ref().map_or(0, String::len),
+                        IN_APP_URL_MAX,
+                    ),
+                    ("in_app.data", data_len, IN_APP_DATA_MAX),
+                ] {
+                    if len > max {
+                        return Err(failed(
+                            part,
+                            format!(
+                                "{part} rendered {len} bytes; an inbox item takes at most {max}"
+                            ),
+                        ));
+                    }
+                }
                 Ok(Rendered::InApp {
-                    title: title.unwrap_or_default().trim().to_owned(),
-                    body: body.unwrap_or_default().trim().to_owned(),
+                    title,
+                    body,
                     url,
                     data,
                 })
@@ -667,6 +699,59 @@ mod tests {
             panic!("renders")
         };
         assert_eq!(subject, "Olá Ana", "other locales keep their files");
+    }
+
+    #[test]
+    fn an_in_app_item_renders_its_parts_and_refuses_a_bad_link_data_or_size() {
+        let item = |url: &str, data: &str| {
+            let p = |part, src: &str| PartSource {
+                event_type: "note".into(),
+                part,
+                locale: None,
+                source: src.into(),
+                origin: Origin::File,
+            };
+            Templates::from_parts(vec![
+                p("in_app.title", "Hi {{user.first_name}}"),
+                p("in_app.body", "{{payload.text}}"),
+                p("in_app.url", url),
+                p("in_app.data", data),
+            ])
+            .expect("compiles")
+        };
+        let ctx = |text: &str| json!({"user": {"first_name": "Ana"}, "payload": {"text": text}});
+        let good = item("https://example.com/x", r#"{"n": 1}"#);
+        assert_eq!(good.channels_for("note"), vec![Channel::InApp]);
+        assert_eq!(
+            good.render("note", Channel::InApp, None, &ctx("body")),
+            Ok(Rendered::InApp {
+                title: "Hi Ana".into(),
+                body: "body".into(),
+                url: Some("https://example.com/x".into()),
+                data: json!({"n": 1}).as_object().cloned(),
+            })
+        );
+        for (t, why) in [
+            (
+                item("javascript:alert(1)", "{}"),
+                "a link that is not http(s)",
+            ),
+            (item("/relative", "{}"), "a relative link"),
+            (
+                item("https://example.com", "[1]"),
+                "data that is not an object",
+            ),
+        ] {
+            let e = t
+                .render("note", Channel::InApp, None, &ctx("b"))
+                .expect_err(why);
+            assert_eq!(e.reason(), "template_error", "{why}");
+        }
+        let long = "x".repeat(IN_APP_BODY_MAX + 1);
+        let e = good
+            .render("note", Channel::InApp, None, &ctx(&long))
+            .expect_err("a body over the item's limit");
+        assert!(e.to_string().contains("in_app.body"), "{e}");
     }
 
     #[test]

@@ -623,6 +623,9 @@ pub fn routes(ctx: &Context, auth: Arc<Auth>, sessions: Arc<Sessions>) -> (Route
     api.finish()
 }
 
+/// How long open inbox sockets get to close at shutdown.
+const SOCKETS_CLOSE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Times every request under its route pattern (unmatched ones as `unmatched`).
 async fn observe(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
     let started = Instant::now();
@@ -642,8 +645,8 @@ async fn observe(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) 
 }
 
 /// Every route, with its state; `hub` carries inbox changes to this process's sockets,
-/// which close at `cancel`.
-pub fn router(ctx: Context, hub: inbox::hub::Hub, cancel: CancellationToken) -> Router {
+/// which close when `sockets.cancel` fires.
+pub fn router(ctx: Context, hub: inbox::hub::Hub, sockets: inbox::SocketShutdown) -> Router {
     let limit = ctx.settings.server.body_limit_bytes;
     let auth = Arc::new(Auth::new(ctx.store.clone(), ctx.settings.auth.clone()));
     let sessions = Arc::new(Sessions::new(&ctx.settings.inbox));
@@ -661,9 +664,12 @@ pub fn router(ctx: Context, hub: inbox::hub::Hub, cancel: CancellationToken) -> 
         .layer(Extension(service::Spec(Arc::new(spec))))
         .layer(Extension(sessions))
         .layer(Extension(hub))
-        .layer(Extension(inbox::SocketShutdown(cancel)))
+        .layer(Extension(sockets))
         .layer(inbox::cors(&ctx.settings.inbox))
-        .layer(TraceLayer::new_for_http())
+        // The path alone: a query may carry a secret (the inbox socket's `token`).
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            tracing::debug_span!("request", method = %req.method(), path = %req.uri().path())
+        }))
         .with_state(ctx)
 }
 
@@ -724,11 +730,24 @@ pub async fn serve(
     tracing::info!(addr = %listener.local_addr()?, "API listening");
     let hub = inbox::hub::Hub::new(&ctx.metrics);
     let follow = hub.clone().run(ctx.store.clone(), cancel.clone());
-    let app = router(ctx, hub, cancel.clone());
+    let sockets = inbox::SocketShutdown {
+        cancel: cancel.clone(),
+        sockets: tokio_util::task::TaskTracker::new(),
+    };
+    let app = router(ctx, hub, sockets.clone());
     let server = async {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move { cancel.cancelled().await })
             .await?;
+        // Upgraded sockets are not the server's connections any more: they close on
+        // the same signal, and are waited for here.
+        sockets.sockets.close();
+        if tokio::time::timeout(SOCKETS_CLOSE, sockets.sockets.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("inbox sockets still open at shutdown; dropping them");
+        }
         anyhow::Ok(())
     };
     tokio::try_join!(server, follow)?;

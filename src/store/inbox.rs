@@ -115,6 +115,18 @@ impl Store {
         self.db.collection(INBOX)
     }
 
+    /// The inbox read at majority: what a socket sends (pages after a number, the newest
+    /// number) is only what a change stream could also have shown, never a write a
+    /// failover may roll back.
+    fn inbox_majority(&self) -> Collection<InboxItemDoc> {
+        self.db.collection_with_options(
+            INBOX,
+            mongodb::options::CollectionOptions::builder()
+                .read_concern(mongodb::options::ReadConcern::majority())
+                .build(),
+        )
+    }
+
     fn inbox_users(&self) -> Collection<Document> {
         self.db.collection(INBOX_USERS)
     }
@@ -232,7 +244,7 @@ impl Store {
         limit: i64,
     ) -> anyhow::Result<Vec<InboxItemDoc>> {
         Ok(self
-            .inbox()
+            .inbox_majority()
             .find(doc! {"user_id": user_id, "seq": {"$gt": seq}})
             .sort(doc! {"seq": 1})
             .limit(limit)
@@ -244,7 +256,7 @@ impl Store {
     /// The number of `user_id`'s newest item (0: none).
     pub async fn inbox_latest_seq(&self, user_id: &str) -> anyhow::Result<i64> {
         Ok(self
-            .inbox()
+            .inbox_majority()
             .find_one(doc! {"user_id": user_id})
             .sort(doc! {"seq": -1})
             .await?
@@ -274,7 +286,7 @@ impl Store {
         id: &str,
     ) -> anyhow::Result<Option<InboxItemDoc>> {
         Ok(self
-            .inbox()
+            .inbox_majority()
             .find_one(doc! {"_id": id, "user_id": user_id})
             .await?)
     }

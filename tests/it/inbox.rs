@@ -503,6 +503,12 @@ async fn a_resumed_socket_gets_what_it_missed_exactly_once() {
     let app = spawn_app().await;
     app.put_user("ana", json!({"first_name": "Ana"})).await;
     let ana = EndUser::start(&app, "ana").await;
+    let bodies = |items: &[Value]| -> Vec<String> {
+        items
+            .iter()
+            .map(|i| i["body"].as_str().expect("body").to_owned())
+            .collect()
+    };
     let mut ws = ana.socket(None).await;
     mention(&app, "ana", 1).await;
     let seen = next_of(&mut ws, "notification_received").await["item"].clone();
@@ -510,25 +516,43 @@ async fn a_resumed_socket_gets_what_it_missed_exactly_once() {
     for n in 2..=4 {
         mention(&app, "ana", n).await;
     }
+    // Meanwhile another device archived one of them: it is not sent as new.
+    let note3 = ana
+        .items("")
+        .await
+        .into_iter()
+        .find(|i| i["body"] == "note 3")
+        .expect("note 3");
+    ana.post(&format!(
+        "/v1/inbox/notifications/{}/archive",
+        note3["id"].as_str().expect("id")
+    ))
+    .await;
     let mut ws = ana.socket(Some(seen["id"].as_str().expect("id"))).await;
     let missed = items_within(&mut ws, Duration::from_secs(2)).await;
-    let bodies: Vec<&str> = missed
-        .iter()
-        .map(|i| i["body"].as_str().expect("body"))
-        .collect();
     assert_eq!(
-        bodies,
-        ["note 2", "note 3", "note 4"],
-        "in order, each once"
+        bodies(&missed),
+        ["note 2", "note 4"],
+        "in order, each once, the archived one left out"
     );
     // Live again after the catch-up, still once.
     mention(&app, "ana", 5).await;
     let more = items_within(&mut ws, Duration::from_secs(3)).await;
-    let bodies: Vec<&str> = more
-        .iter()
-        .map(|i| i["body"].as_str().expect("body"))
-        .collect();
-    assert_eq!(bodies, ["note 5"]);
+    assert_eq!(bodies(&more), ["note 5"]);
+    drop(ws);
+    // By number: a page's `latest_seq` (the newest item, listed or not) resumes after it.
+    let (_, page) = ana.get("/v1/inbox/notifications?limit=1").await;
+    assert_eq!(page["latest_seq"], 5, "{page}");
+    assert_eq!(page["items"][0]["seq"], 5);
+    mention(&app, "ana", 6).await;
+    let url = format!(
+        "{}/v1/inbox/ws?token={}&after_seq=4",
+        app.address.replacen("http", "ws", 1),
+        ana.token
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("socket");
+    let missed = items_within(&mut ws, Duration::from_secs(2)).await;
+    assert_eq!(bodies(&missed), ["note 5", "note 6"]);
     app.stop().await;
 }
 

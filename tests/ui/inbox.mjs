@@ -83,6 +83,8 @@ try {
 
   await step("a notification posted through the API appears without a reload", async () => {
     await one.click("[data-herald=bell]");
+    // The panel's list is read; what comes next can only arrive over the socket.
+    await one.waitForSelector(".hi-root:not([data-loading])");
     await post("Build finished", "main is green");
     await one.waitForSelector("[data-herald=item]:has-text('Build finished')", { timeout: 60_000 });
     await waitUnread(one, 2);

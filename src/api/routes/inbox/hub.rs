@@ -48,7 +48,16 @@ pub struct Hub {
 pub struct Subscription {
     hub: Hub,
     user_id: String,
-    pub rx: watch::Receiver<Signal>,
+    /// Always `Some` until dropped (taken under the registry's lock, see `Drop`).
+    rx: Option<watch::Receiver<Signal>>,
+}
+
+impl Subscription {
+    pub fn rx(&mut self) -> &mut watch::Receiver<Signal> {
+        self.rx
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("taken only when dropped"))
+    }
 }
 
 impl Drop for Subscription {
@@ -60,11 +69,13 @@ impl Drop for Subscription {
             .users
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        // This subscription's receiver is still alive here: it is the last when it is
-        // the only one.
+        // The receiver goes under the lock, so of two sockets of one user closing at
+        // once the second sees the first gone, and the entry is removed exactly when
+        // none is left.
+        drop(self.rx.take());
         if users
             .get(&self.user_id)
-            .is_some_and(|tx| tx.receiver_count() <= 1)
+            .is_some_and(|tx| tx.receiver_count() == 0)
         {
             users.remove(&self.user_id);
         }
@@ -100,7 +111,7 @@ impl Hub {
         Subscription {
             hub: self.clone(),
             user_id: user_id.to_owned(),
-            rx,
+            rx: Some(rx),
         }
     }
 
@@ -176,5 +187,76 @@ impl Hub {
             }
             backoff = (backoff * 2).min(Duration::from_secs(10));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn users(hub: &Hub) -> usize {
+        hub.inner.users.lock().map(|u| u.len()).unwrap_or(0)
+    }
+
+    #[test]
+    fn a_users_entry_lives_exactly_as_long_as_one_of_their_sockets() {
+        let hub = Hub::new(&Metrics::default());
+        let a = hub.subscribe("ana");
+        let b = hub.subscribe("ana");
+        let c = hub.subscribe("bob");
+        assert_eq!(users(&hub), 2);
+        drop(a);
+        assert_eq!(users(&hub), 2, "ana has a socket left");
+        // Both of a user's last sockets closing at once, on two threads.
+        let d = hub.subscribe("bob");
+        let closing = [
+            std::thread::spawn(move || drop(c)),
+            std::thread::spawn(move || drop(d)),
+        ];
+        for t in closing {
+            t.join().expect("dropped");
+        }
+        drop(b);
+        assert_eq!(users(&hub), 0, "no entry outlives its sockets");
+    }
+
+    #[test]
+    fn a_change_reaches_only_its_users_sockets_and_a_newer_item_wins() {
+        let hub = Hub::new(&Metrics::default());
+        let mut ana = hub.subscribe("ana");
+        let mut bob = hub.subscribe("bob");
+        let item = |seq| InboxItemDoc {
+            id: format!("i{seq}"),
+            user_id: "ana".into(),
+            seq,
+            delivery_id: format!("d{seq}"),
+            notification_id: "n".into(),
+            event_type: "note".into(),
+            title: "t".into(),
+            body: "b".into(),
+            url: None,
+            data: None,
+            created_at: mongodb::bson::DateTime::now(),
+            seen_at: None,
+            read_at: None,
+            archived_at: None,
+            expire_at: None,
+        };
+        hub.publish(InboxChange::Received(Box::new(item(2))));
+        hub.publish(InboxChange::Received(Box::new(item(1))));
+        assert!(ana.rx().has_changed().unwrap_or(false));
+        assert!(!bob.rx().has_changed().unwrap_or(true));
+        let signal = ana.rx().borrow_and_update().clone();
+        assert_eq!(signal.changes, 2);
+        assert_eq!(
+            signal.latest.map(|l| l.seq),
+            Some(2),
+            "an older item never replaces a newer"
+        );
+        hub.resync();
+        assert!(
+            bob.rx().has_changed().unwrap_or(false),
+            "a resync reaches every socket"
+        );
     }
 }

@@ -53,6 +53,9 @@ pub struct Session {
 #[schema(as = InboxItem)]
 pub struct Item {
     id: String,
+    /// The item's number among its user's items (in the order they arrived); a socket
+    /// resumes after it (`after_seq`).
+    seq: i64,
     delivery_id: String,
     notification_id: String,
     event_type: String,
@@ -73,6 +76,7 @@ impl From<InboxItemDoc> for Item {
     fn from(i: InboxItemDoc) -> Self {
         Self {
             id: i.id,
+            seq: i.seq,
             delivery_id: i.delivery_id,
             notification_id: i.notification_id,
             event_type: i.event_type,
@@ -137,6 +141,9 @@ pub struct ItemPage {
     next_cursor: Option<String>,
     unread_count: i64,
     unseen_count: i64,
+    /// The number of the user's newest item, listed or not (archived): open the socket
+    /// with `after_seq` set to it to miss nothing after this page.
+    latest_seq: i64,
 }
 
 /// The user's counts over items not archived: exactly what the items say.
@@ -239,9 +246,10 @@ pub async fn list(
         limit,
         before: cursor_of(q.cursor.as_deref())?,
     };
-    let (mut items, counts) = tokio::try_join!(
+    let (mut items, counts, latest_seq) = tokio::try_join!(
         store.inbox_items(&user.user_id, &query),
-        store.inbox_counts(&user.user_id)
+        store.inbox_counts(&user.user_id),
+        store.inbox_latest_seq(&user.user_id)
     )?;
     let next_cursor = if items.len() as i64 > limit {
         items.truncate(limit as usize);
@@ -254,6 +262,7 @@ pub async fn list(
         next_cursor,
         unread_count: counts.unread,
         unseen_count: counts.unseen,
+        latest_seq,
     }))
 }
 

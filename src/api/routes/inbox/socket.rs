@@ -35,14 +35,22 @@ pub struct SocketQuery {
     /// The session token (browsers cannot set headers on a socket).
     #[param(min_length = 1)]
     token: String,
-    /// The id of the last item this client saw: what arrived after it is sent first.
+    /// The id of the last item this client saw: what arrived after it is sent first. An
+    /// id herald no longer has (removed by retention) resumes from now.
     #[param(min_length = 1)]
     after: Option<String>,
+    /// The `seq` of the last item this client saw (or a page's `latest_seq`); wins over
+    /// `after`.
+    #[param(minimum = 0)]
+    after_seq: Option<i64>,
 }
 
-/// Stops every socket of this process (at shutdown, so the server can drain).
+/// Stops every socket of this process at shutdown, and lets the server wait for them.
 #[derive(Clone)]
-pub struct SocketShutdown(pub CancellationToken);
+pub struct SocketShutdown {
+    pub cancel: CancellationToken,
+    pub sockets: tokio_util::task::TaskTracker,
+}
 
 /// True when a browser page of `origin` may open the socket: the API's own origin (same
 /// host) or one of `inbox.allowed_origins`. No `Origin` header: not a browser.
@@ -108,19 +116,21 @@ pub async fn socket(
         .read_buffer_size(4 * 1024)
         .write_buffer_size(0)
         .max_message_size(64 * 1024)
-        .on_upgrade(move |ws| async move {
-            let live = Live {
-                store,
-                sub: hub.subscribe(&user.user_id),
-                user,
-                ping,
-                last_seq: 0,
-                sent_counts: None,
-                cancel: shutdown.0,
-            };
-            if let Err(e) = live.run(ws, q.after).await {
-                tracing::debug!(error = format!("{e:#}"), "inbox socket ended");
-            }
+        .on_upgrade(move |ws| {
+            shutdown.sockets.track_future(async move {
+                let live = Live {
+                    store,
+                    sub: hub.subscribe(&user.user_id),
+                    user,
+                    ping,
+                    last_seq: 0,
+                    sent_counts: None,
+                    cancel: shutdown.cancel,
+                };
+                if let Err(e) = live.run(ws, q.after_seq, q.after).await {
+                    tracing::debug!(error = format!("{e:#}"), "inbox socket ended");
+                }
+            })
         })
 }
 
@@ -137,14 +147,26 @@ struct Live {
 }
 
 impl Live {
-    async fn run(mut self, mut ws: WebSocket, after: Option<String>) -> anyhow::Result<()> {
-        // Subscribed before reading, so nothing written from here on is missed.
-        self.sub.rx.borrow_and_update();
-        self.last_seq = match after {
-            Some(id) => match self.store.inbox_item(&self.user.user_id, &id).await? {
-                Some(item) => item.seq,
-                None => self.store.inbox_latest_seq(&self.user.user_id).await?,
-            },
+    async fn run(
+        mut self,
+        mut ws: WebSocket,
+        after_seq: Option<i64>,
+        after: Option<String>,
+    ) -> anyhow::Result<()> {
+        // Subscribed before reading, and the stream's epoch taken now: whatever is
+        // written, or a stream reopened, from here on is seen below.
+        let mut epoch = self.sub.rx().borrow_and_update().epoch;
+        let known = match (after_seq, after) {
+            (Some(seq), _) => Some(seq),
+            (None, Some(id)) => self
+                .store
+                .inbox_item(&self.user.user_id, &id)
+                .await?
+                .map(|i| i.seq),
+            (None, None) => None,
+        };
+        self.last_seq = match known {
+            Some(seq) => seq,
             None => self.store.inbox_latest_seq(&self.user.user_id).await?,
         };
         self.catch_up(&mut ws).await?;
@@ -155,7 +177,6 @@ impl Live {
             );
         let mut pings = tokio::time::interval_at(Instant::now() + self.ping, self.ping);
         let mut heard = Instant::now();
-        let mut epoch = self.sub.rx.borrow().epoch;
         loop {
             tokio::select! {
                 _ = self.cancel.cancelled() => {
@@ -174,11 +195,11 @@ impl Live {
                     None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Ok(()),
                     Some(Ok(_)) => heard = Instant::now(),
                 },
-                changed = self.sub.rx.changed() => {
+                changed = self.sub.rx().changed() => {
                     if changed.is_err() {
                         return Ok(());
                     }
-                    let signal = self.sub.rx.borrow_and_update().clone();
+                    let signal = self.sub.rx().borrow_and_update().clone();
                     let next = signal.latest.as_ref().filter(|l| l.seq == self.last_seq + 1);
                     if let Some(item) = next {
                         let item = Item::from((**item).clone());
@@ -196,9 +217,13 @@ impl Live {
         }
     }
 
-    /// Sends, oldest first, every item after the last one sent.
+    /// Sends, oldest first, every item after the last one sent (archived ones, from
+    /// another tab or device, are passed over).
     async fn catch_up(&mut self, ws: &mut WebSocket) -> anyhow::Result<()> {
         loop {
+            if self.cancel.is_cancelled() {
+                return Ok(());
+            }
             let missed = self
                 .store
                 .inbox_items_after(&self.user.user_id, self.last_seq, CATCH_UP_PAGE)
@@ -206,6 +231,9 @@ impl Live {
             let full = missed.len() as i64 == CATCH_UP_PAGE;
             for item in missed {
                 self.last_seq = item.seq;
+                if item.archived_at.is_some() {
+                    continue;
+                }
                 let item = Item::from(item);
                 send_json(ws, &json!({"type": "notification_received", "item": item})).await?;
             }

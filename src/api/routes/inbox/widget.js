@@ -43,7 +43,7 @@
     if (!root) throw new Error("Herald.inbox: no element");
     var api = (options.apiUrl || "").replace(/\/$/, "");
     var pageSize = options.pageSize || 20;
-    var state = { token: null, expires: 0, unread: 0, items: [], cursor: null, lastId: null, socket: null, retry: 0, open: false, stopped: false };
+    var state = { token: null, expires: 0, unread: 0, items: [], cursor: null, lastSeq: null, socket: null, retry: 0, open: false, stopped: false };
     var uid = "hi-" + Math.random().toString(36).slice(2, 8);
 
     if (!document.getElementById("herald-inbox-css")) {
@@ -163,30 +163,47 @@
       status.removeAttribute("hidden");
     }
 
+    var loads = 0;
+    var countsSeen = 0;
     function load(reset) {
       var q = "?limit=" + pageSize + (reset || !state.cursor ? "" : "&cursor=" + encodeURIComponent(state.cursor));
+      var mine = ++loads;
+      var counts = countsSeen;
+      wrap.setAttribute("data-loading", "true");
       return call("GET", "/v1/inbox/notifications" + q).then(function (page) {
+        // A later load, or a page older than what the socket has shown since: the
+        // newest answer wins, and items that arrived after the page was read stay.
+        if (mine !== loads) return;
+        wrap.removeAttribute("data-loading");
+        var known = state.items;
         if (reset) {
-          state.items = [];
+          state.items = known.filter(function (i) { return i.seq > page.latest_seq; });
           list.innerHTML = "";
+          state.items.forEach(function (i) { list.appendChild(render(i)); });
         }
         page.items.forEach(function (i) {
+          if (state.items.some(function (k) { return k.id === i.id; })) return;
           state.items.push(i);
           list.appendChild(render(i));
         });
-        if (reset && page.items.length && !state.lastId) state.lastId = page.items[0].id;
+        // The socket resumes after the newest item the page knew of (listed or archived).
+        if (state.lastSeq === null || page.latest_seq > state.lastSeq) state.lastSeq = page.latest_seq;
         state.cursor = page.next_cursor;
         if (state.cursor) more.removeAttribute("hidden");
         else more.setAttribute("hidden", "");
         if (!state.items.length) empty();
-        setUnread(page.unread_count);
+        // The socket's counts are newer than the page's if any came meanwhile.
+        if (counts === countsSeen) setUnread(page.unread_count);
         status.setAttribute("hidden", "");
-      }).catch(report);
+      }).catch(function (e) {
+        if (mine === loads) wrap.removeAttribute("data-loading");
+        report(e);
+      });
     }
 
     function received(item) {
+      if (state.lastSeq === null || item.seq > state.lastSeq) state.lastSeq = item.seq;
       if (state.items.some(function (i) { return i.id === item.id; })) return;
-      state.lastId = item.id;
       state.items.unshift(item);
       var first = list.querySelector(".hi-empty");
       if (first) first.remove();
@@ -200,11 +217,12 @@
       ready.then(function () {
         var base = api || window.location.origin;
         var url = base.replace(/^http/, "ws") + "/v1/inbox/ws?token=" + encodeURIComponent(state.token) +
-          (state.lastId ? "&after=" + encodeURIComponent(state.lastId) : "");
+          (state.lastSeq !== null ? "&after_seq=" + state.lastSeq : "");
         var ws = new WebSocket(url);
+        var opened = false;
         state.socket = ws;
         ws.onopen = function () {
-          state.retry = 0;
+          opened = true;
           wrap.setAttribute("data-connected", "true");
         };
         ws.onmessage = function (m) {
@@ -212,6 +230,9 @@
           try { msg = JSON.parse(m.data); } catch (e) { return; }
           if (msg.type === "notification_received") received(msg.item);
           else if (msg.type === "counts_changed") {
+            // The server answered: the socket works, so the next drop starts over.
+            state.retry = 0;
+            countsSeen++;
             var changed = msg.unread !== state.unread;
             setUnread(msg.unread);
             // Another tab or device read or archived something: show it here too.
@@ -221,7 +242,9 @@
         ws.onclose = function (e) {
           wrap.removeAttribute("data-connected");
           if (state.stopped) return;
-          if (e.code === 4001) state.token = null;
+          // Expired, or refused before opening (a token this page's clock thought fresh):
+          // a new session first.
+          if (e.code === 4001 || !opened) state.token = null;
           // Back off: 0.5 s, 1 s, 2 s ... up to 30 s, with jitter.
           var wait = Math.min(30000, 500 * Math.pow(2, state.retry++)) * (0.5 + Math.random() / 2);
           setTimeout(connect, wait);
