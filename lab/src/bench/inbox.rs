@@ -92,7 +92,9 @@ pub async fn inbox(
 
     // Sessions, then sockets: every user's socket open before any event.
     let secret = settings.inbox.secret.expose().to_owned();
-    let (arrivals_tx, mut arrivals) = mpsc::unbounded_channel::<(String, Instant)>();
+    // Each arrival: its probe, when (monotonic, and wall-clock ms), and when its item was
+    // committed (the item's `created_at`, the outcome transaction's clock).
+    let (arrivals_tx, mut arrivals) = mpsc::unbounded_channel::<(String, Instant, i64, i64)>();
     let opened = Instant::now();
     let mut socket_tasks = tokio::task::JoinSet::new();
     let connected = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -135,7 +137,13 @@ pub async fn inbox(
                         let v: Value = serde_json::from_str(&text).unwrap_or_default();
                         if v["type"] == "notification_received" {
                             if let Some(probe) = v["item"]["body"].as_str() {
-                                let _ = tx.send((probe.to_owned(), Instant::now()));
+                                let committed = v["item"]["created_at"]
+                                    .as_str()
+                                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                                    .map_or(0, |t| t.timestamp_millis());
+                                let wall = chrono::Utc::now().timestamp_millis();
+                                let _ =
+                                    tx.send((probe.to_owned(), Instant::now(), wall, committed));
                             }
                         }
                     }
@@ -166,7 +174,7 @@ pub async fn inbox(
     // The load: `per_sec` events a second to random connected users; each event's body
     // names a probe id the socket reports back.
     let total = (per_sec * secs as f64) as usize;
-    let mut accepted: HashMap<String, (Instant, Instant)> = HashMap::with_capacity(total);
+    let mut accepted: HashMap<String, (Instant, Instant, i64)> = HashMap::with_capacity(total);
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / per_sec));
     let mut posts = tokio::task::JoinSet::new();
     for i in 0..total {
@@ -187,36 +195,49 @@ pub async fn inbox(
                 .send()
                 .await?;
             anyhow::ensure!(r.status().as_u16() == 202, "event refused: {}", r.status());
-            anyhow::Ok((probe, sent, Instant::now()))
+            anyhow::Ok((
+                probe,
+                sent,
+                Instant::now(),
+                chrono::Utc::now().timestamp_millis(),
+            ))
         });
         while let Some(done) = posts.try_join_next() {
-            let (probe, sent, at) = done??;
-            accepted.insert(probe, (sent, at));
+            let (probe, sent, at, wall) = done??;
+            accepted.insert(probe, (sent, at, wall));
         }
     }
     while let Some(done) = posts.join_next().await {
-        let (probe, sent, at) = done??;
-        accepted.insert(probe, (sent, at));
+        let (probe, sent, at, wall) = done??;
+        accepted.insert(probe, (sent, at, wall));
     }
     // Arrivals, until every probe arrived or 15 s passed after the last post.
     let mut from_accept = Vec::with_capacity(total);
     let mut from_post = Vec::with_capacity(total);
+    // The two halves, in wall-clock ms: accepted → the item committed by the worker, and
+    // committed → on the socket (the change stream, the hub, the socket's own reads).
+    let mut to_commit = Vec::with_capacity(total);
+    let mut to_socket = Vec::with_capacity(total);
     let mut arrived = 0usize;
     let deadline = Instant::now() + Duration::from_secs(15);
-    let mut seen: Vec<(String, Instant)> = Vec::new();
+    let mut seen = Vec::new();
     while arrived < total {
-        let Ok(Some((probe, at))) = tokio::time::timeout_at(deadline, arrivals.recv()).await else {
+        let Ok(Some(arrival)) = tokio::time::timeout_at(deadline, arrivals.recv()).await else {
             break;
         };
-        seen.push((probe, at));
+        seen.push(arrival);
         arrived += 1;
     }
-    for (probe, at) in seen {
-        if let Some((sent, ok)) = accepted.get(&probe) {
+    for (probe, at, wall, committed) in seen {
+        if let Some((sent, ok, ok_wall)) = accepted.get(&probe) {
             from_accept.push(at.saturating_duration_since(*ok).as_micros() as i64);
             from_post.push(at.saturating_duration_since(*sent).as_micros() as i64);
+            to_commit.push((committed - ok_wall) * 1000);
+            to_socket.push((wall - committed) * 1000);
         }
     }
+    to_commit.sort_unstable();
+    to_socket.sort_unstable();
     let rss_peak = peak_rss_mb(pid).unwrap_or(0.0);
     let rss_end = rss_mb(pid).unwrap_or(0.0);
     stop.cancel();
@@ -238,6 +259,13 @@ pub async fn inbox(
         ms(percentile(&from_post, 99.0)),
     );
     println!(
+        "inbox: of which accepted → item committed p50 {} ms, p99 {} ms; committed → on the socket p50 {} ms, p99 {} ms",
+        ms(percentile(&to_commit, 50.0)),
+        ms(percentile(&to_commit, 99.0)),
+        ms(percentile(&to_socket, 50.0)),
+        ms(percentile(&to_socket, 99.0)),
+    );
+    println!(
         "inbox: ratios to the targets: RSS {:.2} of {RSS_CEILING_MB} MB, p99 {:.2} of {P99_CEILING_MS} ms",
         rss_peak / RSS_CEILING_MB,
         p99 / P99_CEILING_MS
@@ -249,6 +277,8 @@ pub async fn inbox(
         "events": total,
         "per_sec": per_sec,
         "arrival_ms": {"p50": p50, "p99": p99, "max": ms(from_accept.last().copied().unwrap_or(0))},
+        "to_commit_ms": {"p50": ms(percentile(&to_commit, 50.0)), "p99": ms(percentile(&to_commit, 99.0))},
+        "commit_to_socket_ms": {"p50": ms(percentile(&to_socket, 50.0)), "p99": ms(percentile(&to_socket, 99.0))},
         "from_post_ms": {"p50": ms(percentile(&from_post, 50.0)), "p99": ms(percentile(&from_post, 99.0))},
         "not_arrived": lost,
         "api_rss_mb": {"before": rss_before.round(), "idle_with_sockets": rss_idle.round(),
