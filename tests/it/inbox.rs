@@ -710,3 +710,74 @@ async fn the_widget_works_in_a_real_browser() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_socket_is_pinged_a_silent_one_closed_and_a_lapsed_session_ends_with_4001() {
+    let app = spawn_app_with(TestOptions {
+        env: vec![("HERALD__INBOX__PING_SECS".into(), "1".into())],
+        ..Default::default()
+    })
+    .await;
+    app.put_user("ana", json!({"first_name": "Ana"})).await;
+    let ana = EndUser::start(&app, "ana").await;
+
+    // Pings come every second; answering them (tungstenite does, while read) keeps it open.
+    let mut ws = ana.socket(None).await;
+    let mut pings = 0;
+    let until = tokio::time::Instant::now() + Duration::from_millis(4_500);
+    while let Ok(Some(Ok(m))) = tokio::time::timeout_at(until, ws.next()).await {
+        match m {
+            Message::Ping(_) => pings += 1,
+            Message::Close(c) => panic!("an answering socket was closed: {c:?}"),
+            _ => {}
+        }
+    }
+    assert!(pings >= 3, "{pings} pings in 4.5 s");
+    // A peer that stops answering (not read, so no pongs) is closed after three pings.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    app.assert_metrics(&["herald_inbox_sockets 0"]).await;
+    drop(ws);
+
+    // A token that lapses closes its socket with 4001, and is refused by the routes.
+    let key = {
+        use hmac::Mac;
+        let mut derive =
+            Hmac::<Sha256>::new_from_slice(app.settings.inbox.secret.expose().as_bytes())
+                .expect("key");
+        derive.update(b"herald inbox session tokens v1");
+        derive.finalize().into_bytes()
+    };
+    let now = chrono::Utc::now().timestamp();
+    let short = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": "ana", "aud": "herald-inbox", "iat": now, "exp": now + 2}),
+        &jsonwebtoken::EncodingKey::from_secret(&key),
+    )
+    .expect("token");
+    let lapsing = EndUser {
+        base: app.address.clone(),
+        token: short,
+        http: reqwest::Client::new(),
+    };
+    assert_eq!(
+        lapsing.get("/v1/inbox/counts").await.0,
+        200,
+        "herald's own signature"
+    );
+    let mut ws = lapsing.socket(None).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
+    let code = loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(Message::Close(Some(frame))))) => break u16::from(frame.code),
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    assert_eq!(code, 4001);
+    let (s, b) = lapsing.get("/v1/inbox/counts").await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (401, Some("invalid_session"))
+    );
+    app.stop().await;
+}

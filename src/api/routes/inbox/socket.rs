@@ -171,10 +171,13 @@ impl Live {
         };
         self.catch_up(&mut ws).await?;
         self.send_counts(&mut ws).await?;
-        let expires = Instant::now()
-            + Duration::from_secs(
-                (self.user.expires_at - chrono::Utc::now().timestamp()).max(0) as u64,
-            );
+        // A token is good through its `exp` second (as the routes check it): the socket
+        // closes when the routes would refuse it.
+        let left_ms = (self.user.expires_at + 1)
+            .saturating_mul(1000)
+            .saturating_sub(chrono::Utc::now().timestamp_millis())
+            .max(0);
+        let expires = Instant::now() + Duration::from_millis(left_ms as u64);
         let mut pings = tokio::time::interval_at(Instant::now() + self.ping, self.ping);
         let mut heard = Instant::now();
         loop {
