@@ -70,9 +70,9 @@ ensure_browser_tools() {
 
 # The Python tools the tests check herald against (PyPI): schemathesis (the OpenAPI
 # document against the running API), dkimpy (DKIM signatures) and twilio (its request
-# signatures), in a virtual
+# signatures) and standardwebhooks (the Standard Webhooks reference verifier), in a virtual
 # environment under ~/.cache/herald, installed again only when the pins change.
-PYTHON_TOOLS="schemathesis==4.32.5 dkimpy==1.1.8 twilio==9.13.0 sendgrid==6.12.5 aws-sns-message-validator==0.0.5"
+PYTHON_TOOLS="schemathesis==4.32.5 dkimpy==1.1.8 twilio==9.13.0 sendgrid==6.12.5 aws-sns-message-validator==0.0.5 standardwebhooks==1.3.0"
 ensure_python_tools() {
   local venv="${XDG_CACHE_HOME:-$HOME/.cache}/herald/venv"
   export HERALD_SCHEMATHESIS="$venv/bin/schemathesis" HERALD_PYTHON="$venv/bin/python"

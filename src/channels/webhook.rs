@@ -12,6 +12,7 @@ use super::http::retry_after;
 use super::http::{bounded_body, check_target, client, signature};
 use super::{DeliveryError, Destination, OutboundMessage, Provider, Receipt};
 use crate::config::{Secret, WebhookSettings};
+use crate::domain::standard_webhooks::SigningKey;
 use crate::templates::Rendered;
 
 /// Where a webhook provider sends, and how it signs and shapes the body.
@@ -29,6 +30,8 @@ pub struct Webhook {
     /// A gateway's URL; `None` for the webhook channel, whose URL is the destination.
     url: Option<String>,
     secret: Secret,
+    /// The secret as a Standard Webhooks key; `None` when no secret is set.
+    key: Option<SigningKey>,
     headers: BTreeMap<String, String>,
     allow_internal: bool,
     max_response_bytes: usize,
@@ -66,10 +69,17 @@ impl Webhook {
             check_target(&parsed, allow_internal)
                 .map_err(|e| anyhow::anyhow!("{name}.url: {e}"))?;
         }
+        let key = match secret.expose() {
+            "" => None,
+            text => {
+                Some(SigningKey::parse(text).map_err(|e| anyhow::anyhow!("{name}.secret: {e}"))?)
+            }
+        };
         Ok(Self {
             name: name.to_owned(),
             client: client(timeout, allow_internal)?,
             url,
+            key,
             secret,
             headers,
             allow_internal,
@@ -147,13 +157,21 @@ impl Provider for Webhook {
             .client
             .post(parsed)
             .header("content-type", "application/json")
+            .header("webhook-id", &message.delivery_id)
+            .header("webhook-timestamp", timestamp.to_string())
+            // The earlier scheme, kept so receivers built on it go on verifying.
             .header("x-herald-delivery-id", &message.delivery_id)
             .header("x-herald-timestamp", timestamp.to_string());
-        if !self.secret.expose().is_empty() {
-            request = request.header(
-                "x-herald-signature",
-                signature(self.secret.expose(), timestamp, &body),
-            );
+        if let Some(key) = &self.key {
+            request = request
+                .header(
+                    "webhook-signature",
+                    key.sign(&message.delivery_id, timestamp, &body),
+                )
+                .header(
+                    "x-herald-signature",
+                    signature(self.secret.expose(), timestamp, &body),
+                );
         }
         for (k, v) in &self.headers {
             request = request.header(k, v);

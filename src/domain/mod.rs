@@ -5,6 +5,7 @@ pub mod event;
 pub mod plan;
 pub mod preferences;
 pub mod signatures;
+pub mod standard_webhooks;
 pub mod unsubscribe;
 
 use std::fmt;

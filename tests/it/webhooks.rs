@@ -40,18 +40,63 @@ async fn order_shipped(app: &TestApp) -> Value {
     app.get(&format!("/v1/deliveries/{did}")).await.1
 }
 
+/// Whether the Standard Webhooks reference library (Python's `standardwebhooks`, not
+/// herald's code) verifies every request with `secret`; `None` without the checker.
+fn verified_by_the_reference_library(
+    secret: &str,
+    requests: &[wiremock::Request],
+) -> Option<Result<(), String>> {
+    use base64::Engine as _;
+    use std::io::Write as _;
+    let python = crate::helpers::python_checker("standardwebhooks")?;
+    let batch: Vec<Value> = requests
+        .iter()
+        .map(|r| {
+            let headers: serde_json::Map<String, Value> = r
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), json!(v.to_str().unwrap_or_default())))
+                .collect();
+            json!({"headers": headers,
+                   "body": base64::engine::general_purpose::STANDARD.encode(&r.body)})
+        })
+        .collect();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/webhooks/verify.py");
+    let mut child = std::process::Command::new(python)
+        .arg(script)
+        .arg(secret)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(json!(batch).to_string().as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("verify.py ends");
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    Some(if out.status.success() {
+        Ok(())
+    } else {
+        Err(said)
+    })
+}
+
 #[tokio::test]
-async fn the_webhook_channel_posts_signed_json_to_the_event_types_url() {
+async fn the_webhook_channel_posts_standard_webhooks_signed_json_to_the_event_types_url() {
     let receiver = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path("/hooks/orders"))
-        .and(header_exists("x-herald-signature"))
+        .and(header_exists("webhook-signature"))
         .respond_with(ResponseTemplate::new(204))
         .expect(1)
         .mount(&receiver)
         .await;
+    let secret = herald::domain::standard_webhooks::SigningKey::generate().to_text();
     let app = app_with(hooks(
-        "s3cret",
+        &secret,
         true,
         &format!("order_shipped = \"{}/hooks/orders\"", receiver.uri()),
     ))
@@ -72,15 +117,26 @@ async fn the_webhook_channel_posts_signed_json_to_the_event_types_url() {
             .unwrap_or_default()
             .to_owned()
     };
+    // The delivery's id is the message id (stable across its retries: receivers
+    // de-duplicate on it), and the reference verifier accepts the signature.
+    assert_eq!(
+        header("webhook-id"),
+        d["delivery_id"].as_str().unwrap_or_default()
+    );
+    if let Some(verdict) = verified_by_the_reference_library(&secret, &requests) {
+        assert_eq!(verdict, Ok(()));
+        let other = herald::domain::standard_webhooks::SigningKey::generate().to_text();
+        assert!(
+            verified_by_the_reference_library(&other, &requests).is_some_and(|v| v.is_err()),
+            "another secret does not verify"
+        );
+    }
+    // The earlier scheme's headers still come, for receivers built on them.
     let ts: i64 = header("x-herald-timestamp").parse().expect("timestamp");
+    assert_eq!(header("webhook-timestamp"), ts.to_string());
     assert_eq!(
         header("x-herald-signature"),
-        herald::channels::http::signature("s3cret", ts, &r.body),
-        "verifiable"
-    );
-    assert_eq!(
-        header("x-herald-delivery-id"),
-        d["delivery_id"].as_str().unwrap_or_default()
+        herald::channels::http::signature(&secret, ts, &r.body),
     );
     app.stop().await;
 }
