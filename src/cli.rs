@@ -52,7 +52,8 @@ pub enum Keys {
         /// What the key is for, e.g. `billing-service`.
         #[arg(long)]
         name: String,
-        /// Comma-separated: events:write, campaigns:write, logs:read, feedback:write, admin.
+        /// Comma-separated: events:write, campaigns:write, logs:read, feedback:write,
+        /// webhooks:write, admin.
         #[arg(long)]
         scopes: String,
         /// Requests per second for this key (default: auth.rate_per_sec).

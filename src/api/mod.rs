@@ -37,6 +37,7 @@ const CAMPAIGNS: Option<Scope> = Some(Scope::CampaignsWrite);
 const LOGS: Option<Scope> = Some(Scope::LogsRead);
 const ADMIN: Option<Scope> = Some(Scope::Admin);
 const FEEDBACK: Option<Scope> = Some(Scope::FeedbackWrite);
+const WEBHOOKS: Option<Scope> = Some(Scope::WebhooksWrite);
 
 /// `/metrics` is open unless `auth.open_metrics` is off.
 fn metrics_op(ctx: &Context) -> Op {
@@ -53,6 +54,7 @@ pub fn routes(ctx: &Context, auth: Arc<Auth>, sessions: Arc<Sessions>) -> (Route
         dead_letters as dl, deliveries as dv, events as ev, feedback as fb, groups as gr,
         health as he, inbox as ib, keys as ke, notifications as no, schedules as sc, service as se,
         stats as st, suppressions as su, templates as te, unsubscribe as un, users as us,
+        webhook_endpoints as we,
     };
     let api = Api::new(auth, sessions)
         .get(
@@ -512,6 +514,55 @@ pub fn routes(ctx: &Context, auth: Arc<Auth>, sessions: Arc<Sessions>) -> (Route
             "/v1/keys/{id}",
             Op::new("keys", "revoke a key", ADMIN).empty(204),
             keys::revoke,
+        )
+        .post(
+            "/v1/webhook-endpoints",
+            Op::new(
+                "webhooks",
+                "add an endpoint for delivery status events (Standard Webhooks); the answer \
+                 is the only time its secret is shown",
+                WEBHOOKS,
+            )
+            .body::<we::NewEndpoint>()
+            .ok::<we::Endpoint>(201),
+            webhook_endpoints::create,
+        )
+        .get(
+            "/v1/webhook-endpoints",
+            Op::new("webhooks", "every endpoint (never a secret)", WEBHOOKS)
+                .ok::<we::EndpointList>(200),
+            webhook_endpoints::list,
+        )
+        .get(
+            "/v1/webhook-endpoints/{id}",
+            Op::new("webhooks", "one endpoint", WEBHOOKS).ok::<we::Endpoint>(200),
+            webhook_endpoints::get,
+        )
+        .patch(
+            "/v1/webhook-endpoints/{id}",
+            Op::new(
+                "webhooks",
+                "change an endpoint; enabling it clears why herald disabled it",
+                WEBHOOKS,
+            )
+            .body::<we::EndpointChange>()
+            .ok::<we::Endpoint>(200),
+            webhook_endpoints::patch,
+        )
+        .delete(
+            "/v1/webhook-endpoints/{id}",
+            Op::new("webhooks", "remove an endpoint", WEBHOOKS).empty(204),
+            webhook_endpoints::delete,
+        )
+        .post(
+            "/v1/webhook-endpoints/{id}/rotate-secret",
+            Op::new(
+                "webhooks",
+                "a new secret, shown once; the previous one signs beside it for 24 hours",
+                WEBHOOKS,
+            )
+            .ok::<we::Endpoint>(200),
+            webhook_endpoints::rotate,
         )
         .post(
             "/v1/inbox/session",

@@ -307,16 +307,20 @@ pub enum Scope {
     /// Posting delivery status notifications (an MTA's bounce pipe).
     #[serde(rename = "feedback:write")]
     FeedbackWrite,
+    /// Managing the endpoints herald posts status webhooks to.
+    #[serde(rename = "webhooks:write")]
+    WebhooksWrite,
     #[serde(rename = "admin")]
     Admin,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 5] = [
+    pub const ALL: [Scope; 6] = [
         Scope::EventsWrite,
         Scope::CampaignsWrite,
         Scope::LogsRead,
         Scope::FeedbackWrite,
+        Scope::WebhooksWrite,
         Scope::Admin,
     ];
 
@@ -326,6 +330,7 @@ impl Scope {
             Scope::CampaignsWrite => "campaigns:write",
             Scope::LogsRead => "logs:read",
             Scope::FeedbackWrite => "feedback:write",
+            Scope::WebhooksWrite => "webhooks:write",
             Scope::Admin => "admin",
         }
     }
@@ -357,7 +362,7 @@ impl FromStr for Scope {
             .into_iter()
             .find(|x| x.as_str() == s)
             .ok_or_else(|| {
-                format!("unknown scope `{s}` (events:write, campaigns:write, logs:read, feedback:write, admin)")
+                format!("unknown scope `{s}` (events:write, campaigns:write, logs:read, feedback:write, webhooks:write, admin)")
             })
     }
 }

@@ -6,6 +6,22 @@ use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::Sha256;
 
+/// The events an endpoint can subscribe to (`type` of each message).
+pub const EVENT_TYPES: [&str; 12] = [
+    "message.sent",
+    "message.delivered",
+    "message.bounced",
+    "message.undelivered",
+    "message.failed",
+    "message.dead",
+    "message.skipped",
+    "message.complained",
+    "message.unsubscribed",
+    "message.seen",
+    "message.read",
+    "notification.completed",
+];
+
 /// The prefix of a secret in the specification's text form.
 pub const SECRET_PREFIX: &str = "whsec_";
 

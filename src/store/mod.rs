@@ -21,6 +21,7 @@ pub mod status_writes;
 pub mod suppressions;
 pub mod templates;
 mod txn;
+pub mod webhook_endpoints;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -284,6 +285,7 @@ impl Store {
             UNSUBSCRIBES,
             inbox::INBOX,
             inbox::INBOX_USERS,
+            webhook_endpoints::WEBHOOK_ENDPOINTS,
         ] {
             if !existing.contains(name) {
                 if let Err(e) = self.db.create_collection(name).await {

@@ -156,6 +156,10 @@ def map_case(ctx, case):
         fix_campaign(body, patch=True)
     elif path == "/v1/schedules/preview":
         order_window(body)
+    elif path in ("/v1/webhook-endpoints", "/v1/webhook-endpoints/{id}"):
+        # An endpoint must be on a public address (herald refuses internal ones).
+        if "url" in body:
+            body["url"] = "https://example.com/hooks/herald"
     elif path == "/v1/templates/{event_type}/{channel}" and method == "PUT":
         fix_parts(case.path_parameters.get("channel"), body)
     elif path in ("/v1/users/{id}", "/v1/inbox/preferences"):

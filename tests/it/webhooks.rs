@@ -40,25 +40,35 @@ async fn order_shipped(app: &TestApp) -> Value {
     app.get(&format!("/v1/deliveries/{did}")).await.1
 }
 
+/// A signed request: its headers and body.
+type Signed = (Vec<(String, String)>, Vec<u8>);
+
+/// What a receiver got, as a [`Signed`].
+fn signed(r: &wiremock::Request) -> Signed {
+    let headers = r
+        .headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned()))
+        .collect();
+    (headers, r.body.clone())
+}
+
 /// Whether the Standard Webhooks reference library (Python's `standardwebhooks`, not
 /// herald's code) verifies every request with `secret`; `None` without the checker.
 fn verified_by_the_reference_library(
     secret: &str,
-    requests: &[wiremock::Request],
+    requests: &[Signed],
 ) -> Option<Result<(), String>> {
     use base64::Engine as _;
     use std::io::Write as _;
     let python = crate::helpers::python_checker("standardwebhooks")?;
     let batch: Vec<Value> = requests
         .iter()
-        .map(|r| {
-            let headers: serde_json::Map<String, Value> = r
-                .headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), json!(v.to_str().unwrap_or_default())))
-                .collect();
+        .map(|(headers, body)| {
+            let headers: serde_json::Map<String, Value> =
+                headers.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
             json!({"headers": headers,
-                   "body": base64::engine::general_purpose::STANDARD.encode(&r.body)})
+                   "body": base64::engine::general_purpose::STANDARD.encode(body)})
         })
         .collect();
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/webhooks/verify.py");
@@ -123,11 +133,12 @@ async fn the_webhook_channel_posts_standard_webhooks_signed_json_to_the_event_ty
         header("webhook-id"),
         d["delivery_id"].as_str().unwrap_or_default()
     );
-    if let Some(verdict) = verified_by_the_reference_library(&secret, &requests) {
+    let got: Vec<Signed> = requests.iter().map(signed).collect();
+    if let Some(verdict) = verified_by_the_reference_library(&secret, &got) {
         assert_eq!(verdict, Ok(()));
         let other = herald::domain::standard_webhooks::SigningKey::generate().to_text();
         assert!(
-            verified_by_the_reference_library(&other, &requests).is_some_and(|v| v.is_err()),
+            verified_by_the_reference_library(&other, &got).is_some_and(|v| v.is_err()),
             "another secret does not verify"
         );
     }
@@ -265,5 +276,169 @@ async fn a_gateway_body_template_shapes_the_request() {
     assert_eq!(sent["msisdn"], "+4915100000001");
     assert_eq!(sent["message"], "SMS for W: tpl");
     assert!(sent["ref"].as_str().is_some_and(|r| !r.is_empty()));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn status_webhook_endpoints_show_their_secret_once_refuse_bad_input_and_rotate_with_overlap()
+{
+    let app = spawn_app_with(TestOptions::default()).await;
+    let count = || app.count("webhook_endpoints");
+    // Refused, naming the field, and nothing written.
+    for (body, field) in [
+        (json!({"events": ["message.sent"]}), "url"),
+        (
+            json!({"url": "ftp://example.com/x", "events": ["message.sent"]}),
+            "url",
+        ),
+        (
+            json!({"url": "http://127.0.0.1:9/hook", "events": ["message.sent"]}),
+            "url",
+        ),
+        (
+            json!({"url": "https://example.com/hook", "events": []}),
+            "events",
+        ),
+        (
+            json!({"url": "https://example.com/hook", "events": ["message.nope"]}),
+            "events",
+        ),
+        (
+            json!({"url": "https://example.com/hook", "events": ["message.sent"], "colour": 1}),
+            "colour",
+        ),
+        (
+            json!({"url": "https://example.com/hook", "events": ["message.sent"], "description": "x".repeat(201)}),
+            "description",
+        ),
+    ] {
+        let (s, b) = app.post("/v1/webhook-endpoints", &body).await;
+        assert_eq!(s, 422, "{body}: {b}");
+        assert!(
+            b["error"]["details"]
+                .as_array()
+                .expect("details")
+                .iter()
+                .any(|d| d["field"] == field),
+            "{body}: {b}"
+        );
+    }
+    assert_eq!(count().await, 0);
+
+    let (s, made) = app
+        .post(
+            "/v1/webhook-endpoints",
+            &json!({"url": "https://example.com/hooks/herald", "events": ["message.delivered", "message.delivered"],
+                    "description": "billing"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{made}");
+    let id = made["id"].as_str().expect("id").to_owned();
+    let first = made["secret"]
+        .as_str()
+        .expect("secret shown once")
+        .to_owned();
+    assert!(first.starts_with("whsec_"), "{first}");
+    assert_eq!(made["events"], json!(["message.delivered"]));
+    assert_eq!(
+        (made["enabled"].as_bool(), made["include_contact"].as_bool()),
+        (Some(true), Some(false))
+    );
+    let (_, shown) = app.get(&format!("/v1/webhook-endpoints/{id}")).await;
+    assert!(shown.get("secret").is_none(), "never shown again: {shown}");
+    let (_, all) = app.get("/v1/webhook-endpoints").await;
+    assert_eq!(all["items"].as_array().map(Vec::len), Some(1));
+    assert!(all["items"][0].get("secret").is_none());
+
+    let (s, changed) = app
+        .patch(
+            &format!("/v1/webhook-endpoints/{id}"),
+            &json!({"events": ["message.sent", "message.bounced"], "enabled": false}),
+        )
+        .await;
+    assert_eq!(s, 200, "{changed}");
+    assert_eq!(
+        changed["events"],
+        json!(["message.sent", "message.bounced"])
+    );
+    assert_eq!(changed["enabled"], false);
+    let (s, _) = app
+        .patch(
+            &format!("/v1/webhook-endpoints/{id}"),
+            &json!({"url": "http://10.0.0.1/x"}),
+        )
+        .await;
+    assert_eq!(s, 422);
+
+    // Rotation: a new secret, shown once; both sign for a day, each verifiable by the
+    // Standard Webhooks library.
+    let (s, rotated) = app
+        .post(
+            &format!("/v1/webhook-endpoints/{id}/rotate-secret"),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(s, 200, "{rotated}");
+    let second = rotated["secret"].as_str().expect("new secret").to_owned();
+    assert_ne!(first, second);
+    assert!(
+        rotated["previous_secret_expires_at"].is_string(),
+        "{rotated}"
+    );
+    let stored = app
+        .ctx
+        .store
+        .endpoint(&id)
+        .await
+        .expect("read")
+        .expect("endpoint");
+    let signing = stored.signing_secrets(mongodb::bson::DateTime::now());
+    assert_eq!(signing, [second.as_str(), first.as_str()]);
+    let keys: Vec<_> = signing
+        .iter()
+        .map(|s| herald::domain::standard_webhooks::SigningKey::parse(s).expect("key"))
+        .collect();
+    let body = br#"{"type":"message.sent","timestamp":"2026-12-05T00:00:00Z","data":{}}"#;
+    let ts = chrono::Utc::now().timestamp();
+    let headers = herald::domain::standard_webhooks::headers(&keys, "msg_rotation", ts, body);
+    assert_eq!(headers[2].1.split(' ').count(), 2, "two signatures");
+    let request: Signed = (
+        headers
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect(),
+        body.to_vec(),
+    );
+    for secret in [&first, &second] {
+        if let Some(verdict) =
+            verified_by_the_reference_library(secret, std::slice::from_ref(&request))
+        {
+            assert_eq!(verdict, Ok(()), "either secret verifies during the overlap");
+        }
+    }
+
+    // The scope: webhooks:write (or admin), nothing less.
+    for (scopes, status) in [
+        (vec![herald::domain::Scope::LogsRead], 403),
+        (vec![herald::domain::Scope::WebhooksWrite], 200),
+    ] {
+        let (_, key) = app
+            .ctx
+            .store
+            .create_key("hooks", &scopes, None)
+            .await
+            .expect("key");
+        let r = crate::helpers::client_with_key(&key)
+            .get(app.url("/v1/webhook-endpoints"))
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(r.status().as_u16(), status, "{scopes:?}");
+    }
+    assert_eq!(
+        app.delete(&format!("/v1/webhook-endpoints/{id}")).await,
+        204
+    );
+    assert_eq!(app.get(&format!("/v1/webhook-endpoints/{id}")).await.0, 404);
     app.stop().await;
 }

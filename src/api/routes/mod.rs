@@ -16,6 +16,7 @@ pub mod suppressions;
 pub mod templates;
 pub mod unsubscribe;
 pub mod users;
+pub mod webhook_endpoints;
 
 use mongodb::bson::DateTime;
 use serde::{Deserialize, Serialize};
