@@ -519,8 +519,8 @@ pub fn routes(ctx: &Context, auth: Arc<Auth>, sessions: Arc<Sessions>) -> (Route
             "/v1/webhook-endpoints",
             Op::new(
                 "webhooks",
-                "add an endpoint for delivery status events (Standard Webhooks); the answer \
-                 is the only time its secret is shown",
+                "add an endpoint for delivery status events (Standard Webhooks; herald does \
+                 not post them yet); the answer is the only time its secret is shown",
                 WEBHOOKS,
             )
             .body::<we::NewEndpoint>()

@@ -5,9 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hmac::{Hmac, Mac};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
-use sha2::Sha256;
 
 /// Anything but a globally routed unicast address: never a webhook target unless config
 /// allows it. IPv4: this network, private, shared (CGNAT), loopback, link-local, IETF
@@ -115,13 +113,10 @@ pub fn client(timeout: Duration, allow_internal: bool) -> anyhow::Result<reqwest
 /// `sha256=<hex HMAC of "<timestamp>.<body>">`: receivers recompute it with the shared
 /// secret and reject old timestamps (replays).
 pub fn signature(secret: &str, timestamp: i64, body: &[u8]) -> String {
-    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.as_bytes()) else {
-        return String::new();
-    };
-    mac.update(timestamp.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    let ts = timestamp.to_string();
+    let tag =
+        crate::domain::signatures::hmac_sha256(secret.as_bytes(), &[ts.as_bytes(), b".", body]);
+    format!("sha256={}", hex::encode(tag))
 }
 
 /// Seconds in a `Retry-After` header.

@@ -3,7 +3,9 @@
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
+use hmac::{Hmac, Mac};
 use ring::signature::{self, UnparsedPublicKey};
+use sha2::Sha256;
 use x509_parser::prelude::{FromDer as _, SubjectPublicKeyInfo};
 
 /// The uncompressed P-256 point of a base64 DER `SubjectPublicKeyInfo` (the form SendGrid
@@ -63,6 +65,26 @@ pub fn rsa_verifies(key: &[u8], digest: RsaDigest, message: &[u8], sig: &[u8]) -
     UnparsedPublicKey::new(algorithm, key)
         .verify(message, sig)
         .is_ok()
+}
+
+fn hmac_of(key: &[u8], parts: &[&[u8]]) -> Hmac<Sha256> {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    for p in parts {
+        mac.update(p);
+    }
+    mac
+}
+
+/// HMAC-SHA256 of the concatenated `parts` under `key`: the one MAC herald signs with
+/// (unsubscribe links, inbox user hashes and session keys, webhook signatures).
+pub fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    hmac_of(key, parts).finalize().into_bytes().into()
+}
+
+/// True when `tag` is the HMAC-SHA256 of `parts` under `key` (compared in constant time).
+pub fn hmac_sha256_verifies(key: &[u8], parts: &[&[u8]], tag: &[u8]) -> bool {
+    hmac_of(key, parts).verify_slice(tag).is_ok()
 }
 
 #[cfg(test)]

@@ -2,9 +2,9 @@
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use hmac::{Hmac, Mac};
 use rand::RngCore;
-use sha2::Sha256;
+
+use super::signatures::hmac_sha256;
 
 /// The events an endpoint can subscribe to (`type` of each message).
 pub const EVENT_TYPES: [&str; 12] = [
@@ -68,14 +68,9 @@ impl SigningKey {
 
     /// `v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`.
     pub fn sign(&self, id: &str, timestamp: i64, body: &[u8]) -> String {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0)
-            .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
-        mac.update(id.as_bytes());
-        mac.update(b".");
-        mac.update(timestamp.to_string().as_bytes());
-        mac.update(b".");
-        mac.update(body);
-        format!("v1,{}", B64.encode(mac.finalize().into_bytes()))
+        let ts = timestamp.to_string();
+        let tag = hmac_sha256(&self.0, &[id.as_bytes(), b".", ts.as_bytes(), b".", body]);
+        format!("v1,{}", B64.encode(tag))
     }
 }
 

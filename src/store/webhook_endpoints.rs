@@ -1,4 +1,4 @@
-//! Status webhook endpoints: where herald posts delivery events, which events, and the secrets that sign them (a rotated one signs beside the new for a day).
+//! Status webhook endpoints: where delivery events are to go, which events, and the secrets that sign them (a rotated one signs beside the new for a day); nothing posts to them yet.
 
 use futures::TryStreamExt;
 use mongodb::bson::{doc, DateTime, Document};
@@ -9,11 +9,13 @@ use serde::{Deserialize, Serialize};
 use super::Store;
 
 pub(crate) const WEBHOOK_ENDPOINTS: &str = "webhook_endpoints";
+/// A rotation racing others gives up after this many reads.
+const ROTATION_TRIES: usize = 5;
 /// How long a rotated secret goes on signing beside the new one.
 pub const ROTATION_OVERLAP_MS: i64 = 24 * 3600 * 1000;
 
 /// One signing secret (`whsec_…`), and until when it signs (none: the current one).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 pub struct EndpointSecret {
     pub secret: String,
     pub created_at: DateTime,
@@ -30,13 +32,23 @@ pub struct EndpointDoc {
     pub events: Vec<String>,
     pub description: String,
     pub enabled: bool,
-    /// Why herald disabled it (410 Gone, failing for days); cleared when re-enabled.
+    /// Why herald disabled it; cleared when re-enabled.
     pub disabled_reason: Option<String>,
     /// Addresses and payload in `data` (off: ids, statuses and times only).
     pub include_contact: bool,
     pub secrets: Vec<EndpointSecret>,
     pub created_at: DateTime,
     pub updated_at: DateTime,
+}
+
+impl std::fmt::Debug for EndpointSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointSecret")
+            .field("secret", &"[redacted]")
+            .field("created_at", &self.created_at)
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
 }
 
 impl EndpointDoc {
@@ -134,10 +146,15 @@ impl Store {
         id: &str,
         secret: &str,
     ) -> anyhow::Result<Option<EndpointDoc>> {
-        loop {
+        for _ in 0..ROTATION_TRIES {
             let Some(current) = self.endpoint(id).await? else {
                 return Ok(None);
             };
+            let guard = current
+                .secrets
+                .iter()
+                .find(|s| s.expires_at.is_none())
+                .map(|s| s.secret.clone());
             let now = DateTime::now();
             let until = DateTime::from_millis(now.timestamp_millis() + ROTATION_OVERLAP_MS);
             let mut secrets: Vec<EndpointSecret> = current
@@ -158,12 +175,12 @@ impl Store {
                 },
             );
             let secrets = mongodb::bson::to_bson(&secrets)?;
-            // Over the state read above only: of two rotations at once, the later one
+            // Over the secrets read above only: of two rotations at once, the later one
             // reads again rather than drop the secret the other made.
             let rotated = self
                 .webhook_endpoints()
                 .find_one_and_update(
-                    doc! {"_id": id, "updated_at": current.updated_at},
+                    doc! {"_id": id, "secrets": {"$elemMatch": {"secret": guard, "expires_at": null}}},
                     doc! {"$set": {"secrets": secrets, "updated_at": now}},
                 )
                 .return_document(ReturnDocument::After)
@@ -172,5 +189,6 @@ impl Store {
                 return Ok(rotated);
             }
         }
+        anyhow::bail!("the endpoint's secrets kept changing during {ROTATION_TRIES} rotations")
     }
 }

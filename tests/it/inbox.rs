@@ -768,7 +768,13 @@ async fn a_socket_is_pinged_a_silent_one_closed_and_a_lapsed_session_ends_with_4
     let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
     let code = loop {
         match tokio::time::timeout_at(deadline, ws.next()).await {
-            Ok(Some(Ok(Message::Close(Some(frame))))) => break u16::from(frame.code),
+            Ok(Some(Ok(Message::Close(Some(frame))))) => {
+                assert!(
+                    chrono::Utc::now().timestamp() > now + 2,
+                    "closed while the token was still good"
+                );
+                break u16::from(frame.code);
+            }
             Ok(Some(Ok(_))) => continue,
             other => panic!("no close frame: {other:?}"),
         }

@@ -104,6 +104,7 @@ try {
     await one.click("[data-herald=read-all]");
     await waitUnread(one, 0);
     await waitUnread(two, 0);
+    await one.waitForSelector(".hi-root:not([data-loading])");
     assert.equal(await one.locator(".hi-unread").count(), 0);
     await one.click("[data-herald=archive] >> nth=0");
     await one.waitForFunction(() => document.querySelectorAll("[data-herald=item]").length === 1);

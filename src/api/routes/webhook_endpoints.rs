@@ -1,4 +1,4 @@
-//! `/v1/webhook-endpoints`: where herald posts delivery status events (Standard Webhooks), which ones, and their secrets (shown once).
+//! `/v1/webhook-endpoints`: endpoints for delivery status events (Standard Webhooks), which events, and their secrets (shown once). herald does not post to them yet.
 
 use std::sync::Arc;
 
@@ -46,8 +46,9 @@ pub enum WebhookEventType {
     Completed,
 }
 
-/// An endpoint; `secret` only in the answers to its creation and to a rotation.
-#[derive(Debug, Serialize, ToSchema)]
+/// An endpoint; `secret` only in the answers to its creation and to a rotation. (No
+/// `Debug`: it may hold the secret.)
+#[derive(Serialize, ToSchema)]
 pub struct Endpoint {
     id: String,
     url: String,
@@ -55,7 +56,7 @@ pub struct Endpoint {
     events: Vec<String>,
     description: String,
     enabled: bool,
-    /// Why herald disabled it (the receiver answered 410 Gone, or failed for days).
+    /// Why herald disabled it (null while enabled, or disabled through the API).
     disabled_reason: Option<String>,
     /// Whether `data` carries addresses and the payload (off: ids, statuses, times).
     include_contact: bool,
@@ -87,7 +88,7 @@ impl From<&EndpointDoc> for Endpoint {
     }
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Serialize, ToSchema)]
 pub struct EndpointList {
     items: Vec<Endpoint>,
 }
@@ -300,4 +301,25 @@ pub async fn rotate(
         .map(rfc3339);
     shown.secret = Some(secret);
     Ok(Json(shown))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_event_types_are_exactly_the_ones_accepted() {
+        for t in EVENT_TYPES {
+            let parsed: WebhookEventType =
+                serde_json::from_value(Value::String(t.into())).expect("in the document");
+            assert_eq!(
+                serde_json::to_value(parsed).ok(),
+                Some(Value::String(t.into()))
+            );
+        }
+        assert!(
+            serde_json::from_value::<WebhookEventType>(Value::String("message.nope".into()))
+                .is_err()
+        );
+    }
 }

@@ -246,10 +246,12 @@ pub async fn list(
         limit,
         before: cursor_of(q.cursor.as_deref())?,
     };
-    let (mut items, counts, latest_seq) = tokio::try_join!(
+    // The newest number first: an item committed meanwhile is then listed too (a
+    // client drops it by id), never promised by `latest_seq` and left out of the page.
+    let latest_seq = store.inbox_latest_seq(&user.user_id).await?;
+    let (mut items, counts) = tokio::try_join!(
         store.inbox_items(&user.user_id, &query),
-        store.inbox_counts(&user.user_id),
-        store.inbox_latest_seq(&user.user_id)
+        store.inbox_counts(&user.user_id)
     )?;
     let next_cursor = if items.len() as i64 > limit {
         items.truncate(limit as usize);

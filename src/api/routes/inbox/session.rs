@@ -6,13 +6,12 @@ use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use hmac::{Hmac, Mac};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
-use sha2::Sha256;
 
 use crate::api::error::ApiError;
 use crate::config::InboxSettings;
+use crate::domain::signatures::{hmac_sha256, hmac_sha256_verifies};
 
 const AUDIENCE: &str = "herald-inbox";
 
@@ -48,19 +47,12 @@ impl std::fmt::Debug for Sessions {
     }
 }
 
-fn hmac(key: &[u8]) -> Hmac<Sha256> {
-    <Hmac<Sha256> as Mac>::new_from_slice(key)
-        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"))
-}
-
 impl Sessions {
     pub fn new(settings: &InboxSettings) -> Self {
         let secret = settings.secret.expose().as_bytes();
         // Tokens are signed with a key of their own, derived from the secret, so a
         // token's signature and a user hash are never the same computation.
-        let mut derive = hmac(secret);
-        derive.update(b"herald inbox session tokens v1");
-        let token_key = derive.finalize().into_bytes();
+        let token_key = hmac_sha256(secret, &[b"herald inbox session tokens v1"]);
         Self {
             hash_key: secret.to_vec(),
             encoding: EncodingKey::from_secret(&token_key),
@@ -71,9 +63,7 @@ impl Sessions {
 
     /// `hex(HMAC-SHA256(secret, user_id))`, as the customer's server computes it.
     pub fn user_hash(&self, user_id: &str) -> String {
-        let mut mac = hmac(&self.hash_key);
-        mac.update(user_id.as_bytes());
-        hex::encode(mac.finalize().into_bytes())
+        hex::encode(hmac_sha256(&self.hash_key, &[user_id.as_bytes()]))
     }
 
     /// True when `presented` is the user's hash (hex, either case; constant time).
@@ -81,9 +71,7 @@ impl Sessions {
         let Ok(bytes) = hex::decode(presented.trim()) else {
             return false;
         };
-        let mut mac = hmac(&self.hash_key);
-        mac.update(user_id.as_bytes());
-        mac.verify_slice(&bytes).is_ok()
+        hmac_sha256_verifies(&self.hash_key, &[user_id.as_bytes()], &bytes)
     }
 
     /// A token naming `user_id`, and when it lapses (Unix seconds).

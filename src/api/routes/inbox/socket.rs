@@ -92,6 +92,13 @@ pub async fn socket(
         )
         .into_response();
     }
+    if q.after_seq.is_some_and(|n| n < 0) {
+        return ApiError::validation(vec![crate::domain::FieldError::new(
+            "after_seq",
+            "must be 0 or more",
+        )])
+        .into_response();
+    }
     let Some(user) = sessions.check(&q.token) else {
         return unauthorized(
             "invalid_session",
@@ -165,10 +172,10 @@ impl Live {
                 .map(|i| i.seq),
             (None, None) => None,
         };
-        self.last_seq = match known {
-            Some(seq) => seq,
-            None => self.store.inbox_latest_seq(&self.user.user_id).await?,
-        };
+        // A number past the newest item would leave the socket waiting for numbers that
+        // were never given: it resumes from the newest instead.
+        let latest = self.store.inbox_latest_seq(&self.user.user_id).await?;
+        self.last_seq = known.map_or(latest, |seq| seq.min(latest));
         self.catch_up(&mut ws).await?;
         self.send_counts(&mut ws).await?;
         // A token is good through its `exp` second (as the routes check it): the socket
@@ -203,7 +210,10 @@ impl Live {
                         return Ok(());
                     }
                     let signal = self.sub.rx().borrow_and_update().clone();
-                    let next = signal.latest.as_ref().filter(|l| l.seq == self.last_seq + 1);
+                    let next = signal
+                        .latest
+                        .as_ref()
+                        .filter(|l| l.seq == self.last_seq.saturating_add(1));
                     if let Some(item) = next {
                         let item = Item::from((**item).clone());
                         self.last_seq += 1;

@@ -186,8 +186,9 @@
           state.items.push(i);
           list.appendChild(render(i));
         });
-        // The socket resumes after the newest item the page knew of (listed or archived).
-        if (state.lastSeq === null || page.latest_seq > state.lastSeq) state.lastSeq = page.latest_seq;
+        // The socket resumes after the newest item the first page knew of (listed or
+        // archived); a "load more" page lists older items only and moves nothing.
+        if (reset && (state.lastSeq === null || page.latest_seq > state.lastSeq)) state.lastSeq = page.latest_seq;
         state.cursor = page.next_cursor;
         if (state.cursor) more.removeAttribute("hidden");
         else more.setAttribute("hidden", "");
@@ -233,7 +234,9 @@
             // The server answered: the socket works, so the next drop starts over.
             state.retry = 0;
             countsSeen++;
-            var changed = msg.unread !== state.unread;
+            // Unread, or the total (an archive): another tab or device changed the list.
+            var changed = msg.unread !== state.unread || msg.total !== state.total;
+            state.total = msg.total;
             setUnread(msg.unread);
             // Another tab or device read or archived something: show it here too.
             if (changed && state.open) load(true);
@@ -280,6 +283,10 @@
     readAll.addEventListener("click", function () {
       call("POST", "/v1/inbox/read").then(function (m) {
         setUnread(m.unread);
+        // Everything listed is read now; the reload brings what came meanwhile.
+        Array.prototype.forEach.call(list.querySelectorAll(".hi-unread"), function (li) {
+          li.classList.remove("hi-unread");
+        });
         return load(true);
       }).catch(report);
     });
