@@ -181,6 +181,18 @@ fn unauthorized(code: &'static str, message: &str) -> Response {
     r
 }
 
+/// The token of an `Authorization: Bearer <token>` header (API keys, inbox sessions).
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+}
+
 /// The middleware on every route that needs `scope`.
 pub async fn require(
     State((auth, scope)): State<(Arc<Auth>, Scope)>,
@@ -190,15 +202,7 @@ pub async fn require(
     if !auth.enabled() {
         return next.run(req).await;
     }
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(|v| v.trim().to_owned());
+    let presented = bearer(req.headers()).map(str::to_owned);
     let identified = match (presented, console_cookie(req.headers())) {
         (Some(key), _) => auth.identify(&key).await,
         (None, Some(_))

@@ -393,17 +393,53 @@ pub(crate) fn browser_missing(ui: &Path) -> Option<String> {
     }
 }
 
+/// True when the browser tests can run here; else says why (and fails where
+/// `HERALD_BROWSER_TESTS=require`, as scripts/test sets, so CI cannot skip them).
+pub(crate) fn browser_ready() -> bool {
+    let ui = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/ui");
+    let Some(why) = browser_missing(&ui) else {
+        return true;
+    };
+    assert!(
+        std::env::var("HERALD_BROWSER_TESTS").as_deref() != Ok("require"),
+        "the browser test cannot run: {why}"
+    );
+    eprintln!("skipping the browser test: {why}");
+    false
+}
+
+/// Where the browser tests put their screenshots.
+pub(crate) fn screenshots() -> PathBuf {
+    std::env::var("HERALD_SCREENSHOTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("var/screenshots"))
+}
+
+/// Runs `tests/ui/<script>` in node (it drives headless Chromium) with `env`; fails the
+/// test with its log unless it succeeds within 4 minutes.
+pub(crate) async fn run_in_browser(script: &str, env: &[(&str, &str)]) {
+    let ui = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/ui");
+    let mut command = tokio::process::Command::new("node");
+    command.arg(ui.join(script)).kill_on_drop(true);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(240), command.output())
+        .await
+        .expect("the browser test finishes within 4 minutes")
+        .expect("node runs");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{log}");
+    assert!(out.status.success(), "the browser test failed:\n{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_works_in_a_real_browser() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let ui = root.join("tests/ui");
-    if let Some(why) = browser_missing(&ui) {
-        // scripts/test installs everything and sets this, so CI cannot skip it.
-        assert!(
-            std::env::var("HERALD_BROWSER_TESTS").as_deref() != Ok("require"),
-            "the browser test cannot run: {why}"
-        );
-        eprintln!("skipping the browser test: {why}");
+    if !browser_ready() {
         return;
     }
     let app = spawn_app().await;
@@ -431,9 +467,7 @@ async fn the_console_works_in_a_real_browser() {
         notifications.push(nid);
     }
     let key = admin_key(&app, "console-e2e").await;
-    let shots = std::env::var("HERALD_SCREENSHOTS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root.join("var/screenshots"));
+    let shots = screenshots();
     const SHOTS: [&str; 10] = [
         "login",
         "deliveries",
@@ -450,27 +484,18 @@ async fn the_console_works_in_a_real_browser() {
         let _ = std::fs::remove_file(shots.join(format!("{shot}.png")));
     }
     let campaign = "E2E weekday digest";
-    let run = tokio::process::Command::new("node")
-        .arg(ui.join("console.mjs"))
-        .env("HERALD_URL", &app.address)
-        .env("HERALD_KEY", &key)
-        .env("SCREENSHOTS", &shots)
-        .env("FIND_USER", "ana")
-        .env("DEAD_USER", "bruno")
-        .env("CAMPAIGN_NAME", campaign)
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(240), run)
-        .await
-        .expect("the browser test finishes within 4 minutes")
-        .expect("node runs");
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("{log}");
-    assert!(out.status.success(), "the browser test failed:\n{log}");
+    run_in_browser(
+        "console.mjs",
+        &[
+            ("HERALD_URL", &app.address),
+            ("HERALD_KEY", &key),
+            ("SCREENSHOTS", &shots.display().to_string()),
+            ("FIND_USER", "ana"),
+            ("DEAD_USER", "bruno"),
+            ("CAMPAIGN_NAME", campaign),
+        ],
+    )
+    .await;
 
     // What the clicks did, read back from herald.
     let (_, letters) = app

@@ -638,15 +638,7 @@ async fn browsers_of_allowed_origins_alone_may_call_the_inbox() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_widget_works_in_a_real_browser() {
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let ui = root.join("tests/ui");
-    if let Some(why) = crate::console::browser_missing(&ui) {
-        // scripts/test installs everything and sets this, so CI cannot skip it.
-        assert!(
-            std::env::var("HERALD_BROWSER_TESTS").as_deref() != Ok("require"),
-            "the browser test cannot run: {why}"
-        );
-        eprintln!("skipping the browser test: {why}");
+    if !crate::console::browser_ready() {
         return;
     }
     let app = spawn_app().await;
@@ -670,28 +662,17 @@ async fn the_widget_works_in_a_real_browser() {
         )
         .await
         .expect("key");
-    let shots = std::env::var("HERALD_SCREENSHOTS")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| root.join("var/screenshots"));
-    let run = tokio::process::Command::new("node")
-        .arg(ui.join("inbox.mjs"))
-        .env("HERALD_URL", &app.address)
-        .env("HERALD_KEY", &key)
-        .env("INBOX_USER", &user)
-        .env("SCREENSHOTS", &shots)
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(240), run)
-        .await
-        .expect("the browser test finishes within 4 minutes")
-        .expect("node runs");
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("{log}");
-    assert!(out.status.success(), "the browser test failed:\n{log}");
+    let shots = crate::console::screenshots().display().to_string();
+    crate::console::run_in_browser(
+        "inbox.mjs",
+        &[
+            ("HERALD_URL", &app.address),
+            ("HERALD_KEY", &key),
+            ("INBOX_USER", &user),
+            ("SCREENSHOTS", &shots),
+        ],
+    )
+    .await;
     // What the clicks did, read back from herald: the read item's delivery shows it.
     let (_, log) = app
         .get(&format!("/v1/deliveries?user_id={user}&limit=100"))
