@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{clean_up, isolated, peak_rss_mb, percentile, spawn_role, stop_role, wait_ready};
+use super::{clean_up, isolated, peak_rss_mb, percentile, spawn_role, stop_role, Api};
 use herald::config::Settings;
 use herald::store::UserDoc;
 
@@ -66,27 +66,14 @@ pub async fn inbox(
             .collect();
         ctx.store.upsert_users(&docs).await?;
     }
-    let (_, key) = ctx
-        .store
-        .create_key(
-            "bench",
-            &[herald::domain::Scope::EventsWrite],
-            Some(herald::domain::Rate::new(1e9).expect("rate")),
-        )
-        .await?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let api = spawn_role(
-        &settings,
-        "api",
-        &[("HERALD__SERVER__BIND", format!("127.0.0.1:{port}"))],
-    )?;
-    let worker = spawn_role(&settings, "worker", &[])?;
-    let pid = api.id().context("api pid")?;
-    let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
-    wait_ready(&client, &base, Duration::from_secs(20)).await?;
+    let Api {
+        process: api,
+        pid,
+        base,
+        key,
+    } = Api::start(&ctx, &settings, &client).await?;
+    let worker = spawn_role(&settings, "worker", &[])?;
     let rss_before = rss_mb(pid).unwrap_or(0.0);
 
     // Sessions, then sockets: every user's socket open before any event.

@@ -512,28 +512,15 @@ pub(crate) fn peak_rss_mb(pid: u32) -> Option<f64> {
 pub async fn ingest(settings: Settings, events: usize, clients: usize) -> anyhow::Result<Value> {
     let settings = isolated(settings, "ingest");
     let ctx = with_bench_user(&settings).await?;
-    let (_, key) = ctx
-        .store
-        .create_key(
-            "bench",
-            &[herald::domain::Scope::EventsWrite],
-            Some(herald::domain::Rate::new(1e9).expect("rate")),
-        )
-        .await?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let api = spawn_role(
-        &settings,
-        "api",
-        &[("HERALD__SERVER__BIND", format!("127.0.0.1:{port}"))],
-    )?;
-    let pid = api.id().context("api pid")?;
-    let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(clients)
         .build()?;
-    wait_ready(&client, &base, Duration::from_secs(10)).await?;
+    let Api {
+        process: api,
+        pid,
+        base,
+        key,
+    } = Api::start(&ctx, &settings, &client).await?;
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
@@ -590,6 +577,49 @@ pub async fn ingest(settings: Settings, events: usize, clients: usize) -> anyhow
         "response_ms": {"p50": ms(percentile(&took, 50.0)), "p99": ms(percentile(&took, 99.0))},
         "api_peak_rss_mb": rss.map(|r| r.round()),
     }))
+}
+
+/// `herald api` as a process of its own, ready, with an `events:write` key.
+pub(crate) struct Api {
+    pub process: tokio::process::Child,
+    pub pid: u32,
+    /// `http://127.0.0.1:<port>`
+    pub base: String,
+    pub key: String,
+}
+
+impl Api {
+    pub(crate) async fn start(
+        ctx: &Context,
+        settings: &Settings,
+        client: &reqwest::Client,
+    ) -> anyhow::Result<Self> {
+        let (_, key) = ctx
+            .store
+            .create_key(
+                "bench",
+                &[herald::domain::Scope::EventsWrite],
+                Some(herald::domain::Rate::new(1e9).expect("rate")),
+            )
+            .await?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let process = spawn_role(
+            settings,
+            "api",
+            &[("HERALD__SERVER__BIND", format!("127.0.0.1:{port}"))],
+        )?;
+        let pid = process.id().context("api pid")?;
+        let base = format!("http://127.0.0.1:{port}");
+        wait_ready(client, &base, Duration::from_secs(20)).await?;
+        Ok(Self {
+            process,
+            pid,
+            base,
+            key,
+        })
+    }
 }
 
 /// A herald role as a process of its own, on this run's database and queues.
