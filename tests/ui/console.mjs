@@ -3,15 +3,10 @@
 // letter, create a campaign and see its next fires, pause it, edit and preview a template.
 // tests/it/console.rs seeds herald and runs this; it checks herald's side afterwards.
 // Every page is screenshotted into $SCREENSHOTS.
-import { chromium } from "playwright-core";
+import { launch, need } from "./lib.mjs";
 import assert from "node:assert/strict";
 import { mkdirSync } from "node:fs";
 
-const need = (name) => {
-  const v = process.env[name];
-  if (!v) throw new Error(`${name} is not set`);
-  return v;
-};
 const base = need("HERALD_URL");
 const key = need("HERALD_KEY");
 const shots = need("SCREENSHOTS");
@@ -20,11 +15,7 @@ const deadUser = need("DEAD_USER");
 const campaignName = need("CAMPAIGN_NAME");
 mkdirSync(shots, { recursive: true });
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
+const browser = await launch();
 const context = await browser.newContext({ viewport: { width: 1366, height: 860 }, timezoneId: "America/New_York" });
 context.setDefaultTimeout(15_000);
 const page = await context.newPage();

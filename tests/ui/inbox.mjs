@@ -3,26 +3,17 @@
 // appears without a reload, reading it in one tab updates the badge in the other; the
 // bell and the panel work from the keyboard and name themselves to screen readers; mark
 // all read, archive and load more. tests/it/inbox.rs runs this and checks herald's side.
-import { chromium } from "playwright-core";
+import { launch, need } from "./lib.mjs";
 import assert from "node:assert/strict";
 import { mkdirSync } from "node:fs";
 
-const need = (name) => {
-  const v = process.env[name];
-  if (!v) throw new Error(`${name} is not set`);
-  return v;
-};
 const base = need("HERALD_URL");
 const key = need("HERALD_KEY");
 const user = need("INBOX_USER");
 const shots = need("SCREENSHOTS");
 mkdirSync(shots, { recursive: true });
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
+const browser = await launch();
 const context = await browser.newContext({ viewport: { width: 1100, height: 760 } });
 context.setDefaultTimeout(20_000);
 const problems = [];

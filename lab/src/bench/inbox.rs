@@ -12,26 +12,13 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{clean_up, isolated, peak_rss_mb, percentile, spawn_role, stop_role, Api};
+use super::{clean_up, isolated, peak_rss_mb, percentile, rss_mb, spawn_role, stop_role, Api};
 use herald::config::Settings;
 use herald::store::UserDoc;
 
 /// Targets the issue sets: API RSS with every socket open, and accept → arrival p99.
 const RSS_CEILING_MB: f64 = 300.0;
 const P99_CEILING_MS: f64 = 250.0;
-
-/// The API process's resident memory now (VmRSS), in MB.
-fn rss_mb(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kb / 1024.0)
-}
 
 /// What the customer's server computes for a user.
 fn user_hash(secret: &str, user: &str) -> String {

@@ -495,10 +495,20 @@ pub async fn ceilings(settings: Settings, messages: usize, docs: usize) -> anyho
 
 /// Peak resident memory of a process (`VmHWM`), in MB.
 pub(crate) fn peak_rss_mb(pid: u32) -> Option<f64> {
+    status_mb(pid, "VmHWM:")
+}
+
+/// Resident memory of a process now (`VmRSS`), in MB.
+pub(crate) fn rss_mb(pid: u32) -> Option<f64> {
+    status_mb(pid, "VmRSS:")
+}
+
+/// A memory line of `/proc/<pid>/status`, in MB.
+fn status_mb(pid: u32, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: f64 = status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
+        .find(|l| l.starts_with(field))?
         .split_whitespace()
         .nth(1)?
         .parse()
