@@ -768,3 +768,38 @@ async fn a_socket_is_pinged_a_silent_one_closed_and_a_lapsed_session_ends_with_4
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_campaign_to_a_segment_writes_each_members_item_once() {
+    let app = spawn_app().await;
+    for u in ["ana", "bob", "cy"] {
+        app.put_user(u, json!({"first_name": u, "tags": ["beta"]}))
+            .await;
+    }
+    // Groups and segments go through campaign chunks, whose records are written with
+    // their outcomes: the item comes with them.
+    let (status, body) = app
+        .post_event(
+            &json!({"event_type": "mention", "recipients": {"segment": {"tag": "beta"}},
+            "payload": {"author": "Grace", "excerpt": "to all", "post_id": "p1"}}),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let nid = body["notification_id"].as_str().expect("id").to_owned();
+    app.wait_finished(&nid, 30).await;
+    for u in ["ana", "bob", "cy"] {
+        let user = EndUser::start(&app, u).await;
+        let items = user.items("").await;
+        assert_eq!(items.len(), 1, "{u}: {items:?}");
+        assert_eq!(items[0]["notification_id"], nid.as_str());
+    }
+    assert_eq!(app.count("inbox").await, 3);
+    let deliveries = app.deliveries(&nid).await;
+    assert!(
+        deliveries
+            .iter()
+            .all(|d| d["status"] == "sent" && d["provider"] == "inbox"),
+        "{deliveries:?}"
+    );
+    app.stop().await;
+}
