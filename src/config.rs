@@ -97,6 +97,10 @@ pub struct InboxSettings {
     /// Browser origins allowed by CORS (exact `scheme://host[:port]`).
     pub allowed_origins: Vec<String>,
     pub ping_secs: u64,
+    /// Requests per second per user across the inbox routes (a token bucket), and how
+    /// many may come at once.
+    pub rate_per_sec: crate::domain::Rate,
+    pub burst: u32,
     /// Serve `/inbox/demo` (never with `environment = "production"`).
     pub demo: bool,
     pub demo_user: String,

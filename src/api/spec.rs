@@ -303,7 +303,7 @@ fn operation(method: &Method, path: &str, op: &Op) -> Value {
         errors.push(404);
     }
     if op.session {
-        errors.push(401);
+        errors.extend([401, 429]);
         o.insert("security".into(), json!([{"inbox": []}]));
     }
     if let Some(scope) = op.scope {

@@ -803,3 +803,49 @@ async fn a_campaign_to_a_segment_writes_each_members_item_once() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn each_user_has_a_request_budget_of_their_own() {
+    let app = spawn_app_with(TestOptions {
+        env: vec![
+            ("HERALD__INBOX__RATE_PER_SEC".into(), "0.2".into()),
+            ("HERALD__INBOX__BURST".into(), "3".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let ana = EndUser::start(&app, "ana").await;
+    let laptop = EndUser::start(&app, "ana").await;
+    let bob = EndUser::start(&app, "bob").await;
+    // Every tab and device of one user draws on one budget.
+    for _ in 0..2 {
+        assert_eq!(ana.get("/v1/inbox/counts").await.0, 200);
+    }
+    assert_eq!(laptop.get("/v1/inbox/counts").await.0, 200);
+    let r = reqwest::Client::new()
+        .get(app.url("/v1/inbox/counts"))
+        .bearer_auth(&laptop.token)
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(r.status().as_u16(), 429);
+    let wait: u64 = r
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After");
+    assert!((1..=5).contains(&wait), "{wait}");
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "rate_limited");
+    // Opening a socket counts too; another user is not held back.
+    let refused = tokio_tungstenite::connect_async(format!(
+        "{}/v1/inbox/ws?token={}",
+        app.address.replacen("http", "ws", 1),
+        ana.token
+    ))
+    .await;
+    assert!(refused.is_err(), "a socket over the budget is refused");
+    assert_eq!(bob.get("/v1/inbox/counts").await.0, 200);
+    app.stop().await;
+}

@@ -10,6 +10,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use crate::api::error::ApiError;
+use crate::channels::chain::TokenBucket;
 use crate::config::InboxSettings;
 use crate::domain::signatures::{hmac_sha256, hmac_sha256_verifies};
 
@@ -31,12 +32,17 @@ struct Claims {
     exp: i64,
 }
 
-/// Checks user hashes and issues and checks session tokens.
+/// Checks user hashes and issues and checks session tokens; holds each active user's
+/// request budget.
 pub struct Sessions {
     hash_key: Vec<u8>,
     encoding: EncodingKey,
     decoding: DecodingKey,
     ttl_secs: i64,
+    rate: crate::domain::Rate,
+    burst: f64,
+    /// Per user; users idle for ten minutes are forgotten (a full bucket again).
+    budgets: moka::sync::Cache<String, Arc<TokenBucket>>,
 }
 
 impl std::fmt::Debug for Sessions {
@@ -58,6 +64,12 @@ impl Sessions {
             encoding: EncodingKey::from_secret(&token_key),
             decoding: DecodingKey::from_secret(&token_key),
             ttl_secs: settings.session_secs as i64,
+            rate: settings.rate_per_sec,
+            burst: f64::from(settings.burst),
+            budgets: moka::sync::Cache::builder()
+                .max_capacity(200_000)
+                .time_to_idle(std::time::Duration::from_secs(600))
+                .build(),
         }
     }
 
@@ -87,6 +99,15 @@ impl Sessions {
         Ok((token, claims.exp))
     }
 
+    /// Takes one request from the user's budget, or says how long until there is one.
+    pub fn admit(&self, user_id: &str) -> Result<(), std::time::Duration> {
+        self.budgets
+            .get_with_by_ref(user_id, || {
+                Arc::new(TokenBucket::new(self.rate, self.burst))
+            })
+            .try_acquire()
+    }
+
     /// The user a token names, if it is ours and has not lapsed.
     pub fn check(&self, token: &str) -> Option<InboxUser> {
         let mut validation = Validation::new(Algorithm::HS256);
@@ -98,6 +119,16 @@ impl Sessions {
             expires_at: data.claims.exp,
         })
     }
+}
+
+/// The refusal of a request over its user's budget.
+pub fn over_rate(wait: std::time::Duration) -> ApiError {
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        "this user is over the inbox's request rate; retry after the given seconds",
+    )
+    .retry_after(wait.as_secs_f64().ceil() as u64)
 }
 
 /// The refusal of a request without a valid session.
@@ -126,6 +157,9 @@ pub async fn require(
         )
         .into_response();
     };
+    if let Err(wait) = sessions.admit(&user.user_id) {
+        return over_rate(wait).into_response();
+    }
     req.extensions_mut().insert(user);
     next.run(req).await
 }
@@ -141,6 +175,8 @@ mod tests {
             session_secs: 60,
             allowed_origins: Vec::new(),
             ping_secs: 20,
+            rate_per_sec: crate::domain::Rate::new(10.0).expect("rate"),
+            burst: 40,
             demo: false,
             demo_user: "demo".into(),
         })

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use utoipa::IntoParams;
 
 use super::hub::{Hub, Subscription};
-use super::session::{unauthorized, InboxUser, Sessions};
+use super::session::{over_rate, unauthorized, InboxUser, Sessions};
 use super::{Counts, Item};
 use crate::api::error::{ApiError, QueryParams};
 use crate::config::Settings;
@@ -106,6 +106,9 @@ pub async fn socket(
         )
         .into_response();
     };
+    if let Err(wait) = sessions.admit(&user.user_id) {
+        return over_rate(wait).into_response();
+    }
     let upgrade = match upgrade {
         Ok(u) => u,
         Err(e) => {
