@@ -108,6 +108,19 @@ impl Sessions {
             .try_acquire()
     }
 
+    /// The user a presented token names, with one request taken from their budget: what
+    /// every inbox route and socket opening checks.
+    pub fn authorize(&self, token: &str) -> Result<InboxUser, ApiError> {
+        let user = self.check(token).ok_or_else(|| {
+            unauthorized(
+                "invalid_session",
+                "the session token is invalid or has expired; start a new session",
+            )
+        })?;
+        self.admit(&user.user_id).map_err(over_rate)?;
+        Ok(user)
+    }
+
     /// The user a token names, if it is ours and has not lapsed.
     pub fn check(&self, token: &str) -> Option<InboxUser> {
         let mut validation = Validation::new(Algorithm::HS256);
@@ -150,16 +163,10 @@ pub async fn require(
         )
         .into_response();
     };
-    let Some(user) = sessions.check(token) else {
-        return unauthorized(
-            "invalid_session",
-            "the session token is invalid or has expired; start a new session",
-        )
-        .into_response();
+    let user = match sessions.authorize(token) {
+        Ok(user) => user,
+        Err(refused) => return refused.into_response(),
     };
-    if let Err(wait) = sessions.admit(&user.user_id) {
-        return over_rate(wait).into_response();
-    }
     req.extensions_mut().insert(user);
     next.run(req).await
 }

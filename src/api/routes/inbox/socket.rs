@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use utoipa::IntoParams;
 
 use super::hub::{Hub, Subscription};
-use super::session::{over_rate, unauthorized, InboxUser, Sessions};
+use super::session::{InboxUser, Sessions};
 use super::{Counts, Item};
 use crate::api::error::{ApiError, QueryParams};
 use crate::config::Settings;
@@ -99,16 +99,10 @@ pub async fn socket(
         )])
         .into_response();
     }
-    let Some(user) = sessions.check(&q.token) else {
-        return unauthorized(
-            "invalid_session",
-            "the session token is invalid or has expired; start a new session",
-        )
-        .into_response();
+    let user = match sessions.authorize(&q.token) {
+        Ok(user) => user,
+        Err(refused) => return refused.into_response(),
     };
-    if let Err(wait) = sessions.admit(&user.user_id) {
-        return over_rate(wait).into_response();
-    }
     let upgrade = match upgrade {
         Ok(u) => u,
         Err(e) => {
