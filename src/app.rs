@@ -9,6 +9,7 @@ use crate::channels::sns::SnsVerifier;
 use crate::channels::Channels;
 use crate::config::Settings;
 use crate::enrich::Enricher;
+use crate::hooks::Hooks;
 use crate::ingest::Intake;
 use crate::metrics::Metrics;
 use crate::outbox::Relay;
@@ -40,6 +41,8 @@ pub struct Context {
     pub template_sync: TemplateSync,
     /// Checks the signatures of SNS messages (SES feedback).
     pub sns: Arc<SnsVerifier>,
+    /// Status webhooks: publishes due messages and posts them.
+    pub hooks: Hooks,
 }
 
 /// Applies the templates stored through the API to this process's templates.
@@ -130,6 +133,13 @@ impl Context {
             instance,
             settings: Arc::new(WorkerConfig::from_settings(&settings)),
         };
+        let hooks = Hooks::new(
+            store.clone(),
+            broker.clone(),
+            &settings.status_webhooks,
+            settings.webhook.allow_internal_targets,
+            metrics.clone(),
+        )?;
         let template_sync = TemplateSync {
             store: store.clone(),
             templates: templates.clone(),
@@ -147,6 +157,7 @@ impl Context {
             intake,
             template_sync,
             sns: Arc::new(SnsVerifier::new()?),
+            hooks,
         })
     }
 

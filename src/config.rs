@@ -49,6 +49,7 @@ pub struct Settings {
     pub sms: ChannelSettings,
     pub push: ChannelSettings,
     pub webhook: WebhookSettings,
+    pub status_webhooks: StatusWebhookSettings,
     pub enrichment: EnrichmentSettings,
     pub retention: RetentionSettings,
     pub auth: AuthSettings,
@@ -150,6 +151,8 @@ pub struct RetentionSettings {
     pub stats_days: u32,
     /// In-app inbox items, counted from their arrival.
     pub inbox_days: u32,
+    /// Status webhook messages and their tries, counted from the event.
+    pub webhook_days: u32,
 }
 
 impl RetentionSettings {
@@ -390,6 +393,23 @@ pub struct WebhookSettings {
     pub max_response_bytes: usize,
     /// The URL each event type's webhook goes to.
     pub endpoints: std::collections::BTreeMap<String, String>,
+}
+
+/// Status webhooks to the endpoints of `/v1/webhook-endpoints` (targets follow
+/// `webhook.allow_internal_targets`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusWebhookSettings {
+    /// The wait before each retry; their number is the number of retries.
+    pub retry_delays_ms: Vec<u64>,
+    pub disable_after_hours: f64,
+    pub timeout_ms: u64,
+    pub max_response_bytes: usize,
+    pub concurrency: u16,
+    pub per_endpoint_concurrency: usize,
+    pub poll_interval_ms: u64,
+    pub batch_size: i64,
+    pub lease_secs: u64,
 }
 
 /// A channel's providers, tried in order (failover).

@@ -31,6 +31,7 @@ pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod enrich;
+pub mod hooks;
 pub mod ingest;
 pub mod metrics;
 pub mod outbox;

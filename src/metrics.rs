@@ -67,6 +67,13 @@ pub struct Metrics {
     /// Inbox sockets open on this process, and whether its inbox change stream is open.
     pub inbox_sockets: Gauge,
     pub inbox_following: Gauge,
+    /// Status webhook tries by result (`delivered`, `retrying`, `failed`).
+    pub status_webhooks: Family<ResultLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
 }
 
 fn latency_histogram() -> Histogram {
@@ -141,8 +148,15 @@ impl Default for Metrics {
             "1 while this process follows inbox changes (its change stream is open); sockets get no live changes while 0",
             inbox_following.clone(),
         );
+        let status_webhooks = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "status_webhook_attempts",
+            "Tries of status webhook messages by this process, by result (delivered, retrying, failed)",
+            status_webhooks.clone(),
+        );
         Self {
             registry,
+            status_webhooks,
             inbox_sockets,
             inbox_following,
             deliveries,

@@ -79,13 +79,15 @@ pub async fn api(
     finish(&ctx, work, cancel.clone()).await
 }
 
-/// The worker pool: dispatch and delivery on every lane, and a relay for its retries.
+/// The worker pool: dispatch and delivery on every lane, a relay for its retries, and
+/// the status webhooks.
 pub async fn worker(ctx: Context, cancel: CancellationToken) -> anyhow::Result<()> {
     ctx.prepare_store().await?;
     let work = async {
         tokio::try_join!(
             worker::run(ctx.worker.clone(), cancel.clone()),
             ctx.relay.clone().run(cancel.clone()),
+            ctx.hooks.clone().run(cancel.clone()),
             refresh_templates(ctx.clone(), cancel.clone()),
             api::serve_metrics(ctx.clone(), api::ProbeRole::Worker, cancel.clone()),
         )?;
@@ -123,6 +125,7 @@ pub async fn all(
             ctx.relay.clone().run(cancel.clone()),
             scheduler::run(ctx.scheduler.clone(), cancel.clone()),
             worker::run(ctx.worker.clone(), cancel.clone()),
+            ctx.hooks.clone().run(cancel.clone()),
             refresh_templates(ctx.clone(), cancel.clone()),
             api::retry_feedback(ctx.store.clone(), ctx.metrics.clone(), cancel.clone()),
         )?;

@@ -519,8 +519,8 @@ pub fn routes(ctx: &Context, auth: Arc<Auth>, sessions: Arc<Sessions>) -> (Route
             "/v1/webhook-endpoints",
             Op::new(
                 "webhooks",
-                "add an endpoint for delivery status events (Standard Webhooks; herald does \
-                 not post them yet); the answer is the only time its secret is shown",
+                "add an endpoint for delivery status events (Standard Webhooks); the answer \
+                 is the only time its secret is shown",
                 WEBHOOKS,
             )
             .body::<we::NewEndpoint>()
@@ -563,6 +563,52 @@ pub fn routes(ctx: &Context, auth: Arc<Auth>, sessions: Arc<Sessions>) -> (Route
             )
             .ok::<we::Endpoint>(200),
             webhook_endpoints::rotate,
+        )
+        .get(
+            "/v1/webhook-endpoints/{id}/messages",
+            Op::new(
+                "webhooks",
+                "its messages (one per event), newest first",
+                WEBHOOKS,
+            )
+            .query::<we::MessageQuery>()
+            .ok::<we::MessagePage>(200),
+            webhook_endpoints::messages,
+        )
+        .get(
+            "/v1/webhook-endpoints/{id}/attempts",
+            Op::new(
+                "webhooks",
+                "its tries (time, status code, duration, error), newest first",
+                WEBHOOKS,
+            )
+            .query::<we::PageQuery>()
+            .ok::<we::AttemptPage>(200),
+            webhook_endpoints::attempts,
+        )
+        .post(
+            "/v1/webhook-endpoints/{id}/replay",
+            Op::new(
+                "webhooks",
+                "send again its messages of a time range that were not delivered (or all), \
+                 each with its own webhook-id",
+                WEBHOOKS,
+            )
+            .body::<we::ReplayBody>()
+            .ok::<we::Replayed>(202)
+            .errors(&[409]),
+            webhook_endpoints::replay,
+        )
+        .post(
+            "/v1/webhook-messages/{id}/retry",
+            Op::new(
+                "webhooks",
+                "send one message again, from a fresh retry schedule",
+                WEBHOOKS,
+            )
+            .ok::<we::Message>(202)
+            .errors(&[409]),
+            webhook_endpoints::retry,
         )
         .post(
             "/v1/inbox/session",

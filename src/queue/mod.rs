@@ -36,6 +36,8 @@ pub struct Names {
     pub rejected_queue: String,
     /// Jobs are routed to lanes by priority (direct exchange).
     pub jobs_exchange: String,
+    /// Status webhook messages due for a try (published to the default exchange).
+    pub webhooks_queue: String,
     lanes: [String; 3],
     prefix: String,
     /// Delay queues per lane: one per retry, so messages in one queue wait about as long
@@ -52,6 +54,7 @@ impl Names {
             intake_queue: format!("{prefix}.events.intake"),
             rejected_queue: format!("{prefix}.events.rejected"),
             jobs_exchange: format!("{prefix}.jobs"),
+            webhooks_queue: format!("{prefix}.webhooks"),
             lanes: Priority::ALL.map(|p| format!("{prefix}.lane.{}", p.as_str())),
         }
     }
@@ -451,6 +454,7 @@ impl Broker {
         let mut queues = vec![
             self.names.intake_queue.clone(),
             self.names.rejected_queue.clone(),
+            self.names.webhooks_queue.clone(),
         ];
         queues.extend(self.names.lanes.iter().cloned());
         for p in Priority::ALL {
@@ -631,7 +635,11 @@ async fn declare_topology(ch: &Channel, names: &Names) -> anyhow::Result<()> {
         FieldTable::default(),
     )
     .await?;
-    for q in [&names.intake_queue, &names.rejected_queue] {
+    for q in [
+        &names.intake_queue,
+        &names.rejected_queue,
+        &names.webhooks_queue,
+    ] {
         ch.queue_declare(ShortString::from(q.as_str()), queue, FieldTable::default())
             .await?;
     }

@@ -13,6 +13,7 @@ use super::documents::DeliveryDoc;
 use super::stats::{Mark, StatMoves};
 use super::suppressions::{SuppressionDoc, SuppressionReason};
 use super::txn::conflict_retried;
+use super::webhook_messages::{iso, HookEvent};
 use super::{bson_time, chrono_time, Store};
 use crate::domain::{DeliveryStatus, Priority};
 
@@ -513,6 +514,33 @@ impl Store {
                 "a delivery changed inside its feedback transaction",
             ));
         }
+        let mut kinds = Vec::new();
+        if let Some(kind) = status.and_then(HookEvent::kind_of) {
+            kinds.push((kind, status.unwrap_or(d.status)));
+        }
+        if complained {
+            kinds.push(("message.complained", d.status));
+        }
+        self.stage_hooks_of(
+            s,
+            &kinds.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+            || {
+                kinds
+                    .iter()
+                    .map(|(kind, to)| {
+                        let mut e = HookEvent::delivery(kind, d, *to, reason_of(*to), None, now)
+                            .with("feedback", fb.kind.as_str())
+                            .with_contact("address", fb.address.clone())
+                            .with_contact("detail", fb.detail.clone());
+                        if *kind == "message.complained" {
+                            e = e.with("complained_at", iso(now));
+                        }
+                        e
+                    })
+                    .collect()
+            },
+        )
+        .await?;
         let mut moves = StatMoves::sharded("feedback", Priority::Normal);
         if complained {
             moves.mark(d, Mark::Complained, d.provider.as_deref(), 1);
@@ -561,6 +589,19 @@ impl Store {
                         else {
                             return Ok(());
                         };
+                        store
+                            .stage_hooks_of(s, &["message.unsubscribed"], || {
+                                vec![HookEvent::delivery(
+                                    "message.unsubscribed",
+                                    &d,
+                                    d.status,
+                                    d.reason.as_deref(),
+                                    None,
+                                    now,
+                                )
+                                .with("unsubscribed_at", iso(now))]
+                            })
+                            .await?;
                         let mut moves = StatMoves::sharded("feedback", Priority::Normal);
                         moves.mark(&d, Mark::Unsubscribed, d.provider.as_deref(), 1);
                         moves.write(&store.db, s, store.retention.stats_days).await

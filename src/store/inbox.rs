@@ -8,6 +8,7 @@ use mongodb::{ClientSession, Collection};
 use serde::{Deserialize, Serialize};
 
 use super::txn::conflict_retried;
+use super::webhook_messages::{iso, HookEvent};
 use super::{expires, named_index, DeliveryDoc, Store};
 
 pub(crate) const INBOX: &str = "inbox";
@@ -474,18 +475,37 @@ impl Store {
         read: bool,
         now: DateTime,
     ) -> mongodb::error::Result<()> {
-        let mut fields = vec!["seen_at"];
+        let mut fields = vec![("seen_at", "message.seen")];
         if read {
-            fields.push("read_at");
+            fields.push(("read_at", "message.read"));
         }
-        for field in fields {
+        let subs = self.subscriptions().await?;
+        for (field, kind) in fields {
+            let first = doc! {"_id": {"$in": delivery_ids}, field: null};
+            // The deliveries this marks for the first time, each reported once.
+            let events: Vec<HookEvent> = if subs.wants(kind) {
+                self.deliveries()
+                    .find(first.clone())
+                    .projection(doc! {"attempts": 0})
+                    .session(&mut *s)
+                    .await?
+                    .stream(&mut *s)
+                    .try_collect::<Vec<_>>()
+                    .await?
+                    .iter()
+                    .map(|d| {
+                        HookEvent::delivery(kind, d, d.status, d.reason.as_deref(), None, now)
+                            .with(field, iso(now))
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
             self.deliveries()
-                .update_many(
-                    doc! {"_id": {"$in": delivery_ids}, field: null},
-                    doc! {"$set": {field: now}},
-                )
+                .update_many(first, doc! {"$set": {field: now}})
                 .session(&mut *s)
                 .await?;
+            self.stage_hooks(s, &subs, &events).await?;
         }
         Ok(())
     }

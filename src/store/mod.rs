@@ -22,6 +22,7 @@ pub mod suppressions;
 pub mod templates;
 mod txn;
 pub mod webhook_endpoints;
+pub mod webhook_messages;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -69,6 +70,8 @@ pub struct Store {
     client: Client,
     db: Database,
     retention: Arc<RetentionSettings>,
+    /// Status webhooks' subscriptions cache and relay wake-up.
+    hooks: Arc<webhook_messages::HookShared>,
 }
 
 pub fn now() -> DateTime {
@@ -209,6 +212,7 @@ impl Store {
             client,
             db,
             retention: Arc::new(retention.clone()),
+            hooks: Arc::default(),
         })
     }
 
@@ -286,6 +290,8 @@ impl Store {
             inbox::INBOX,
             inbox::INBOX_USERS,
             webhook_endpoints::WEBHOOK_ENDPOINTS,
+            webhook_messages::WEBHOOK_MESSAGES,
+            webhook_messages::WEBHOOK_ATTEMPTS,
         ] {
             if !existing.contains(name) {
                 if let Err(e) = self.db.create_collection(name).await {
@@ -374,6 +380,9 @@ impl Store {
         self.index_feedback().await.context("indexing feedback")?;
         self.index_chunks().await.context("indexing chunks")?;
         self.index_inbox().await.context("indexing inbox")?;
+        self.index_hook_messages()
+            .await
+            .context("indexing webhook_messages")?;
         self.unsubscribes()
             .create_indexes([named_index(doc! {"user_id": 1}, "user_id")])
             .await

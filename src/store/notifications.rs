@@ -14,6 +14,7 @@ use super::txn::{
     commit_or_abort, conflict_retried, conflict_retried_for, conflicted, is_duplicate_key,
     ACCEPT_CONFLICT_TRIES,
 };
+use super::webhook_messages::{iso, HookEvent};
 use super::{expires, ids_found, now, Store};
 use crate::domain::{NotificationStatus, Priority};
 
@@ -325,15 +326,68 @@ impl Store {
         } else {
             "failed"
         };
-        self.notifications()
-            .update_one(
-                doc! {"_id": id, "status": "dispatching", "fanout_done": true,
-                "counts.queued": 0, "counts.retrying": 0, "counts.deferred": 0},
-                doc! {"$set": {"status": status, "updated_at": now(),
-                "expire_at": expires(self.retention.notification_days)}},
-            )
-            .await?;
-        Ok(())
+        let filter = doc! {"_id": id, "status": "dispatching", "fanout_done": true,
+        "counts.queued": 0, "counts.retrying": 0, "counts.deferred": 0};
+        let at = now();
+        let update = doc! {"$set": {"status": status, "updated_at": at,
+        "expire_at": expires(self.retention.notification_days)}};
+        const KIND: &str = "notification.completed";
+        if !self.subscriptions().await?.wants(KIND) {
+            self.notifications().update_one(filter, update).await?;
+            return Ok(());
+        }
+        // With its `notification.completed` event, in one transaction.
+        conflict_retried(|| async {
+            let mut session = self.client.start_session().await?;
+            session
+                .start_transaction()
+                .and_run((&filter, &update, &n), |s, (filter, update, n)| {
+                    async move {
+                        let done = self
+                            .notifications()
+                            .update_one((*filter).clone(), (*update).clone())
+                            .session(&mut *s)
+                            .await?;
+                        if done.modified_count == 0 {
+                            return Ok(());
+                        }
+                        self.stage_hooks_of(s, &[KIND], || vec![completed_event(n, status, at)])
+                            .await
+                    }
+                    .boxed()
+                })
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// A finished notification's `notification.completed` event: its final status and counts.
+fn completed_event(n: &NotificationDoc, status: &str, at: DateTime) -> HookEvent {
+    let c = &n.counts;
+    let mut data = serde_json::Map::new();
+    data.insert("notification_id".into(), n.id.clone().into());
+    data.insert("event_id".into(), n.event_id.clone().into());
+    data.insert("event_type".into(), n.event_type.clone().into());
+    data.insert("schedule_id".into(), n.schedule_id.clone().into());
+    data.insert("status".into(), status.into());
+    data.insert(
+        "counts".into(),
+        serde_json::json!({
+            "total": c.total, "sent": c.sent, "delivered": c.delivered, "failed": c.failed,
+            "dead": c.dead, "skipped": c.skipped, "bounced": c.bounced,
+            "undelivered": c.undelivered,
+        }),
+    );
+    data.insert("created_at".into(), iso(n.created_at));
+    data.insert("updated_at".into(), iso(at));
+    HookEvent {
+        kind: "notification.completed",
+        at,
+        delivery_id: None,
+        data,
+        contact: serde_json::Map::new(),
     }
 }
 

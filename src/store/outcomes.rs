@@ -14,6 +14,7 @@ use super::stats;
 use super::stats::StatMoves;
 use super::status_writes::{status_write_models, Guard, StatusWrite};
 use super::txn::conflict_retried;
+use super::webhook_messages::HookEvent;
 use super::{bson_time, chrono_time, now, Store};
 use crate::config::RetentionSettings;
 use crate::domain::{DeliveryStatus, Priority};
@@ -117,12 +118,18 @@ impl Store {
                     let mut moves = StatMoves::sharded("commit", lane);
                     let mut counters = BTreeMap::new();
                     let mut applied = vec![false; outcomes.len()];
+                    let subs = store.subscriptions().await?;
+                    let mut events = Vec::new();
                     for (i, before) in plans {
                         applied[i] = true;
                         let o = &outcomes[i];
                         store.follow_up(s, o, &before, now).await?;
                         count_move(o, &before, now, &mut moves, &mut counters);
+                        if let Some(kind) = HookEvent::kind_of(o.status).filter(|k| subs.wants(k)) {
+                            events.push(status_event(kind, o, &before, now));
+                        }
                     }
+                    store.stage_hooks(s, &subs, &events).await?;
                     moves
                         .write(&store.db, s, store.retention.stats_days)
                         .await?;
@@ -389,6 +396,29 @@ fn written_with(
         d.attempts = vec![a.clone()];
     }
     Ok(d)
+}
+
+/// The status webhook event of an applied outcome; the attempt's error and the
+/// provider's answer (which may name the address) only for endpoints that opt in.
+fn status_event(kind: &'static str, o: &Outcome, before: &DeliveryDoc, now: DateTime) -> HookEvent {
+    let mut e = HookEvent::delivery(
+        kind,
+        before,
+        o.status,
+        o.reason.as_deref(),
+        o.provider.as_deref(),
+        now,
+    );
+    if let Some(a) = &o.attempt {
+        e = e.with_contact("error", a.error.clone());
+        if let Some(r) = &a.response {
+            e = e.with_contact(
+                "response",
+                bson::Bson::Document(r.clone()).into_relaxed_extjson(),
+            );
+        }
+    }
+    e
 }
 
 /// An applied outcome's moves: -1 under the delivery's old (status, provider) in the

@@ -1,4 +1,4 @@
-//! Status webhook endpoints: where delivery events are to go, which events, and the secrets that sign them (a rotated one signs beside the new for a day); nothing posts to them yet.
+//! Status webhook endpoints: where delivery events go, which events, and the secrets that sign them (a rotated one signs beside the new for a day).
 
 use futures::TryStreamExt;
 use mongodb::bson::{doc, DateTime, Document};
@@ -39,6 +39,9 @@ pub struct EndpointDoc {
     pub secrets: Vec<EndpointSecret>,
     pub created_at: DateTime,
     pub updated_at: DateTime,
+    /// Since when every try has failed (none: the last try succeeded).
+    #[serde(default)]
+    pub failing_since: Option<DateTime>,
 }
 
 impl std::fmt::Debug for EndpointSecret {
@@ -79,6 +82,7 @@ impl Store {
 
     pub async fn create_endpoint(&self, endpoint: &EndpointDoc) -> anyhow::Result<()> {
         self.webhook_endpoints().insert_one(endpoint).await?;
+        self.forget_subscriptions();
         Ok(())
     }
 
@@ -121,22 +125,34 @@ impl Store {
             set.insert("enabled", enabled);
             if enabled {
                 set.insert("disabled_reason", mongodb::bson::Bson::Null);
+                set.insert("failing_since", mongodb::bson::Bson::Null);
             }
         }
-        Ok(self
+        let patched = self
             .webhook_endpoints()
             .find_one_and_update(doc! {"_id": id}, doc! {"$set": set})
             .return_document(ReturnDocument::After)
-            .await?)
+            .await?;
+        self.forget_subscriptions();
+        if patched.as_ref().is_some_and(|e| !e.enabled) {
+            self.fail_pending_hooks(id, "endpoint disabled").await?;
+        }
+        Ok(patched)
     }
 
+    /// Deletes an endpoint with its messages and their tries.
     pub async fn delete_endpoint(&self, id: &str) -> anyhow::Result<bool> {
-        Ok(self
+        let deleted = self
             .webhook_endpoints()
             .delete_one(doc! {"_id": id})
             .await?
             .deleted_count
-            == 1)
+            == 1;
+        self.forget_subscriptions();
+        if deleted {
+            self.delete_hooks_of(id).await?;
+        }
+        Ok(deleted)
     }
 
     /// Makes `secret` the endpoint's current secret; the one it replaces signs beside it

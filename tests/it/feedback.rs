@@ -213,7 +213,7 @@ async fn twilio_callbacks_move_the_delivery_once_in_any_order_and_an_invalid_num
 }
 
 /// A bounce as Postfix writes it to the return path.
-fn postfix_dsn(to: &str, recipient: &str, action: &str, status: &str) -> String {
+pub(crate) fn postfix_dsn(to: &str, recipient: &str, action: &str, status: &str) -> String {
     format!(
         "From: MAILER-DAEMON@mx.example.net (Mail Delivery System)\r\n\
          To: {to}\r\n\
@@ -249,7 +249,7 @@ fn gmail_dsn(message_id: &str, recipient: &str) -> String {
     )
 }
 
-async fn post_dsn(app: &TestApp, key: &str, dsn: String) -> (u16, Value) {
+pub(crate) async fn post_dsn(app: &TestApp, key: &str, dsn: String) -> (u16, Value) {
     answer(
         client_with_key(key)
             .post(app.url("/v1/feedback/dsn"))

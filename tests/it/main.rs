@@ -23,4 +23,5 @@ mod providers;
 mod push;
 mod recipients;
 mod schedules;
+mod status_webhooks;
 mod webhooks;

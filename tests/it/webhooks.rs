@@ -41,10 +41,10 @@ async fn order_shipped(app: &TestApp) -> Value {
 }
 
 /// A signed request: its headers and body.
-type Signed = (Vec<(String, String)>, Vec<u8>);
+pub(crate) type Signed = (Vec<(String, String)>, Vec<u8>);
 
 /// What a receiver got, as a [`Signed`].
-fn signed(r: &wiremock::Request) -> Signed {
+pub(crate) fn signed(r: &wiremock::Request) -> Signed {
     let headers = r
         .headers
         .iter()
@@ -55,7 +55,7 @@ fn signed(r: &wiremock::Request) -> Signed {
 
 /// Whether the Standard Webhooks reference library (Python's `standardwebhooks`, not
 /// herald's code) verifies every request with `secret`; `None` without the checker.
-fn verified_by_the_reference_library(
+pub(crate) fn verified_by_the_reference_library(
     secret: &str,
     requests: &[Signed],
 ) -> Option<Result<(), String>> {

@@ -1,4 +1,4 @@
-//! `/v1/webhook-endpoints`: endpoints for delivery status events (Standard Webhooks), which events, and their secrets (shown once). herald does not post to them yet.
+//! `/v1/webhook-endpoints` and `/v1/webhook-messages`: endpoints for delivery status events (Standard Webhooks), their secrets (shown once), their messages and tries, replay and retry.
 
 use std::sync::Arc;
 
@@ -7,14 +7,16 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 
+use super::deliveries::parse_instant;
 use super::{rfc3339, Time};
-use crate::api::error::{ApiError, JsonBody};
+use crate::api::error::{ApiError, JsonBody, QueryParams};
 use crate::config::Settings;
 use crate::domain::standard_webhooks::{SigningKey, EVENT_TYPES};
 use crate::domain::FieldError;
 use crate::store::webhook_endpoints::{EndpointDoc, EndpointPatch, EndpointSecret};
+use crate::store::webhook_messages::{HookAttemptDoc, HookMessageDoc, MessageState, PAGE_MAX};
 use crate::store::Store;
 
 /// The event types an endpoint can receive.
@@ -58,6 +60,8 @@ pub struct Endpoint {
     enabled: bool,
     /// Why herald disabled it (null while enabled, or disabled through the API).
     disabled_reason: Option<String>,
+    /// Since when every try has failed (null: the last try succeeded).
+    failing_since: Option<Time>,
     /// Whether `data` carries addresses and the payload (off: ids, statuses, times).
     include_contact: bool,
     created_at: Time,
@@ -79,6 +83,7 @@ impl From<&EndpointDoc> for Endpoint {
             description: e.description.clone(),
             enabled: e.enabled,
             disabled_reason: e.disabled_reason.clone(),
+            failing_since: e.failing_since.map(rfc3339),
             include_contact: e.include_contact,
             created_at: rfc3339(e.created_at),
             updated_at: rfc3339(e.updated_at),
@@ -227,6 +232,7 @@ pub async fn create(
         }],
         created_at: now,
         updated_at: now,
+        failing_since: None,
     };
     store.create_endpoint(&doc).await?;
     let mut shown = Endpoint::from(&doc);
@@ -301,6 +307,313 @@ pub async fn rotate(
         .map(rfc3339);
     shown.secret = Some(secret);
     Ok(Json(shown))
+}
+
+/// A status event for one endpoint, as sent (`id` is its `webhook-id`).
+#[derive(Serialize, ToSchema)]
+pub struct Message {
+    id: String,
+    endpoint_id: String,
+    #[schema(value_type = WebhookEventType)]
+    r#type: String,
+    /// The body as signed and sent: `{"type", "timestamp", "data"}`.
+    payload: Value,
+    #[schema(value_type = MessageStateName)]
+    state: MessageState,
+    /// Tries since it was created, replayed or retried.
+    attempts: i32,
+    /// When the next try is due (pending only).
+    next_attempt_at: Option<Time>,
+    last_attempt_at: Option<Time>,
+    last_status_code: Option<i32>,
+    last_error: Option<String>,
+    delivered_at: Option<Time>,
+    created_at: Time,
+}
+
+/// Where a message is.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+#[schema(rename_all = "snake_case")]
+pub enum MessageStateName {
+    Pending,
+    Delivered,
+    Failed,
+}
+
+impl From<&HookMessageDoc> for Message {
+    fn from(m: &HookMessageDoc) -> Self {
+        Self {
+            id: m.id.clone(),
+            endpoint_id: m.endpoint_id.clone(),
+            r#type: m.kind.clone(),
+            payload: serde_json::from_str(&m.body).unwrap_or(Value::Null),
+            state: m.state,
+            attempts: m.attempts,
+            next_attempt_at: (m.state == MessageState::Pending).then(|| rfc3339(m.due_at)),
+            last_attempt_at: m.last_attempt_at.map(rfc3339),
+            last_status_code: m.last_status_code,
+            last_error: m.last_error.clone(),
+            delivered_at: m.delivered_at.map(rfc3339),
+            created_at: rfc3339(m.created_at),
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct MessagePage {
+    items: Vec<Message>,
+    /// Pass as `cursor` for the next page; null on the last.
+    next_cursor: Option<String>,
+}
+
+/// One try of a message.
+#[derive(Serialize, ToSchema)]
+pub struct Attempt {
+    id: String,
+    message_id: String,
+    #[schema(value_type = WebhookEventType)]
+    r#type: String,
+    at: Time,
+    /// The HTTP status answered; null when none came (refused, timed out).
+    status_code: Option<i32>,
+    duration_ms: i64,
+    error: Option<String>,
+    /// The start of the answer's body.
+    response: String,
+}
+
+impl From<&HookAttemptDoc> for Attempt {
+    fn from(a: &HookAttemptDoc) -> Self {
+        Self {
+            id: a.id.clone(),
+            message_id: a.message_id.clone(),
+            r#type: a.kind.clone(),
+            at: rfc3339(a.at),
+            status_code: a.status_code,
+            duration_ms: a.duration_ms,
+            error: a.error.clone(),
+            response: a.response.clone(),
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct AttemptPage {
+    items: Vec<Attempt>,
+    /// Pass as `cursor` for the next page; null on the last.
+    next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    /// Page size (default 50).
+    #[param(minimum = 1, maximum = 200)]
+    limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    #[param(min_length = 1)]
+    cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct MessageQuery {
+    /// Only messages in this state.
+    #[param(value_type = Option<MessageStateName>, inline)]
+    state: Option<String>,
+    /// Page size (default 50).
+    #[param(minimum = 1, maximum = 200)]
+    limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    #[param(min_length = 1)]
+    cursor: Option<String>,
+}
+
+/// The page size asked for, checked.
+fn page_limit(limit: Option<i64>, errors: &mut Vec<FieldError>) -> i64 {
+    let limit = limit.unwrap_or(50);
+    if !(1..=PAGE_MAX).contains(&limit) {
+        errors.push(FieldError::new(
+            "limit",
+            format!("must be between 1 and {PAGE_MAX}"),
+        ));
+    }
+    limit
+}
+
+/// The endpoint named in the path, or 404.
+async fn existing(store: &Store, id: &str) -> Result<EndpointDoc, ApiError> {
+    store
+        .endpoint(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("webhook endpoint", id))
+}
+
+/// `GET /v1/webhook-endpoints/{id}/messages`: its messages, newest first.
+pub async fn messages(
+    State(store): State<Store>,
+    Path(id): Path<String>,
+    QueryParams(q): QueryParams<MessageQuery>,
+) -> Result<Json<MessagePage>, ApiError> {
+    let mut errors = Vec::new();
+    let state = match q.state.as_deref() {
+        None => None,
+        Some("pending") => Some(MessageState::Pending),
+        Some("delivered") => Some(MessageState::Delivered),
+        Some("failed") => Some(MessageState::Failed),
+        Some(_) => {
+            errors.push(FieldError::new(
+                "state",
+                "is one of pending, delivered, failed",
+            ));
+            None
+        }
+    };
+    let limit = page_limit(q.limit, &mut errors);
+    if !errors.is_empty() {
+        return Err(ApiError::validation(errors));
+    }
+    existing(&store, &id).await?;
+    let items = store
+        .hook_messages_page(&id, state, q.cursor.as_deref(), limit)
+        .await?;
+    let next_cursor = (items.len() as i64 == limit)
+        .then(|| items.last().map(|m| m.id.clone()))
+        .flatten();
+    Ok(Json(MessagePage {
+        items: items.iter().map(Message::from).collect(),
+        next_cursor,
+    }))
+}
+
+/// `GET /v1/webhook-endpoints/{id}/attempts`: its tries, newest first.
+pub async fn attempts(
+    State(store): State<Store>,
+    Path(id): Path<String>,
+    QueryParams(q): QueryParams<PageQuery>,
+) -> Result<Json<AttemptPage>, ApiError> {
+    let mut errors = Vec::new();
+    let limit = page_limit(q.limit, &mut errors);
+    if !errors.is_empty() {
+        return Err(ApiError::validation(errors));
+    }
+    existing(&store, &id).await?;
+    let items = store
+        .hook_attempts_page(&id, q.cursor.as_deref(), limit)
+        .await?;
+    let next_cursor = (items.len() as i64 == limit)
+        .then(|| items.last().map(|a| a.id.clone()))
+        .flatten();
+    Ok(Json(AttemptPage {
+        items: items.iter().map(Attempt::from).collect(),
+        next_cursor,
+    }))
+}
+
+/// A time range of an endpoint's messages to send again.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct ReplayBody {
+    /// Messages created at or after.
+    #[schema(value_type = String, format = DateTime)]
+    since: String,
+    /// Messages created before (default: now).
+    #[schema(value_type = Option<String>, format = DateTime)]
+    until: Option<String>,
+    /// Also those delivered already (default: only the failed and the waiting).
+    include_delivered: Option<bool>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Replayed {
+    /// Messages due again now (each keeps its `webhook-id`).
+    replayed: u64,
+}
+
+/// `POST /v1/webhook-endpoints/{id}/replay`: sends again what it did not get.
+pub async fn replay(
+    State(store): State<Store>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<Map<String, Value>>,
+) -> Result<(StatusCode, Json<Replayed>), ApiError> {
+    let mut errors = Vec::new();
+    let text = |k: &str, errors: &mut Vec<FieldError>| match body.get(k) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => {
+            errors.push(FieldError::new(k, "has the wrong type"));
+            None
+        }
+    };
+    let since_text = text("since", &mut errors);
+    let until_text = text("until", &mut errors);
+    let include_delivered = match body.get("include_delivered") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            errors.push(FieldError::new("include_delivered", "has the wrong type"));
+            false
+        }
+    };
+    for k in body.keys() {
+        if !["since", "until", "include_delivered"].contains(&k.as_str()) {
+            errors.push(FieldError::new(
+                k.clone(),
+                "unknown field (since, until, include_delivered)",
+            ));
+        }
+    }
+    if since_text.is_none() && !errors.iter().any(|e| e.field == "since") {
+        errors.push(FieldError::new("since", "is required"));
+    }
+    let since = parse_instant("since", since_text.as_deref(), &mut errors);
+    let until = parse_instant("until", until_text.as_deref(), &mut errors)
+        .unwrap_or_else(mongodb::bson::DateTime::now);
+    if !errors.is_empty() {
+        return Err(ApiError::validation(errors));
+    }
+    let endpoint = existing(&store, &id).await?;
+    if !endpoint.enabled {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "endpoint_disabled",
+            "the endpoint is disabled; enable it (PATCH enabled: true) before replaying",
+        ));
+    }
+    let replayed = match since {
+        Some(since) => {
+            store
+                .replay_hooks(&id, since, until, include_delivered)
+                .await?
+        }
+        None => 0,
+    };
+    Ok((StatusCode::ACCEPTED, Json(Replayed { replayed })))
+}
+
+/// `POST /v1/webhook-messages/{id}/retry`: sends one message again, from a fresh schedule.
+pub async fn retry(
+    State(store): State<Store>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<Message>), ApiError> {
+    let m = store
+        .hook_message(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("webhook message", &id))?;
+    if !existing(&store, &m.endpoint_id).await?.enabled {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "endpoint_disabled",
+            "the message's endpoint is disabled; enable it (PATCH enabled: true) first",
+        ));
+    }
+    let m = store
+        .retry_hook_message(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("webhook message", &id))?;
+    Ok((StatusCode::ACCEPTED, Json(Message::from(&m))))
 }
 
 #[cfg(test)]
