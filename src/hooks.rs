@@ -180,7 +180,9 @@ impl Hooks {
 
     async fn deliver(&self, ticket: &Ticket) -> anyhow::Result<()> {
         let token = format!("send:{}", uuid::Uuid::new_v4().simple());
-        let hold = Duration::from_millis(self.settings.timeout_ms) + Duration::from_secs(30);
+        // Past the request's timeout, with room to record it: a sender that died holding
+        // it gives it back to the relay then.
+        let hold = Duration::from_millis(self.settings.timeout_ms) + Duration::from_secs(10);
         let Some(msg) = self
             .store
             .claim_hook_message(&ticket.id, &ticket.lease, &token, hold)

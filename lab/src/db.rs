@@ -76,6 +76,15 @@ impl LabDb {
             .collect())
     }
 
+    /// Status webhook messages not delivered yet.
+    pub async fn webhooks_waiting(&self) -> anyhow::Result<u64> {
+        Ok(self
+            .db
+            .collection::<Document>("webhook_messages")
+            .count_documents(doc! {"state": {"$ne": "delivered"}})
+            .await?)
+    }
+
     /// Writes a delivery record no herald would write (its status is a number): poison,
     /// for checking that a job about it is parked, not retried forever.
     pub async fn insert_unreadable_delivery(&self, id: &str) -> anyhow::Result<()> {

@@ -115,6 +115,16 @@ pub enum Bench {
         #[arg(long, default_value_t = 30)]
         secs: u64,
     },
+    /// A campaign with and without a status webhook endpoint subscribed to `message.sent`
+    /// (alternating, `rounds` of each), and the events' rate to a loopback receiver.
+    Webhooks {
+        #[arg(long, default_value_t = 100_000)]
+        deliveries: usize,
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        #[arg(long, default_value_t = 2525)]
+        smtp_port: u16,
+    },
     /// The machine's own ceilings: RabbitMQ and MongoDB without herald in the loop.
     Ceilings {
         #[arg(long, default_value_t = 100_000)]
@@ -210,6 +220,14 @@ async fn run_bench(settings: Settings, which: Bench) -> anyhow::Result<()> {
         } => (
             "inbox",
             bench::inbox::inbox(settings, sockets, per_sec, secs).await?,
+        ),
+        Bench::Webhooks {
+            deliveries,
+            rounds,
+            smtp_port,
+        } => (
+            "webhooks",
+            bench::webhooks(settings, deliveries, rounds, smtp_port).await?,
         ),
         Bench::Ingest { events, clients } => {
             ("ingest", bench::ingest(settings, events, clients).await?)

@@ -442,7 +442,19 @@ async fn the_console_works_in_a_real_browser() {
     if !browser_ready() {
         return;
     }
-    let app = spawn_app().await;
+    let app = spawn_app_with(TestOptions {
+        env: vec![(
+            "HERALD__WEBHOOK__ALLOW_INTERNAL_TARGETS".into(),
+            "true".into(),
+        )],
+        ..TestOptions::default()
+    })
+    .await;
+    let receiver = wiremock::MockServer::start().await;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .respond_with(wiremock::ResponseTemplate::new(200))
+        .mount(&receiver)
+        .await;
     for (id, name) in [("ana", "Ana"), ("bruno", "Bruno")] {
         app.put_user(
             id,
@@ -468,7 +480,7 @@ async fn the_console_works_in_a_real_browser() {
     }
     let key = admin_key(&app, "console-e2e").await;
     let shots = screenshots();
-    const SHOTS: [&str; 10] = [
+    const SHOTS: [&str; 12] = [
         "login",
         "deliveries",
         "delivery",
@@ -479,6 +491,8 @@ async fn the_console_works_in_a_real_browser() {
         "campaign",
         "campaigns",
         "template",
+        "webhooks",
+        "webhook",
     ];
     for shot in SHOTS {
         let _ = std::fs::remove_file(shots.join(format!("{shot}.png")));
@@ -493,6 +507,7 @@ async fn the_console_works_in_a_real_browser() {
             ("FIND_USER", "ana"),
             ("DEAD_USER", "bruno"),
             ("CAMPAIGN_NAME", campaign),
+            ("HOOK_URL", &format!("{}/hooks", receiver.uri())),
         ],
     )
     .await;
@@ -519,6 +534,16 @@ async fn the_console_works_in_a_real_browser() {
     let (_, t) = app.get("/v1/templates/greeting/email").await;
     assert_eq!(t["origin"], "api");
     assert_eq!(t["parts"]["subject"], "Welcome aboard, {{user.first_name}}");
+    // The endpoint's event, then its replay: twice, under one webhook-id.
+    let hooks = receiver.received_requests().await.unwrap_or_default();
+    let ids: Vec<_> = hooks
+        .iter()
+        .filter_map(|r| r.headers.get("webhook-id").and_then(|v| v.to_str().ok()))
+        .collect();
+    assert!(
+        ids.len() >= 2 && ids.iter().all(|i| *i == ids[0]),
+        "{ids:?}"
+    );
     for shot in SHOTS {
         assert!(shots.join(format!("{shot}.png")).exists(), "{shot}.png");
     }

@@ -1,6 +1,7 @@
 // The console, end to end, in Debian's headless Chromium: sign in, find a delivery by its
 // user and open it, watch the live tail (and pause it), read the overview, replay a dead
-// letter, create a campaign and see its next fires, pause it, edit and preview a template.
+// letter, create a campaign and see its next fires, pause it, edit and preview a template,
+// add a status webhook endpoint (its secret shown once), see its tries and replay them.
 // tests/it/console.rs seeds herald and runs this; it checks herald's side afterwards.
 // Every page is screenshotted into $SCREENSHOTS.
 import { launch, need } from "./lib.mjs";
@@ -13,6 +14,7 @@ const shots = need("SCREENSHOTS");
 const findUser = need("FIND_USER");
 const deadUser = need("DEAD_USER");
 const campaignName = need("CAMPAIGN_NAME");
+const hookUrl = need("HOOK_URL");
 mkdirSync(shots, { recursive: true });
 
 const browser = await launch();
@@ -204,6 +206,39 @@ try {
     await shot("template");
     await page.click("main button[type=submit]");
     await page.waitForSelector("#toast .note:text('Template saved')");
+  });
+
+  await step("add a status webhook endpoint, see its secret once, its tries, and replay", async () => {
+    await page.click("nav a[data-section=webhooks]");
+    await page.waitForSelector("#new-endpoint");
+    await labelled("webhooks");
+    await page.fill("#new-endpoint input[name=url]", "ftp://nowhere");
+    await page.check("#new-endpoint input[name=events][value='message.sent']");
+    await page.click("#new-endpoint button[type=submit]");
+    await page.waitForSelector("#new-endpoint [aria-invalid=true], #new-endpoint .form-errors :text('url')");
+    await page.fill("#new-endpoint input[name=url]", hookUrl);
+    await page.click("#new-endpoint button[type=submit]");
+    const secret = await page.locator("#secret code").textContent();
+    assert.match(secret, /^whsec_/);
+    await page.click("#secret + p a");
+    await page.waitForSelector("#rotate");
+    // An event after the endpoint exists: its message.sent arrives and is listed as a try.
+    await post("/v1/events", { event_type: "greeting", channels: ["email"], recipients: { user_ids: [findUser] }, payload: { note: "hook" } });
+    for (let i = 0; i < 100 && !(await page.locator("table[aria-label=Tries] tbody tr").count()); i++) {
+      await page.waitForTimeout(200);
+      await page.evaluate(() => window.dispatchEvent(new HashChangeEvent("hashchange")));
+    }
+    assert.match(await page.locator("table[aria-label=Tries] tbody tr").first().textContent(), /message\.sent.*200/);
+    assert.equal(await page.locator("#secret").count(), 0, "the secret is not shown again");
+    await labelled("endpoint");
+    await shot("webhook");
+    await page.fill("#replay input[name=since]", "2026-01-01T00:00");
+    await page.check("#replay input[name=include_delivered]");
+    await page.click("#replay button[type=submit]");
+    await page.waitForSelector("#toast .note:text('Replaying 1 message')");
+    await page.click("nav a[data-section=webhooks]");
+    await page.locator("tr[data-endpoint]").first().waitFor();
+    await shot("webhooks");
   });
 
   assert.deepEqual(problems, [], "no script errors, no request off the machine");

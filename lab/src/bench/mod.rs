@@ -5,8 +5,11 @@ mod cpu;
 pub mod inbox;
 mod queue_ceiling;
 pub mod sink;
+mod status_hooks;
 mod store_ceiling;
 pub mod suite;
+
+pub use status_hooks::webhooks;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -745,6 +748,8 @@ kind = "fcm"
 service_account_file = "{}"
 base_url = "{sink}"
 token_uri = "{sink}/token"
+[webhook]
+allow_internal_targets = true
 "#,
                 service_account.display()
             ),

@@ -1,8 +1,10 @@
 //! An HTTP server on loopback that answers like the SMS and push providers (Twilio's
-//! Messages API, FCM v1 and Google's token endpoint) and counts what it accepted.
+//! Messages API, FCM v1 and Google's token endpoint) and a status webhook receiver
+//! (`/hooks`), and counts what it accepted.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
@@ -15,6 +17,28 @@ use serde_json::json;
 pub struct Received {
     pub sms: AtomicU64,
     pub push: AtomicU64,
+    /// Status webhooks received at `/hooks`, in arrival order.
+    pub hooks: Mutex<Vec<Hook>>,
+}
+
+/// One status webhook as received.
+#[derive(Debug, Clone)]
+pub struct Hook {
+    pub webhook_id: String,
+    pub kind: String,
+    pub delivery_id: Option<String>,
+    pub at: Instant,
+}
+
+impl Received {
+    /// The status webhooks received so far.
+    pub fn hooks(&self) -> Vec<Hook> {
+        self.hooks.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn hook_count(&self) -> usize {
+        self.hooks.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
 }
 
 /// Serves until the process ends; returns its base URL and its counters.
@@ -35,14 +59,32 @@ pub async fn start() -> anyhow::Result<(String, Arc<Received>)> {
 
 async fn answer(State(received): State<Arc<Received>>, request: Request) -> Response {
     let path = request.uri().path().to_owned();
+    let webhook_id = request
+        .headers()
+        .get("webhook-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     // Read the whole body, as a provider would, before answering.
-    if axum::body::to_bytes(request.into_body(), 1 << 20)
-        .await
-        .is_err()
-    {
+    let Ok(body) = axum::body::to_bytes(request.into_body(), 1 << 20).await else {
         return StatusCode::BAD_REQUEST.into_response();
-    }
-    if path.ends_with("/Messages.json") {
+    };
+    if path == "/hooks" {
+        let Ok(event) = serde_json::from_slice::<serde_json::Value>(&body) else {
+            return StatusCode::BAD_REQUEST.into_response();
+        };
+        let hook = Hook {
+            webhook_id: webhook_id.unwrap_or_default(),
+            kind: event["type"].as_str().unwrap_or_default().to_owned(),
+            delivery_id: event["data"]["delivery_id"].as_str().map(str::to_owned),
+            at: Instant::now(),
+        };
+        received
+            .hooks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(hook);
+        StatusCode::NO_CONTENT.into_response()
+    } else if path.ends_with("/Messages.json") {
         let n = received.sms.fetch_add(1, Ordering::Relaxed);
         let body = json!({"sid": format!("SM{n:032x}"), "status": "queued"});
         (StatusCode::CREATED, Json(body)).into_response()

@@ -6,7 +6,9 @@
 //! SMTP sink that records each message's `X-Herald-Delivery-Id`. A campaign and a stream of
 //! single events run while the fault is injected and repaired; then every accepted delivery
 //! is sorted, as RabbitMQ's Jepsen checker sorts messages, into delivered, lost,
-//! duplicated and unexpected.
+//! duplicated and unexpected. A status webhook endpoint subscribed to `message.sent`
+//! points at a loopback receiver: every `sent` delivery's event must reach it (at least
+//! once, always under one `webhook-id`).
 
 mod faults;
 
@@ -29,6 +31,7 @@ use herald::config::{Secret, Settings};
 use herald::store::UserDoc;
 use herald_testbed::{SmtpServer, TcpProxy};
 
+use crate::bench::sink::{self, Received};
 use crate::db::LabDb;
 
 pub use faults::{Fault, ALL};
@@ -231,6 +234,8 @@ struct Bed {
     refused: Arc<AtomicUsize>,
     /// Schedules owed exactly one fired slot each.
     slots: HashSet<String>,
+    /// The status webhooks the bed's endpoint received.
+    hooks: Arc<Received>,
 }
 
 /// The bed's `worker.max_attempts`; the harness's own context uses it too, so its queue
@@ -260,6 +265,13 @@ lease_secs = 3
 poll_interval_ms = 200
 [amqp]
 reconnect_max_ms = 1000
+[webhook]
+allow_internal_targets = true
+[status_webhooks]
+retry_delays_ms = [200, 1000, 2000, 4000, 4000]
+timeout_ms = 2000
+poll_interval_ms = 200
+lease_secs = 3
 {extra}"#
     )
 }
@@ -299,6 +311,7 @@ impl Bed {
             .await?;
 
         let smtp = SmtpServer::start().await?;
+        let (hook_sink, hooks) = sink::start().await?;
         let amqp_target = url::Url::parse(settings.amqp.url.expose())
             .ok()
             .and_then(|u| Some(format!("{}:{}", u.host_str()?, u.port().unwrap_or(5672))))
@@ -355,11 +368,26 @@ impl Bed {
             accepted: Arc::default(),
             refused: Arc::default(),
             slots: HashSet::new(),
+            hooks,
         };
         for role in ROLES {
             bed.spawn(role)?;
         }
         bed.wait_ready().await?;
+        let made = bed
+            .client
+            .post(format!("{}/v1/webhook-endpoints", bed.base))
+            .bearer_auth(&bed.key)
+            .json(&json!({"url": format!("{hook_sink}/hooks"), "events": ["message.sent"]}))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            made.status().as_u16() == 201,
+            "creating the status webhook endpoint: {}",
+            made.status()
+        );
+        // Every process reads subscriptions at most a second old.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
         Ok(bed)
     }
 
@@ -623,6 +651,10 @@ impl Bed {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+        // Status webhooks: until each message is delivered.
+        while Instant::now() < deadline && self.lab.webhooks_waiting().await? > 0 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         // Scheduled slots: until each has a final delivery.
         while !self.slots.is_empty() && Instant::now() < deadline {
             let log = self.lab.delivery_audit().await?;
@@ -727,6 +759,10 @@ impl Bed {
             .keys()
             .filter(|id| !seen.contains(id.as_str()))
             .count();
+        let hooks = self.hook_accounting(&log);
+        row.notes = format!("{}; {hooks}", row.notes)
+            .trim_start_matches("; ")
+            .to_owned();
         if !unknown_causes.is_empty() {
             let causes: Vec<String> = unknown_causes
                 .iter()
@@ -737,6 +773,38 @@ impl Bed {
                 .to_owned();
         }
         Ok(row)
+    }
+
+    /// The status webhooks against the log: every `sent` delivery's `message.sent` must
+    /// have arrived, each delivery's under one `webhook-id` (repeats of it are the
+    /// specification's at-least-once; a second id would be a second event). FAIL otherwise.
+    fn hook_accounting(&self, log: &[crate::db::AuditedDelivery]) -> String {
+        let mut ids: HashMap<&str, HashSet<&str>> = HashMap::new();
+        let hooks = self.hooks.hooks();
+        for h in &hooks {
+            if let (Some(d), "message.sent") = (h.delivery_id.as_deref(), h.kind.as_str()) {
+                ids.entry(d).or_default().insert(h.webhook_id.as_str());
+            }
+        }
+        let sent: HashSet<&str> = log
+            .iter()
+            .filter(|d| d.status == "sent")
+            .map(|d| d.id.as_str())
+            .collect();
+        let lost = sent.iter().filter(|d| !ids.contains_key(*d)).count();
+        let doubled = ids.values().filter(|w| w.len() > 1).count();
+        let unsent = ids.keys().filter(|d| !sent.contains(*d)).count();
+        let repeats = hooks.len() - ids.values().map(HashSet::len).sum::<usize>();
+        let verdict = if lost + doubled + unsent > 0 {
+            " FAIL"
+        } else {
+            ""
+        };
+        format!(
+            "webhooks: {} of {} sent reported, {lost} lost, {doubled} under two ids, {unsent} not sent, {repeats} repeated{verdict}",
+            sent.len() - lost,
+            sent.len()
+        )
     }
 
     /// Stops herald's processes; drops the database and queues unless `keep`.

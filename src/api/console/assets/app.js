@@ -162,6 +162,8 @@ const routes = [
   [/^#\/campaigns(\?.*)?$/, campaignsPage],
   [/^#\/templates\/([^/?]+)\/([^/?]+)(\?.*)?$/, templatePage],
   [/^#\/templates(\?.*)?$/, templatesPage],
+  [/^#\/webhooks\/([^/?]+)$/, endpointPage],
+  [/^#\/webhooks(\?.*)?$/, endpointsPage],
 ];
 
 function hashParams() {
@@ -860,6 +862,133 @@ async function templatePage(m, token) {
       form.querySelector(".form-errors").replaceChildren(errorBox({ ...err, message: err.message, code: err.code, details: rest }));
     }
   });
+}
+
+// ---------- status webhooks ----------
+
+const EVENT_TYPES = ["message.sent", "message.delivered", "message.bounced", "message.undelivered", "message.failed", "message.dead",
+  "message.skipped", "message.complained", "message.unsubscribed", "message.seen", "message.read", "notification.completed"];
+
+// The secret of a new or rotated endpoint: shown this once.
+function secretBox(secret) {
+  return h("div", { class: "card secret", role: "alert", id: "secret" },
+    h("p", {}, h("strong", {}, "Signing secret — shown once. "), "Verify with any Standard Webhooks library."),
+    h("code", { class: "mono" }, secret));
+}
+
+async function endpointsPage(m, token) {
+  const { items } = await api("/v1/webhook-endpoints");
+  if (!current(token)) return;
+  const form = h("form", { class: "card", id: "new-endpoint", "aria-label": "New endpoint" },
+    h("h2", {}, "New endpoint"),
+    field("URL", h("input", { name: "url", type: "url", required: true, placeholder: "https://example.com/hooks/herald" })),
+    field("Description", h("input", { name: "description" })),
+    h("fieldset", { class: "checks" }, h("legend", {}, "Events"),
+      EVENT_TYPES.map((t) => h("label", {}, h("input", { type: "checkbox", name: "events", value: t }), t))),
+    h("div", { class: "checks" }, h("label", {}, h("input", { type: "checkbox", name: "include_contact", value: "true" }), "include addresses and provider texts")),
+    h("div", { class: "form-errors" }),
+    h("div", { class: "actions" }, h("button", { class: "primary", type: "submit" }, "Create")));
+  const shown = h("div", {});
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const body = {
+      url: form.url.value, description: form.description.value,
+      events: [...form.querySelectorAll("input[name=events]:checked")].map((i) => i.value),
+      include_contact: form.include_contact.checked,
+    };
+    try {
+      const made = await api("/v1/webhook-endpoints", { method: "POST", body });
+      form.reset();
+      shown.replaceChildren(secretBox(made.secret), h("p", {}, h("a", { href: `#/webhooks/${encodeURIComponent(made.id)}` }, `Open ${made.url}`)));
+      toast("Endpoint created");
+    } catch (err) {
+      const rest = showFieldErrors(form, err);
+      form.querySelector(".form-errors").replaceChildren(rest.length || !err.details ? errorBox({ ...err, details: rest }) : "");
+    }
+  });
+  render(h("h1", {}, "Status webhooks"), shown,
+    items.length
+      ? h("div", { class: "table-wrap" }, h("table", { "aria-label": "Endpoints" },
+          h("thead", {}, h("tr", {}, ["URL", "Events", "State", "Failing since", "Created"].map((t) => h("th", { scope: "col" }, t)))),
+          h("tbody", {}, items.map((e) => h("tr", { "data-endpoint": e.id },
+            h("td", {}, h("a", { href: `#/webhooks/${encodeURIComponent(e.id)}` }, e.url), e.description ? h("div", { class: "muted small" }, e.description) : ""),
+            h("td", { class: "small" }, e.events.join(", ")),
+            h("td", {}, badge(e.enabled ? "enabled" : "disabled"), e.disabled_reason ? h("div", { class: "muted small" }, e.disabled_reason) : ""),
+            h("td", {}, e.failing_since ? timeCell(e.failing_since) : "—"), h("td", {}, timeCell(e.created_at)))))))
+      : h("p", { class: "muted" }, "No endpoints yet."),
+    form);
+}
+
+async function endpointPage(m, token) {
+  const id = decodeURIComponent(m[1]);
+  const path = `/v1/webhook-endpoints/${encodeURIComponent(id)}`;
+  const [e, attempts, failed] = await Promise.all([api(path), api(`${path}/attempts?limit=50`), api(`${path}/messages?state=failed&limit=50`)]);
+  if (!current(token)) return;
+  const shown = h("div", {});
+  const act = (what, body) => async (ev) => {
+    ev.target.disabled = true;
+    try {
+      const r = await api(what === "toggle" ? path : `${path}/${what}`, { method: what === "toggle" ? "PATCH" : "POST", body });
+      if (what === "rotate-secret") { shown.replaceChildren(secretBox(r.secret)); toast("Secret rotated: the previous one signs beside it for 24 hours"); ev.target.disabled = false; return; }
+      toast(what === "toggle" ? (body.enabled ? "Enabled" : "Disabled") : "Done");
+      route();
+    } catch (err) {
+      ev.target.disabled = false;
+      toast(`${err.message} (${err.code})`, true);
+    }
+  };
+  const replay = h("form", { class: "filters card", id: "replay", "aria-label": "Replay" },
+    field("Since", h("input", { name: "since", type: "datetime-local", required: true })),
+    field("Until", h("input", { name: "until", type: "datetime-local" })),
+    h("div", { class: "checks" }, h("label", {}, h("input", { type: "checkbox", name: "include_delivered", value: "true" }), "also those delivered")),
+    h("div", { class: "actions" }, h("button", { class: "primary", type: "submit" }, "Replay")));
+  replay.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const iso = (v) => (v ? new Date(v).toISOString() : undefined);
+    try {
+      const r = await api(`${path}/replay`, { method: "POST", body: { since: iso(replay.since.value), until: iso(replay.until.value), include_delivered: replay.include_delivered.checked } });
+      toast(`Replaying ${r.replayed} message(s)`);
+    } catch (err) {
+      toast(`${err.message} (${err.code})`, true);
+    }
+  });
+  const retry = (msg) => async (ev) => {
+    ev.target.disabled = true;
+    try {
+      await api(`/v1/webhook-messages/${encodeURIComponent(msg.id)}/retry`, { method: "POST" });
+      toast("Sending it again");
+    } catch (err) {
+      ev.target.disabled = false;
+      toast(`${err.message} (${err.code})`, true);
+    }
+  };
+  render(h("h1", {}, e.url), shown,
+    h("dl", { class: "card facts" },
+      h("dt", {}, "Events"), h("dd", {}, e.events.join(", ")),
+      h("dt", {}, "State"), h("dd", {}, badge(e.enabled ? "enabled" : "disabled"), e.disabled_reason ? ` ${e.disabled_reason}` : ""),
+      h("dt", {}, "Failing since"), h("dd", {}, e.failing_since ? timeCell(e.failing_since) : "—"),
+      h("dt", {}, "Contact data"), h("dd", {}, e.include_contact ? "included" : "ids, statuses and times only")),
+    h("div", { class: "actions" },
+      h("button", { type: "button", onclick: act("toggle", { enabled: !e.enabled }) }, e.enabled ? "Disable" : "Enable"),
+      h("button", { type: "button", id: "rotate", onclick: act("rotate-secret") }, "Rotate secret")),
+    h("h2", {}, "Recent tries"),
+    attempts.items.length
+      ? h("div", { class: "table-wrap" }, h("table", { "aria-label": "Tries" },
+          h("thead", {}, h("tr", {}, ["Time", "Event", "Message", "Status", "Duration", "Error"].map((t) => h("th", { scope: "col" }, t)))),
+          h("tbody", {}, attempts.items.map((a) => h("tr", {},
+            h("td", {}, timeCell(a.at)), h("td", {}, a.type), h("td", { class: "mono small" }, a.message_id),
+            h("td", {}, a.status_code ?? "—"), h("td", { class: "num" }, `${a.duration_ms} ms`), h("td", { class: "small" }, a.error || ""))))))
+      : h("p", { class: "muted" }, "No tries yet."),
+    h("h2", {}, "Failed messages"),
+    failed.items.length
+      ? h("div", { class: "table-wrap" }, h("table", { "aria-label": "Failed messages" },
+          h("thead", {}, h("tr", {}, ["Created", "Event", "Tries", "Last error", ""].map((t) => h("th", { scope: "col" }, t)))),
+          h("tbody", {}, failed.items.map((msg) => h("tr", {},
+            h("td", {}, timeCell(msg.created_at)), h("td", {}, msg.type), h("td", { class: "num" }, msg.attempts),
+            h("td", { class: "small" }, msg.last_error || ""),
+            h("td", {}, h("button", { type: "button", onclick: retry(msg) }, "Retry")))))))
+      : h("p", { class: "muted" }, "None failed."),
+    h("h2", {}, "Replay"), replay);
 }
 
 // ---------- start ----------
