@@ -108,7 +108,22 @@ impl Hooks {
         let batch = self.settings.batch_size.max(1);
         let mut wait = poll;
         loop {
-            match self.relay_once(batch).await {
+            // What RabbitMQ holds already is enough to keep the senders busy; leasing more
+            // would let leases run out in the queue and the messages go out twice.
+            let full = match self
+                .broker
+                .queue_depth(&self.broker.names().webhooks_queue)
+                .await
+            {
+                Ok(depth) => i64::from(depth) >= batch,
+                Err(_) => false,
+            };
+            let relayed = if full {
+                Ok(0)
+            } else {
+                self.relay_once(batch).await
+            };
+            match relayed {
                 Ok(n) if n as i64 >= batch => continue,
                 Ok(_) => wait = poll,
                 Err(e) => {
@@ -191,7 +206,7 @@ impl Hooks {
             // Tried already through another copy, or replayed or retried meanwhile.
             return Ok(());
         };
-        let Some(endpoint) = self.store.endpoint(&msg.endpoint_id).await? else {
+        let Some(endpoint) = self.store.endpoint_cached(&msg.endpoint_id).await? else {
             return self
                 .store
                 .fail_hook_message(&msg.id, &token, "endpoint deleted")

@@ -12,7 +12,7 @@ const LAYERS: &[&[&str]] = &[
     &["config", "cli"],
     &["telemetry", "templates"],
     &["store", "queue", "channels"],
-    &["enrich", "batch", "outbox", "seed"],
+    &["enrich", "batch", "outbox", "hooks", "seed"],
     &["ingest", "scheduler", "worker"],
     &["app"],
     &["api"],

@@ -202,6 +202,7 @@ impl Store {
                 .return_document(ReturnDocument::After)
                 .await?;
             if rotated.is_some() {
+                self.forget_subscriptions();
                 return Ok(rotated);
             }
         }

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::documents::DeliveryDoc;
+use super::webhook_endpoints::EndpointDoc;
 use super::{chrono_time, Store};
 use crate::domain::DeliveryStatus;
 
@@ -209,9 +210,12 @@ impl Subscriptions {
     }
 }
 
-/// The subscriptions cache and what wakes this process's relay, shared by a store's clones.
+/// The subscriptions and endpoints caches and what wakes this process's relay, shared by
+/// a store's clones. A change made in this process clears them at once; one made by
+/// another process is seen within [`SUBSCRIPTIONS_TTL`].
 pub struct HookShared {
     cache: moka::sync::Cache<(), Subscriptions>,
+    endpoints: moka::sync::Cache<String, Arc<EndpointDoc>>,
     pub wake: tokio::sync::Notify,
 }
 
@@ -220,6 +224,10 @@ impl Default for HookShared {
         Self {
             cache: moka::sync::Cache::builder()
                 .max_capacity(1)
+                .time_to_live(SUBSCRIPTIONS_TTL)
+                .build(),
+            endpoints: moka::sync::Cache::builder()
+                .max_capacity(10_000)
                 .time_to_live(SUBSCRIPTIONS_TTL)
                 .build(),
             wake: tokio::sync::Notify::new(),
@@ -278,9 +286,23 @@ impl Store {
         Ok(s)
     }
 
-    /// Forgets the cached subscriptions (an endpoint changed in this process).
+    /// Forgets the cached subscriptions and endpoints (one changed in this process).
     pub fn forget_subscriptions(&self) {
         self.hooks.cache.invalidate_all();
+        self.hooks.endpoints.invalidate_all();
+    }
+
+    /// An endpoint as read at most [`SUBSCRIPTIONS_TTL`] ago (what the senders use).
+    pub async fn endpoint_cached(&self, id: &str) -> anyhow::Result<Option<Arc<EndpointDoc>>> {
+        if let Some(e) = self.hooks.endpoints.get(id) {
+            return Ok(Some(e));
+        }
+        let Some(e) = self.endpoint(id).await? else {
+            return Ok(None);
+        };
+        let e = Arc::new(e);
+        self.hooks.endpoints.insert(id.to_owned(), e.clone());
+        Ok(Some(e))
     }
 
     /// What wakes this process's status webhook relay.
@@ -530,6 +552,7 @@ impl Store {
 
     /// Notes a failed try of an endpoint; returns since when it has been failing.
     pub async fn endpoint_failing(&self, id: &str, now: DateTime) -> anyhow::Result<DateTime> {
+        self.hooks.endpoints.invalidate(id);
         let e = self
             .webhook_endpoints()
             .find_one_and_update(
@@ -549,6 +572,7 @@ impl Store {
 
     /// Notes a successful try of an endpoint that was failing.
     pub async fn endpoint_recovered(&self, id: &str) -> anyhow::Result<()> {
+        self.hooks.endpoints.invalidate(id);
         self.webhook_endpoints()
             .update_one(
                 doc! {"_id": id, "failing_since": {"$ne": null}},

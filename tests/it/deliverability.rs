@@ -166,7 +166,7 @@ async fn marketing_mail_is_signed_and_carries_one_click_unsubscribe_and_transact
 }
 
 /// The path and token of a marketing mail's one-click link.
-fn unsubscribe_path(mail: &Mail) -> String {
+pub(crate) fn unsubscribe_path(mail: &Mail) -> String {
     let list = mail.header("List-Unsubscribe").expect("List-Unsubscribe");
     let url = list
         .trim_start_matches('<')

@@ -16,7 +16,7 @@ type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// What the customer's server computes: hex(HMAC-SHA256(secret, user id)).
-fn user_hash(app: &TestApp, user: &str) -> String {
+pub(crate) fn user_hash(app: &TestApp, user: &str) -> String {
     let mut mac =
         Hmac::<Sha256>::new_from_slice(app.settings.inbox.secret.expose().as_bytes()).expect("key");
     mac.update(user.as_bytes());
@@ -107,7 +107,7 @@ impl EndUser {
 }
 
 /// Posts a mention to `user` and waits for its notification to finish.
-async fn mention(app: &TestApp, user: &str, n: usize) -> String {
+pub(crate) async fn mention(app: &TestApp, user: &str, n: usize) -> String {
     let (status, body) = app
         .post_event(&json!({"event_type": "mention", "recipients": {"user_ids": [user]},
             "payload": {"author": "Grace", "excerpt": format!("note {n}"), "post_id": format!("p{n}")}}))

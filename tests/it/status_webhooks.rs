@@ -521,3 +521,108 @@ async fn a_slow_endpoint_does_not_hold_up_another() {
         "the slow endpoint had {slow_got} tries started: at most its 2 at a time"
     );
 }
+
+#[tokio::test]
+async fn failures_deaths_unsubscribes_and_inbox_reads_are_reported() {
+    let app = app_with(
+        config(
+            &[100, 100],
+            "[event_types.greeting]\ncategory = \"marketing\"",
+        ),
+        Vec::new(),
+    )
+    .await;
+    app.put_ana().await;
+    app.put_user("ana", json!({"first_name": "Ana"})).await;
+    let server = receiver(200).await;
+    let (id, _) = endpoint(
+        &app,
+        &format!("{}/hook", server.uri()),
+        &[
+            "message.failed",
+            "message.dead",
+            "message.unsubscribed",
+            "message.seen",
+            "message.read",
+        ],
+        false,
+    )
+    .await;
+    // Refused for good, then for the moment on every attempt, then sent.
+    app.smtp.refuse_next(1, "550 5.1.1 no such mailbox");
+    let failed = send(&app, "email").await;
+    app.smtp.refuse_next(3, "451 4.3.0 try again later");
+    let dead = send(&app, "email").await;
+    let sent = send(&app, "email").await;
+    assert_eq!(
+        (
+            failed["status"].as_str(),
+            dead["status"].as_str(),
+            sent["status"].as_str()
+        ),
+        (Some("failed"), Some("dead"), Some("sent"))
+    );
+    // The recipient leaves through the sent mail's one-click link.
+    let mail = app.smtp.wait_for(1, 10).await.remove(0);
+    let r = reqwest::Client::new()
+        .post(app.url(&crate::deliverability::unsubscribe_path(&mail)))
+        .form(&[("List-Unsubscribe", "One-Click")])
+        .send()
+        .await
+        .expect("one-click");
+    assert_eq!(r.status(), 200);
+    // An in-app item, read by its user.
+    let nid = crate::inbox::mention(&app, "ana", 1).await;
+    let (s, session) = crate::helpers::answer(
+        reqwest::Client::new()
+            .post(app.url("/v1/inbox/session"))
+            .json(&json!({"user_id": "ana", "user_hash": crate::inbox::user_hash(&app, "ana")})),
+    )
+    .await;
+    assert_eq!(s, 200, "{session}");
+    let token = session["token"].as_str().expect("token");
+    let (_, items) = crate::helpers::answer(
+        reqwest::Client::new()
+            .get(app.url("/v1/inbox/notifications"))
+            .bearer_auth(token),
+    )
+    .await;
+    let item = items["items"][0]["id"].as_str().expect("item").to_owned();
+    for _ in 0..2 {
+        let (s, b) = crate::helpers::answer(
+            reqwest::Client::new()
+                .post(app.url(&format!("/v1/inbox/notifications/{item}/read")))
+                .bearer_auth(token),
+        )
+        .await;
+        assert_eq!(s, 200, "{b}");
+    }
+
+    let got = received(&server, 5, 20).await;
+    let by_type: std::collections::HashMap<String, Value> = got
+        .iter()
+        .map(body)
+        .map(|b| (b["type"].as_str().unwrap_or_default().to_owned(), b))
+        .collect();
+    let delivery_of = |t: &str| by_type[t]["data"]["delivery_id"].clone();
+    assert_eq!(delivery_of("message.failed"), failed["delivery_id"]);
+    assert_eq!(
+        by_type["message.failed"]["data"]["reason"],
+        "provider_rejected"
+    );
+    assert_eq!(delivery_of("message.dead"), dead["delivery_id"]);
+    assert_eq!(
+        by_type["message.dead"]["data"]["reason"],
+        "retries_exhausted"
+    );
+    assert_eq!(delivery_of("message.unsubscribed"), sent["delivery_id"]);
+    assert!(by_type["message.unsubscribed"]["data"]["unsubscribed_at"].is_string());
+    let in_app = app.deliveries(&nid).await.remove(0);
+    assert_eq!(delivery_of("message.seen"), in_app["delivery_id"]);
+    assert_eq!(delivery_of("message.read"), in_app["delivery_id"]);
+    assert!(by_type["message.read"]["data"]["read_at"].is_string());
+    // Each once: a second read is not a first read.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(server.received_requests().await.map(|r| r.len()), Some(5));
+    assert_eq!(messages(&app, &id, "delivered").await.len(), 5);
+}
