@@ -37,6 +37,27 @@ struct Answer {
     retry_after: Option<Duration>,
 }
 
+/// What an answer means for the message and its endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Any 2xx.
+    Delivered,
+    /// 410: the endpoint is gone.
+    Gone,
+    /// Anything else, no answer included.
+    Failed,
+}
+
+impl Answer {
+    fn verdict(&self) -> Verdict {
+        match self.status_code {
+            Some(c) if (200..300).contains(&c) => Verdict::Delivered,
+            Some(410) => Verdict::Gone,
+            _ => Verdict::Failed,
+        }
+    }
+}
+
 /// The relay and the senders of one process.
 #[derive(Clone)]
 pub struct Hooks {
@@ -105,24 +126,29 @@ impl Hooks {
     /// polling for the others and for retries coming due.
     async fn relay(&self, cancel: CancellationToken) {
         let poll = Duration::from_millis(self.settings.poll_interval_ms.max(10));
-        let batch = self.settings.batch_size.max(1);
+        // Enough waiting in RabbitMQ to keep the senders busy: leasing more would only let
+        // leases run out in the queue (their copies are then dropped at the claim).
+        let enough = i64::from(self.settings.concurrency.max(1)) * 2;
+        let batch = self.settings.batch_size.clamp(1, enough);
         let mut wait = poll;
+        let mut published = 0;
         loop {
-            // What RabbitMQ holds already is enough to keep the senders busy; leasing more
-            // would let leases run out in the queue and the messages go out twice.
-            let full = match self
-                .broker
-                .queue_depth(&self.broker.names().webhooks_queue)
-                .await
-            {
-                Ok(depth) => i64::from(depth) >= batch,
-                Err(_) => false,
-            };
+            // The queue is looked at only while this relay has been filling it.
+            let full = published > 0
+                && match self
+                    .broker
+                    .queue_depth(&self.broker.names().webhooks_queue)
+                    .await
+                {
+                    Ok(depth) => i64::from(depth) >= enough,
+                    Err(_) => false,
+                };
             let relayed = if full {
                 Ok(0)
             } else {
                 self.relay_once(batch).await
             };
+            published = *relayed.as_ref().unwrap_or(&0);
             match relayed {
                 Ok(n) if n as i64 >= batch => continue,
                 Ok(_) => wait = poll,
@@ -242,9 +268,13 @@ impl Hooks {
             response: answer.response.clone(),
             expire_at: msg.expire_at,
         };
-        self.store
+        if !self
+            .store
             .record_hook_attempt(&attempt, &token, next)
-            .await?;
+            .await?
+        {
+            return Ok(());
+        }
         let result = match next {
             Next::Delivered => "delivered",
             Next::RetryAt(_) => "retrying",
@@ -341,10 +371,10 @@ impl Hooks {
     /// the last retry; otherwise the next delay of the schedule, with up to 20 % jitter,
     /// or the endpoint's `Retry-After` when longer (never past the schedule's longest).
     fn next(&self, msg: &HookMessageDoc, a: &Answer, at: DateTime) -> Next {
-        match a.status_code {
-            Some(c) if (200..300).contains(&c) => return Next::Delivered,
-            Some(410) => return Next::Failed,
-            _ => {}
+        match a.verdict() {
+            Verdict::Delivered => return Next::Delivered,
+            Verdict::Gone => return Next::Failed,
+            Verdict::Failed => {}
         }
         let delays = &self.settings.retry_delays_ms;
         let Some(&delay) = delays.get(msg.attempts.max(0) as usize) else {
@@ -369,14 +399,14 @@ impl Hooks {
         a: &Answer,
         at: DateTime,
     ) -> anyhow::Result<()> {
-        match a.status_code {
-            Some(c) if (200..300).contains(&c) => {
+        match a.verdict() {
+            Verdict::Delivered => {
                 if endpoint.failing_since.is_some() {
                     self.store.endpoint_recovered(&endpoint.id).await?;
                 }
                 Ok(())
             }
-            Some(410) => {
+            Verdict::Gone => {
                 if self
                     .store
                     .disable_endpoint(&endpoint.id, "the endpoint answered 410 Gone")
@@ -386,7 +416,7 @@ impl Hooks {
                 }
                 Ok(())
             }
-            _ => {
+            Verdict::Failed => {
                 let since = self.store.endpoint_failing(&endpoint.id, at).await?;
                 let limit = (self.settings.disable_after_hours * 3_600_000.0) as i64;
                 if at.timestamp_millis() - since.timestamp_millis() < limit {

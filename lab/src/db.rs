@@ -76,12 +76,12 @@ impl LabDb {
             .collect())
     }
 
-    /// Status webhook messages not delivered yet.
+    /// Status webhook messages waiting for a try.
     pub async fn webhooks_waiting(&self) -> anyhow::Result<u64> {
         Ok(self
             .db
             .collection::<Document>("webhook_messages")
-            .count_documents(doc! {"state": {"$ne": "delivered"}})
+            .count_documents(doc! {"state": "pending"})
             .await?)
     }
 

@@ -514,32 +514,32 @@ impl Store {
                 "a delivery changed inside its feedback transaction",
             ));
         }
-        let mut kinds = Vec::new();
-        if let Some(kind) = status.and_then(HookEvent::kind_of) {
-            kinds.push((kind, status.unwrap_or(d.status)));
+        // (type, status, reason) of each event: the move, and a first complaint.
+        let mut events = Vec::new();
+        if let Some(to) = status {
+            if let Some(kind) = HookEvent::kind_of(to) {
+                events.push((kind, to, reason_of(to)));
+            }
         }
         if complained {
-            kinds.push(("message.complained", d.status));
+            events.push(("message.complained", d.status, d.reason.as_deref()));
         }
-        self.stage_hooks_of(
-            s,
-            &kinds.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
-            || {
-                kinds
-                    .iter()
-                    .map(|(kind, to)| {
-                        let mut e = HookEvent::delivery(kind, d, *to, reason_of(*to), None, now)
-                            .with("feedback", fb.kind.as_str())
-                            .with_contact("address", fb.address.clone())
-                            .with_contact("detail", fb.detail.clone());
-                        if *kind == "message.complained" {
-                            e = e.with("complained_at", iso(now));
-                        }
-                        e
-                    })
-                    .collect()
-            },
-        )
+        let kinds: Vec<&str> = events.iter().map(|(k, _, _)| *k).collect();
+        self.stage_hooks_of(s, &kinds, || {
+            events
+                .iter()
+                .map(|(kind, to, reason)| {
+                    let mut e = HookEvent::delivery(kind, d, *to, *reason, None, now)
+                        .with("feedback", fb.kind.as_str())
+                        .with_contact("address", fb.address.clone())
+                        .with_contact("detail", fb.detail.clone());
+                    if *kind == "message.complained" {
+                        e = e.with("complained_at", iso(now));
+                    }
+                    e
+                })
+                .collect()
+        })
         .await?;
         let mut moves = StatMoves::sharded("feedback", Priority::Normal);
         if complained {

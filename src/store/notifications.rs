@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use futures::{FutureExt, TryStreamExt};
 use mongodb::bson::{self, doc, DateTime, Document};
+use mongodb::options::ReturnDocument;
 
 use super::documents::{Counts, NotificationDoc, OutboxDoc};
 use super::stats;
@@ -336,30 +337,34 @@ impl Store {
             self.notifications().update_one(filter, update).await?;
             return Ok(());
         }
-        // With its `notification.completed` event, in one transaction.
-        conflict_retried(|| async {
+        // With its `notification.completed` event, in one transaction (the counts as the
+        // transaction reads them).
+        let staged = conflict_retried(|| async {
             let mut session = self.client.start_session().await?;
-            session
+            let staged = session
                 .start_transaction()
-                .and_run((&filter, &update, &n), |s, (filter, update, n)| {
+                .and_run((&filter, &update), |s, (filter, update)| {
                     async move {
-                        let done = self
+                        let Some(done) = self
                             .notifications()
-                            .update_one((*filter).clone(), (*update).clone())
+                            .find_one_and_update((*filter).clone(), (*update).clone())
+                            .return_document(ReturnDocument::After)
                             .session(&mut *s)
-                            .await?;
-                        if done.modified_count == 0 {
-                            return Ok(());
-                        }
-                        self.stage_hooks_of(s, &[KIND], || vec![completed_event(n, status, at)])
+                            .await?
+                        else {
+                            return Ok(false);
+                        };
+                        self.stage_hooks_of(s, &[KIND], || vec![completed_event(&done, status, at)])
                             .await
                     }
                     .boxed()
                 })
                 .await?;
-            Ok(())
+            Ok(staged)
         })
-        .await
+        .await?;
+        self.staged_hooks(staged);
+        Ok(())
     }
 }
 

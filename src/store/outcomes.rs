@@ -89,7 +89,7 @@ impl Store {
             return Ok(Vec::new());
         }
         let mut session = self.client.start_session().await?;
-        let (finished, applied): (Vec<String>, Vec<bool>) = session
+        let (finished, applied, staged): (Vec<String>, Vec<bool>, bool) = session
             .start_transaction()
             .and_run((self, outcomes), |s, (store, outcomes)| {
                 async move {
@@ -129,17 +129,18 @@ impl Store {
                             events.push(status_event(kind, o, &before, now));
                         }
                     }
-                    store.stage_hooks(s, &subs, &events).await?;
+                    let staged = store.stage_hooks(s, &subs, &events).await?;
                     moves
                         .write(&store.db, s, store.retention.stats_days)
                         .await?;
                     let finished = store.move_counters(s, &counters, now).await?;
-                    Ok((finished, applied))
+                    Ok((finished, applied, staged))
                 }
                 .boxed()
             })
             .await
             .context("committing delivery outcomes")?;
+        self.staged_hooks(staged);
         for id in finished {
             self.finalize_notification(&id).await?;
         }

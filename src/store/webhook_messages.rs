@@ -310,14 +310,22 @@ impl Store {
         &self.hooks.wake
     }
 
+    /// Wakes the relay when a committed transaction `staged` messages.
+    pub(super) fn staged_hooks(&self, staged: bool) {
+        if staged {
+            self.hooks.wake.notify_one();
+        }
+    }
+
     /// Writes, inside `s`'s transaction, a message per event per endpoint subscribed to
-    /// its type: committed with the status change, or not at all.
+    /// its type: committed with the status change, or not at all. Returns whether it wrote
+    /// any (then wake the relay once the transaction committed: [`Store::hook_wake`]).
     pub(super) async fn stage_hooks(
         &self,
         s: &mut ClientSession,
         subs: &Subscriptions,
         events: &[HookEvent],
-    ) -> mongodb::error::Result<()> {
+    ) -> mongodb::error::Result<bool> {
         let now = DateTime::now();
         let expire_at = super::expires(self.retention.webhook_days);
         let mut docs = Vec::new();
@@ -344,14 +352,13 @@ impl Store {
             }
         }
         if docs.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         self.hook_messages()
             .insert_many(docs)
             .session(&mut *s)
             .await?;
-        self.hooks.wake.notify_one();
-        Ok(())
+        Ok(true)
     }
 
     /// [`Store::stage_hooks`] of the events `make` builds, when an endpoint wants `kind`.
@@ -360,10 +367,10 @@ impl Store {
         s: &mut ClientSession,
         kinds: &[&str],
         make: impl FnOnce() -> Vec<HookEvent>,
-    ) -> mongodb::error::Result<()> {
+    ) -> mongodb::error::Result<bool> {
         let subs = self.subscriptions().await?;
         if !kinds.iter().any(|k| subs.wants(k)) {
-            return Ok(());
+            return Ok(false);
         }
         self.stage_hooks(s, &subs, &make()).await
     }
@@ -423,7 +430,7 @@ impl Store {
         self.hook_messages()
             .update_many(
                 doc! {"lease": token},
-                doc! {"$set": {"lease": null, "lease_until": EPOCH}},
+                doc! {"$set": released(Document::new())},
             )
             .await?;
         Ok(())
@@ -450,21 +457,21 @@ impl Store {
             .await?)
     }
 
-    /// Records a try and what becomes of its message (held by `token`).
+    /// Records a try and what becomes of its message (held by `token`); false when the
+    /// claim had lapsed meanwhile (the message was replayed, retried or leased again: the
+    /// try is listed, the message goes its new way).
     pub async fn record_hook_attempt(
         &self,
         attempt: &HookAttemptDoc,
         token: &str,
         next: Next,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<bool> {
         self.hook_attempts().insert_one(attempt).await?;
-        let mut set = doc! {
-            "lease": null,
-            "lease_until": EPOCH,
+        let mut set = released(doc! {
             "last_attempt_at": attempt.at,
             "last_status_code": attempt.status_code,
             "last_error": &attempt.error,
-        };
+        });
         match next {
             Next::Delivered => {
                 set.insert("state", "delivered");
@@ -477,13 +484,16 @@ impl Store {
                 set.insert("state", "failed");
             }
         }
-        self.hook_messages()
+        let held = self
+            .hook_messages()
             .update_one(
                 doc! {"_id": &attempt.message_id, "lease": token},
                 doc! {"$set": set, "$inc": {"attempts": 1}},
             )
-            .await?;
-        Ok(())
+            .await?
+            .matched_count
+            == 1;
+        Ok(held)
     }
 
     /// Puts a claimed message back untried, due at `at` (its endpoint is busy).
@@ -496,7 +506,7 @@ impl Store {
         self.hook_messages()
             .update_one(
                 doc! {"_id": id, "lease": token},
-                doc! {"$set": {"lease": null, "lease_until": EPOCH, "due_at": at}},
+                doc! {"$set": released(doc! {"due_at": at})},
             )
             .await?;
         Ok(())
@@ -512,8 +522,7 @@ impl Store {
         self.hook_messages()
             .update_one(
                 doc! {"_id": id, "lease": token},
-                doc! {"$set": {"lease": null, "lease_until": EPOCH,
-                "state": "failed", "last_error": error}},
+                doc! {"$set": released(doc! {"state": "failed", "last_error": error})},
             )
             .await?;
         Ok(())
@@ -543,8 +552,7 @@ impl Store {
         self.hook_messages()
             .update_many(
                 doc! {"endpoint_id": endpoint_id, "state": "pending"},
-                doc! {"$set": {"state": "failed", "last_error": error,
-                "lease": null, "lease_until": EPOCH}},
+                doc! {"$set": released(doc! {"state": "failed", "last_error": error})},
             )
             .await?;
         Ok(())
@@ -679,8 +687,14 @@ impl Store {
     }
 }
 
+/// The fields of a message nobody holds, with `more` set beside them.
+fn released(mut more: Document) -> Document {
+    more.insert("lease", mongodb::bson::Bson::Null);
+    more.insert("lease_until", EPOCH);
+    more
+}
+
 /// The update that makes a message due now, from a fresh schedule.
 fn again() -> Document {
-    doc! {"$set": {"state": "pending", "attempts": 0, "due_at": DateTime::now(),
-    "lease": null, "lease_until": EPOCH}}
+    doc! {"$set": released(doc! {"state": "pending", "attempts": 0, "due_at": DateTime::now()})}
 }
