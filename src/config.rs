@@ -224,9 +224,44 @@ pub struct MongoSettings {
 #[serde(deny_unknown_fields)]
 pub struct AmqpSettings {
     pub url: Secret,
+    /// A cluster's nodes, tried in order (set: `url` is not used).
+    #[serde(default)]
+    pub urls: Vec<Secret>,
     pub prefix: String,
     pub reconnect_max_ms: u64,
     pub answer_within_ms: u64,
+    /// The type of the lanes, intake, rejected and webhooks queues.
+    pub queue_type: QueueType,
+}
+
+impl AmqpSettings {
+    /// The addresses to try, in order.
+    pub fn addresses(&self) -> Vec<Secret> {
+        if self.urls.is_empty() {
+            vec![self.url.clone()]
+        } else {
+            self.urls.clone()
+        }
+    }
+}
+
+/// A RabbitMQ queue type (it cannot be changed on an existing queue).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// On one node: lost with it until it returns (the single-node default).
+    Classic,
+    /// Replicated (Raft) over the cluster's nodes: survives a node.
+    Quorum,
+}
+
+impl QueueType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -522,13 +557,17 @@ impl Settings {
                     .try_parsing(true)
                     // Lists from variables: comma-separated.
                     .list_separator(",")
-                    .with_list_parse_key("inbox.allowed_origins"),
+                    .with_list_parse_key("inbox.allowed_origins")
+                    .with_list_parse_key("amqp.urls"),
             );
         if let Some(uri) = var("MONGODB_URI").filter(|v| !v.is_empty()) {
             builder = builder.set_override("mongodb.uri", uri)?;
         }
         if let Some(url) = var("AMQP_URL").filter(|v| !v.is_empty()) {
-            builder = builder.set_override("amqp.url", url)?;
+            // The single-address shortcut wins over a configured list.
+            builder = builder
+                .set_override("amqp.url", url)?
+                .set_override("amqp.urls", Vec::<String>::new())?;
         }
         let settings: Settings = builder
             .build()
@@ -551,6 +590,14 @@ impl Settings {
         }
         if !self.amqp.url.expose().starts_with("amqp") {
             return bad("amqp.url", "must be an amqp:// or amqps:// URL");
+        }
+        if self
+            .amqp
+            .urls
+            .iter()
+            .any(|u| !u.expose().starts_with("amqp"))
+        {
+            return bad("amqp.urls", "each must be an amqp:// or amqps:// URL");
         }
         if self.amqp.prefix.is_empty() {
             return bad("amqp.prefix", "must not be empty");

@@ -8,6 +8,7 @@ use mongodb::bson::DateTime;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use crate::batch::Batcher;
 use crate::channels::http::{bounded_body, check_target, client, retry_after};
 use crate::config::StatusWebhookSettings;
 use crate::domain::standard_webhooks::{headers, SigningKey};
@@ -69,7 +70,16 @@ pub struct Hooks {
     metrics: Arc<Metrics>,
     /// Tries in flight per endpoint, in this process.
     busy: Arc<Mutex<HashMap<String, usize>>>,
+    /// Concurrent senders' claims, and their records, share round trips.
+    claims: Batcher<(String, String), Option<Claimed>>,
+    records: Batcher<(HookAttemptDoc, String, Next), bool>,
 }
+
+/// A claimed message, and the token its claim holds it by.
+type Claimed = (HookMessageDoc, Arc<str>);
+
+/// The most claims or records sharing one round trip.
+const BATCH_MAX: usize = 64;
 
 /// An endpoint's place among the tries in flight; given back when dropped.
 struct Slot {
@@ -97,7 +107,29 @@ impl Hooks {
         allow_internal: bool,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
+        // Past the request's timeout, with room to record it: a sender that died holding a
+        // message gives it back to the relay then.
+        let hold = Duration::from_millis(settings.timeout_ms) + Duration::from_secs(10);
+        let claimer = store.clone();
+        let (claims, _) = Batcher::start("webhook claims", BATCH_MAX, move |tickets| {
+            let store = claimer.clone();
+            async move {
+                let token: Arc<str> = format!("send:{}", uuid::Uuid::new_v4().simple()).into();
+                let claimed = store.claim_hook_messages(&tickets, &token, hold).await?;
+                Ok(claimed
+                    .into_iter()
+                    .map(|m| m.map(|m| (m, token.clone())))
+                    .collect())
+            }
+        });
+        let recorder = store.clone();
+        let (records, _) = Batcher::start("webhook records", BATCH_MAX, move |tries: Vec<_>| {
+            let store = recorder.clone();
+            async move { store.record_hook_attempts(&tries).await }
+        });
         Ok(Self {
+            claims,
+            records,
             store,
             broker,
             client: client(Duration::from_millis(settings.timeout_ms), allow_internal)?,
@@ -220,13 +252,9 @@ impl Hooks {
     }
 
     async fn deliver(&self, ticket: &Ticket) -> anyhow::Result<()> {
-        let token = format!("send:{}", uuid::Uuid::new_v4().simple());
-        // Past the request's timeout, with room to record it: a sender that died holding
-        // it gives it back to the relay then.
-        let hold = Duration::from_millis(self.settings.timeout_ms) + Duration::from_secs(10);
-        let Some(msg) = self
-            .store
-            .claim_hook_message(&ticket.id, &ticket.lease, &token, hold)
+        let Some((msg, token)) = self
+            .claims
+            .call((ticket.id.clone(), ticket.lease.clone()))
             .await?
         else {
             // Tried already through another copy, or replayed or retried meanwhile.
@@ -269,8 +297,8 @@ impl Hooks {
             expire_at: msg.expire_at,
         };
         if !self
-            .store
-            .record_hook_attempt(&attempt, &token, next)
+            .records
+            .call((attempt, token.to_string(), next))
             .await?
         {
             return Ok(());

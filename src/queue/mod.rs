@@ -3,7 +3,7 @@
 pub mod messages;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ use tokio::sync::Mutex;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::AmqpSettings;
+use crate::config::{AmqpSettings, QueueType, Secret};
 use crate::domain::Priority;
 
 /// Exchange and queue names, all under the configured prefix.
@@ -137,7 +137,11 @@ struct Live {
 /// One process's link to RabbitMQ: reconnects on demand, declares topology on every
 /// new connection, publishes with confirms.
 pub struct Broker {
-    url: crate::config::Secret,
+    /// The nodes' addresses, tried in order from the last one that answered.
+    urls: Vec<Secret>,
+    /// The address the live connection (or the last one) went to.
+    current: AtomicUsize,
+    queue_type: QueueType,
     names: Names,
     reconnect_max: Duration,
     /// How long one exchange with RabbitMQ (opening a channel, a declare, a batch's
@@ -154,7 +158,9 @@ pub struct Broker {
 impl Broker {
     pub fn new(settings: &AmqpSettings, retry_tiers: u32) -> Self {
         Self {
-            url: settings.url.clone(),
+            urls: settings.addresses(),
+            current: AtomicUsize::new(0),
+            queue_type: settings.queue_type,
             names: Names::new(&settings.prefix, retry_tiers),
             reconnect_max: Duration::from_millis(settings.reconnect_max_ms.max(50)),
             answer_within: Duration::from_millis(settings.answer_within_ms.max(100)),
@@ -199,15 +205,10 @@ impl Broker {
         live.publisher = None;
         let props =
             ConnectionProperties::default().with_connection_name(LongString::from("herald"));
-        let conn = self
-            .within(
-                "connecting to RabbitMQ",
-                Connection::connect(self.url.expose(), props),
-            )
-            .await?;
+        let conn = self.connect(props).await?;
         self.within("declaring the topology", async {
             let channel = conn.create_channel().await?;
-            declare_topology(&channel, &self.names).await?;
+            declare_topology(&channel, &self.names, self.queue_type).await?;
             let _ = channel
                 .close(200, ShortString::from("topology declared"))
                 .await;
@@ -217,6 +218,39 @@ impl Broker {
         let conn = Arc::new(conn);
         live.conn = Some(Arc::clone(&conn));
         Ok(conn)
+    }
+
+    /// A connection to the first node that answers, from the one that answered last
+    /// (a cluster's node that died is passed over; herald stays on the one it found).
+    async fn connect(&self, props: ConnectionProperties) -> anyhow::Result<Connection> {
+        let n = self.urls.len().max(1);
+        let start = self.current.load(Ordering::SeqCst);
+        let mut last = None;
+        for i in 0..n {
+            let k = (start + i) % n;
+            let Some(url) = self.urls.get(k) else { break };
+            match self
+                .within(
+                    "connecting to RabbitMQ",
+                    Connection::connect(url.expose(), props.clone()),
+                )
+                .await
+            {
+                Ok(conn) => {
+                    if k != start {
+                        tracing::info!(
+                            node = k + 1,
+                            of = n,
+                            "connected to another RabbitMQ address"
+                        );
+                    }
+                    self.current.store(k, Ordering::SeqCst);
+                    return Ok(conn);
+                }
+                Err(e) => last = Some(e.context(format!("RabbitMQ address {} of {n}", k + 1))),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("no RabbitMQ address configured")))
     }
 
     /// A new channel on the live connection.
@@ -612,7 +646,67 @@ fn retries(delivery: &Delivery) -> u32 {
 }
 
 /// Declares every exchange, queue and binding; idempotent.
-async fn declare_topology(ch: &Channel, names: &Names) -> anyhow::Result<()> {
+/// How many times a quorum queue hands out one message before dead-lettering it to the
+/// rejected queue: a backstop for a message that kills its consumer's process (herald's own
+/// counter parks the others, with a reason, long before), high enough that requeues
+/// while MongoDB is away never reach it.
+const QUORUM_DELIVERY_LIMIT: i64 = 1000;
+
+/// Declares a queue of herald's; a queue that exists with another type is refused with the
+/// migration to do (RabbitMQ cannot change a queue's type in place).
+async fn declare_queue(
+    ch: &Channel,
+    name: &str,
+    queue_type: QueueType,
+    rejected: Option<&str>,
+) -> anyhow::Result<()> {
+    let options = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let mut args = FieldTable::default();
+    if queue_type == QueueType::Quorum {
+        args.insert(
+            ShortString::from("x-queue-type"),
+            AMQPValue::LongString(LongString::from("quorum")),
+        );
+        if let Some(rejected) = rejected {
+            args.insert(
+                ShortString::from("x-delivery-limit"),
+                AMQPValue::LongLongInt(QUORUM_DELIVERY_LIMIT),
+            );
+            args.insert(
+                ShortString::from("x-dead-letter-exchange"),
+                AMQPValue::LongString(LongString::from("")),
+            );
+            args.insert(
+                ShortString::from("x-dead-letter-routing-key"),
+                AMQPValue::LongString(LongString::from(rejected)),
+            );
+        }
+    }
+    match ch
+        .queue_declare(ShortString::from(name), options, args)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.to_string().contains("inequivalent arg 'x-queue-type'") => {
+            Err(anyhow::anyhow!(
+                "queue {name} exists with another type than amqp.queue_type = \"{}\" ({e}). \
+                 RabbitMQ cannot change a queue's type in place: stop herald, let the queue \
+                 drain, delete it (rabbitmqctl delete_queue {name}), and start herald again",
+                queue_type.as_str()
+            ))
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!("declaring queue {name}"))),
+    }
+}
+
+async fn declare_topology(
+    ch: &Channel,
+    names: &Names,
+    queue_type: QueueType,
+) -> anyhow::Result<()> {
     let durable = ExchangeDeclareOptions {
         durable: true,
         ..Default::default()
@@ -635,13 +729,9 @@ async fn declare_topology(ch: &Channel, names: &Names) -> anyhow::Result<()> {
         FieldTable::default(),
     )
     .await?;
-    for q in [
-        &names.intake_queue,
-        &names.rejected_queue,
-        &names.webhooks_queue,
-    ] {
-        ch.queue_declare(ShortString::from(q.as_str()), queue, FieldTable::default())
-            .await?;
+    declare_queue(ch, &names.rejected_queue, queue_type, None).await?;
+    for q in [&names.intake_queue, &names.webhooks_queue] {
+        declare_queue(ch, q, queue_type, Some(&names.rejected_queue)).await?;
     }
     ch.queue_bind(
         ShortString::from(names.intake_queue.as_str()),
@@ -653,8 +743,7 @@ async fn declare_topology(ch: &Channel, names: &Names) -> anyhow::Result<()> {
     .await?;
     for p in Priority::ALL {
         let lane = names.lane(p);
-        ch.queue_declare(ShortString::from(lane), queue, FieldTable::default())
-            .await?;
+        declare_queue(ch, lane, queue_type, Some(&names.rejected_queue)).await?;
         ch.queue_bind(
             ShortString::from(lane),
             ShortString::from(names.jobs_exchange.as_str()),

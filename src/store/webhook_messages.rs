@@ -1,12 +1,12 @@
 //! Status webhook messages: one per event per subscribed endpoint, written in the transaction of the status change (the outbox), then leased, tried and recorded with each attempt.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::TryStreamExt;
 use mongodb::bson::{doc, DateTime, Document};
-use mongodb::options::ReturnDocument;
+use mongodb::options::{ReturnDocument, UpdateOneModel, WriteModel};
 use mongodb::{ClientSession, Collection};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -436,64 +436,101 @@ impl Store {
         Ok(())
     }
 
-    /// Takes a published message for one try, if it is still the relay batch's `lease`
-    /// (a copy published twice is tried once); held for `hold`.
-    pub async fn claim_hook_message(
+    /// Takes published messages for one try each — those still held by the relay batch
+    /// their ticket names (a copy published twice is tried once) — under `token`, held for
+    /// `hold`; in one round trip to write and one to read. Per ticket `(id, lease)`: its
+    /// message, or none.
+    pub async fn claim_hook_messages(
         &self,
-        id: &str,
-        lease: &str,
+        tickets: &[(String, String)],
         token: &str,
         hold: Duration,
-    ) -> anyhow::Result<Option<HookMessageDoc>> {
+    ) -> anyhow::Result<Vec<Option<HookMessageDoc>>> {
+        if tickets.is_empty() {
+            return Ok(Vec::new());
+        }
         let until =
             DateTime::from_millis(DateTime::now().timestamp_millis() + hold.as_millis() as i64);
-        Ok(self
+        let namespace = self.hook_messages().namespace();
+        let models: Vec<WriteModel> = tickets
+            .iter()
+            .map(|(id, lease)| {
+                WriteModel::UpdateOne(
+                    UpdateOneModel::builder()
+                        .namespace(namespace.clone())
+                        .filter(doc! {"_id": id, "lease": lease, "state": "pending"})
+                        .update(doc! {"$set": {"lease": token, "lease_until": until}})
+                        .build(),
+                )
+            })
+            .collect();
+        self.client.bulk_write(models).await?;
+        let ids: Vec<&str> = tickets.iter().map(|(id, _)| id.as_str()).collect();
+        let mut claimed: HashMap<String, HookMessageDoc> = self
             .hook_messages()
-            .find_one_and_update(
-                doc! {"_id": id, "lease": lease, "state": "pending"},
-                doc! {"$set": {"lease": token, "lease_until": until}},
-            )
-            .return_document(ReturnDocument::After)
-            .await?)
+            .find(doc! {"_id": {"$in": ids}, "lease": token})
+            .await?
+            .try_collect::<Vec<_>>()
+            .await?
+            .into_iter()
+            .map(|m| (m.id.clone(), m))
+            .collect();
+        Ok(tickets.iter().map(|(id, _)| claimed.remove(id)).collect())
     }
 
-    /// Records a try and what becomes of its message (held by `token`); false when the
-    /// claim had lapsed meanwhile (the message was replayed, retried or leased again: the
-    /// try is listed, the message goes its new way).
-    pub async fn record_hook_attempt(
+    /// Records tries and what becomes of their messages (each held by its token), in one
+    /// round trip for the tries and one for the messages. Per try: false when the claim had
+    /// lapsed meanwhile (the message was replayed, retried or leased again: the try is
+    /// listed, the message goes its new way).
+    pub async fn record_hook_attempts(
         &self,
-        attempt: &HookAttemptDoc,
-        token: &str,
-        next: Next,
-    ) -> anyhow::Result<bool> {
-        self.hook_attempts().insert_one(attempt).await?;
-        let mut set = released(doc! {
-            "last_attempt_at": attempt.at,
-            "last_status_code": attempt.status_code,
-            "last_error": &attempt.error,
-        });
-        match next {
-            Next::Delivered => {
-                set.insert("state", "delivered");
-                set.insert("delivered_at", attempt.at);
-            }
-            Next::RetryAt(at) => {
-                set.insert("due_at", at);
-            }
-            Next::Failed => {
-                set.insert("state", "failed");
-            }
+        tries: &[(HookAttemptDoc, String, Next)],
+    ) -> anyhow::Result<Vec<bool>> {
+        if tries.is_empty() {
+            return Ok(Vec::new());
         }
-        let held = self
-            .hook_messages()
-            .update_one(
-                doc! {"_id": &attempt.message_id, "lease": token},
-                doc! {"$set": set, "$inc": {"attempts": 1}},
-            )
-            .await?
-            .matched_count
-            == 1;
-        Ok(held)
+        self.hook_attempts()
+            .insert_many(tries.iter().map(|(a, _, _)| a))
+            .await?;
+        let namespace = self.hook_messages().namespace();
+        let models: Vec<WriteModel> = tries
+            .iter()
+            .map(|(attempt, token, next)| {
+                let mut set = released(doc! {
+                    "last_attempt_at": attempt.at,
+                    "last_status_code": attempt.status_code,
+                    "last_error": &attempt.error,
+                });
+                match next {
+                    Next::Delivered => {
+                        set.insert("state", "delivered");
+                        set.insert("delivered_at", attempt.at);
+                    }
+                    Next::RetryAt(at) => {
+                        set.insert("due_at", *at);
+                    }
+                    Next::Failed => {
+                        set.insert("state", "failed");
+                    }
+                }
+                WriteModel::UpdateOne(
+                    UpdateOneModel::builder()
+                        .namespace(namespace.clone())
+                        .filter(doc! {"_id": &attempt.message_id, "lease": token})
+                        .update(doc! {"$set": set, "$inc": {"attempts": 1}})
+                        .build(),
+                )
+            })
+            .collect();
+        let written = self.client.bulk_write(models).verbose_results().await?;
+        Ok((0..tries.len())
+            .map(|k| {
+                written
+                    .update_results
+                    .get(&k)
+                    .is_some_and(|u| u.matched_count == 1)
+            })
+            .collect())
     }
 
     /// Puts a claimed message back untried, due at `at` (its endpoint is busy).

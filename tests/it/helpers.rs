@@ -292,6 +292,10 @@ pub async fn spawn_app_with(options: TestOptions) -> TestApp {
         ),
     ];
     vars.extend(options.env);
+    // A test of several addresses: the single-address shortcut would win over them.
+    if vars.iter().any(|(k, _)| k == "HERALD__AMQP__URLS") {
+        vars.retain(|(k, _)| k != "AMQP_URL");
+    }
     let config_dir = match &options.config_toml {
         Some(toml) => {
             let dir = files.join("config");

@@ -5,6 +5,7 @@ mod helpers;
 mod access;
 mod api_document;
 mod chunks;
+mod cluster;
 mod console;
 mod deliverability;
 mod delivery;
