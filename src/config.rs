@@ -591,6 +591,13 @@ impl Settings {
         if !self.amqp.url.expose().starts_with("amqp") {
             return bad("amqp.url", "must be an amqp:// or amqps:// URL");
         }
+        if self.status_webhooks.lease_secs * 1000 < self.status_webhooks.timeout_ms + 5000 {
+            return bad(
+                "status_webhooks.lease_secs",
+                "must outlast a try: at least timeout_ms + 5 s (a message leased to a try \
+                 is not sent again before its lease ends)",
+            );
+        }
         if self
             .amqp
             .urls

@@ -70,15 +70,12 @@ pub struct Hooks {
     metrics: Arc<Metrics>,
     /// Tries in flight per endpoint, in this process.
     busy: Arc<Mutex<HashMap<String, usize>>>,
-    /// Concurrent senders' claims, and their records, share round trips.
-    claims: Batcher<(String, String), Option<Claimed>>,
+    /// Concurrent senders' reads, and their records, share round trips.
+    messages: Batcher<(String, String), Option<HookMessageDoc>>,
     records: Batcher<(HookAttemptDoc, String, Next), bool>,
 }
 
-/// A claimed message, and the token its claim holds it by.
-type Claimed = (HookMessageDoc, Arc<str>);
-
-/// The most claims or records sharing one round trip.
+/// The most reads or records sharing one round trip.
 const BATCH_MAX: usize = 64;
 
 /// An endpoint's place among the tries in flight; given back when dropped.
@@ -107,20 +104,10 @@ impl Hooks {
         allow_internal: bool,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
-        // Past the request's timeout, with room to record it: a sender that died holding a
-        // message gives it back to the relay then.
-        let hold = Duration::from_millis(settings.timeout_ms) + Duration::from_secs(10);
-        let claimer = store.clone();
-        let (claims, _) = Batcher::start("webhook claims", BATCH_MAX, move |tickets| {
-            let store = claimer.clone();
-            async move {
-                let token: Arc<str> = format!("send:{}", uuid::Uuid::new_v4().simple()).into();
-                let claimed = store.claim_hook_messages(&tickets, &token, hold).await?;
-                Ok(claimed
-                    .into_iter()
-                    .map(|m| m.map(|m| (m, token.clone())))
-                    .collect())
-            }
+        let reader = store.clone();
+        let (messages, _) = Batcher::start("webhook reads", BATCH_MAX, move |tickets| {
+            let store = reader.clone();
+            async move { store.leased_hook_messages(&tickets).await }
         });
         let recorder = store.clone();
         let (records, _) = Batcher::start("webhook records", BATCH_MAX, move |tries: Vec<_>| {
@@ -128,7 +115,7 @@ impl Hooks {
             async move { store.record_hook_attempts(&tries).await }
         });
         Ok(Self {
-            claims,
+            messages,
             records,
             store,
             broker,
@@ -252,31 +239,33 @@ impl Hooks {
     }
 
     async fn deliver(&self, ticket: &Ticket) -> anyhow::Result<()> {
-        let Some((msg, token)) = self
-            .claims
+        let Some(msg) = self
+            .messages
             .call((ticket.id.clone(), ticket.lease.clone()))
             .await?
         else {
             // Tried already through another copy, or replayed or retried meanwhile.
             return Ok(());
         };
+        // The relay batch's lease holds it for this try (`status_webhooks.lease_secs`).
+        let token = ticket.lease.as_str();
         let Some(endpoint) = self.store.endpoint_cached(&msg.endpoint_id).await? else {
             return self
                 .store
-                .fail_hook_message(&msg.id, &token, "endpoint deleted")
+                .fail_hook_message(&msg.id, token, "endpoint deleted")
                 .await;
         };
         if !endpoint.enabled {
             return self
                 .store
-                .fail_hook_message(&msg.id, &token, "endpoint disabled")
+                .fail_hook_message(&msg.id, token, "endpoint disabled")
                 .await;
         }
         let Some(_slot) = self.slot(&endpoint.id) else {
             let later = DateTime::from_millis(DateTime::now().timestamp_millis() + BUSY_WAIT_MS);
             return self
                 .store
-                .postpone_hook_message(&msg.id, &token, later)
+                .postpone_hook_message(&msg.id, token, later)
                 .await;
         };
         let at = DateTime::now();
@@ -296,11 +285,7 @@ impl Hooks {
             response: answer.response.clone(),
             expire_at: msg.expire_at,
         };
-        if !self
-            .records
-            .call((attempt, token.to_string(), next))
-            .await?
-        {
+        if !self.records.call((attempt, token.to_owned(), next)).await? {
             return Ok(());
         }
         let result = match next {

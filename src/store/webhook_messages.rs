@@ -436,46 +436,35 @@ impl Store {
         Ok(())
     }
 
-    /// Takes published messages for one try each — those still held by the relay batch
-    /// their ticket names (a copy published twice is tried once) — under `token`, held for
-    /// `hold`; in one round trip to write and one to read. Per ticket `(id, lease)`: its
-    /// message, or none.
-    pub async fn claim_hook_messages(
+    /// The messages of published tickets `(id, lease)`, each if the relay batch its ticket
+    /// names still holds it (a stale copy of a ticket, or a message replayed or retried
+    /// since, is none); one read for them all. The lease is the try's hold: the try's
+    /// record must find it (see [`Store::record_hook_attempts`]).
+    pub async fn leased_hook_messages(
         &self,
         tickets: &[(String, String)],
-        token: &str,
-        hold: Duration,
     ) -> anyhow::Result<Vec<Option<HookMessageDoc>>> {
         if tickets.is_empty() {
             return Ok(Vec::new());
         }
-        let until =
-            DateTime::from_millis(DateTime::now().timestamp_millis() + hold.as_millis() as i64);
-        let namespace = self.hook_messages().namespace();
-        let models: Vec<WriteModel> = tickets
-            .iter()
-            .map(|(id, lease)| {
-                WriteModel::UpdateOne(
-                    UpdateOneModel::builder()
-                        .namespace(namespace.clone())
-                        .filter(doc! {"_id": id, "lease": lease, "state": "pending"})
-                        .update(doc! {"$set": {"lease": token, "lease_until": until}})
-                        .build(),
-                )
-            })
-            .collect();
-        self.client.bulk_write(models).await?;
         let ids: Vec<&str> = tickets.iter().map(|(id, _)| id.as_str()).collect();
-        let mut claimed: HashMap<String, HookMessageDoc> = self
+        let mut found: HashMap<String, HookMessageDoc> = self
             .hook_messages()
-            .find(doc! {"_id": {"$in": ids}, "lease": token})
+            .find(doc! {"_id": {"$in": ids}, "state": "pending"})
             .await?
             .try_collect::<Vec<_>>()
             .await?
             .into_iter()
             .map(|m| (m.id.clone(), m))
             .collect();
-        Ok(tickets.iter().map(|(id, _)| claimed.remove(id)).collect())
+        Ok(tickets
+            .iter()
+            .map(|(id, lease)| {
+                found
+                    .remove(id)
+                    .filter(|m| m.lease.as_deref() == Some(lease.as_str()))
+            })
+            .collect())
     }
 
     /// Records tries and what becomes of their messages (each held by its token), in one

@@ -271,7 +271,7 @@ allow_internal_targets = true
 retry_delays_ms = [200, 1000, 2000, 4000, 4000]
 timeout_ms = 2000
 poll_interval_ms = 200
-lease_secs = 3
+lease_secs = 10
 {extra}"#
     )
 }
