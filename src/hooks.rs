@@ -18,6 +18,8 @@ use crate::store::webhook_endpoints::EndpointDoc;
 use crate::store::webhook_messages::{HookAttemptDoc, HookMessageDoc, Next};
 use crate::store::Store;
 
+/// How long a try waits for a place at a busy endpoint before its message is put back.
+const SLOT_WAIT: Duration = Duration::from_millis(250);
 /// How long a busy endpoint's message waits before it is tried again (untried).
 const BUSY_WAIT_MS: i64 = 1000;
 /// The most of an answer kept with a try.
@@ -69,7 +71,7 @@ pub struct Hooks {
     allow_internal: bool,
     metrics: Arc<Metrics>,
     /// Tries in flight per endpoint, in this process.
-    busy: Arc<Mutex<HashMap<String, usize>>>,
+    busy: Arc<Busy>,
     /// Concurrent senders' reads, and their records, share round trips.
     messages: Batcher<(String, String), Option<HookMessageDoc>>,
     records: Batcher<(HookAttemptDoc, String, Next), bool>,
@@ -80,19 +82,28 @@ const BATCH_MAX: usize = 64;
 
 /// An endpoint's place among the tries in flight; given back when dropped.
 struct Slot {
-    busy: Arc<Mutex<HashMap<String, usize>>>,
+    busy: Arc<Busy>,
     endpoint: String,
+}
+
+/// Tries in flight per endpoint in this process, and what a freed place wakes.
+#[derive(Default)]
+struct Busy {
+    counts: Mutex<HashMap<String, usize>>,
+    freed: tokio::sync::Notify,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        let mut busy = self.busy.counts.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = busy.get_mut(&self.endpoint) {
             *n -= 1;
             if *n == 0 {
                 busy.remove(&self.endpoint);
             }
         }
+        drop(busy);
+        self.busy.freed.notify_waiters();
     }
 }
 
@@ -261,7 +272,7 @@ impl Hooks {
                 .fail_hook_message(&msg.id, token, "endpoint disabled")
                 .await;
         }
-        let Some(_slot) = self.slot(&endpoint.id) else {
+        let Some(_slot) = self.slot(&endpoint.id).await else {
             let later = DateTime::from_millis(DateTime::now().timestamp_millis() + BUSY_WAIT_MS);
             return self
                 .store
@@ -302,9 +313,27 @@ impl Hooks {
         self.account(&endpoint, &answer, at).await
     }
 
-    /// Takes a place for a try to `endpoint`, unless it has all it may have.
-    fn slot(&self, endpoint: &str) -> Option<Slot> {
-        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+    /// Takes a place for a try to `endpoint`, waiting up to [`SLOT_WAIT`] for one when it
+    /// has all it may have (a fast endpoint's places free up within it; a slow one's
+    /// message is put back rather than hold the sender).
+    async fn slot(&self, endpoint: &str) -> Option<Slot> {
+        let deadline = tokio::time::Instant::now() + SLOT_WAIT;
+        loop {
+            let freed = self.busy.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(slot) = self.try_slot(endpoint) {
+                return Some(slot);
+            }
+            tokio::select! {
+                _ = freed => {}
+                _ = tokio::time::sleep_until(deadline) => return None,
+            }
+        }
+    }
+
+    fn try_slot(&self, endpoint: &str) -> Option<Slot> {
+        let mut busy = self.busy.counts.lock().unwrap_or_else(|p| p.into_inner());
         let n = busy.entry(endpoint.to_owned()).or_default();
         if *n >= self.settings.per_endpoint_concurrency.max(1) {
             return None;

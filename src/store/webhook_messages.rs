@@ -623,18 +623,13 @@ impl Store {
         cursor: Option<&str>,
         limit: i64,
     ) -> anyhow::Result<Vec<HookAttemptDoc>> {
-        let mut filter = doc! {"endpoint_id": endpoint_id};
-        if let Some(c) = cursor {
-            filter.insert("_id", doc! {"$lt": c});
-        }
-        Ok(self
-            .hook_attempts()
-            .find(filter)
-            .sort(doc! {"_id": -1})
-            .limit(limit)
-            .await?
-            .try_collect()
-            .await?)
+        newest_first(
+            &self.hook_attempts(),
+            doc! {"endpoint_id": endpoint_id},
+            cursor,
+            limit,
+        )
+        .await
     }
 
     /// An endpoint's messages, newest first, after the `cursor` message id, in `state`.
@@ -649,17 +644,7 @@ impl Store {
         if let Some(s) = state {
             filter.insert("state", s.as_str());
         }
-        if let Some(c) = cursor {
-            filter.insert("_id", doc! {"$lt": c});
-        }
-        Ok(self
-            .hook_messages()
-            .find(filter)
-            .sort(doc! {"_id": -1})
-            .limit(limit)
-            .await?
-            .try_collect()
-            .await?)
+        newest_first(&self.hook_messages(), filter, cursor, limit).await
     }
 
     /// Sends again, from a fresh schedule, an endpoint's messages created in
@@ -711,6 +696,28 @@ impl Store {
             .await?;
         Ok(())
     }
+}
+
+/// A page of `filter`'s documents by time-ordered id, newest first, after `cursor`.
+async fn newest_first<T>(
+    collection: &Collection<T>,
+    mut filter: Document,
+    cursor: Option<&str>,
+    limit: i64,
+) -> anyhow::Result<Vec<T>>
+where
+    T: serde::de::DeserializeOwned + Send + Sync,
+{
+    if let Some(c) = cursor {
+        filter.insert("_id", doc! {"$lt": c});
+    }
+    Ok(collection
+        .find(filter)
+        .sort(doc! {"_id": -1})
+        .limit(limit)
+        .await?
+        .try_collect()
+        .await?)
 }
 
 /// The fields of a message nobody holds, with `more` set beside them.

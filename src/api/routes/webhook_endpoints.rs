@@ -442,6 +442,13 @@ fn page_limit(limit: Option<i64>, errors: &mut Vec<FieldError>) -> i64 {
     limit
 }
 
+/// A full page's last id, to go on after; none after a short page.
+fn next_cursor<T>(items: &[T], limit: i64, id: impl Fn(&T) -> &String) -> Option<String> {
+    (items.len() as i64 == limit)
+        .then(|| items.last().map(|x| id(x).clone()))
+        .flatten()
+}
+
 /// The endpoint named in the path, or 404.
 async fn existing(store: &Store, id: &str) -> Result<EndpointDoc, ApiError> {
     store
@@ -478,9 +485,7 @@ pub async fn messages(
     let items = store
         .hook_messages_page(&id, state, q.cursor.as_deref(), limit)
         .await?;
-    let next_cursor = (items.len() as i64 == limit)
-        .then(|| items.last().map(|m| m.id.clone()))
-        .flatten();
+    let next_cursor = next_cursor(&items, limit, |m| &m.id);
     Ok(Json(MessagePage {
         items: items.iter().map(Message::from).collect(),
         next_cursor,
@@ -502,9 +507,7 @@ pub async fn attempts(
     let items = store
         .hook_attempts_page(&id, q.cursor.as_deref(), limit)
         .await?;
-    let next_cursor = (items.len() as i64 == limit)
-        .then(|| items.last().map(|a| a.id.clone()))
-        .flatten();
+    let next_cursor = next_cursor(&items, limit, |a| &a.id);
     Ok(Json(AttemptPage {
         items: items.iter().map(Attempt::from).collect(),
         next_cursor,
