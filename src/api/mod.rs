@@ -572,7 +572,8 @@ pub fn routes(ctx: &Context, auth: Arc<Auth>, sessions: Arc<Sessions>) -> (Route
                 WEBHOOKS,
             )
             .query::<we::MessageQuery>()
-            .ok::<we::MessagePage>(200),
+            .ok::<we::MessagePage>(200)
+            .errors(&[400]),
             webhook_endpoints::messages,
         )
         .get(
@@ -583,7 +584,8 @@ pub fn routes(ctx: &Context, auth: Arc<Auth>, sessions: Arc<Sessions>) -> (Route
                 WEBHOOKS,
             )
             .query::<we::PageQuery>()
-            .ok::<we::AttemptPage>(200),
+            .ok::<we::AttemptPage>(200)
+            .errors(&[400]),
             webhook_endpoints::attempts,
         )
         .post(

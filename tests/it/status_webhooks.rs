@@ -425,6 +425,31 @@ async fn a_receiver_down_for_the_whole_run_gets_everything_by_replay_and_retry()
     }
     let (_, e) = app.get(&format!("/v1/webhook-endpoints/{id}")).await;
     assert!(e["failing_since"].is_string(), "{e}");
+    // Pages go on after the last id of a full one; a cursor not handed out is refused.
+    let (_, page) = app
+        .get(&format!("/v1/webhook-endpoints/{id}/attempts?limit=5"))
+        .await;
+    let next = page["next_cursor"].as_str().expect("a full page goes on");
+    let (_, rest) = app
+        .get(&format!(
+            "/v1/webhook-endpoints/{id}/attempts?limit=5&cursor={next}"
+        ))
+        .await;
+    assert_eq!(
+        rest["items"].as_array().map(Vec::len),
+        Some(4),
+        "9 tries: {rest}"
+    );
+    for bad in ["", "msg_x", "nope"] {
+        let (s, b) = app
+            .get(&format!("/v1/webhook-endpoints/{id}/attempts?cursor={bad}"))
+            .await;
+        assert_eq!(
+            (s, b["error"]["code"].as_str()),
+            (400, Some("invalid_cursor")),
+            "{bad}"
+        );
+    }
 
     // The receiver is back on the same address.
     let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port again");

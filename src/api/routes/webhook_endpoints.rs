@@ -411,8 +411,8 @@ pub struct PageQuery {
     /// Page size (default 50).
     #[param(minimum = 1, maximum = 200)]
     limit: Option<i64>,
-    /// `next_cursor` of the previous page.
-    #[param(min_length = 1)]
+    /// `next_cursor` of the previous page (a try's id).
+    #[param(pattern = "^att_.+")]
     cursor: Option<String>,
 }
 
@@ -425,8 +425,8 @@ pub struct MessageQuery {
     /// Page size (default 50).
     #[param(minimum = 1, maximum = 200)]
     limit: Option<i64>,
-    /// `next_cursor` of the previous page.
-    #[param(min_length = 1)]
+    /// `next_cursor` of the previous page (a message's id).
+    #[param(pattern = "^msg_.+")]
     cursor: Option<String>,
 }
 
@@ -440,6 +440,19 @@ fn page_limit(limit: Option<i64>, errors: &mut Vec<FieldError>) -> i64 {
         ));
     }
     limit
+}
+
+/// A cursor as handed out (the last id of a page: `prefix` and more), or 400.
+fn cursor<'a>(given: Option<&'a str>, prefix: &str) -> Result<Option<&'a str>, ApiError> {
+    match given {
+        None => Ok(None),
+        Some(c) if c.len() > prefix.len() && c.starts_with(prefix) => Ok(Some(c)),
+        Some(_) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_cursor",
+            "the cursor is not one this API handed out; start again without it",
+        )),
+    }
 }
 
 /// A full page's last id, to go on after; none after a short page.
@@ -482,9 +495,8 @@ pub async fn messages(
         return Err(ApiError::validation(errors));
     }
     existing(&store, &id).await?;
-    let items = store
-        .hook_messages_page(&id, state, q.cursor.as_deref(), limit)
-        .await?;
+    let after = cursor(q.cursor.as_deref(), "msg_")?;
+    let items = store.hook_messages_page(&id, state, after, limit).await?;
     let next_cursor = next_cursor(&items, limit, |m| &m.id);
     Ok(Json(MessagePage {
         items: items.iter().map(Message::from).collect(),
@@ -504,9 +516,8 @@ pub async fn attempts(
         return Err(ApiError::validation(errors));
     }
     existing(&store, &id).await?;
-    let items = store
-        .hook_attempts_page(&id, q.cursor.as_deref(), limit)
-        .await?;
+    let after = cursor(q.cursor.as_deref(), "att_")?;
+    let items = store.hook_attempts_page(&id, after, limit).await?;
     let next_cursor = next_cursor(&items, limit, |a| &a.id);
     Ok(Json(AttemptPage {
         items: items.iter().map(Attempt::from).collect(),
