@@ -572,7 +572,7 @@ pub fn routes(ctx: &Context, auth: Arc<Auth>, sessions: Arc<Sessions>) -> (Route
                 WEBHOOKS,
             )
             .query::<we::MessageQuery>()
-            .ok::<we::MessagePage>(200)
+            .ok::<we::WebhookMessagePage>(200)
             .errors(&[400]),
             webhook_endpoints::messages,
         )
@@ -584,7 +584,7 @@ pub fn routes(ctx: &Context, auth: Arc<Auth>, sessions: Arc<Sessions>) -> (Route
                 WEBHOOKS,
             )
             .query::<we::PageQuery>()
-            .ok::<we::AttemptPage>(200)
+            .ok::<we::WebhookAttemptPage>(200)
             .errors(&[400]),
             webhook_endpoints::attempts,
         )
@@ -597,7 +597,7 @@ pub fn routes(ctx: &Context, auth: Arc<Auth>, sessions: Arc<Sessions>) -> (Route
                 WEBHOOKS,
             )
             .body::<we::ReplayBody>()
-            .ok::<we::Replayed>(202)
+            .ok::<we::WebhooksReplayed>(202)
             .errors(&[409]),
             webhook_endpoints::replay,
         )
@@ -608,7 +608,7 @@ pub fn routes(ctx: &Context, auth: Arc<Auth>, sessions: Arc<Sessions>) -> (Route
                 "send one message again, from a fresh retry schedule",
                 WEBHOOKS,
             )
-            .ok::<we::Message>(202)
+            .ok::<we::WebhookMessage>(202)
             .errors(&[409]),
             webhook_endpoints::retry,
         )

@@ -326,7 +326,16 @@ fn openapi(ops: &[(Method, &'static str, Op)]) -> Value {
     let mut paths: BTreeMap<&str, Map<String, Value>> = BTreeMap::new();
     let mut schemas: BTreeMap<String, Value> = components::<ErrorBody>().into_iter().collect();
     for (method, path, op) in ops {
-        schemas.extend(op.components.iter().cloned());
+        for (name, schema) in &op.components {
+            // Two body types of one name would share one schema: the document would lie
+            // about one of them (a programming error every test's start would catch).
+            if let Some(earlier) = schemas.insert(name.clone(), schema.clone()) {
+                assert!(
+                    &earlier == schema,
+                    "two types named {name} in the API document; rename one"
+                );
+            }
+        }
         paths
             .entry(path)
             .or_default()

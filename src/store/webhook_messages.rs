@@ -384,19 +384,14 @@ impl Store {
     ) -> anyhow::Result<(String, Vec<String>)> {
         let now = DateTime::now();
         let due = doc! {"state": "pending", "due_at": {"$lte": now}, "lease_until": {"$lte": now}};
-        let ids: Vec<String> = self
-            .hook_messages()
-            .clone_with_type::<Document>()
-            .find(due.clone())
-            .sort(doc! {"due_at": 1})
-            .limit(limit)
-            .projection(doc! {"_id": 1})
-            .await?
-            .try_collect::<Vec<_>>()
-            .await?
-            .into_iter()
-            .filter_map(|d| d.get_str("_id").ok().map(str::to_owned))
-            .collect();
+        let ids: Vec<String> = super::ids_found(
+            self.hook_messages()
+                .clone_with_type::<Document>()
+                .find(due.clone())
+                .sort(doc! {"due_at": 1})
+                .limit(limit),
+        )
+        .await?;
         let token = format!("relay:{}", uuid::Uuid::new_v4().simple());
         if ids.is_empty() {
             return Ok((token, ids));
@@ -411,17 +406,12 @@ impl Store {
             )
             .await?;
         // Only those this batch took (another relay may have taken some meanwhile).
-        let taken = self
-            .hook_messages()
-            .clone_with_type::<Document>()
-            .find(doc! {"lease": &token})
-            .projection(doc! {"_id": 1})
-            .await?
-            .try_collect::<Vec<_>>()
-            .await?
-            .into_iter()
-            .filter_map(|d| d.get_str("_id").ok().map(str::to_owned))
-            .collect();
+        let taken = super::ids_found(
+            self.hook_messages()
+                .clone_with_type::<Document>()
+                .find(doc! {"lease": &token}),
+        )
+        .await?;
         Ok((token, taken))
     }
 

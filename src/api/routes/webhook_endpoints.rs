@@ -311,7 +311,7 @@ pub async fn rotate(
 
 /// A status event for one endpoint, as sent (`id` is its `webhook-id`).
 #[derive(Serialize, ToSchema)]
-pub struct Message {
+pub struct WebhookMessage {
     id: String,
     endpoint_id: String,
     #[schema(value_type = WebhookEventType)]
@@ -341,7 +341,7 @@ pub enum MessageStateName {
     Failed,
 }
 
-impl From<&HookMessageDoc> for Message {
+impl From<&HookMessageDoc> for WebhookMessage {
     fn from(m: &HookMessageDoc) -> Self {
         Self {
             id: m.id.clone(),
@@ -361,15 +361,15 @@ impl From<&HookMessageDoc> for Message {
 }
 
 #[derive(Serialize, ToSchema)]
-pub struct MessagePage {
-    items: Vec<Message>,
+pub struct WebhookMessagePage {
+    items: Vec<WebhookMessage>,
     /// Pass as `cursor` for the next page; null on the last.
     next_cursor: Option<String>,
 }
 
 /// One try of a message.
 #[derive(Serialize, ToSchema)]
-pub struct Attempt {
+pub struct WebhookAttempt {
     id: String,
     message_id: String,
     #[schema(value_type = WebhookEventType)]
@@ -383,7 +383,7 @@ pub struct Attempt {
     response: String,
 }
 
-impl From<&HookAttemptDoc> for Attempt {
+impl From<&HookAttemptDoc> for WebhookAttempt {
     fn from(a: &HookAttemptDoc) -> Self {
         Self {
             id: a.id.clone(),
@@ -399,8 +399,8 @@ impl From<&HookAttemptDoc> for Attempt {
 }
 
 #[derive(Serialize, ToSchema)]
-pub struct AttemptPage {
-    items: Vec<Attempt>,
+pub struct WebhookAttemptPage {
+    items: Vec<WebhookAttempt>,
     /// Pass as `cursor` for the next page; null on the last.
     next_cursor: Option<String>,
 }
@@ -475,7 +475,7 @@ pub async fn messages(
     State(store): State<Store>,
     Path(id): Path<String>,
     QueryParams(q): QueryParams<MessageQuery>,
-) -> Result<Json<MessagePage>, ApiError> {
+) -> Result<Json<WebhookMessagePage>, ApiError> {
     let mut errors = Vec::new();
     let state = match q.state.as_deref() {
         None => None,
@@ -498,8 +498,8 @@ pub async fn messages(
     let after = cursor(q.cursor.as_deref(), "msg_")?;
     let items = store.hook_messages_page(&id, state, after, limit).await?;
     let next_cursor = next_cursor(&items, limit, |m| &m.id);
-    Ok(Json(MessagePage {
-        items: items.iter().map(Message::from).collect(),
+    Ok(Json(WebhookMessagePage {
+        items: items.iter().map(WebhookMessage::from).collect(),
         next_cursor,
     }))
 }
@@ -509,7 +509,7 @@ pub async fn attempts(
     State(store): State<Store>,
     Path(id): Path<String>,
     QueryParams(q): QueryParams<PageQuery>,
-) -> Result<Json<AttemptPage>, ApiError> {
+) -> Result<Json<WebhookAttemptPage>, ApiError> {
     let mut errors = Vec::new();
     let limit = page_limit(q.limit, &mut errors);
     if !errors.is_empty() {
@@ -519,8 +519,8 @@ pub async fn attempts(
     let after = cursor(q.cursor.as_deref(), "att_")?;
     let items = store.hook_attempts_page(&id, after, limit).await?;
     let next_cursor = next_cursor(&items, limit, |a| &a.id);
-    Ok(Json(AttemptPage {
-        items: items.iter().map(Attempt::from).collect(),
+    Ok(Json(WebhookAttemptPage {
+        items: items.iter().map(WebhookAttempt::from).collect(),
         next_cursor,
     }))
 }
@@ -541,7 +541,7 @@ pub struct ReplayBody {
 }
 
 #[derive(Serialize, ToSchema)]
-pub struct Replayed {
+pub struct WebhooksReplayed {
     /// Messages due again now (each keeps its `webhook-id`).
     replayed: u64,
 }
@@ -551,7 +551,7 @@ pub async fn replay(
     State(store): State<Store>,
     Path(id): Path<String>,
     JsonBody(body): JsonBody<Map<String, Value>>,
-) -> Result<(StatusCode, Json<Replayed>), ApiError> {
+) -> Result<(StatusCode, Json<WebhooksReplayed>), ApiError> {
     let mut errors = Vec::new();
     let text = |k: &str, errors: &mut Vec<FieldError>| match body.get(k) {
         None | Some(Value::Null) => None,
@@ -604,14 +604,14 @@ pub async fn replay(
         }
         None => 0,
     };
-    Ok((StatusCode::ACCEPTED, Json(Replayed { replayed })))
+    Ok((StatusCode::ACCEPTED, Json(WebhooksReplayed { replayed })))
 }
 
 /// `POST /v1/webhook-messages/{id}/retry`: sends one message again, from a fresh schedule.
 pub async fn retry(
     State(store): State<Store>,
     Path(id): Path<String>,
-) -> Result<(StatusCode, Json<Message>), ApiError> {
+) -> Result<(StatusCode, Json<WebhookMessage>), ApiError> {
     let m = store
         .hook_message(&id)
         .await?
@@ -627,7 +627,7 @@ pub async fn retry(
         .retry_hook_message(&id)
         .await?
         .ok_or_else(|| ApiError::not_found("webhook message", &id))?;
-    Ok((StatusCode::ACCEPTED, Json(Message::from(&m))))
+    Ok((StatusCode::ACCEPTED, Json(WebhookMessage::from(&m))))
 }
 
 #[cfg(test)]
