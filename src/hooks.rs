@@ -178,7 +178,10 @@ impl Hooks {
             } else {
                 self.relay_once(batch).await
             };
-            published = *relayed.as_ref().unwrap_or(&0);
+            // While the queue is full, go on looking at it until it has room again.
+            if !full {
+                published = *relayed.as_ref().unwrap_or(&0);
+            }
             match relayed {
                 Ok(n) if n as i64 >= batch => continue,
                 Ok(_) => wait = poll,
