@@ -484,13 +484,7 @@ impl Store {
             let first = doc! {"_id": {"$in": delivery_ids}, field: null};
             // The deliveries this marks for the first time, each reported once.
             let events: Vec<HookEvent> = if subs.wants(kind) {
-                self.deliveries()
-                    .find(first.clone())
-                    .projection(doc! {"attempts": 0})
-                    .session(&mut *s)
-                    .await?
-                    .stream(&mut *s)
-                    .try_collect::<Vec<_>>()
+                self.deliveries_in(s, first.clone())
                     .await?
                     .iter()
                     .map(|d| {

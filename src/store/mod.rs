@@ -245,6 +245,22 @@ impl Store {
     fn deliveries(&self) -> Collection<DeliveryDoc> {
         self.db.collection(DELIVERIES)
     }
+    /// The deliveries matching `filter`, without their attempts, as `s`'s transaction
+    /// reads them.
+    async fn deliveries_in(
+        &self,
+        s: &mut mongodb::ClientSession,
+        filter: Document,
+    ) -> mongodb::error::Result<Vec<DeliveryDoc>> {
+        self.deliveries()
+            .find(filter)
+            .projection(doc! {"attempts": 0})
+            .session(&mut *s)
+            .await?
+            .stream(&mut *s)
+            .try_collect()
+            .await
+    }
     fn users(&self) -> Collection<UserDoc> {
         self.db.collection(USERS)
     }

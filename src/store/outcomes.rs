@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use anyhow::Context as _;
-use futures::{FutureExt, TryStreamExt};
+use futures::FutureExt;
 use mongodb::bson::{self, doc, DateTime, Document};
 use mongodb::options::{InsertOneModel, ReturnDocument, WriteModel};
 use mongodb::ClientSession;
@@ -98,13 +98,7 @@ impl Store {
                     // (and the whole transaction retry), so what is decided here holds.
                     let ids: Vec<&str> = outcomes.iter().map(|o| o.delivery_id.as_str()).collect();
                     let mut current: HashMap<String, DeliveryDoc> = store
-                        .deliveries()
-                        .find(doc! {"_id": {"$in": &ids}})
-                        .projection(doc! {"attempts": 0})
-                        .session(&mut *s)
-                        .await?
-                        .stream(&mut *s)
-                        .try_collect::<Vec<_>>()
+                        .deliveries_in(s, doc! {"_id": {"$in": &ids}})
                         .await?
                         .into_iter()
                         .map(|d| (d.id.clone(), d))

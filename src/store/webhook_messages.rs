@@ -216,7 +216,7 @@ impl Subscriptions {
 pub struct HookShared {
     cache: moka::sync::Cache<(), Subscriptions>,
     endpoints: moka::sync::Cache<String, Arc<EndpointDoc>>,
-    pub wake: tokio::sync::Notify,
+    wake: tokio::sync::Notify,
 }
 
 impl Default for HookShared {

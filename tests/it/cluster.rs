@@ -55,11 +55,10 @@ async fn a_lost_node_address_is_passed_over_for_the_next() {
     let second = TcpProxy::start(amqp_host_port(), true)
         .await
         .expect("proxy");
-    let urls = [&first, &second]
-        .map(|p| format!("amqp://guest:guest@127.0.0.1:{}/%2f", p.port))
-        .join(",");
     let app = spawn_app_with(TestOptions {
-        env: vec![("HERALD__AMQP__URLS".into(), urls)],
+        amqp_urls: [&first, &second]
+            .map(|p| format!("amqp://guest:guest@127.0.0.1:{}/%2f", p.port))
+            .to_vec(),
         ..Default::default()
     })
     .await;

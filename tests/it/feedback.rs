@@ -249,6 +249,17 @@ fn gmail_dsn(message_id: &str, recipient: &str) -> String {
     )
 }
 
+/// A key with the scope an MTA posting bounces has.
+pub(crate) async fn mta_key(app: &TestApp) -> String {
+    let (_, key) = app
+        .ctx
+        .store
+        .create_key("mta", &[herald::domain::Scope::FeedbackWrite], None)
+        .await
+        .expect("key");
+    key
+}
+
 pub(crate) async fn post_dsn(app: &TestApp, key: &str, dsn: String) -> (u16, Value) {
     answer(
         client_with_key(key)
@@ -270,12 +281,7 @@ async fn delivery_status_notifications_bounce_by_verp_or_message_id_and_suppress
     })
     .await;
     app.put_ana().await;
-    let (_, key) = app
-        .ctx
-        .store
-        .create_key("mta", &[herald::domain::Scope::FeedbackWrite], None)
-        .await
-        .expect("key");
+    let key = mta_key(&app).await;
     let d = send(&app, "email").await;
     let id = d["delivery_id"].as_str().expect("id").to_owned();
     let mail = app.smtp.wait_for(1, 10).await.remove(0);

@@ -140,6 +140,8 @@ pub struct TestOptions {
     pub roles: Roles,
     /// Point herald's AMQP connection somewhere else (a proxy).
     pub amqp_url: Option<String>,
+    /// Several broker addresses instead (`amqp.urls`): `amqp_url` is then not used.
+    pub amqp_urls: Vec<String>,
     /// Point herald's MongoDB connection somewhere else (a proxy); the test's own client
     /// still connects directly.
     pub mongodb_url: Option<String>,
@@ -154,6 +156,7 @@ impl Default for TestOptions {
         Self {
             roles: Roles::All,
             amqp_url: None,
+            amqp_urls: Vec::new(),
             mongodb_url: None,
             env: Vec::new(),
             config_toml: None,
@@ -292,9 +295,10 @@ pub async fn spawn_app_with(options: TestOptions) -> TestApp {
         ),
     ];
     vars.extend(options.env);
-    // A test of several addresses: the single-address shortcut would win over them.
-    if vars.iter().any(|(k, _)| k == "HERALD__AMQP__URLS") {
+    if !options.amqp_urls.is_empty() {
+        // The single-address shortcut would win over the list.
         vars.retain(|(k, _)| k != "AMQP_URL");
+        vars.push(("HERALD__AMQP__URLS".into(), options.amqp_urls.join(",")));
     }
     let config_dir = match &options.config_toml {
         Some(toml) => {

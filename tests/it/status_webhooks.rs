@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use crate::feedback::{post_dsn, postfix_dsn, send};
+use crate::feedback::{mta_key, post_dsn, postfix_dsn, send};
 use crate::helpers::{spawn_app_with, TestApp, TestOptions};
 use crate::webhooks::{signed, verified_by_the_reference_library, Signed};
 
@@ -159,12 +159,7 @@ async fn subscribed_endpoints_get_their_events_signed_and_nothing_else() {
     )
     .await;
     app.put_ana().await;
-    let (_, key) = app
-        .ctx
-        .store
-        .create_key("mta", &[herald::domain::Scope::FeedbackWrite], None)
-        .await
-        .expect("key");
+    let key = mta_key(&app).await;
     let all = receiver(200).await;
     let only_delivered = receiver(200).await;
     let (all_id, all_secret) = endpoint(

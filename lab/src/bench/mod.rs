@@ -808,6 +808,31 @@ allow_internal_targets = true
     }
 }
 
+/// The campaign's recipients: `users` users tagged `campaign`, with an address (and with
+/// `mixed`, a phone and a push token too).
+async fn write_campaign_users(ctx: &Context, users: usize, mixed: bool) -> anyhow::Result<()> {
+    for chunk in (0..users).collect::<Vec<_>>().chunks(5_000) {
+        let docs: Vec<UserDoc> = chunk
+            .iter()
+            .map(|i| UserDoc {
+                id: format!("user-{i:07}"),
+                email: Some(format!("user{i}@example.com")),
+                phone: mixed.then(|| format!("+1555{i:07}")),
+                push_tokens: if mixed {
+                    vec![format!("token-{i}")]
+                } else {
+                    Vec::new()
+                },
+                first_name: Some("Bench".into()),
+                tags: vec!["campaign".into()],
+                ..Default::default()
+            })
+            .collect();
+        ctx.store.upsert_users(&docs).await?;
+    }
+    Ok(())
+}
+
 /// Waits until a notification has its final status (30 min at most) and returns it.
 async fn finished(ctx: &Context, id: &str) -> anyhow::Result<herald::store::NotificationDoc> {
     let started = Instant::now();
@@ -996,25 +1021,7 @@ pub async fn campaign(settings: Settings, c: Campaign) -> anyhow::Result<Value> 
     // The campaign's recipients, written after the idle probes: the database digesting
     // 100,000 new profiles is not an idle system.
     let started = Instant::now();
-    for chunk in (0..users).collect::<Vec<_>>().chunks(5_000) {
-        let docs: Vec<UserDoc> = chunk
-            .iter()
-            .map(|i| UserDoc {
-                id: format!("user-{i:07}"),
-                email: Some(format!("user{i}@example.com")),
-                phone: c.mixed.then(|| format!("+1555{i:07}")),
-                push_tokens: if c.mixed {
-                    vec![format!("token-{i}")]
-                } else {
-                    Vec::new()
-                },
-                first_name: Some("Bench".into()),
-                tags: vec!["campaign".into()],
-                ..Default::default()
-            })
-            .collect();
-        ctx.store.upsert_users(&docs).await?;
-    }
+    write_campaign_users(&ctx, users, c.mixed).await?;
     println!(
         "{name}: {users} recipients written in {:.1} s",
         started.elapsed().as_secs_f64()

@@ -5,10 +5,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::{finished, isolated, sink, Roles};
+use super::{finished, isolated, sink, write_campaign_users, Roles};
 use herald::app::Context;
 use herald::config::Settings;
-use herald::store::UserDoc;
 
 /// One campaign's figures.
 struct Round {
@@ -27,19 +26,7 @@ pub async fn webhooks(
     let settings = isolated(settings, "webhooks");
     let ctx = Context::build(settings.clone()).await?;
     ctx.store.migrate().await?;
-    for chunk in (0..deliveries).collect::<Vec<_>>().chunks(5_000) {
-        let docs: Vec<UserDoc> = chunk
-            .iter()
-            .map(|i| UserDoc {
-                id: format!("user-{i:07}"),
-                email: Some(format!("user{i}@example.com")),
-                first_name: Some("Bench".into()),
-                tags: vec!["campaign".into()],
-                ..Default::default()
-            })
-            .collect();
-        ctx.store.upsert_users(&docs).await?;
-    }
+    write_campaign_users(&ctx, deliveries, false).await?;
     let (sink, received) = sink::start().await?;
     let roles = Roles::start(&ctx, &settings, smtp_port, &sink).await?;
     let made: Value = roles
