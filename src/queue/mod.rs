@@ -645,73 +645,98 @@ fn retries(delivery: &Delivery) -> u32 {
     }
 }
 
-/// Declares every exchange, queue and binding; idempotent.
 /// How many times a quorum queue hands out one message before dead-lettering it to the
 /// rejected queue: a backstop for a message that kills its consumer's process (herald's own
 /// counter parks the others, with a reason, long before), high enough that requeues
 /// while MongoDB is away never reach it.
 const QUORUM_DELIVERY_LIMIT: i64 = 1000;
 
-/// Declares a queue of herald's; a queue that exists with another type is refused with the
-/// migration to do (RabbitMQ cannot change a queue's type in place).
+/// What a queue of herald's is for, which decides its arguments.
+#[derive(Clone, Copy)]
+enum QueueRole<'a> {
+    /// Consumed by herald; on quorum queues a message handed out too often goes to
+    /// `rejected`.
+    Consumed { rejected: &'a str },
+    /// The rejected queue, where messages are parked for an operator.
+    Parking,
+    /// A delay queue: expired messages dead-letter to `exchange` with `routing_key`; on
+    /// quorum queues at least once (RabbitMQ 3.10+: it needs `overflow = reject-publish`).
+    Delay {
+        exchange: &'a str,
+        routing_key: &'a str,
+    },
+}
+
+/// Declares a queue of herald's; a queue that exists with other arguments (another type,
+/// above all) is refused with the migration to do (RabbitMQ cannot change them in place).
 async fn declare_queue(
     ch: &Channel,
     name: &str,
     queue_type: QueueType,
-    rejected: Option<&str>,
+    role: QueueRole<'_>,
 ) -> anyhow::Result<()> {
     let options = QueueDeclareOptions {
         durable: true,
         ..Default::default()
     };
     let mut args = FieldTable::default();
-    if queue_type == QueueType::Quorum {
+    let mut text = |k: &str, v: &str| {
         args.insert(
-            ShortString::from("x-queue-type"),
-            AMQPValue::LongString(LongString::from("quorum")),
+            ShortString::from(k),
+            AMQPValue::LongString(LongString::from(v)),
         );
-        if let Some(rejected) = rejected {
-            args.insert(
-                ShortString::from("x-delivery-limit"),
-                AMQPValue::LongLongInt(QUORUM_DELIVERY_LIMIT),
-            );
-            args.insert(
-                ShortString::from("x-dead-letter-exchange"),
-                AMQPValue::LongString(LongString::from("")),
-            );
-            args.insert(
-                ShortString::from("x-dead-letter-routing-key"),
-                AMQPValue::LongString(LongString::from(rejected)),
-            );
+    };
+    let quorum = queue_type == QueueType::Quorum;
+    if quorum {
+        text("x-queue-type", "quorum");
+    }
+    match role {
+        QueueRole::Consumed { rejected } if quorum => {
+            text("x-dead-letter-exchange", "");
+            text("x-dead-letter-routing-key", rejected);
         }
+        QueueRole::Consumed { .. } | QueueRole::Parking => {}
+        QueueRole::Delay {
+            exchange,
+            routing_key,
+        } => {
+            text("x-dead-letter-exchange", exchange);
+            text("x-dead-letter-routing-key", routing_key);
+            if quorum {
+                text("x-dead-letter-strategy", "at-least-once");
+                text("x-overflow", "reject-publish");
+            }
+        }
+    }
+    if quorum && matches!(role, QueueRole::Consumed { .. }) {
+        args.insert(
+            ShortString::from("x-delivery-limit"),
+            AMQPValue::LongLongInt(QUORUM_DELIVERY_LIMIT),
+        );
     }
     match ch
         .queue_declare(ShortString::from(name), options, args)
         .await
     {
         Ok(_) => Ok(()),
-        Err(e) if e.to_string().contains("inequivalent arg 'x-queue-type'") => {
-            Err(anyhow::anyhow!(
-                "queue {name} exists with another type than amqp.queue_type = \"{}\" ({e}). \
-                 RabbitMQ cannot change a queue's type in place: stop herald, let the queue \
-                 drain, delete it (rabbitmqctl delete_queue {name}), and start herald again",
-                queue_type.as_str()
-            ))
-        }
+        Err(e) if e.to_string().contains("inequivalent arg") => Err(anyhow::anyhow!(
+            "queue {name} exists with other arguments than herald declares for \
+             amqp.queue_type = \"{}\" ({e}). RabbitMQ cannot change a queue's type or \
+             arguments in place: stop herald, let the queue drain, delete it (rabbitmqctl \
+             delete_queue {name}), and start herald again",
+            queue_type.as_str()
+        )),
         Err(e) => Err(anyhow::Error::new(e).context(format!("declaring queue {name}"))),
     }
 }
 
+/// Declares every exchange, queue and binding; idempotent.
 async fn declare_topology(
     ch: &Channel,
     names: &Names,
     queue_type: QueueType,
 ) -> anyhow::Result<()> {
     let durable = ExchangeDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    let queue = QueueDeclareOptions {
         durable: true,
         ..Default::default()
     };
@@ -729,9 +754,12 @@ async fn declare_topology(
         FieldTable::default(),
     )
     .await?;
-    declare_queue(ch, &names.rejected_queue, queue_type, None).await?;
+    let consumed = QueueRole::Consumed {
+        rejected: &names.rejected_queue,
+    };
+    declare_queue(ch, &names.rejected_queue, queue_type, QueueRole::Parking).await?;
     for q in [&names.intake_queue, &names.webhooks_queue] {
-        declare_queue(ch, q, queue_type, Some(&names.rejected_queue)).await?;
+        declare_queue(ch, q, queue_type, consumed).await?;
     }
     ch.queue_bind(
         ShortString::from(names.intake_queue.as_str()),
@@ -743,7 +771,7 @@ async fn declare_topology(
     .await?;
     for p in Priority::ALL {
         let lane = names.lane(p);
-        declare_queue(ch, lane, queue_type, Some(&names.rejected_queue)).await?;
+        declare_queue(ch, lane, queue_type, consumed).await?;
         ch.queue_bind(
             ShortString::from(lane),
             ShortString::from(names.jobs_exchange.as_str()),
@@ -754,21 +782,11 @@ async fn declare_topology(
         .await?;
         for tier in 1..=names.retry_tiers {
             // Expired messages dead-letter back to the lane they came from.
-            let mut args = FieldTable::default();
-            args.insert(
-                ShortString::from("x-dead-letter-exchange"),
-                AMQPValue::LongString(LongString::from(names.jobs_exchange.as_str())),
-            );
-            args.insert(
-                ShortString::from("x-dead-letter-routing-key"),
-                AMQPValue::LongString(LongString::from(p.as_str())),
-            );
-            ch.queue_declare(
-                ShortString::from(names.retry_queue(p, tier).as_str()),
-                queue,
-                args,
-            )
-            .await?;
+            let delay = QueueRole::Delay {
+                exchange: &names.jobs_exchange,
+                routing_key: p.as_str(),
+            };
+            declare_queue(ch, &names.retry_queue(p, tier), queue_type, delay).await?;
         }
     }
     Ok(())

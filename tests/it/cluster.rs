@@ -24,8 +24,43 @@ async fn quorum_queues_carry_the_work_and_another_type_is_refused_with_the_migra
     })
     .await;
     app.put_ana().await;
+    // The first try is refused for now: the retry waits in a quorum delay queue, whose
+    // expired message is dead-lettered (at least once) back to its lane.
+    app.smtp.refuse_next(1, "451 4.3.0 try again later");
     greet(&app, "on quorum queues").await;
+    assert_eq!(app.smtp.offered(), 2, "the refusal and the retry");
     assert_eq!(app.smtp.wait_for(1, 5).await.len(), 1);
+    // …and that delay queue is a quorum one: declared as classic mode declares it (its
+    // dead-letter target, no type), RabbitMQ refuses an argument only quorum mode sets.
+    let names = app.ctx.broker.names();
+    let delay = names.retry_queue(herald::domain::Priority::Normal, 1);
+    let mut classic_args = lapin::types::FieldTable::default();
+    for (k, v) in [
+        ("x-dead-letter-exchange", names.jobs_exchange.as_str()),
+        ("x-dead-letter-routing-key", "normal"),
+    ] {
+        classic_args.insert(k.into(), lapin::types::AMQPValue::LongString(v.into()));
+    }
+    let ch = app.ctx.broker.channel().await.expect("channel");
+    let refused = ch
+        .queue_declare(
+            delay.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            classic_args,
+        )
+        .await
+        .expect_err("a classic declare of the quorum delay queue")
+        .to_string();
+    assert!(
+        refused.contains("inequivalent arg")
+            && ["x-queue-type", "x-dead-letter-strategy", "x-overflow"]
+                .iter()
+                .any(|a| refused.contains(a)),
+        "{refused}"
+    );
 
     // The same queues asked for as classic: RabbitMQ refuses (they are quorum queues),
     // and herald says what to do.
@@ -38,8 +73,9 @@ async fn quorum_queues_carry_the_work_and_another_type_is_refused_with_the_migra
         .expect_err("a classic declare of a quorum queue");
     let why = format!("{refused:#}");
     assert!(
-        why.contains("exists with another type than amqp.queue_type = \"classic\"")
-            && why.contains("rabbitmqctl delete_queue"),
+        why.contains(
+            "exists with other arguments than herald declares for amqp.queue_type = \"classic\""
+        ) && why.contains("rabbitmqctl delete_queue"),
         "{why}"
     );
     broker.close().await;
