@@ -4,12 +4,17 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
+
 use chrono::{Timelike, Utc};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::{Bed, Database, Options, Role, Row};
-use herald::config::Settings;
+use herald::config::{QueueType, Settings};
+use herald::domain::Priority;
+
+use super::cluster::Cluster;
 
 /// A fault of the suite (issue order).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -37,9 +42,14 @@ pub enum Fault {
     Sigterm,
     /// Events posted faster than the workers deliver: 503 + Retry-After past the bound.
     Overload,
+    /// A 3-node RabbitMQ cluster with quorum queues: SIGKILL the node leading the
+    /// campaign's lane, start it again later.
+    BrokerNodeKill,
+    /// The same with classic queues (they live on the killed node: deliveries stall).
+    BrokerNodeKillClassic,
 }
 
-pub const ALL: [Fault; 11] = [
+pub const ALL: [Fault; 13] = [
     Fault::WorkerKill,
     Fault::ApiKill,
     Fault::BrokerRestart,
@@ -51,6 +61,8 @@ pub const ALL: [Fault; 11] = [
     Fault::SchedulerKills,
     Fault::Sigterm,
     Fault::Overload,
+    Fault::BrokerNodeKill,
+    Fault::BrokerNodeKillClassic,
 ];
 
 impl Fault {
@@ -67,6 +79,18 @@ impl Fault {
             Fault::SchedulerKills => "scheduler-kills",
             Fault::Sigterm => "sigterm",
             Fault::Overload => "overload",
+            Fault::BrokerNodeKill => "broker-node-kill",
+            Fault::BrokerNodeKillClassic => "broker-node-kill-classic",
+        }
+    }
+
+    /// The queue type of a fault that runs on the 3-node cluster (`None`: the machine's
+    /// broker behind a proxy).
+    pub(super) fn on_cluster(self) -> Option<QueueType> {
+        match self {
+            Fault::BrokerNodeKill => Some(QueueType::Quorum),
+            Fault::BrokerNodeKillClassic => Some(QueueType::Classic),
+            _ => None,
         }
     }
 
@@ -96,6 +120,7 @@ pub(super) async fn run(
     fault: Fault,
     settings: &Settings,
     db: &mut Database,
+    cluster: Option<&Cluster>,
     root: &Path,
     opts: &Options,
 ) -> anyhow::Result<Row> {
@@ -103,10 +128,10 @@ pub(super) async fn run(
         // Read by each new channel; the bed's processes open theirs after this.
         consumer_timeout(Some(CONSUMER_TIMEOUT_MS))?;
     }
-    let bed = Bed::start(settings, db, root, fault, opts).await;
+    let bed = Bed::start(settings, db, cluster, root, fault, opts).await;
     let result = match bed {
         Ok(mut bed) => {
-            let result = inject(fault, &mut bed, db, opts).await;
+            let result = inject(fault, &mut bed, db, cluster, opts).await;
             Ok((bed, result))
         }
         Err(e) => Err(e),
@@ -148,6 +173,7 @@ async fn inject(
     fault: Fault,
     bed: &mut Bed,
     db: &mut Database,
+    cluster: Option<&Cluster>,
     opts: &Options,
 ) -> anyhow::Result<(f64, String)> {
     let tag = fault.name();
@@ -162,6 +188,8 @@ async fn inject(
     bed.wait_sink(before + opts.deliveries / 5, Duration::from_secs(60))
         .await;
     let mut notes = String::new();
+    // Measured by the fault itself rather than from its repair.
+    let mut recovered = None;
     let repaired = match fault {
         Fault::WorkerKill => {
             for i in 0..2 {
@@ -196,16 +224,17 @@ async fn inject(
             Instant::now()
         }
         Fault::ConnectionCuts => {
+            let proxy = bed.amqp.as_ref().context("no proxy before RabbitMQ")?;
             for _ in 0..3 {
-                bed.amqp.cut();
+                proxy.cut();
                 tokio::time::sleep(Duration::from_millis(700)).await;
             }
             // Then a silent network: connections open, nothing moving, until heartbeats
             // (5 s here) give them up.
             let before = bed.log_lines("", "consumer lost");
-            bed.amqp.set_stalled(true);
+            proxy.set_stalled(true);
             tokio::time::sleep(Duration::from_secs(STALL_SECS)).await;
-            bed.amqp.set_stalled(false);
+            proxy.set_stalled(false);
             let noticed = bed.log_lines("", "consumer lost").saturating_sub(before);
             notes =
                 format!(
@@ -293,13 +322,51 @@ async fn inject(
             notes = format!("peak RSS {peak:.0} MB while overloaded");
             Instant::now()
         }
+        Fault::BrokerNodeKill | Fault::BrokerNodeKillClassic => {
+            let cluster = cluster.context("this fault needs the RabbitMQ cluster")?;
+            let lane = bed.ctx.broker.names().lane(Priority::Low).to_owned();
+            let node = cluster.leader(&lane)?;
+            let down = Duration::from_secs(if opts.quick { 10 } else { 20 });
+            let killed = Instant::now();
+            cluster.kill(node)?;
+            tokio::time::sleep(down).await;
+            let returning = Instant::now();
+            cluster.start(node)?;
+            let restarted = Instant::now();
+            bed.recovery(
+                restarted,
+                Duration::from_secs(if opts.quick { 60 } else { 120 }),
+            )
+            .await;
+            // Sends already under way finish right after the kill: recovery is when an
+            // event posted after the kill was first delivered.
+            let resumed = bed
+                .first_arrival_accepted_after(killed)
+                .await?
+                .context("no event posted after the kill was delivered")?;
+            let during = resumed < returning;
+            let failed = fault == Fault::BrokerNodeKill && !during;
+            notes = format!(
+                "node {node} (leading the campaign's lane) killed for {} s (back in {:.1} s more); deliveries resumed {}{}",
+                down.as_secs(),
+                (restarted - returning).as_secs_f64(),
+                if during { "while it was down" } else { "only after it returned" },
+                if failed { " (FAIL: quorum queues should have moved to another node)" } else { "" }
+            );
+            recovered = Some((resumed - killed).as_secs_f64());
+            restarted
+        }
     };
-    let recovery = bed
-        .recovery(
-            repaired,
-            Duration::from_secs(if opts.quick { 60 } else { 120 }),
-        )
-        .await;
+    let recovery = match recovered {
+        Some(r) => r,
+        None => {
+            bed.recovery(
+                repaired,
+                Duration::from_secs(if opts.quick { 60 } else { 120 }),
+            )
+            .await
+        }
+    };
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.cancel();
     singles.await??;

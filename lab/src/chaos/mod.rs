@@ -10,6 +10,7 @@
 //! points at a loopback receiver: every `sent` delivery's event must reach it (at least
 //! once, always under one `webhook-id`).
 
+mod cluster;
 mod faults;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -227,9 +228,10 @@ struct Bed {
     client: reqwest::Client,
     key: String,
     smtp: SmtpServer,
-    amqp: TcpProxy,
-    /// Accepted notifications and how many deliveries each owes.
-    accepted: Arc<Mutex<Vec<(String, usize)>>>,
+    /// The proxy before the machine's RabbitMQ (none on the cluster).
+    amqp: Option<TcpProxy>,
+    /// Accepted notifications: id, how many deliveries each owes, when herald answered.
+    accepted: Arc<Mutex<Vec<(String, usize, Instant)>>>,
     /// 429/503 answers the clients got.
     refused: Arc<AtomicUsize>,
     /// Schedules owed exactly one fired slot each.
@@ -280,6 +282,7 @@ impl Bed {
     async fn start(
         settings: &Settings,
         db: &Database,
+        cluster: Option<&cluster::Cluster>,
         root: &Path,
         fault: Fault,
         opts: &Options,
@@ -291,6 +294,11 @@ impl Bed {
         settings.mongodb.database = format!("herald_chaos_{name}_{stamp}");
         settings.amqp.prefix = format!("herald-chaos-{name}-{stamp}");
         settings.worker.max_attempts = MAX_ATTEMPTS;
+        if let Some(queue_type) = fault.on_cluster() {
+            let cluster = cluster.context("this fault needs the RabbitMQ cluster")?;
+            settings.amqp.urls = cluster.urls().iter().cloned().map(Secret::new).collect();
+            settings.amqp.queue_type = queue_type;
+        }
         let ctx = Context::build(settings.clone()).await?;
         ctx.store.migrate().await?;
         let lab = LabDb::connect(&settings.mongodb).await?;
@@ -312,16 +320,46 @@ impl Bed {
 
         let smtp = SmtpServer::start().await?;
         let (hook_sink, hooks) = sink::start().await?;
-        let amqp_target = url::Url::parse(settings.amqp.url.expose())
-            .ok()
-            .and_then(|u| Some(format!("{}:{}", u.host_str()?, u.port().unwrap_or(5672))))
-            .context("amqp.url has no host")?;
-        let amqp = TcpProxy::start(amqp_target, true).await?;
-        let mut amqp_url = url::Url::parse(settings.amqp.url.expose())?;
-        amqp_url
-            .set_port(Some(amqp.port))
-            .map_err(|()| anyhow::anyhow!("amqp.url cannot take a port"))?;
-        amqp_url.set_query(Some("heartbeat=5"));
+        // herald's processes reach the machine's broker through a proxy the harness can cut,
+        // or all three cluster nodes directly; 5 s heartbeats either way.
+        let heartbeat = |url: &str| -> anyhow::Result<url::Url> {
+            let mut url = url::Url::parse(url)?;
+            url.set_query(Some("heartbeat=5"));
+            Ok(url)
+        };
+        let (amqp, amqp_env) = match fault.on_cluster() {
+            Some(queue_type) => {
+                let urls = settings
+                    .amqp
+                    .urls
+                    .iter()
+                    .map(|u| heartbeat(u.expose()).map(String::from))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let env = vec![
+                    ("HERALD__AMQP__URLS".to_owned(), urls.join(",")),
+                    (
+                        "HERALD__AMQP__QUEUE_TYPE".to_owned(),
+                        queue_type.as_str().to_owned(),
+                    ),
+                ];
+                (None, env)
+            }
+            None => {
+                let mut url = heartbeat(settings.amqp.url.expose())?;
+                let target = format!(
+                    "{}:{}",
+                    url.host_str().context("amqp.url has no host")?,
+                    url.port().unwrap_or(5672)
+                );
+                let proxy = TcpProxy::start(target, true).await?;
+                url.set_port(Some(proxy.port))
+                    .map_err(|()| anyhow::anyhow!("amqp.url cannot take a port"))?;
+                (
+                    Some(proxy),
+                    vec![("HERALD__AMQP__URL".to_owned(), url.to_string())],
+                )
+            }
+        };
 
         let dir = root.join("config").join(&settings.amqp.prefix);
         std::fs::create_dir_all(&dir)?;
@@ -332,7 +370,7 @@ impl Bed {
         let logs = root.join("logs").join(&settings.amqp.prefix);
         std::fs::create_dir_all(&logs)?;
         let api_port = free_port()?;
-        let env = vec![
+        let env: Vec<(String, String)> = vec![
             ("HERALD_CONFIG_DIR".into(), dir.display().to_string()),
             ("HERALD_ENV".into(), "chaos".into()),
             ("HERALD__MONGODB__URI".into(), db.uri()),
@@ -340,7 +378,6 @@ impl Bed {
                 "HERALD__MONGODB__DATABASE".into(),
                 settings.mongodb.database.clone(),
             ),
-            ("HERALD__AMQP__URL".into(), amqp_url.to_string()),
             ("HERALD__AMQP__PREFIX".into(), settings.amqp.prefix.clone()),
             // `HERALD_CHAOS_LOG` (e.g. `warn,herald::worker=info`) for a closer post-mortem.
             (
@@ -351,7 +388,10 @@ impl Bed {
                 "HERALD__SERVER__BIND".into(),
                 format!("127.0.0.1:{api_port}"),
             ),
-        ];
+        ]
+        .into_iter()
+        .chain(amqp_env)
+        .collect();
         let mut bed = Self {
             ctx,
             lab,
@@ -626,12 +666,31 @@ impl Bed {
         }
     }
 
+    /// When the first delivery of an event accepted after `since` reached the sink.
+    async fn first_arrival_accepted_after(
+        &self,
+        since: Instant,
+    ) -> anyhow::Result<Option<Instant>> {
+        let notifications: HashSet<String> = lock(&self.accepted)
+            .iter()
+            .filter(|(_, _, at)| *at > since)
+            .map(|(id, _, _)| id.clone())
+            .collect();
+        let log = self.lab.delivery_audit().await?;
+        let deliveries: HashSet<&str> = log
+            .iter()
+            .filter(|d| notifications.contains(&d.notification_id))
+            .map(|d| d.id.as_str())
+            .collect();
+        Ok(self.smtp.first_arrival_of(&deliveries))
+    }
+
     /// Waits until every accepted notification is final (or `within` passes).
     async fn wait_final(&self, within: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + within;
         let ids: Vec<String> = lock(&self.accepted)
             .iter()
-            .map(|(id, _)| id.clone())
+            .map(|(id, _, _)| id.clone())
             .collect();
         for id in ids {
             loop {
@@ -673,7 +732,10 @@ impl Bed {
 
     /// Sorts every accepted delivery by what the log and the sink say.
     async fn account(&self, fault: Fault, recovery_s: f64, notes: String) -> anyhow::Result<Row> {
-        let owed: HashMap<String, usize> = lock(&self.accepted).iter().cloned().collect();
+        let owed: HashMap<String, usize> = lock(&self.accepted)
+            .iter()
+            .map(|(id, n, _)| (id.clone(), *n))
+            .collect();
         let log = self.lab.delivery_audit().await?;
         let received = self.smtp.delivery_ids();
         let mut row = Row {
@@ -861,7 +923,7 @@ async fn post_until_answered(
     key: &str,
     event: Value,
     owed: usize,
-    accepted: &Mutex<Vec<(String, usize)>>,
+    accepted: &Mutex<Vec<(String, usize, Instant)>>,
     refused: &AtomicUsize,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(180);
@@ -894,8 +956,8 @@ async fn post_until_answered(
                     .context("an accepted event without a notification id")?
                     .to_owned();
                 let mut a = lock(accepted);
-                if !a.iter().any(|(n, _)| *n == id) {
-                    a.push((id, owed));
+                if !a.iter().any(|(n, _, _)| *n == id) {
+                    a.push((id, owed, Instant::now()));
                 }
                 return Ok(());
             }
@@ -922,6 +984,10 @@ pub async fn run(settings: Settings, opts: Options) -> anyhow::Result<Vec<Row>> 
     let root = PathBuf::from("var/chaos").join(Utc::now().format("%Y%m%dT%H%M%SZ").to_string());
     std::fs::create_dir_all(root.join("logs"))?;
     let mut db = Database::start(opts.database_server.clone(), &root).await?;
+    let cluster = match opts.faults.iter().any(|f| f.on_cluster().is_some()) {
+        true => Some(cluster::Cluster::up()?),
+        false => None,
+    };
     println!(
         "chaos: {} fault(s), {} deliveries per campaign, logs in {}",
         opts.faults.len(),
@@ -931,20 +997,21 @@ pub async fn run(settings: Settings, opts: Options) -> anyhow::Result<Vec<Row>> 
     let mut rows = Vec::new();
     for fault in &opts.faults {
         let started = Instant::now();
-        let row = match faults::run(*fault, &settings, &mut db, &root, &opts).await {
-            Ok(row) => row,
-            Err(e) => Row {
-                fault: fault.name().to_owned(),
-                accepted: 0,
-                delivered: 0,
-                lost: 0,
-                duplicated: 0,
-                unexpected: 0,
-                unknown: 0,
-                recovery_s: 0.0,
-                notes: format!("FAIL: {e:#}"),
-            },
-        };
+        let row =
+            match faults::run(*fault, &settings, &mut db, cluster.as_ref(), &root, &opts).await {
+                Ok(row) => row,
+                Err(e) => Row {
+                    fault: fault.name().to_owned(),
+                    accepted: 0,
+                    delivered: 0,
+                    lost: 0,
+                    duplicated: 0,
+                    unexpected: 0,
+                    unknown: 0,
+                    recovery_s: 0.0,
+                    notes: format!("FAIL: {e:#}"),
+                },
+            };
         println!(
             "{:<18} accepted {:>6}  delivered {:>6}  lost {}  duplicated {}  unexpected {}  unknown {}  recovery {:.2} s  ({:.0} s) {}",
             row.fault, row.accepted, row.delivered, row.lost, row.duplicated, row.unexpected,

@@ -1,6 +1,6 @@
 //! An SMTP server on loopback (the RFC 5321 subset lettre uses) that records every message and can misbehave on purpose.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,7 +47,8 @@ struct State {
     /// While set, a message is recorded and then the connection is closed with no reply:
     /// the client cannot know whether it was taken.
     cut_after_data: bool,
-    last_arrival: Option<Instant>,
+    /// When each of `mails` arrived.
+    arrivals: Vec<Instant>,
 }
 
 /// A real SMTP server on loopback that records what it receives.
@@ -191,7 +192,7 @@ impl SmtpServer {
                         to: std::mem::take(&mut to),
                         data,
                     });
-                    s.last_arrival = Some(Instant::now());
+                    s.arrivals.push(Instant::now());
                 }
                 self.arrived.notify_waiters();
                 if self.lock().cut_after_data {
@@ -252,7 +253,18 @@ impl SmtpServer {
 
     /// When the last message was accepted.
     pub fn last_arrival(&self) -> Option<Instant> {
-        self.lock().last_arrival
+        self.lock().arrivals.last().copied()
+    }
+
+    /// When the first message of any of these deliveries arrived.
+    pub fn first_arrival_of(&self, delivery_ids: &HashSet<&str>) -> Option<Instant> {
+        let s = self.lock();
+        s.mails
+            .iter()
+            .zip(&s.arrivals)
+            .filter(|(m, _)| m.delivery_id().is_some_and(|id| delivery_ids.contains(id)))
+            .map(|(_, t)| *t)
+            .min()
     }
 
     /// How many times each delivery id arrived (messages without one under "").
