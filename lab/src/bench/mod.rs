@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use herald::app::Context;
 
 use crate::db::LabDb;
-use herald::config::Settings;
+use herald::config::{QueueType, Settings};
 use herald::domain::plan::MisfirePolicy;
 use herald::domain::Priority;
 use herald::store::{RecipientsDoc, ScheduleDoc, ScheduleStatus, UserDoc};
@@ -461,10 +461,36 @@ pub async fn ceilings(settings: Settings, messages: usize, docs: usize) -> anyho
     let ctx = Context::build(settings).await?;
     // A delivery job is about this large (JSON with two UUIDs and a version).
     let job_size = 160;
-    let rabbit = queue_ceiling::measure(&ctx.broker, messages, job_size).await?;
+    // Classic and quorum queues alternately, twice each; each figure is the mean of two.
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        for queue_type in [QueueType::Classic, QueueType::Quorum] {
+            let c = queue_ceiling::measure(&ctx.broker, messages, job_size, queue_type).await?;
+            runs.push((queue_type, c));
+        }
+    }
+    let mean = |t: QueueType| {
+        let of: Vec<_> = runs
+            .iter()
+            .filter(|(q, _)| *q == t)
+            .map(|(_, c)| c)
+            .collect();
+        queue_ceiling::Ceiling {
+            publish_per_sec: of.iter().map(|c| c.publish_per_sec).sum::<f64>() / of.len() as f64,
+            consume_per_sec: of.iter().map(|c| c.consume_per_sec).sum::<f64>() / of.len() as f64,
+        }
+    };
+    let (rabbit, quorum) = (mean(QueueType::Classic), mean(QueueType::Quorum));
     println!(
-        "RabbitMQ: publish with confirms {:.0} msg/s, consume with acks {:.0} msg/s ({messages} persistent messages of {job_size} B)",
+        "RabbitMQ: publish with confirms {:.0} msg/s, consume with acks {:.0} msg/s ({messages} persistent messages of {job_size} B, classic queue)",
         rabbit.publish_per_sec, rabbit.consume_per_sec
+    );
+    println!(
+        "RabbitMQ quorum queue (one node): publish {:.0} msg/s ({:.2} of classic), consume {:.0} msg/s ({:.2} of classic)",
+        quorum.publish_per_sec,
+        quorum.publish_per_sec / rabbit.publish_per_sec,
+        quorum.consume_per_sec,
+        quorum.consume_per_sec / rabbit.consume_per_sec
     );
     let batch = 64;
     let database = cpu::port_of(ctx.settings.mongodb.uri.expose()).and_then(cpu::listener);
@@ -486,7 +512,9 @@ pub async fn ceilings(settings: Settings, messages: usize, docs: usize) -> anyho
         "bench": "ceilings",
         "rabbitmq": {"messages": messages, "message_bytes": job_size,
             "publish_confirmed_per_sec": rabbit.publish_per_sec.round(),
-            "consume_acked_per_sec": rabbit.consume_per_sec.round()},
+            "consume_acked_per_sec": rabbit.consume_per_sec.round(),
+            "quorum": {"publish_confirmed_per_sec": quorum.publish_per_sec.round(),
+                "consume_acked_per_sec": quorum.consume_per_sec.round()}},
         "mongodb": {"documents": docs, "insert_per_sec": mongo.inserts_per_sec.round(),
             "transactions_per_sec": mongo.transactions_per_sec.round(),
             "outcomes_in_transactions_per_sec": mongo.outcomes_per_sec.round(), "outcomes_per_transaction": batch,

@@ -9,8 +9,9 @@ use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 
+use herald::config::QueueType;
 use herald::queue::{Broker, Outgoing};
 
 /// Messages per second each way.
@@ -20,18 +21,33 @@ pub struct Ceiling {
     pub consume_per_sec: f64,
 }
 
-/// Publishes `messages` persistent messages of `size` bytes to a scratch queue with
-/// confirms (in batches, as the outbox relay does), then consumes and acks each.
-pub async fn measure(broker: &Broker, messages: usize, size: usize) -> anyhow::Result<Ceiling> {
-    let queue = format!("{}.ceiling", broker.names().prefix());
+/// Publishes `messages` persistent messages of `size` bytes to a scratch queue of
+/// `queue_type` with confirms (in batches, as the outbox relay does), then consumes and
+/// acks each.
+pub async fn measure(
+    broker: &Broker,
+    messages: usize,
+    size: usize,
+    queue_type: QueueType,
+) -> anyhow::Result<Ceiling> {
+    let queue = format!(
+        "{}.ceiling.{}",
+        broker.names().prefix(),
+        queue_type.as_str()
+    );
     let ch = broker.channel().await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(queue_type.as_str().into()),
+    );
     ch.queue_declare(
         queue.as_str().into(),
         QueueDeclareOptions {
             durable: true,
             ..Default::default()
         },
-        FieldTable::default(),
+        args,
     )
     .await
     .context("declaring the ceiling queue")?;

@@ -222,6 +222,14 @@ fn table(r: &Value) -> String {
             ),
         ),
         (
+            "ceiling: the same on a quorum queue (one node)".to_owned(),
+            format!(
+                "{} / {} msg/s | —",
+                f(&c["rabbitmq"]["quorum"]["publish_confirmed_per_sec"]),
+                f(&c["rabbitmq"]["quorum"]["consume_acked_per_sec"])
+            ),
+        ),
+        (
             "ceiling: MongoDB, on a collection with the deliveries' indexes: bulk insert / outcome-shaped transactions of 64 sent deliveries / 64 deliveries written once with their outcome a transaction".to_owned(),
             format!(
                 "{} docs/s ({} database CPU s per 1,000) / {} txn/s ({} outcomes/s) / {} deliveries/s ({} database CPU s per 1,000); delivery bound (one insert + one outcome each) {} deliveries/s | —",
