@@ -324,30 +324,40 @@ async fn inject(
         }
         Fault::BrokerNodeKill | Fault::BrokerNodeKillClassic => {
             let cluster = cluster.context("this fault needs the RabbitMQ cluster")?;
-            let lane = bed.ctx.broker.names().lane(Priority::Low).to_owned();
-            let node = cluster.leader(&lane)?;
+            // The campaign's lane and the singles' lane: one node leads both (herald's
+            // processes declared them all through the first address).
+            let names = bed.ctx.broker.names();
+            let node = cluster.leader(names.lane(Priority::Low)).await?;
+            let high = cluster.leader(names.lane(Priority::High)).await?;
+            anyhow::ensure!(
+                node == high,
+                "the lanes are led by nodes {node} and {high}, not one"
+            );
             let down = Duration::from_secs(if opts.quick { 10 } else { 20 });
+            cluster.kill(node).await?;
+            // From here nothing more can reach the killed node.
             let killed = Instant::now();
-            cluster.kill(node)?;
             tokio::time::sleep(down).await;
             let returning = Instant::now();
-            cluster.start(node)?;
+            cluster.start(node).await?;
             let restarted = Instant::now();
-            bed.recovery(
-                restarted,
-                Duration::from_secs(if opts.quick { 60 } else { 120 }),
-            )
-            .await;
             // Sends already under way finish right after the kill: recovery is when an
             // event posted after the kill was first delivered.
-            let resumed = bed
-                .first_arrival_accepted_after(killed)
-                .await?
-                .context("no event posted after the kill was delivered")?;
+            let deadline = Instant::now() + Duration::from_secs(if opts.quick { 60 } else { 120 });
+            let resumed = loop {
+                if let Some(t) = bed.first_arrival_accepted_after(killed).await? {
+                    break t;
+                }
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "no event posted after the kill was delivered"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
             let during = resumed < returning;
             let failed = fault == Fault::BrokerNodeKill && !during;
             notes = format!(
-                "node {node} (leading the campaign's lane) killed for {} s (back in {:.1} s more); deliveries resumed {}{}",
+                "node {node} (leading the lanes) killed for {} s, then started (ready {:.1} s later); deliveries resumed {}{}",
                 down.as_secs(),
                 (restarted - returning).as_secs_f64(),
                 if during { "while it was down" } else { "only after it returned" },

@@ -230,7 +230,8 @@ struct Bed {
     smtp: SmtpServer,
     /// The proxy before the machine's RabbitMQ (none on the cluster).
     amqp: Option<TcpProxy>,
-    /// Accepted notifications: id, how many deliveries each owes, when herald answered.
+    /// Accepted notifications: id, how many deliveries each owes, when the request herald
+    /// accepted was sent.
     accepted: Arc<Mutex<Vec<(String, usize, Instant)>>>,
     /// 429/503 answers the clients got.
     refused: Arc<AtomicUsize>,
@@ -442,6 +443,9 @@ impl Bed {
             // server and proxy.
             .env_remove("MONGODB_URI")
             .env_remove("AMQP_URL")
+            // A bed sets these itself when it runs on the cluster.
+            .env_remove("HERALD__AMQP__URLS")
+            .env_remove("HERALD__AMQP__QUEUE_TYPE")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
@@ -666,14 +670,14 @@ impl Bed {
         }
     }
 
-    /// When the first delivery of an event accepted after `since` reached the sink.
+    /// When the first delivery of an event posted after `since` reached the sink.
     async fn first_arrival_accepted_after(
         &self,
         since: Instant,
     ) -> anyhow::Result<Option<Instant>> {
         let notifications: HashSet<String> = lock(&self.accepted)
             .iter()
-            .filter(|(_, _, at)| *at > since)
+            .filter(|(_, _, sent)| *sent > since)
             .map(|(id, _, _)| id.clone())
             .collect();
         let log = self.lab.delivery_audit().await?;
@@ -933,6 +937,7 @@ async fn post_until_answered(
             "herald did not answer {} within 3 min",
             event["event_id"]
         );
+        let sent_at = Instant::now();
         let answer = client
             .post(format!("{base}/v1/events"))
             .bearer_auth(key)
@@ -957,7 +962,7 @@ async fn post_until_answered(
                     .to_owned();
                 let mut a = lock(accepted);
                 if !a.iter().any(|(n, _, _)| *n == id) {
-                    a.push((id, owed, Instant::now()));
+                    a.push((id, owed, sent_at));
                 }
                 return Ok(());
             }
@@ -984,10 +989,9 @@ pub async fn run(settings: Settings, opts: Options) -> anyhow::Result<Vec<Row>> 
     let root = PathBuf::from("var/chaos").join(Utc::now().format("%Y%m%dT%H%M%SZ").to_string());
     std::fs::create_dir_all(root.join("logs"))?;
     let mut db = Database::start(opts.database_server.clone(), &root).await?;
-    let cluster = match opts.faults.iter().any(|f| f.on_cluster().is_some()) {
-        true => Some(cluster::Cluster::up()?),
-        false => None,
-    };
+    // Started before the first fault that needs it (its nodes idle through the others'
+    // rows otherwise); if it cannot start, those faults fail with the reason.
+    let mut cluster: Option<Result<cluster::Cluster, String>> = None;
     println!(
         "chaos: {} fault(s), {} deliveries per campaign, logs in {}",
         opts.faults.len(),
@@ -997,21 +1001,38 @@ pub async fn run(settings: Settings, opts: Options) -> anyhow::Result<Vec<Row>> 
     let mut rows = Vec::new();
     for fault in &opts.faults {
         let started = Instant::now();
-        let row =
-            match faults::run(*fault, &settings, &mut db, cluster.as_ref(), &root, &opts).await {
-                Ok(row) => row,
-                Err(e) => Row {
-                    fault: fault.name().to_owned(),
-                    accepted: 0,
-                    delivered: 0,
-                    lost: 0,
-                    duplicated: 0,
-                    unexpected: 0,
-                    unknown: 0,
-                    recovery_s: 0.0,
-                    notes: format!("FAIL: {e:#}"),
-                },
-            };
+        if fault.on_cluster().is_some() && cluster.is_none() {
+            cluster = Some(cluster::Cluster::up().await.map_err(|e| format!("{e:#}")));
+        }
+        let on_cluster = match (fault.on_cluster(), &cluster) {
+            (Some(_), Some(Err(why))) => Err(anyhow::anyhow!("the RabbitMQ cluster: {why}")),
+            (Some(_), Some(Ok(c))) => Ok(Some(c)),
+            _ => Ok(None),
+        };
+        let result = match on_cluster {
+            Ok(c) => faults::run(*fault, &settings, &mut db, c, &root, &opts).await,
+            Err(e) => Err(e),
+        };
+        let row = match result {
+            Ok(row) => row,
+            Err(e) => Row {
+                fault: fault.name().to_owned(),
+                accepted: 0,
+                delivered: 0,
+                lost: 0,
+                duplicated: 0,
+                unexpected: 0,
+                unknown: 0,
+                recovery_s: 0.0,
+                notes: format!("FAIL: {e:#}"),
+            },
+        };
+        if let (false, Some(_), Some(Ok(c))) = (row.passed(), fault.on_cluster(), &cluster) {
+            match c.save_logs(&root.join("logs")).await {
+                Ok(dir) => println!("  the RabbitMQ nodes' logs: {}", dir.display()),
+                Err(e) => println!("  could not keep the RabbitMQ nodes' logs: {e:#}"),
+            }
+        }
         println!(
             "{:<18} accepted {:>6}  delivered {:>6}  lost {}  duplicated {}  unexpected {}  unknown {}  recovery {:.2} s  ({:.0} s) {}",
             row.fault, row.accepted, row.delivered, row.lost, row.duplicated, row.unexpected,
