@@ -723,7 +723,9 @@ async fn declare_queue(
             "queue {name} exists with other arguments than herald declares for \
              amqp.queue_type = \"{}\" ({e}). RabbitMQ cannot change a queue's type or \
              arguments in place: stop herald, let the queue drain, delete it (rabbitmqctl \
-             delete_queue {name}), and start herald again",
+             delete_queue {name}), and start herald again; other herald queues may need the \
+             same (rabbitmqctl list_queues name type; docs/rabbitmq.md, moving a broker to \
+             quorum)",
             queue_type.as_str()
         )),
         Err(e) => Err(anyhow::Error::new(e).context(format!("declaring queue {name}"))),
