@@ -208,7 +208,12 @@ impl Broker {
         let conn = self.connect(props).await?;
         self.within("declaring the topology", async {
             let channel = conn.create_channel().await?;
-            declare_topology(&channel, &self.names, self.queue_type).await?;
+            match declare_topology(&channel, &self.names, self.queue_type).await {
+                Err(e) if e.downcast_ref::<Mismatch>().is_some() => {
+                    return Err(e.context(mismatched(&conn, &self.names, self.queue_type).await));
+                }
+                result => result?,
+            }
             let _ = channel
                 .close(200, ShortString::from("topology declared"))
                 .await;
@@ -667,8 +672,28 @@ enum QueueRole<'a> {
     },
 }
 
-/// Declares a queue of herald's; a queue that exists with other arguments (another type,
-/// above all) is refused with the migration to do (RabbitMQ cannot change them in place).
+/// A queue of herald's that exists with other arguments than herald declares (another
+/// type, above all): RabbitMQ refuses the declaration and cannot change them in place.
+#[derive(Debug)]
+struct Mismatch {
+    queue: String,
+    /// RabbitMQ's answer (it names the first argument that differs).
+    answer: String,
+}
+
+impl std::fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "queue {} exists with other arguments: {}",
+            self.queue, self.answer
+        )
+    }
+}
+
+impl std::error::Error for Mismatch {}
+
+/// Declares a queue of herald's; one that exists with other arguments is a [`Mismatch`].
 async fn declare_queue(
     ch: &Channel,
     name: &str,
@@ -719,17 +744,38 @@ async fn declare_queue(
         .await
     {
         Ok(_) => Ok(()),
-        Err(e) if e.to_string().contains("inequivalent arg") => Err(anyhow::anyhow!(
-            "queue {name} exists with other arguments than herald declares for \
-             amqp.queue_type = \"{}\" ({e}). RabbitMQ cannot change a queue's type or \
-             arguments in place: stop herald, let the queue drain, delete it (rabbitmqctl \
-             delete_queue {name}), and start herald again; other herald queues may need the \
-             same (rabbitmqctl list_queues name type; docs/rabbitmq.md, moving a broker to \
-             quorum)",
-            queue_type.as_str()
-        )),
+        Err(e) if e.to_string().contains("inequivalent arg") => Err(Mismatch {
+            queue: name.to_owned(),
+            answer: e.to_string(),
+        }
+        .into()),
         Err(e) => Err(anyhow::Error::new(e).context(format!("declaring queue {name}"))),
     }
+}
+
+/// herald's queues, in the order they are declared (the rejected queue first: the others
+/// dead-letter to it), each with its role.
+fn herald_queues(names: &Names) -> Vec<(String, QueueRole<'_>)> {
+    let consumed = QueueRole::Consumed {
+        rejected: &names.rejected_queue,
+    };
+    let mut queues = vec![
+        (names.rejected_queue.clone(), QueueRole::Parking),
+        (names.intake_queue.clone(), consumed),
+        (names.webhooks_queue.clone(), consumed),
+    ];
+    for p in Priority::ALL {
+        queues.push((names.lane(p).to_owned(), consumed));
+        for tier in 1..=names.retry_tiers {
+            // Expired messages dead-letter back to the lane they came from.
+            let delay = QueueRole::Delay {
+                exchange: &names.jobs_exchange,
+                routing_key: p.as_str(),
+            };
+            queues.push((names.retry_queue(p, tier), delay));
+        }
+    }
+    queues
 }
 
 /// Declares every exchange, queue and binding; idempotent.
@@ -742,54 +788,61 @@ async fn declare_topology(
         durable: true,
         ..Default::default()
     };
-    ch.exchange_declare(
-        ShortString::from(names.events_exchange.as_str()),
-        ExchangeKind::Topic,
-        durable,
-        FieldTable::default(),
-    )
-    .await?;
-    ch.exchange_declare(
-        ShortString::from(names.jobs_exchange.as_str()),
-        ExchangeKind::Direct,
-        durable,
-        FieldTable::default(),
-    )
-    .await?;
-    let consumed = QueueRole::Consumed {
-        rejected: &names.rejected_queue,
-    };
-    declare_queue(ch, &names.rejected_queue, queue_type, QueueRole::Parking).await?;
-    for q in [&names.intake_queue, &names.webhooks_queue] {
-        declare_queue(ch, q, queue_type, consumed).await?;
+    for (exchange, kind) in [
+        (&names.events_exchange, ExchangeKind::Topic),
+        (&names.jobs_exchange, ExchangeKind::Direct),
+    ] {
+        ch.exchange_declare(
+            ShortString::from(exchange.as_str()),
+            kind,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
     }
-    ch.queue_bind(
-        ShortString::from(names.intake_queue.as_str()),
-        ShortString::from(names.events_exchange.as_str()),
-        ShortString::from("#"),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
+    for (queue, role) in herald_queues(names) {
+        declare_queue(ch, &queue, queue_type, role).await?;
+    }
+    let mut bindings = vec![(names.intake_queue.as_str(), &names.events_exchange, "#")];
     for p in Priority::ALL {
-        let lane = names.lane(p);
-        declare_queue(ch, lane, queue_type, consumed).await?;
+        bindings.push((names.lane(p), &names.jobs_exchange, p.as_str()));
+    }
+    for (queue, exchange, key) in bindings {
         ch.queue_bind(
-            ShortString::from(lane),
-            ShortString::from(names.jobs_exchange.as_str()),
-            ShortString::from(p.as_str()),
+            ShortString::from(queue),
+            ShortString::from(exchange.as_str()),
+            ShortString::from(key),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
         .await?;
-        for tier in 1..=names.retry_tiers {
-            // Expired messages dead-letter back to the lane they came from.
-            let delay = QueueRole::Delay {
-                exchange: &names.jobs_exchange,
-                routing_key: p.as_str(),
-            };
-            declare_queue(ch, &names.retry_queue(p, tier), queue_type, delay).await?;
-        }
     }
     Ok(())
+}
+
+/// After a [`Mismatch`]: every herald queue declared otherwise (one channel each, as a
+/// refusal closes its channel), and the migration to do.
+async fn mismatched(conn: &Connection, names: &Names, queue_type: QueueType) -> String {
+    let mut queues = Vec::new();
+    for (queue, role) in herald_queues(names) {
+        let Ok(ch) = conn.create_channel().await else {
+            break;
+        };
+        match declare_queue(&ch, &queue, queue_type, role).await {
+            Ok(()) => {
+                let _ = ch.close(200, ShortString::from("checked")).await;
+            }
+            Err(e) if e.downcast_ref::<Mismatch>().is_some() => queues.push(queue),
+            Err(_) => {}
+        }
+    }
+    format!(
+        "{} of herald's queues exist with other arguments than herald declares for \
+         amqp.queue_type = \"{}\": {}. RabbitMQ cannot change a queue's type or arguments in \
+         place: stop herald, let them drain, delete them (rabbitmqctl delete_queue <name>), \
+         and start herald again (docs/rabbitmq.md, moving a broker to quorum)",
+        queues.len(),
+        queue_type.as_str(),
+        queues.join(", ")
+    )
 }

@@ -72,10 +72,15 @@ async fn quorum_queues_carry_the_work_and_another_type_is_refused_with_the_migra
         .await
         .expect_err("a classic declare of a quorum queue");
     let why = format!("{refused:#}");
+    // Every one of them is named at once, delay queues included, with the way out.
+    let names = broker.names();
+    let all = 3 + 3 * (1 + names.retry_tiers) as usize;
     assert!(
-        why.contains(
-            "exists with other arguments than herald declares for amqp.queue_type = \"classic\""
-        ) && why.contains("rabbitmqctl delete_queue"),
+        why.contains(&format!(
+            "{all} of herald's queues exist with other arguments than herald declares for amqp.queue_type = \"classic\""
+        )) && why.contains(&names.retry_queue(herald::domain::Priority::Low, names.retry_tiers))
+            && why.contains(&names.rejected_queue)
+            && why.contains("rabbitmqctl delete_queue"),
         "{why}"
     );
     broker.close().await;
