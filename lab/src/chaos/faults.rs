@@ -42,8 +42,8 @@ pub enum Fault {
     Sigterm,
     /// Events posted faster than the workers deliver: 503 + Retry-After past the bound.
     Overload,
-    /// A 3-node RabbitMQ cluster with quorum queues: SIGKILL the node leading the
-    /// campaign's lane, start it again later.
+    /// A 3-node RabbitMQ cluster with quorum queues: SIGKILL the node leading the lanes,
+    /// start it again later.
     BrokerNodeKill,
     /// The same with classic queues (they live on the killed node: deliveries stall).
     BrokerNodeKillClassic,
