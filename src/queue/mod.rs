@@ -719,6 +719,10 @@ async fn declare_queue(
         QueueRole::Consumed { rejected } if quorum => {
             text("x-dead-letter-exchange", "");
             text("x-dead-letter-routing-key", rejected);
+            args.insert(
+                ShortString::from("x-delivery-limit"),
+                AMQPValue::LongLongInt(QUORUM_DELIVERY_LIMIT),
+            );
         }
         QueueRole::Consumed { .. } | QueueRole::Parking => {}
         QueueRole::Delay {
@@ -732,12 +736,6 @@ async fn declare_queue(
                 text("x-overflow", "reject-publish");
             }
         }
-    }
-    if quorum && matches!(role, QueueRole::Consumed { .. }) {
-        args.insert(
-            ShortString::from("x-delivery-limit"),
-            AMQPValue::LongLongInt(QUORUM_DELIVERY_LIMIT),
-        );
     }
     match ch
         .queue_declare(ShortString::from(name), options, args)

@@ -1004,14 +1004,12 @@ pub async fn run(settings: Settings, opts: Options) -> anyhow::Result<Vec<Row>> 
         if fault.on_cluster().is_some() && cluster.is_none() {
             cluster = Some(cluster::Cluster::up().await.map_err(|e| format!("{e:#}")));
         }
-        let on_cluster = match (fault.on_cluster(), &cluster) {
+        let result = match (fault.on_cluster(), &cluster) {
             (Some(_), Some(Err(why))) => Err(anyhow::anyhow!("the RabbitMQ cluster: {why}")),
-            (Some(_), Some(Ok(c))) => Ok(Some(c)),
-            _ => Ok(None),
-        };
-        let result = match on_cluster {
-            Ok(c) => faults::run(*fault, &settings, &mut db, c, &root, &opts).await,
-            Err(e) => Err(e),
+            (_, c) => {
+                let c = c.as_ref().and_then(|c| c.as_ref().ok());
+                faults::run(*fault, &settings, &mut db, c, &root, &opts).await
+            }
         };
         let row = match result {
             Ok(row) => row,
